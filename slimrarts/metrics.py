@@ -1,0 +1,208 @@
+"""Model cost: parameters, MACs (torch-pruning's counter) and measured latency.
+
+MACs are multiply-accumulates, not FLOPs: FLOPs = 2 × MACs. Network Slimming's paper reports FLOPs; torch-pruning
+and TAS report MACs.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["count_macs", "count_params", "format_count", "macs_and_params", "measure_latency"]
+
+_COUNTER_ATTRS = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the first parameter or buffer (CPU if none) and dtype of the first floating parameter."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    return device, floats[0] if floats else torch.get_default_dtype()
+
+
+def _check_shape(value: Any, arg: str, length: int | None = None) -> tuple[int, ...]:
+    ok = isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok or not value or (length is not None and len(value) != length):
+        what = f"{length} positive ints" if length is not None else "positive ints"
+        raise ValueError(f"{arg}={value!r} must be a tuple of {what}")
+    return tuple(value)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once); with ``trainable_only``, those requiring grad."""
+    _check_model(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def macs_and_params(
+    model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32), *, example_inputs: Any = None
+) -> tuple[int, int]:
+    """MACs per sample and parameter count, from torch-pruning's op counter.
+
+    The input is ``torch.randn(input_size)`` (batch dimension included) on the model's device and dtype, or
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) when given.
+    torch-pruning's convention: convs and linears count their MACs plus one per bias element, norms count 1 (2 if
+    affine) per element, activations and pools 1 per element; modules it does not know (custom ops, functional
+    calls) count 0; the total is divided by the batch size, but a linear's bias is added once per call, so use
+    batch 1 for exact per-sample counts. The count runs on the model itself (no deepcopy, so
+    models that cannot be copied work), in eval mode under ``torch.no_grad()``; each module's training flag is
+    restored afterwards.
+    """
+    from torch_pruning.utils import op_counter  # imports timm: deferred so that importing metrics stays cheap
+
+    _check_model(model)
+    if example_inputs is None:
+        device, dtype = _model_device_dtype(model)
+        example_inputs = torch.randn(_check_shape(input_size, "input_size"), device=device, dtype=dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        op_counter.add_flops_counting_methods(model)
+        model.start_flops_count(ost=sys.stderr, verbose=False, ignore_list=[])
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+        macs, params, _, _ = model.compute_average_flops_cost()
+    finally:
+        if "stop_flops_count" in model.__dict__:
+            model.stop_flops_count()
+        for name in (*_COUNTER_ATTRS, "__batch_counter__"):
+            model.__dict__.pop(name, None)
+        for m, training in modes:
+            m.training = training
+    return int(round(macs)), int(params)
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32), *, example_inputs: Any = None) -> int:
+    """MACs per sample (not FLOPs: FLOPs = 2 × MACs), from torch-pruning's op counter; see ``macs_and_params``."""
+    return macs_and_params(model, input_size, example_inputs=example_inputs)[0]
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[float]]:
+    """A function that runs a callable n times and returns the seconds each run took on ``device``."""
+    if device.type == "cuda":
+
+        def _cuda(fn: Callable[[], Any], n: int) -> list[float]:
+            with torch.cuda.device(device):
+                starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+                ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+                torch.cuda.synchronize()
+                for start, end in zip(starts, ends):
+                    start.record()
+                    fn()
+                    end.record()
+                torch.cuda.synchronize()
+                return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+
+        return _cuda
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None) or (lambda: None)
+
+    def _wall(fn: Callable[[], Any], n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return _wall
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 32, 32),
+    *,
+    batch_sizes: Iterable[int] = (1, 64),
+    device: str | torch.device | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+    channels_last: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict[int, dict[str, float]]:
+    """Seconds per forward pass for each batch size: ``{batch: {"median_s", "p10_s", "p90_s", "images_per_s"}}``.
+
+    ``input_size`` is one sample's shape (C, H, W), without the batch dimension. Runs in eval mode under
+    ``torch.inference_mode()``, on ``device`` (default: the model's), with inputs and weights in ``dtype`` (default:
+    the model's) and, with ``channels_last``, that memory format. When any of these differs from the model as it
+    is, a deepcopy is converted and timed, so the model is never changed; otherwise the model itself is timed and
+    its training flags are restored. On CUDA each forward is timed with CUDA events; elsewhere with a wall clock
+    between device synchronisations. ``images_per_s`` is batch / median.
+    """
+    _check_model(model)
+    shape = _check_shape(input_size, "input_size")
+    if len(shape) != 3:
+        raise ValueError(
+            f"input_size={tuple(input_size)!r} must be one sample's (C, H, W) without the batch dimension; "
+            "pass batch sizes in batch_sizes"
+        )
+    batches = _check_shape(tuple(batch_sizes), "batch_sizes")
+    for arg, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg}={value!r} must be an int >= {low}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.bfloat16) or None")
+    model_device, model_dtype = _model_device_dtype(model)
+    target = model_device if device is None else torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    dtype = model_dtype if dtype is None else dtype
+    run_model = model
+    if target != model_device or dtype != model_dtype or channels_last:
+        run_model = copy.deepcopy(model).to(device=target, dtype=dtype)
+        if channels_last:
+            run_model = run_model.to(memory_format=torch.channels_last)
+    modes = [(m, m.training) for m in run_model.modules()]
+    run_model.eval()
+    timer = _timer(target)
+    results: dict[int, dict[str, float]] = {}
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                x = torch.randn((batch, *shape), device=target, dtype=dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if warmup:
+                    timer(lambda: run_model(x), warmup)
+                times = np.asarray(timer(lambda: run_model(x), repeats))
+                median = float(np.median(times))
+                results[batch] = {
+                    "median_s": median,
+                    "p10_s": float(np.percentile(times, 10)),
+                    "p90_s": float(np.percentile(times, 90)),
+                    "images_per_s": batch / median,
+                }
+    finally:
+        for m, training in modes:
+            m.training = training
+    return results
+
+
+def format_count(n: float, precision: int = 2) -> str:
+    """Human-readable count with a K/M/G/T suffix (powers of 1000): ``format_count(1703258) == "1.70M"``."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError(f"n must be a number, got {type(n).__name__} ({n!r})")
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{precision}f}{suffix}"
+    return f"{n:.{precision}f}" if isinstance(n, float) else str(n)

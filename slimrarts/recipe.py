@@ -1,0 +1,164 @@
+"""Recipes: the YAML schema of a run, loading with `base:` inheritance and `--set` overrides, and dumping."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import ConfigError, build, field, set_by_path, to_dict
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "Recipe",
+    "load_recipe",
+    "parse_overrides",
+    "dump_recipe",
+    "ConfigError",
+]
+
+_positive = dict(check=lambda v: v > 0, allowed="a number > 0")
+_non_negative = dict(check=lambda v: v >= 0, allowed="a number >= 0")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which data set, where it is, and how it is batched."""
+
+    name: Literal["cifar10", "cifar100"] = "cifar10"
+    root: str | None = None  # folder, archive or torchvision folder; None: $SLIMRARTS_DATA, cache, download
+    download: bool = True
+    limit_per_class: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
+    test_limit_per_class: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
+    batch_size: int = field(128, check=lambda v: v >= 1, allowed="an integer >= 1")
+    eval_batch_size: int = field(500, check=lambda v: v >= 1, allowed="an integer >= 1")
+    augment: bool = True
+    split_seed: int = 0  # seed of the D_t / D_v halves and of subsets
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The network: a zoo name, `timm:<name>` or `torchvision:<name>`, plus constructor arguments."""
+
+    name: str = "preresnet56"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # a state_dict file to start from (e.g. a trained baseline)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """SGD for the network weights and its learning-rate schedule."""
+
+    lr: float = field(0.1, **_positive)
+    momentum: float = field(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
+    nesterov: bool = False
+    weight_decay: float = field(1e-4, **_non_negative)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.75],
+        check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
+        allowed="increasing fractions of the epochs, each in (0, 1)",
+    )
+    gamma: float = field(0.1, **_positive)
+    warmup_epochs: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0")
+    min_lr: float = field(0.0, **_non_negative)  # floor of the cosine schedule
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training phase: epochs, optimizer and how the step runs."""
+
+    epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    amp: Literal["none", "bf16"] = "none"
+    channels_last: bool = False
+    cuda_graph: bool = False  # capture the train step in a CUDA graph (CUDA only)
+    log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
+
+
+def _valid_device(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A whole run. Sections that a command does not use are ignored by it."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = field("auto", check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse `a.b=value` strings; values are read as YAML (`3`, `0.1`, `true`, `[1, 2]`, `null`)."""
+    out = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is malformed; expected key=value, e.g. train.epochs=10")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"recipe {path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: 'base' must be a path string, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def load_recipe(
+    source: str | os.PathLike | dict, overrides: list[str] | None = None, *, schema: type = Recipe
+) -> Any:
+    """Load and validate a recipe from a YAML file (or a dict), applying `key=value` overrides.
+
+    A recipe may name another with `base: other.yaml` (relative to its own folder); its keys are merged on top.
+    """
+    data = copy.deepcopy(source) if isinstance(source, dict) else _read_yaml(Path(source))
+    for key, value in parse_overrides(overrides):
+        set_by_path(data, key, value)
+    return build(schema, data)
+
+
+def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:
+    """Write the resolved recipe as YAML."""
+    text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
+    Path(path).write_text(text)

@@ -1,0 +1,303 @@
+"""Find the prunable channel groups of a CNN and where each group's gate α must sit.
+
+torch-pruning's DependencyGraph gives the groups: channels that must be removed together. For each group this
+module decides the gate sites: the outputs of the group's last normalisation layers (conv → BN → α → act), or of a
+producer conv when no norm follows it. A group is accepted only if, with its α set to zero, every layer that reads
+the group's channels reads zeros; that is what makes removal exact. The check follows the data flow: gated outputs
+are zero; an add or concat is zero when all its inputs are; a product when one of them is; a zero-preserving
+activation, pooling or reshape passes zeros on; anything else (a norm not gated, a sigmoid, a conv with bias) does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Literal
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+
+__all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
+
+SCOPES = ("internal", "branch-input", "coupled")
+Scope = Literal["internal", "branch-input", "coupled"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_JOINT_NORMS = (nn.GroupNorm, nn.LayerNorm)
+# grad_fn names (without the trailing version digit) of ops with f(0) = 0, applied per channel
+_ZERO_PRESERVING = (
+    "Relu", "Hardtanh", "Silu", "Gelu", "Hardswish", "LeakyRelu", "Elu", "Mish", "Tanh", "Threshold", "Prelu",
+    "Mean", "Sum", "AvgPool2D", "AvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool1D", "MaxPool2DWithIndices",
+    "AdaptiveMaxPool2D", "View", "Reshape", "Unsafe", "Clone", "Flatten", "NativeDropout", "Squeeze", "Unsqueeze",
+    "Permute", "Transpose", "Expand", "Contiguous", "Alias", "ToCopy", "Neg", "Div", "MulScalar",
+)
+_MERGE_ALL = ("Add", "Sub", "Cat", "Stack")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSite:
+    """Where a gate multiplies its channels: the output of `module`, or the input of its `act` child."""
+
+    module: str
+    where: Literal["output", "act_input"]
+    fold: Literal["norm", "producer"]  # fold α into a norm's affine parameters or a producer's output rows
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """A set of channels that share one α vector and are removed together."""
+
+    name: str
+    scope: Scope
+    size: int
+    sites: list[GateSite]
+    root: str  # module whose out-channels index the group (branch-input: the entrance norm)
+    members: list[str]  # every layer whose width changes with this group
+    consumers: list[str] = dataclasses.field(default_factory=list)  # branch-input: layers whose inputs shrink
+
+
+@dataclasses.dataclass
+class Skipped:
+    """A group (or the whole model) that gets no gate, and why."""
+
+    name: str
+    reason: str
+
+
+def _op_name(node) -> str:
+    fn = getattr(node, "grad_fn", None)
+    if fn is None:
+        return ""
+    name = fn.name()
+    return name[:-1] if name and name[-1].isdigit() else name
+
+
+def _is_depthwise(module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+
+
+class _GroupView:
+    """One torch-pruning group seen as a data-flow graph over its channel space."""
+
+    def __init__(self, group, names: dict):
+        self.group, self.names = group, names
+        self.handler: dict = {}
+        for item in group.items:
+            node = item.dep.target
+            kind = "in" if "in_channels" in item.dep.handler.__name__ else "out"
+            self.handler.setdefault(node, set()).add(kind)
+        root = group.items[0].dep.target
+        self.root = root
+        self.size = len(group.items[0].idxs)
+        self.items = group.items
+
+    def name(self, node) -> str:
+        if node.module is not None and node.module in self.names:
+            return self.names[node.module]
+        return node.name
+
+    def kind(self, node) -> str:
+        """producer | consumer | depthwise | norm | joint_norm | elementwise | reshape | output | other."""
+        kinds = self.handler.get(node, set())
+        m = node.module
+        if node.type == ops.OPTYPE.OUTPUT:
+            return "output"
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if _is_depthwise(m):
+                return "depthwise"
+            return "consumer" if kinds == {"in"} else "producer"
+        if isinstance(m, _NORMS):
+            return "norm"
+        if isinstance(m, _JOINT_NORMS) or node.type in (ops.OPTYPE.GN, ops.OPTYPE.LN):
+            return "joint_norm"
+        if node.type == ops.OPTYPE.ELEMENTWISE:
+            return "elementwise"
+        if node.type == ops.OPTYPE.RESHAPE:
+            return "reshape"
+        if node.type == ops.OPTYPE.CONCAT:
+            return "concat"
+        return "other"
+
+    def successors(self, node) -> list:
+        """Data-flow successors that carry this group's channels (consumers end the walk)."""
+        if self.kind(node) == "consumer":
+            return []
+        return [n for n in node.outputs if n in self.handler]
+
+    def downstream(self, node) -> set:
+        seen, stack = set(), list(self.successors(node))
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(self.successors(n))
+        return seen
+
+    def is_coupled(self) -> bool:
+        return any(self.kind(n) in ("elementwise", "concat") and _op_name(n).startswith(_MERGE_ALL) for n in self.handler)
+
+    def consumers_read_zero(self, gated: set) -> tuple[bool, str]:
+        """Whether, with the gated nodes' outputs zero, every consumer of the channels reads zero."""
+        memo: dict = {}
+
+        def zero(node) -> bool:
+            if node in memo:
+                return memo[node]
+            memo[node] = False  # cycle guard
+            if node in gated:
+                memo[node] = True
+                return True
+            kind = self.kind(node)
+            ins = [n for n in node.inputs if n in self.handler]
+            if kind in ("producer", "norm", "joint_norm", "output", "other"):
+                result = False
+            elif kind == "depthwise":
+                result = bool(ins) and node.module.bias is None and all(zero(n) for n in ins)
+            elif kind == "reshape":
+                result = bool(ins) and all(zero(n) for n in ins)
+            elif kind == "concat":
+                result = bool(ins) and all(zero(n) for n in ins)
+            else:
+                op = _op_name(node)
+                if op.startswith(_MERGE_ALL):
+                    result = len(ins) == len(node.inputs) and all(zero(n) for n in ins)
+                elif op.startswith("Mul"):
+                    result = any(zero(n) for n in ins)
+                elif op.startswith(_ZERO_PRESERVING):
+                    result = bool(ins) and all(zero(n) for n in ins)
+                else:
+                    result = False
+            memo[node] = result
+            return result
+
+        for node in self.handler:
+            if self.kind(node) == "consumer":
+                # inputs made from parameters alone (a Linear's transposed weight) carry no activations
+                ins = [n for n in node.inputs if n in self.handler and not (self.kind(n) == "elementwise" and not n.inputs)]
+                if not ins or not all(zero(n) for n in ins):
+                    return False, self.name(node)
+        return True, ""
+
+
+def _site_for(view: _GroupView, node) -> GateSite:
+    m = node.module
+    name = view.name(node)
+    if isinstance(m, _NORMS):
+        act = getattr(m, "act", None)
+        where = "act_input" if isinstance(act, nn.Module) else "output"
+        return GateSite(name, where, "norm")
+    return GateSite(name, "output", "producer")
+
+
+def _check_unsupported(view: _GroupView) -> str | None:
+    for item in view.items:
+        node = item.dep.target
+        kind = view.kind(node)
+        m = node.module
+        if kind == "joint_norm":
+            return f"{view.name(node)} normalises these channels jointly (GroupNorm/LayerNorm); removal would change the rest"
+        if kind in ("concat", "other") or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND, ops.OPTYPE.SLICE,
+                                                        ops.OPTYPE.CUSTOMIZED, ops.OPTYPE.MHA, ops.OPTYPE.LSTM,
+                                                        ops.OPTYPE.EMBED, ops.OPTYPE.PARAMETER, ops.OPTYPE.EXPAND):
+            return f"{view.name(node)}: {type(m).__name__ if m is not None else node.name} is not supported yet"
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m):
+            return f"{view.name(node)} is a grouped convolution (groups={m.groups})"
+        if isinstance(m, _NORMS) and not m.affine:
+            return f"{view.name(node)} has no affine parameters to fold the gate into"
+        if kind not in ("consumer",) and list(item.idxs) != list(range(view.size)):
+            return f"{view.name(node)}: channel indices are remapped (concat/split/flatten)"
+    return None
+
+
+def _gate_sites(view: _GroupView) -> tuple[list, str | None]:
+    """Last norms first; then producers without a norm downstream; then every producer."""
+    norms = [n for n in view.handler if view.kind(n) == "norm"]
+    producers = [n for n in view.handler if view.kind(n) in ("producer",)]
+    last_norms = [n for n in norms if not any(view.kind(d) == "norm" for d in view.downstream(n))]
+    bare = [p for p in producers if not any(view.kind(d) == "norm" for d in view.downstream(p))]
+    reader = ""
+    for gated in (last_norms, last_norms + bare, last_norms + producers):
+        if not gated:
+            continue
+        ok, reader = view.consumers_read_zero(set(gated))
+        if ok:
+            return gated, None
+    return [], f"no gate placement zeroes every input of {reader or 'the consumers'}"
+
+
+def _branch_inputs(view: _GroupView) -> list[tuple]:
+    """Entrance norms of a coupled group: norms whose outputs only reach consumers through per-channel ops."""
+    out = []
+    for node in view.handler:
+        if view.kind(node) != "norm":
+            continue
+        down = view.downstream(node)
+        kinds = {view.kind(d) for d in down}
+        if not kinds or not kinds <= {"elementwise", "reshape", "consumer"}:
+            continue
+        if not all(view.kind(d) != "elementwise" or _op_name(d).startswith(_ZERO_PRESERVING) for d in down):
+            continue
+        consumers = [d for d in down if view.kind(d) == "consumer"]
+        if consumers:
+            out.append((node, consumers))
+    return out
+
+
+def find_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    scopes: Iterable[str] = ("internal",),
+    ignored: Iterable[nn.Module] = (),
+) -> tuple[list[ChannelGroup], list[Skipped], tp.DependencyGraph | None]:
+    """The gateable channel groups of `model` for the given scopes, the groups skipped with reasons, and the graph."""
+    scopes = tuple(scopes)
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad:
+        raise ValueError(f"scope {bad[0]!r} is unknown; choose from {', '.join(SCOPES)}")
+    if "branch-input" in scopes and "coupled" in scopes:
+        raise ValueError("scopes 'branch-input' and 'coupled' gate the same residual channels; choose one of them")
+    names = {m: n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means this model cannot be gated
+        return [], [Skipped(type(model).__name__, f"dependency tracing failed: {type(err).__name__}: {err}")], None
+    finally:
+        model.train(was_training)
+    groups: list[ChannelGroup] = []
+    skipped: list[Skipped] = []
+    for group in dg.get_all_groups(ignored_layers=list(ignored), root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        view = _GroupView(group, names)
+        gname = view.name(view.root)
+        if any(view.kind(n) == "output" for n in view.handler) or not any(
+                view.kind(n) == "consumer" for n in view.handler):
+            continue  # the model's outputs (classifier logits): never pruned
+        coupled = view.is_coupled()
+        members = sorted({view.name(n) for n in view.handler if n.module is not None and n.module in names})
+        if coupled and "branch-input" in scopes:
+            for norm, consumers in _branch_inputs(view):
+                if list(view.items[0].idxs) != list(range(view.size)):
+                    continue
+                nname = view.name(norm)
+                if not norm.module.affine:
+                    skipped.append(Skipped(f"input:{nname}", "norm has no affine parameters"))
+                    continue
+                groups.append(ChannelGroup(
+                    name=f"input:{nname}", scope="branch-input", size=norm.module.num_features,
+                    sites=[_site_for(view, norm)], root=nname, members=[nname] + [view.name(c) for c in consumers],
+                    consumers=[view.name(c) for c in consumers]))
+        scope = "coupled" if coupled else "internal"
+        if scope not in scopes:
+            continue
+        reason = _check_unsupported(view)
+        if reason is None:
+            gated, reason = _gate_sites(view)
+        if reason is not None:
+            skipped.append(Skipped(gname, reason))
+            continue
+        groups.append(ChannelGroup(name=gname, scope=scope, size=view.size, sites=[_site_for(view, n) for n in gated],
+                                   root=gname, members=members))
+    return groups, skipped, dg

@@ -1,0 +1,180 @@
+"""Make a gated model physically slimmer: fold α into the weights, remove channels, verify, save and reload."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .gates import Gates
+from .groups import ChannelGroup, find_groups
+
+__all__ = ["ChannelSelect", "fold_gates", "remove_channels", "layer_widths", "apply_spec", "save_slim", "load_slim"]
+
+SPEC_FORMAT = 1
+
+
+class ChannelSelect(nn.Module):
+    """Keep the channels `index` of the input (the pruned entrance of a pre-activation branch)."""
+
+    def __init__(self, index: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.index.numel()} channels"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+@torch.no_grad()
+def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
+    """Multiply each gate's α into the layer it sits on (norm affine, or producer output rows)."""
+    modules = dict(gates.model.named_modules())
+    for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
+        alpha = alpha.detach()
+        for site in group.sites:
+            m = modules[site.module]
+            a = alpha.to(m.weight.dtype)
+            m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
+            if getattr(m, "bias", None) is not None:
+                m.bias.mul_(a)
+
+
+def layer_widths(model: nn.Module) -> dict[str, list[int]]:
+    """[in, out] channels of every conv, linear and norm layer, by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.Linear):
+            out[name] = [m.in_features, m.out_features]
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            out[name] = [m.num_features, m.num_features]
+    return out
+
+
+def _prune_group(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, removed: list[int]) -> None:
+    modules = dict(model.named_modules())
+    if not removed:
+        return
+    if group.scope == "branch-input":
+        norm = modules[group.root]
+        dg.get_pruner_of_module(norm).prune_out_channels(norm, removed)
+        for name in group.consumers:
+            m = modules[name]
+            dg.get_pruner_of_module(m).prune_in_channels(m, removed)
+        return
+    root = modules[group.root]
+    pruner = dg.get_pruner_of_module(root)
+    dg.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
+
+
+def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[list[int]]) -> None:
+    for group, keep in zip(groups, kept):
+        if group.scope == "branch-input" and len(keep) < group.size:
+            norm = model.get_submodule(group.root)
+            _set_module(model, group.root, nn.Sequential(ChannelSelect(torch.tensor(keep)), norm))
+
+
+@torch.no_grad()
+def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.Tensor | None = None) -> dict:
+    """Fold α, remove the channels not kept, and return the width spec (with the check's max abs difference).
+
+    With `check_input`, the gated model in eval mode with the pruned α set to zero is compared with the slim
+    model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`.
+    The model is changed in place and its hooks are removed.
+    """
+    model = gates.model
+    if len(keep) != len(gates.groups):
+        raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+    was_training = model.training
+    model.eval()
+    reference = None
+    if check_input is not None:
+        with gates.masked(keep):
+            reference = model(check_input).float()
+    before = layer_widths(model)
+    kept = [torch.nonzero(k, as_tuple=False).flatten().tolist() for k in keep]
+    removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
+    gates.remove()
+    fold_gates(gates)
+    for group, rem in zip(gates.groups, removed):
+        _prune_group(model, gates.dg, group, rem)
+    _insert_selects(model, gates.groups, kept)
+    spec: dict[str, Any] = {
+        "format": SPEC_FORMAT,
+        "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
+        "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "kept": k}
+                   for g, k in zip(gates.groups, kept)],
+        "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
+    }
+    if reference is not None:
+        out = model(check_input).float()
+        spec["max_abs_diff"] = (out - reference).abs().max().item()
+        spec["max_abs_ref"] = reference.abs().max().item()
+    model.train(was_training)
+    return spec
+
+
+def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Prune a freshly built `model` (same architecture as the original) to the widths in `spec`, in place."""
+    if spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"width spec format {spec.get('format')!r} is not supported (expected {SPEC_FORMAT})")
+    if example_input is None:
+        shape = spec.get("input_shape") or [1, 3, 32, 32]
+        example_input = torch.randn(*shape, device=next(model.parameters()).device)
+    scopes = sorted({g["scope"] for g in spec["groups"]})
+    groups, _, dg = find_groups(model, example_input, scopes)
+    by_name = {g.name: g for g in groups}
+    ordered, kept = [], []
+    for entry in spec["groups"]:
+        group = by_name.get(entry["name"])
+        if group is None or group.size != entry["size"]:
+            raise ValueError(f"width spec group {entry['name']!r} (size {entry['size']}) does not exist in this model; "
+                             "was it built with the same architecture and arguments?")
+        ordered.append(group)
+        kept.append(entry["kept"])
+    for group, keep in zip(ordered, kept):
+        _prune_group(model, dg, group, sorted(set(range(group.size)) - set(keep)))
+    _insert_selects(model, ordered, kept)
+    return model
+
+
+def save_slim(path: str | os.PathLike, model: nn.Module, spec: dict, model_info: dict | None = None) -> None:
+    """Save the slim model as data: the width spec (JSON-able) and the state_dict, in one file."""
+    from ..engine.checkpoint import save_atomic
+
+    payload_spec = dict(spec, model=model_info)
+    save_atomic({"spec": json.dumps(payload_spec), "state_dict": model.state_dict()}, path)
+
+
+def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a slim model saved by `save_slim`: the original architecture, cut to the spec, then its weights.
+
+    Without `model`, the architecture is built from the spec's model name and arguments (zoo, timm, torchvision).
+    """
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    spec = json.loads(payload["spec"])
+    if model is None:
+        info = spec.get("model")
+        if not info or not info.get("name"):
+            raise ValueError(f"{path} does not record which model it was cut from; pass the original model=...")
+        from ..models import create_model
+
+        model = create_model(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
+    apply_spec(model, spec)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
