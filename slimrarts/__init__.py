@@ -1,5 +1,9 @@
-"""slimrarts: make CNNs slimmer by searching their width with RARTS."""
+"""slimrarts: make CNNs slimmer by searching their width with RARTS, then removing channels for real."""
 
+from .api import PruneResult as PruneResult
+from .api import load as load
+from .api import prune as prune
+from .api import search_width as search_width
 from .version import __version__ as __version__
 
-__all__ = ["__version__"]
+__all__ = ["PruneResult", "__version__", "load", "prune", "search_width"]

@@ -17,6 +17,9 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "ArchOptimConfig",
+    "SearchConfig",
+    "PruneConfig",
     "Recipe",
     "load_recipe",
     "parse_overrides",
@@ -83,6 +86,59 @@ class TrainConfig:
     log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
 
 
+@dataclasses.dataclass
+class ArchOptimConfig:
+    """The optimizer of the architecture parameters α (constant learning rate)."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = field(1e-3, **_positive)
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999], check=lambda v: len(v) == 2 and all(
+        0 <= b < 1 for b in v), allowed="two numbers in [0, 1)")
+    weight_decay: float = field(0.0, **_non_negative)
+    momentum: float = field(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")  # sgd only
+
+
+def _known_search(name: str) -> bool:
+    from .search import list_searches
+
+    return name in list_searches()
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
+
+    method: str = field("rarts", check=_known_search,
+                        allowed="a registered search method: rarts, rarts-jacobi, darts1, darts2, milenas, joint")
+    epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
+    lam: float = field(1.0, **_positive)  # λ: weight of the auxiliary loss L_t
+    beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
+    xi: float | None = field(None, **_positive)  # darts2 unrolling step; null: the w learning rate
+    optim: OptimConfig = field(default_factory=OptimConfig)  # w (and y unless optim_y is set)
+    optim_y: OptimConfig | None = None
+    arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
+    keep: Literal["y", "w", "mean"] = "y"  # which weights survive into the slim model
+    amp: Literal["none", "bf16"] = "none"
+    channels_last: bool = False
+    log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Which channels are gated and which lose."""
+
+    scope: list[Literal["internal", "branch-input", "coupled"]] = field(
+        default_factory=lambda: ["internal"],
+        check=lambda v: len(v) >= 1 and len(set(v)) == len(v) and not {"branch-input", "coupled"} <= set(v),
+        allowed="a non-empty list of distinct scopes (internal, branch-input, coupled); not both branch-input "
+                "and coupled")
+    mode: Literal["ratio", "l1"] = "ratio"
+    ratio: float = field(0.4, check=lambda v: 0 <= v < 1, allowed="a fraction in [0, 1)")
+    l1: float = field(1e-4, **_non_negative)  # γ of γ‖α‖₁ (l1 mode)
+    min_channels: int = field(1, check=lambda v: v >= 1, allowed="an integer >= 1")
+    round_to: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
+
+
 def _valid_device(v: str) -> bool:
     return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
 
@@ -97,6 +153,9 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=160))
 
 
 def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:

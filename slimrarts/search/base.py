@@ -1,0 +1,128 @@
+"""The one interface every architecture-search algorithm uses: problems, state, and the method registry.
+
+A *problem* says how to compute a loss from a set of weights, a set of buffers and a batch; its architecture
+parameters α are a list of tensors (width gates, or a DARTS cell's mixed-op weights). A *state* holds the weights
+w (the auxiliary net: for networks, the module's own parameters), optionally the second copy y (the primary net),
+each with its own buffers (BN running statistics) and optimizer, plus the α optimizer. A *method* is a function
+`step(problem, state, batch_t, batch_v)` that performs one iteration; it is registered with its properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import torch
+
+__all__ = ["Problem", "SearchState", "SearchMethod", "register_search", "get_search", "list_searches",
+           "grads_of", "set_grads", "arch_step"]
+
+
+class Problem(Protocol):
+    """What a search algorithm needs to know about the task."""
+
+    arch: list[torch.Tensor]
+
+    def loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any,
+             track: str | None = None) -> torch.Tensor:
+        """The loss of the net with these weights and buffers on `batch`; `track` names a meter to record into."""
+        ...
+
+    def arch_penalty(self) -> torch.Tensor | None:
+        """An extra differentiable term in α alone (the cost μ·Cost(α)), or None."""
+        ...
+
+    def after_arch_step(self, lr: torch.Tensor) -> None:
+        """Called after each α update with the α learning rate (e.g. an ℓ1 proximal step)."""
+        ...
+
+
+@dataclasses.dataclass
+class SearchState:
+    """The variables one search updates: w (and y), their buffers, and three optimizers."""
+
+    w: dict[str, torch.Tensor]
+    w_buffers: dict[str, torch.Tensor]
+    opt_w: torch.optim.Optimizer
+    opt_arch: torch.optim.Optimizer
+    y: dict[str, torch.Tensor] | None = None
+    y_buffers: dict[str, torch.Tensor] | None = None
+    opt_y: torch.optim.Optimizer | None = None
+    scratch_buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    lam: float = 1.0
+    beta: float = 0.0
+    xi: float | None = None  # darts2 unrolling step; None: the current w learning rate
+
+    @property
+    def w_list(self) -> list[torch.Tensor]:
+        return list(self.w.values())
+
+    @property
+    def y_list(self) -> list[torch.Tensor]:
+        if self.y is None:
+            raise ValueError("this method needs the second weight copy y; build the state with two_nets=True")
+        return list(self.y.values())
+
+
+def grads_of(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d tensors, zeros for tensors the loss does not use (nothing else accumulates gradients)."""
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+def set_grads(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for t, g in zip(tensors, grads):
+        t.grad = g
+
+
+def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -> None:
+    """Update α with `grads` (+ the penalty's gradient), then the problem's post-step (e.g. proximal ℓ1)."""
+    penalty = problem.arch_penalty()
+    if penalty is not None:
+        extra = grads_of(penalty, problem.arch)
+        with torch.no_grad():
+            torch._foreach_add_(grads, extra)
+    set_grads(problem.arch, grads)
+    state.opt_arch.step()
+    problem.after_arch_step(state.opt_arch.lr_tensor())
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchMethod:
+    """A registered search algorithm and what it needs."""
+
+    name: str
+    step: Callable[[Problem, SearchState, Any, Any], None]
+    two_nets: bool  # needs the second weight copy y
+    data: str  # "split": a D_t and a D_v batch per iteration; "whole": one batch of the whole training set
+    passes: int  # forward+backward passes per iteration
+    paper: str  # where the update comes from
+    description: str
+
+
+_REGISTRY: dict[str, SearchMethod] = {}
+
+
+def register_search(name: str, *, two_nets: bool, data: str, passes: int, paper: str, description: str):
+    """Decorator registering `step(problem, state, batch_t, batch_v)` as search method `name`."""
+    if data not in ("split", "whole"):
+        raise ValueError(f"data must be 'split' or 'whole', got {data!r}")
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"search method {name!r} is already registered")
+        _REGISTRY[name] = SearchMethod(name, fn, two_nets, data, passes, paper, description)
+        return fn
+
+    return wrap
+
+
+def get_search(name: str) -> SearchMethod:
+    """The registered method `name`; unknown names list the choices."""
+    if name not in _REGISTRY:
+        raise ValueError(f"search method {name!r} is unknown; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_searches() -> list[str]:
+    return sorted(_REGISTRY)

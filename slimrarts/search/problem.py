@@ -1,0 +1,89 @@
+"""The network search problem (cross-entropy through `torch.func.functional_call`) and building a search state."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..engine.optim import SGD, Adam
+from ..engine.step import autocast
+from .base import SearchState, get_search
+
+__all__ = ["NetProblem", "make_state", "make_arch_optimizer"]
+
+
+class NetProblem:
+    """Cross-entropy of `model` run with a given set of weights and buffers; α are `arch` (used by hooks or ops).
+
+    Losses and accuracies of tracked passes accumulate in device tensors; `read()` syncs once.
+    """
+
+    def __init__(self, model: nn.Module, arch: list[torch.Tensor], *, amp: str = "none", l1: float = 0.0,
+                 penalty: Callable[[], torch.Tensor] | None = None, loss_fn: Callable = F.cross_entropy):
+        self.model, self.arch, self.amp, self.l1, self.penalty, self.loss_fn = model, arch, amp, l1, penalty, loss_fn
+        self.device = next(model.parameters()).device
+        self._meters: dict[str, list] = {}
+
+    def loss(self, params, buffers, batch, track: str | None = None) -> torch.Tensor:
+        x, target = batch
+        with autocast(self.device, self.amp):
+            out = functional_call(self.model, (params, buffers), (x,), strict=False)
+        loss = self.loss_fn(out.float(), target)
+        if track is not None:
+            meter = self._meters.get(track)
+            if meter is None:
+                meter = self._meters[track] = [torch.zeros((), device=self.device),
+                                               torch.zeros((), device=self.device, dtype=torch.long), 0]
+            with torch.no_grad():
+                meter[0].add_(loss.detach() * target.shape[0])
+                meter[1].add_((out.argmax(1) == target).sum())
+            meter[2] += target.shape[0]
+        return loss
+
+    def arch_penalty(self) -> torch.Tensor | None:
+        return self.penalty() if self.penalty is not None else None
+
+    def after_arch_step(self, lr: torch.Tensor) -> None:
+        if self.l1:
+            from ..width.select import prox_l1_
+
+            prox_l1_(self.arch, lr * self.l1)
+
+    def read(self) -> dict:
+        """Mean loss/accuracy per tracked meter since the last read (one host sync), then reset."""
+        out = {}
+        for name, (loss_sum, correct, n) in self._meters.items():
+            if n:
+                out[f"{name}_loss"] = loss_sum.item() / n
+                out[f"{name}_acc"] = correct.item() / n
+        self._meters.clear()
+        return out
+
+
+def make_arch_optimizer(arch: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
+    """Adam or SGD for α from an `ArchOptimConfig`-like object."""
+    if cfg.optimizer == "adam":
+        return Adam(arch, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return SGD(arch, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim_w, optim_y=None, arch_optim,
+               lam: float = 1.0, beta: float = 0.0, xi: float | None = None) -> SearchState:
+    """A search state over `model`'s own parameters as w, with a y copy (same initial values) when needed."""
+    spec = get_search(method)
+    w = dict(model.named_parameters())
+    w_buffers = dict(model.named_buffers())
+    sgd = lambda params, c: SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,  # noqa: E731
+                                nesterov=c.nesterov)
+    state = SearchState(w=w, w_buffers=w_buffers, opt_w=sgd(list(w.values()), optim_w),
+                        opt_arch=make_arch_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi,
+                        scratch_buffers={k: v.detach().clone() for k, v in w_buffers.items()})
+    if spec.two_nets:
+        state.y = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
+        state.y_buffers = {k: v.detach().clone() for k, v in w_buffers.items()}
+        state.opt_y = sgd(list(state.y.values()), optim_y or optim_w)
+    return state
