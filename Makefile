@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where the demo finds CIFAR-10 when SLIMRARTS_DATA is not set: the archive beside this checkout, if there.
+SLIMRARTS_DATA ?= $(wildcard $(CURDIR)/../shared/data)
+export SLIMRARTS_DATA
+
+.PHONY: demo test test-slow env clean-env
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[test,plot]"
+	touch $@
+
+env: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/slimrarts run recipes/demo.yaml
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+clean-env:
+	rm -rf $(VENV)

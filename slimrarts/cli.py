@@ -1,0 +1,186 @@
+"""`slimrarts` command line: train, run (prune), report, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.epochs=5 (repeatable; values are YAML)")
+    p.add_argument("--out", help="run folder (default: runs/<recipe name>/<timestamp>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--force", action="store_true", help="delete an existing run in --out and start again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and tables still print)")
+
+
+def _load(args):
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def _run_dir(args, recipe) -> Path:
+    from .engine.rundir import default_run_dir, prepare_run_dir
+
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out: the run folder to continue")
+    out = Path(args.out) if args.out else default_run_dir(recipe.name)
+    return prepare_run_dir(out, resume=args.resume, force=args.force)
+
+
+def _model_info(recipe, num_classes: int) -> dict:
+    return {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "num_classes": num_classes}
+
+
+def _build(recipe, device):
+    import torch
+
+    from .data import make_loaders
+    from .models import create_model
+
+    channels_last = recipe.train.channels_last
+    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last)
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
+    if recipe.model.weights:
+        state = torch.load(recipe.model.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return loaders, model
+
+
+def cmd_train(args) -> int:
+    """Train the recipe's model on its data with its `train` section (a baseline)."""
+    from rich.table import Table
+
+    from .engine import console, fit, resolve_device, save_atomic
+    from .metrics import format_count, macs_and_params
+    from .recipe import dump_recipe
+
+    recipe = _load(args)
+    device = resolve_device(recipe.device)
+    run_dir = _run_dir(args, recipe)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    console.print(f"[bold]run folder[/] {run_dir}")
+    loaders, model = _build(recipe, device)
+    macs, params = macs_and_params(model, (1, 3, 32, 32))
+    result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=run_dir,
+                 resume=args.resume, progress=not args.no_progress,
+                 eval_every=max(1, recipe.train.epochs // 10))
+    final = result.final
+    info = _model_info(recipe, loaders.num_classes)
+    save_atomic({"state_dict": model.state_dict(), "model": json.dumps(info)}, run_dir / "model.pt")
+    report = {"model": info, "data": loaders.info, "params": params, "macs": macs, "epochs": recipe.train.epochs,
+              "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
+              "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
+              "images_per_s": result.images_per_s, "device": str(device)}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    t = Table(title=f"slimrarts train · {recipe.model.name} · {loaders.info['dataset']}")
+    for col in ("test acc (final epoch)", "params", "MACs / image", "epochs", "train time", "images/s"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{100 * report['test_acc']:.2f}%", format_count(params), format_count(macs), str(recipe.train.epochs),
+              f"{result.train_s:.1f} s", f"{result.images_per_s:.0f}")
+    console.print(t)
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Run the pruning pipeline of a recipe: search, select, remove, fine-tune."""
+    from .api import prune
+    from .engine import console, resolve_device
+
+    recipe = _load(args)
+    device = resolve_device(recipe.device)
+    run_dir = _run_dir(args, recipe)
+    console.print(f"[bold]run folder[/] {run_dir}")
+    loaders, model = _build(recipe, device)
+    result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
+                   model_info=_model_info(recipe, loaders.num_classes))
+    result.report["data"] = loaders.info
+    (run_dir / "report.json").write_text(json.dumps(result.report, indent=1))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Compare run folders in one table (Markdown), optionally with plots."""
+    from .engine import console
+    from .runs import compare_runs
+
+    text = compare_runs([Path(p) for p in args.runs], plot=args.plot)
+    console.print(text, markup=False, highlight=False)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """Versions, devices, registered models and methods."""
+    import platform
+
+    import timm
+    import torch
+    import torch_pruning
+    import torchvision
+
+    from .engine import console
+    from .models import list_models
+    from .search import get_search, list_searches
+    from .version import __version__
+
+    console.print(f"slimrarts {__version__} · python {platform.python_version()} · torch {torch.__version__} · "
+                  f"torchvision {torchvision.__version__} · timm {timm.__version__} · torch-pruning "
+                  f"{torch_pruning.__version__}")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    console.print(f"CUDA device: {cuda} · CPU threads: {torch.get_num_threads()}")
+    console.print("zoo models: " + ", ".join(list_models()))
+    for name in list_searches():
+        m = get_search(name)
+        console.print(f"search [bold]{name}[/]: {m.passes} passes/iteration, {'two nets' if m.two_nets else 'one net'},"
+                      f" {m.data} data — {m.paper}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimrarts", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("run", help=cmd_run.__doc__)
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("report", help=cmd_report.__doc__)
+    p.add_argument("runs", nargs="+", help="run folders holding report.json")
+    p.add_argument("--md", help="also write the Markdown table to this file")
+    p.add_argument("--plot", action="store_true", help="write widths and α-histogram PNGs (needs matplotlib)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.set_defaults(fn=cmd_info)
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+
+    t0 = time.perf_counter()
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, TypeError) as err:
+        if os.environ.get("SLIMRARTS_DEBUG"):
+            raise
+        print(f"slimrarts {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slimrarts {args.command}: interrupted after {time.perf_counter() - t0:.0f} s; "
+              "continue with --resume --out <run folder>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Read run folders back: comparison tables and plots of widths and α."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .metrics import format_count
+from .report import markdown_table
+
+__all__ = ["read_report", "compare_runs", "plot_run"]
+
+
+def read_report(run: Path) -> dict:
+    """The report.json of a run folder, with a clear error when it is missing."""
+    path = Path(run) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no report.json (has the run finished? resume it with --resume --out {run})")
+    return json.loads(path.read_text())
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def _row(run: Path, r: dict) -> dict:
+    if "method" not in r:  # a `slimrarts train` baseline
+        return {"run": run.name, "method": "baseline (train)", "acc": _pct(r.get("test_acc")),
+                "params": format_count(r["params"]), "macs": format_count(r["macs"]), "prc": "—",
+                "time": f"{r.get('train_s', 0):.0f}"}
+    a, t = r["accuracy"], r["time_s"]
+    return {"run": run.name, "method": r["method"], "mode": r["mode"], "prc": _pct(r["prc"]),
+            "acc": _pct(a.get("slim_after_finetune")), "acc0": _pct(a.get("slim_before_finetune")),
+            "dense": _pct(a.get("dense")),
+            "params": f"{format_count(r['params']['before'])} → {format_count(r['params']['after'])}",
+            "macs": f"{format_count(r['macs']['before'])} → {format_count(r['macs']['after'])}",
+            "time": f"{t['search']:.0f} + {t['finetune']:.0f}"}
+
+
+def compare_runs(runs: list[Path], plot: bool = False) -> str:
+    """A Markdown table comparing runs (test accuracy of the final epoch), and PNGs beside each run with `plot`."""
+    rows = [_row(Path(run), read_report(Path(run))) for run in runs]
+    columns = [("run", "run"), ("method", "method"), ("PRC %", "prc"), ("test acc % (final)", "acc"),
+               ("before fine-tune %", "acc0"), ("params", "params"), ("MACs/image", "macs"),
+               ("search + fine-tune s", "time")]
+    if plot:
+        for run in runs:
+            plot_run(Path(run))
+    return markdown_table(rows, columns)
+
+
+def plot_run(run: Path) -> list[Path]:
+    """widths.png (per-layer output channels before/after) and alphas.png (α histogram) in the run folder."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'slimrarts[plot]'") from err
+    report = read_report(run)
+    out = []
+    layers = report.get("layers")
+    if layers:
+        names = [n for n, w in layers.items() if w["before"][1] != w["after"][1] or w["before"][0] != w["after"][0]]
+        names = names or list(layers)
+        before = [layers[n]["before"][1] for n in names]
+        after = [layers[n]["after"][1] for n in names]
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 3.5))
+        ax.bar(range(len(names)), before, color="#cccccc", label="before")
+        ax.bar(range(len(names)), after, color="#1f77b4", label="after")
+        ax.set_xlabel("layer (pruned layers, in model order)")
+        ax.set_ylabel("output channels")
+        ax.set_title(f"{report['method']} · PRC {100 * report['prc']:.1f}%")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run / "widths.png", dpi=120)
+        plt.close(fig)
+        out.append(run / "widths.png")
+    alphas_path = run / "alphas.json"
+    if alphas_path.is_file():
+        values = [v for group in json.loads(alphas_path.read_text())["alphas"] for v in group]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist([abs(v) for v in values], bins=60, color="#1f77b4")
+        ax.set_xlabel("|α|")
+        ax.set_ylabel("channels")
+        ax.set_title(f"α after search ({report['method']})")
+        fig.tight_layout()
+        fig.savefig(run / "alphas.png", dpi=120)
+        plt.close(fig)
+        out.append(run / "alphas.png")
+    return out
