@@ -110,12 +110,6 @@ def tiny(tmp_path_factory):
     }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIMRARTS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("SLIMRARTS_DATA", raising=False)
-
-
 def _assert_matches(data: ImageSet, classes, expected) -> None:
     assert data.classes == tuple(classes)
     assert torch.equal(data.images, expected[0])

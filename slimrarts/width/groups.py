@@ -211,11 +211,15 @@ def _check_unsupported(view: _GroupView) -> str | None:
     return None
 
 
+def _last_norms(view: _GroupView) -> list:
+    norms = [n for n in view.handler if view.kind(n) == "norm"]
+    return [n for n in norms if not any(view.kind(d) == "norm" for d in view.downstream(n))]
+
+
 def _gate_sites(view: _GroupView) -> tuple[list, str | None]:
     """Last norms first; then producers without a norm downstream; then every producer."""
-    norms = [n for n in view.handler if view.kind(n) == "norm"]
     producers = [n for n in view.handler if view.kind(n) in ("producer",)]
-    last_norms = [n for n in norms if not any(view.kind(d) == "norm" for d in view.downstream(n))]
+    last_norms = _last_norms(view)
     bare = [p for p in producers if not any(view.kind(d) == "norm" for d in view.downstream(p))]
     reader = ""
     for gated in (last_norms, last_norms + bare, last_norms + producers):
@@ -277,10 +281,13 @@ def find_groups(
             continue  # the model's outputs (classifier logits): never pruned
         coupled = view.is_coupled()
         members = sorted({view.name(n) for n in view.handler if n.module is not None and n.module in names})
-        if coupled and "branch-input" in scopes:
-            for norm, consumers in _branch_inputs(view):
-                if list(view.items[0].idxs) != list(range(view.size)):
-                    continue
+        reason = _check_unsupported(view)
+        gated, why = _gate_sites(view) if reason is None else ([], reason)
+        # Pre-activation nets: channels read by norms at branch entrances and also by other layers (the residual
+        # stream, or a stem feeding a block and its shortcut) are selected per branch, as Network Slimming does.
+        if "branch-input" in scopes and (coupled or set(gated) - set(_last_norms(view))):
+            entrances = _branch_inputs(view) if list(view.items[0].idxs) == list(range(view.size)) else []
+            for norm, consumers in entrances:
                 nname = view.name(norm)
                 if not norm.module.affine:
                     skipped.append(Skipped(f"input:{nname}", "norm has no affine parameters"))
@@ -289,15 +296,16 @@ def find_groups(
                     name=f"input:{nname}", scope="branch-input", size=norm.module.num_features,
                     sites=[_site_for(view, norm)], root=nname, members=[nname] + [view.name(c) for c in consumers],
                     consumers=[view.name(c) for c in consumers]))
+            if entrances:
+                continue
         scope = "coupled" if coupled else "internal"
         if scope not in scopes:
             continue
-        reason = _check_unsupported(view)
-        if reason is None:
-            gated, reason = _gate_sites(view)
-        if reason is not None:
-            skipped.append(Skipped(gname, reason))
+        if why is not None:
+            skipped.append(Skipped(gname, why))
             continue
         groups.append(ChannelGroup(name=gname, scope=scope, size=view.size, sites=[_site_for(view, n) for n in gated],
                                    root=gname, members=members))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    groups.sort(key=lambda g: order.get(g.root, len(order)))
     return groups, skipped, dg

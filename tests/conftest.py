@@ -1,0 +1,53 @@
+"""Shared tiny data: a learnable 10-class image set, as an ImageSet and as an ImageFolder-layout archive."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+import torchvision
+
+from slimrarts.data import CIFAR10_CLASSES, ImageSet
+
+
+def tiny_images(per_class: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images whose mean colour and a bright square's position depend on the class (so nets can learn)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    images = torch.randint(0, 80, (len(labels), 3, size, size), generator=g)
+    for i, c in enumerate(labels.tolist()):
+        images[i, c % 3] += 60 + 10 * c
+        r, q = divmod(c, 4)
+        images[i, :, 4 + 8 * r: 10 + 8 * r, 4 + 7 * q: 10 + 7 * q] = 250
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+@pytest.fixture(scope="session")
+def tiny_sets() -> tuple[ImageSet, ImageSet]:
+    """(train, test): 20 and 8 images per class."""
+    tr = tiny_images(20, seed=1)
+    te = tiny_images(8, seed=2)
+    return ImageSet(*tr, classes=CIFAR10_CLASSES), ImageSet(*te, classes=CIFAR10_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory, tiny_sets) -> str:
+    """A .tar.gz in the CIFAR ImageFolder layout holding `tiny_sets` as PNG files."""
+    path = tmp_path_factory.mktemp("data") / "cifar10-tiny.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for split, data in zip(("train", "test"), tiny_sets):
+            for i, (img, label) in enumerate(zip(data.images, data.labels.tolist())):
+                raw = torchvision.io.encode_png(img).numpy().tobytes()
+                info = tarfile.TarInfo(f"{split}/{CIFAR10_CLASSES[label]}/{i:04d}.png")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path):
+    """Every test gets its own data cache and no inherited data path."""
+    monkeypatch.setenv("SLIMRARTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLIMRARTS_DATA", raising=False)

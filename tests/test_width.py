@@ -1,0 +1,182 @@
+"""Width search blocks: gates on zoo/timm/torchvision models, exact removal, selection, save and reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimrarts.models import create_model
+from slimrarts.width import (ChannelSelect, attach_gates, load_slim, prox_l1_, pruned_ratio, remove_channels,
+                             save_slim, select_l1, select_ratio)
+
+
+def _calibrated(name: str, size: int = 32) -> nn.Module:
+    """A model with realistic BN statistics (a few train-mode passes) and non-trivial affine parameters."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+INVARIANT_CASES = [
+    ("torchvision:resnet18", "internal"),
+    ("torchvision:mobilenet_v2", "internal"),
+    ("timm:resnet18", "internal"),
+    ("timm:resnetv2_50", "branch-input"),
+    ("timm:mobilenetv2_100", "internal"),
+    ("timm:efficientnet_b0", "internal"),
+    ("preresnet164", ("internal", "branch-input")),
+    ("torchvision:resnet18", "coupled"),
+    ("timm:efficientnet_b0", "coupled"),
+    ("mobilenetv2_cifar", "internal"),
+    ("resnet56", "internal"),
+]
+
+
+@pytest.mark.parametrize("name, scope", INVARIANT_CASES, ids=[f"{n}-{s if isinstance(s, str) else '+'.join(s)}"
+                                                              for n, s in INVARIANT_CASES])
+def test_removal_invariant(name, scope):
+    """Slim model in eval mode == gated model with the pruned α set to 0 (fp32, within 1e-4)."""
+    model = _calibrated(name)
+    x = torch.randn(4, 3, 32, 32)
+    params_before = sum(p.numel() for p in model.parameters())
+    gates = attach_gates(model, x[:2], scope)
+    assert gates.groups and not gates.skipped, gates.skipped
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for a in gates.alphas:
+            a.copy_(torch.rand(a.shape, generator=g) * 1.4 + 0.1)
+    keep = select_ratio(gates.alphas, 0.4)
+    spec = remove_channels(gates, keep, check_input=x)
+    assert spec["max_abs_diff"] <= 1e-4 * max(1.0, spec["max_abs_ref"]), spec["max_abs_diff"]
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    foreign = {type(m).__module__ for m in model.modules() if type(m).__module__.startswith("slimrarts")}
+    scopes = {scope} if isinstance(scope, str) else set(scope)
+    if "branch-input" in scopes:
+        assert any(isinstance(m, ChannelSelect) for m in model.modules())
+        assert foreign <= {"slimrarts.width.surgery", "slimrarts.models.preresnet"}
+    else:
+        assert not any(isinstance(m, ChannelSelect) for m in model.modules())
+
+
+def test_preresnet164_gates_every_bn_channel():
+    """Internal + branch-input scope on PreResNet-164 gates exactly the BN channels Network Slimming prunes."""
+    model = create_model("preresnet164")
+    gates = attach_gates(model, torch.randn(2, 3, 32, 32), ["internal", "branch-input"])
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert gates.num_channels == bn_channels == 12112
+    gated_sites = {s.module for g in gates.groups for s in g.sites}
+    assert gated_sites == {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def test_gates_leave_model_parameters_alone_and_start_at_one():
+    model = create_model("tiny_preresnet")
+    n_params = len(list(model.parameters()))
+    gates = attach_gates(model, torch.randn(2, 3, 32, 32), ["internal", "branch-input"])
+    assert len(list(model.parameters())) == n_params
+    assert all(torch.equal(a, torch.ones_like(a)) and a.requires_grad for a in gates.alphas)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    out = model(x)
+    gates.remove()
+    torch.testing.assert_close(model(x), out)
+
+
+def test_gate_multiplies_the_norm_output():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                          nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    captured = {}
+    model[2].register_forward_hook(lambda m, i, o: captured.setdefault("relu_in", i[0]))
+    gates = attach_gates(model.eval(), torch.randn(1, 3, 8, 8), "internal")
+    assert [s.module for g in gates.groups for s in g.sites] == ["1"]
+    with torch.no_grad():
+        gates.alphas[0].copy_(torch.tensor([0.0, 1.0, 2.0, -1.0]))
+    x = torch.randn(1, 3, 8, 8)
+    captured.clear()
+    model(x)
+    with gates.using([torch.ones(4)]):
+        bn_out = model[1](model[0](x))
+    torch.testing.assert_close(captured["relu_in"], bn_out * torch.tensor([0.0, 1.0, 2.0, -1.0]).view(1, -1, 1, 1))
+
+
+def test_joint_norm_groups_are_skipped_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    gates = attach_gates(model, torch.randn(1, 3, 12, 12), "internal")
+    assert [g.root for g in gates.groups] == ["3", "6"]
+    assert len(gates.skipped) == 1 and "GroupNorm" in gates.skipped[0].reason
+
+
+def test_untraceable_model_is_skipped_not_crashed():
+    class Weird(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot trace me")
+
+    weird = Weird()
+    weird.p = nn.Parameter(torch.ones(1))
+    gates = attach_gates(weird, torch.randn(1, 3, 8, 8))
+    assert gates.groups == [] and "cannot trace me" in gates.skipped[0].reason
+
+
+def test_ratio_selection_is_exact_and_respects_min_channels():
+    g = torch.Generator().manual_seed(0)
+    alphas = [torch.rand(n, generator=g) for n in (7, 16, 3, 40)]
+    for ratio in (0.0, 0.1, 0.4, 0.6, 0.9):
+        keep = select_ratio(alphas, ratio, min_channels=1)
+        total = sum(a.numel() for a in alphas)
+        assert sum(int((~k).sum()) for k in keep) == round(ratio * total)
+        assert abs(pruned_ratio(keep) - ratio) <= 1 / total
+        assert all(int(k.sum()) >= 1 for k in keep)
+    keep = select_ratio([torch.zeros(4), torch.ones(8)], 0.5, min_channels=2)
+    assert [int(k.sum()) for k in keep] == [2, 4]
+    with pytest.raises(ValueError, match="min_channels"):
+        select_ratio([torch.zeros(4), torch.zeros(4)], 0.9, min_channels=2)
+
+
+def test_ratio_selection_prunes_smallest_magnitudes_and_breaks_ties_in_order():
+    alphas = [torch.tensor([0.5, -0.1, 0.3]), torch.tensor([0.2, 0.2, -0.9])]
+    keep = select_ratio(alphas, 0.5)
+    assert keep[0].tolist() == [True, False, True] and keep[1].tolist() == [False, False, True]
+    assert select_ratio([torch.ones(4), torch.ones(4)], 0.25)[0].tolist() == [False, False, True, True]
+
+
+def test_round_to_rounds_kept_counts_up():
+    keep = select_ratio([torch.arange(1.0, 17.0), torch.arange(1.0, 17.0)], 0.3, round_to=4)
+    assert all(int(k.sum()) % 4 == 0 for k in keep)
+
+
+def test_l1_selection_and_proximal_step():
+    a = [torch.tensor([0.5, -0.05, 0.2]), torch.tensor([0.01, -0.02])]
+    prox_l1_(a, torch.tensor(0.1))
+    torch.testing.assert_close(a[0], torch.tensor([0.4, 0.0, 0.1]))
+    torch.testing.assert_close(a[1], torch.tensor([0.0, 0.0]))
+    keep = select_l1(a, min_channels=1)
+    assert keep[0].tolist() == [True, False, True]
+    assert int(keep[1].sum()) == 1  # min_channels keeps one channel of an all-zero group
+
+
+def test_save_and_load_rebuild_the_slim_model(tmp_path):
+    model = _calibrated("tiny_preresnet")
+    x = torch.randn(3, 3, 32, 32)
+    gates = attach_gates(model, x[:2], ["internal", "branch-input"])
+    keep = select_ratio([torch.rand(a.shape) for a in gates.alphas], 0.5)
+    spec = remove_channels(gates, keep, check_input=x)
+    save_slim(tmp_path / "slim.pt", model, spec, {"name": "tiny_preresnet", "num_classes": 10})
+    payload = torch.load(tmp_path / "slim.pt", weights_only=True)
+    assert set(payload) == {"spec", "state_dict"}
+    rebuilt = load_slim(tmp_path / "slim.pt")
+    torch.testing.assert_close(rebuilt(x), model(x))
+    other = load_slim(tmp_path / "slim.pt", model=create_model("tiny_preresnet"))
+    torch.testing.assert_close(other(x), model(x))
+    with pytest.raises(ValueError, match="does not exist in this model"):
+        load_slim(tmp_path / "slim.pt", model=create_model("tiny_resnet"))
