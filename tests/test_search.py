@@ -1,0 +1,183 @@
+"""Search algorithms: the solvable model, RARTS ↔ MiLeNAS, what one iteration touches, every method, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimrarts.data import DeviceLoader, split_halves
+from slimrarts.engine import SGD
+from slimrarts.models import create_model
+from slimrarts.recipe import ArchOptimConfig, OptimConfig
+from slimrarts.search import get_search, list_searches
+from slimrarts.search.loop import run_search
+from slimrarts.search.problem import NetProblem, make_state
+from slimrarts.toy import rarts_equilibrium, solve
+from slimrarts.width import attach_gates
+
+
+# ---- the solvable bilevel model (paper §III-D) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["darts1", "milenas"])
+def test_first_order_methods_reach_the_spurious_point(method):
+    r = solve(method, lam=1.0, lr=0.01, steps=3000, init=(2.0, -2.0, 0.0))
+    assert r.alpha == pytest.approx(2.0, abs=1e-3) and r.w == pytest.approx(2.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("lam, beta", [(10.0, 10.0), (15.0, 15.0), (10.0, 3.0)])
+def test_rarts_reaches_the_equilibrium_of_eq_13_15(lam, beta):
+    r = solve("rarts", lam=lam, beta=beta, lr=0.01, steps=2500, init=(2.0, -2.0, 0.0))
+    a, w, y = rarts_equilibrium(lam, beta)
+    assert (r.alpha, r.w, r.y) == pytest.approx((a, w, y), abs=1e-4)
+    # eq. (13)-(15) themselves hold at the limit
+    assert lam * (2 * r.w - 2 * r.alpha) + beta * (r.w - r.y) == pytest.approx(0, abs=1e-3)
+    assert r.alpha + beta * (r.y - r.w) == pytest.approx(0, abs=1e-3)
+    assert lam * (-2 * r.w + 2 * r.alpha) + r.y - 2 == pytest.approx(0, abs=1e-3)
+    # and it is closer to the bilevel minimiser (1, 1) than to the spurious point (2, 2)
+    assert abs(r.alpha - 1) + abs(r.w - 1) < abs(r.alpha - 2) + abs(r.w - 2)
+
+
+def test_paper_values_at_lambda_beta_15():
+    a, w, y = rarts_equilibrium(15, 15)
+    assert (round(a, 3), round(w, 3), round(y, 3)) == (1.053, 1.018, 0.947)
+
+
+def test_toy_trajectory_starts_at_init():
+    r = solve("rarts", steps=10, init=(2.0, -2.0, 0.5))
+    assert r.trajectory.shape == (11, 3)
+    assert r.trajectory[0].tolist() == [2.0, -2.0, 0.5]
+
+
+# ---- networks ----------------------------------------------------------------------------------------------------
+
+def _setup(tiny_sets, method, *, lam=1.0, beta=1e-3, optim_y=None, arch_lr=1e-2, seed=0):
+    train, _ = tiny_sets
+    torch.manual_seed(seed)
+    model = create_model("tiny_preresnet")
+    gates = attach_gates(model, torch.randn(2, 3, 32, 32), ["internal", "branch-input"])
+    idx_t, idx_v = split_halves(train.labels, seed=0)
+    lt = DeviceLoader(train, 25, train=True, indices=idx_t, seed=1)
+    lv = DeviceLoader(train, 25, train=True, indices=idx_v, seed=2)
+    lw = DeviceLoader(train, 25, train=True, seed=3)
+    problem = NetProblem(model, gates.alphas)
+    state = make_state(model, gates.alphas, method, optim_w=OptimConfig(lr=0.05, weight_decay=1e-4),
+                       optim_y=optim_y, arch_optim=ArchOptimConfig(lr=arch_lr), lam=lam, beta=beta)
+    return model, gates, problem, state, (lt, lv, lw)
+
+
+def _batch(loader):
+    return next(iter(loader))
+
+
+def test_one_rarts_iteration_changes_w_y_and_alpha_and_not_the_test_set(tiny_sets):
+    _, test = tiny_sets
+    test_before = test.images.clone()
+    model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts")
+    w0 = {k: v.detach().clone() for k, v in state.w.items()}
+    y0 = {k: v.detach().clone() for k, v in state.y.items()}
+    a0 = [a.detach().clone() for a in gates.alphas]
+    run_search(problem, state, "rarts", epochs=1, optim_w=OptimConfig(lr=0.05), loader_t=_Single(lt),
+               loader_v=_Single(lv), progress=False)
+    assert all(not torch.equal(w0[k], state.w[k]) for k in w0 if k.endswith("conv1.weight"))
+    assert all(not torch.equal(y0[k], state.y[k]) for k in y0 if k.endswith("conv1.weight"))
+    assert not any(torch.equal(w0[k], state.y[k]) for k in w0 if k.endswith("conv1.weight"))  # y ≠ w after
+    assert all(not torch.equal(a, b) for a, b in zip(a0, gates.alphas))
+    assert torch.equal(test.images, test_before)
+    # each net's BN statistics were updated once (its weight-step pass), not by the α-step passes
+    for buffers in (state.w_buffers, state.y_buffers):
+        counts = {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
+        assert counts == {1}
+
+
+class _Single:
+    """One batch of a loader, as a loader."""
+
+    def __init__(self, loader):
+        self.batch = _batch(loader)
+
+    def __iter__(self):
+        yield self.batch
+
+    def __len__(self):
+        return 1
+
+
+def test_rarts_with_large_beta_matches_milenas(tiny_sets):
+    """With y = w at the start and y's step 1/β (β large), y lands on the new w: one RARTS(λ=1) iteration is then
+    MiLeNAS(λ=1)'s: the same w-step, and the α-gradient ∇_αL_t(w) + ∇_αL_v(y ≈ w) at the new weights.
+
+    (Beyond one iteration they part: the β-term then feeds ∇L_v into the w-step, so RARTS with β → ∞ trains the
+    weights on both halves while MiLeNAS trains them on D_t only.)
+    """
+    beta = 1e7
+    optim_y = OptimConfig(lr=1.0 / beta, momentum=0.0, weight_decay=0.0)
+    arch = dict(arch_lr=0.5)
+    _, ga, pa, sa, (lt, lv, _) = _setup(tiny_sets, "rarts", beta=beta, optim_y=optim_y, **arch)
+    _, gb, pb, sb, _ = _setup(tiny_sets, "milenas", **arch)
+    for state in (sa, sb):
+        state.opt_arch = SGD(state.opt_arch.param_groups[0]["params"],
+                                                                             lr=0.5)
+    bt, bv = _batch(lt), _batch(lv)
+    get_search("rarts").step(pa, sa, bt, bv)
+    get_search("milenas").step(pb, sb, bt, bv)
+    for k in sa.w:
+        torch.testing.assert_close(sa.w[k], sb.w[k], rtol=0, atol=0)
+        torch.testing.assert_close(sa.y[k], sa.w[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ga.alphas, gb.alphas):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    moved = max((a - 1).abs().max().item() for a in ga.alphas)
+    assert moved > 1e-3  # α did move, so the agreement is not trivial
+    # and the same iteration with an ordinary β (y free) gives a different α
+    _, gc, pc, sc, _ = _setup(tiny_sets, "rarts", beta=1e-3, **arch)
+    sc.opt_arch = SGD(sc.opt_arch.param_groups[0]["params"], lr=0.5)
+    get_search("rarts").step(pc, sc, bt, bv)
+    assert any(not torch.allclose(a, c, rtol=1e-4, atol=1e-6) for a, c in zip(ga.alphas, gc.alphas))
+
+
+@pytest.mark.parametrize("method", list_searches())
+def test_every_method_runs_a_step_and_moves_alpha(tiny_sets, method):
+    model, gates, problem, state, (lt, lv, lw) = _setup(tiny_sets, method)
+    spec = get_search(method)
+    a0 = [a.detach().clone() for a in gates.alphas]
+    w0 = state.w_list[0].detach().clone()
+    if spec.data == "whole":
+        spec.step(problem, state, _batch(lw), None)
+    else:
+        spec.step(problem, state, _batch(lt), _batch(lv))
+    assert any(not torch.equal(a, b) for a, b in zip(a0, gates.alphas))
+    assert not torch.equal(w0, state.w_list[0])
+    assert (state.y is not None) == spec.two_nets
+
+
+def test_l1_mode_drives_alphas_to_exact_zero(tiny_sets):
+    model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts", arch_lr=0.05)
+    problem.l1 = 5.0
+    run_search(problem, state, "rarts", epochs=2, optim_w=OptimConfig(lr=0.05), loader_t=lt, loader_v=lv,
+               progress=False)
+    flat = torch.cat([a.detach().flatten() for a in gates.alphas])
+    assert (flat == 0).float().mean() > 0.3
+
+
+def test_search_resume_is_exact(tiny_sets, tmp_path):
+    def run(run_dir, epochs, resume=False, stop=None):
+        model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts")
+
+        def cb(epoch, record):
+            if stop is not None and epoch == stop:
+                raise KeyboardInterrupt
+
+        try:
+            run_search(problem, state, "rarts", epochs=epochs, optim_w=OptimConfig(lr=0.05), loader_t=lt,
+                       loader_v=lv, run_dir=str(run_dir), resume=resume, progress=False, on_epoch_end=cb)
+        except KeyboardInterrupt:
+            pass
+        return state, gates
+
+    full, gates_full = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 3, stop=0)
+    resumed, gates_res = run(tmp_path / "b", 3, resume=True)
+    for k in full.w:
+        assert torch.equal(full.w[k], resumed.w[k]), k
+        assert torch.equal(full.y[k], resumed.y[k]), k
+    for a, b in zip(gates_full.alphas, gates_res.alphas):
+        assert torch.equal(a, b)
