@@ -91,7 +91,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         loader_t=loaders.search_t, loader_v=loaders.search_v, loader_whole=loaders.train,
                         channels_last=s.channels_last, run_dir=str(run_dir) if run_dir else None, resume=resume,
-                        progress=progress, log_every=s.log_every)
+                        progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph)
     return gates, state, result
 
 

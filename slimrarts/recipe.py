@@ -82,7 +82,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
-    cuda_graph: bool = False  # capture the train step in a CUDA graph (CUDA only)
+    cuda_graph: bool = False  # capture the train step in a CUDA graph (takes effect on CUDA only)
     log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
 
 
@@ -120,6 +120,7 @@ class SearchConfig:
     keep: Literal["y", "w", "mean"] = "y"  # which weights survive into the slim model
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
+    cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
     log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
 
 

@@ -135,12 +135,16 @@ def fit(
     callbacks: Iterable[Callable[[int, dict], None]] = (),
     eval_every: int = 1,
     optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train `model` for `cfg.epochs` epochs (a `TrainConfig`), checkpointing each epoch into `run_dir`.
 
     With `resume=True` and a checkpoint of this `phase` in `run_dir`, training continues after its last
     epoch and ends with the same weights as an uninterrupted run. `after_backward` runs between backward and the
-    optimizer step (e.g. a sparsity subgradient). Test accuracy is logged per epoch for the record only.
+    optimizer step (e.g. a sparsity subgradient); `loss_fn(output, target)` replaces cross-entropy (e.g. with an
+    auxiliary head); `on_epoch_start(epoch)` runs before each epoch (e.g. a drop-path schedule). Test accuracy is
+    logged per epoch for the record only.
     """
     device = resolve_device(device)
     model.to(device)
@@ -164,7 +168,7 @@ def fit(
         prior_wall, prior_train = ckpt["wall_s"], ckpt["train_s"]
         _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
     step_fn = TrainStep(model, opt, device=device, amp=cfg.amp, after_backward=after_backward,
-                        cuda_graph=cfg.cuda_graph)
+                        cuda_graph=cfg.cuda_graph, loss_fn=loss_fn)
     t_start = time.perf_counter()
     train_s = prior_train
     with make_progress(progress) as bar:
@@ -173,6 +177,8 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             set_loader_epoch(train_loader, epoch)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
             t0 = time.perf_counter()
             for i, (x, y) in enumerate(batches_on(train_loader, device, cfg.channels_last)):
                 opt.set_lr(lr_fn(epoch * steps_per_epoch + i))
@@ -186,7 +192,7 @@ def fit(
             train_s += dt
             record = {"phase": phase, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": train["loss"],
                       "train_acc": train["acc"], "train_n": train["n"], "epoch_s": dt,
-                      "images_per_s": train["n"] / dt}
+                      "images_per_s": train["n"] / dt, "cuda_graph": step_fn.captured}
             if test_loader is not None and ((epoch + 1) % eval_every == 0 or epoch == cfg.epochs - 1):
                 test = evaluate(model, test_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
                 record.update(test_loss=test["loss"], test_acc=test["acc"])

@@ -1,9 +1,8 @@
 """The supervised training step: forward, backward, optimizer step, metrics kept on the device.
 
 The step never reads a tensor back to the host; loss and accuracy accumulate in device tensors read once per
-epoch (or every `log_every` steps by the progress display). On CUDA it can be captured in a CUDA graph: the first
-`warmup` calls run eagerly on a side stream, then one call is captured and later calls replay it after copying the
-batch into static buffers. Batches of another shape (a last partial batch) run eagerly.
+epoch (or every `log_every` steps by the progress display). On CUDA it can be captured in a CUDA graph
+(`GraphedStep`): eager warm-up calls, one capture, then replays on static input buffers.
 """
 
 from __future__ import annotations
@@ -14,7 +13,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TrainStep", "autocast", "batches_on"]
+from .graph import GraphedStep
+
+__all__ = ["TrainStep", "autocast", "batches_on", "cross_entropy"]
+
+
+def cross_entropy(out, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in fp32 of the logits (the first element when a model returns a tuple, e.g. with aux heads)."""
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    return F.cross_entropy(logits.float(), target)
 
 
 def autocast(device: torch.device, amp: str):
@@ -37,7 +44,10 @@ def batches_on(loader, device: torch.device, channels_last: bool = False):
 
 
 class TrainStep:
-    """`step(x, y)` trains `model` on one batch; `read()` returns and resets the epoch's running metrics."""
+    """`step(x, y)` trains `model` on one batch; `read()` returns and resets the epoch's running metrics.
+
+    `cuda_graph` takes effect on CUDA devices only (`captured` tells whether the step replays a graph).
+    """
 
     def __init__(
         self,
@@ -47,26 +57,24 @@ class TrainStep:
         device: torch.device,
         amp: str = "none",
         after_backward: Callable[[], None] | None = None,
-        loss_fn: Callable = F.cross_entropy,
+        loss_fn: Callable | None = None,
         cuda_graph: bool = False,
         warmup: int = 3,
     ):
-        if cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
-        self.after_backward, self.loss_fn = after_backward, loss_fn
+        self.after_backward, self.loss_fn = after_backward, loss_fn or cross_entropy
         self.cuda_graph, self.warmup = cuda_graph, warmup
         self._loss_sum = torch.zeros((), device=device)
         self._correct = torch.zeros((), device=device, dtype=torch.long)
         self._count = 0
-        self._calls = 0
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graphed = GraphedStep(self._body, enabled=cuda_graph and device.type == "cuda", warmup=warmup,
+                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True))
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             out = self.model(x)
-        loss = self.loss_fn(out.float(), y)
+        loss = self.loss_fn(out, y)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.after_backward is not None:
@@ -74,35 +82,16 @@ class TrainStep:
         self.optimizer.step()
         with torch.no_grad():
             self._loss_sum.add_(loss.detach() * y.shape[0])
-            self._correct.add_((out.argmax(1) == y).sum())
+            self._correct.add_((logits.argmax(1) == y).sum())
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._count += y.shape[0]
-        self._calls += 1
-        if not self.cuda_graph:
-            return self._body(x, y)
-        if self._graph is not None:
-            sx, sy = self._static
-            if sx.shape == x.shape and sx.stride() == x.stride():
-                sx.copy_(x, non_blocking=True)
-                sy.copy_(y, non_blocking=True)
-                self._graph.replay()
-                return None
-            return self._body(x, y)
-        if self._calls <= self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._body(x, y)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return None
-        self._static = (x.clone(), y.clone())
-        self._graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self._graph):
-            self._body(*self._static)
-        self._graph.replay()  # capture does not run the work; this runs the step on this batch
-        return None
+        self._graphed(x, y)
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step now replays a CUDA graph."""
+        return self._graphed.captured
 
     def peek(self) -> tuple[float, float]:
         """Running mean loss and accuracy of the epoch so far (a host sync; call between steps, not in one)."""

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import torch
 
+from ..engine.graph import GraphedStep
 from ..engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from ..engine.loop import _drop_metrics_after, _lr_fn, append_metrics, set_loader_epoch
 from ..engine.progress import make_progress
@@ -83,6 +84,7 @@ def run_search(
     progress: bool = True,
     log_every: int = 50,
     on_epoch_end=None,
+    cuda_graph: bool = False,
 ) -> SearchResult:
     """Run `epochs` epochs of search `method`; an epoch is one pass over D_t (paired with D_v) or the whole set.
 
@@ -110,6 +112,13 @@ def run_search(
         history = json.loads(ckpt["history"])
         start, prior_wall, search_s = ckpt["epoch"] + 1, ckpt["wall_s"], ckpt["search_s"]
         _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
+    if spec.data == "whole":
+        def run_step(x, y):
+            spec.step(problem, state, (x, y), None)
+    else:
+        def run_step(xt, yt, xv, yv):
+            spec.step(problem, state, (xt, yt), (xv, yv))
+    graphed = GraphedStep(run_step, enabled=cuda_graph and device.type == "cuda")
     t_start = time.perf_counter()
     problem.model.train()
     with make_progress(progress) as bar:
@@ -126,7 +135,7 @@ def run_search(
                 state.opt_w.set_lr(lr_w(step))
                 if state.opt_y is not None:
                     state.opt_y.set_lr(lr_y(step))
-                spec.step(problem, state, batch_t, batch_v)
+                graphed(*batch_t, *(batch_v if batch_v is not None else ()))
                 images += batch_t[1].shape[0] + (batch_v[1].shape[0] if batch_v is not None else 0)
                 bar.advance(task)
                 if progress and (i + 1) % log_every == 0:
@@ -136,6 +145,7 @@ def run_search(
             search_s += dt
             alphas = torch.cat([a.detach().abs().flatten() for a in problem.arch])
             record = {"phase": phase, "method": method, "epoch": epoch, "lr": state.opt_w.param_groups[0]["lr"],
+                      "cuda_graph": graphed.captured,
                       **metrics, "epoch_s": dt, "images": images, "images_per_s": images / dt,
                       "alpha_mean": alphas.mean().item(), "alpha_zero": (alphas == 0).float().mean().item()}
             history.append(record)

@@ -35,13 +35,12 @@ class NetProblem:
         loss = self.loss_fn(out.float(), target)
         if track is not None:
             meter = self._meters.get(track)
-            if meter is None:
-                meter = self._meters[track] = [torch.zeros((), device=self.device),
-                                               torch.zeros((), device=self.device, dtype=torch.long), 0]
+            if meter is None:  # created on the first (eager) call, so a captured graph only updates them
+                meter = self._meters[track] = [torch.zeros((), device=self.device) for _ in range(3)]
             with torch.no_grad():
                 meter[0].add_(loss.detach() * target.shape[0])
                 meter[1].add_((out.argmax(1) == target).sum())
-            meter[2] += target.shape[0]
+                meter[2].add_(target.shape[0])
         return loss
 
     def arch_penalty(self) -> torch.Tensor | None:
@@ -56,11 +55,13 @@ class NetProblem:
     def read(self) -> dict:
         """Mean loss/accuracy per tracked meter since the last read (one host sync), then reset."""
         out = {}
-        for name, (loss_sum, correct, n) in self._meters.items():
+        for name, meter in self._meters.items():
+            loss_sum, correct, n = (m.item() for m in meter)
             if n:
-                out[f"{name}_loss"] = loss_sum.item() / n
-                out[f"{name}_acc"] = correct.item() / n
-        self._meters.clear()
+                out[f"{name}_loss"] = loss_sum / n
+                out[f"{name}_acc"] = correct / n
+            for m in meter:
+                m.zero_()
         return out
 
 
