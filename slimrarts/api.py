@@ -21,6 +21,7 @@ from .engine.rundir import prepare_run_dir
 from .engine.step import batches_on
 from .metrics import count_params, macs_and_params
 from .recipe import Recipe, load_recipe
+from .baselines import get_baseline, is_baseline
 from .search import get_search
 from .search.loop import run_search
 from .search.problem import NetProblem, make_state
@@ -73,6 +74,19 @@ def _keep_weights(model: nn.Module, state, keep: str) -> None:
             b.copy_((b + other) / 2)
 
 
+@dataclasses.dataclass
+class _Timing:
+    train_s: float
+    wall_s: float
+    images_per_s: float
+
+
+def _check_gates(gates, scope) -> None:
+    if not gates.groups:
+        reasons = "; ".join(f"{k.name}: {k.reason}" for k in gates.skipped) or "no conv/linear channel groups found"
+        raise ValueError(f"nothing to prune in this model for scope {scope}: {reasons}")
+
+
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
                  resume: bool = False, progress: bool = True, example_input: torch.Tensor | None = None):
     """Attach gates to `model` (in place) and learn α with the recipe's search method; returns (gates, state, result)."""
@@ -82,9 +96,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device)
     gates = attach_gates(model, x[:2], p.scope)
-    if not gates.groups:
-        reasons = "; ".join(f"{k.name}: {k.reason}" for k in gates.skipped) or "no conv/linear channel groups found"
-        raise ValueError(f"nothing to prune in this model for scope {p.scope}: {reasons}")
+    _check_gates(gates, p.scope)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0)
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi)
@@ -138,23 +150,36 @@ def prune(
 
         dump_recipe(recipe, run_path / "recipe.yaml")
     torch.manual_seed(recipe.seed)
-    method_spec = get_search(recipe.search.method)
+    method = recipe.search.method
+    note = get_search(method).paper if not is_baseline(method) else ""
     t_total = time.perf_counter()
     model = copy.deepcopy(model).to(dev)
     x = (example_input.to(dev) if example_input is not None else _example_input(loaders, dev))
     input_size = (1,) + tuple(x.shape[1:])
     macs0, params0 = macs_and_params(model, input_size)
     dense = evaluate(model, loaders.test, device=dev)
-    gates, state, search = search_width(model, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
-                                        progress=progress, example_input=x)
-    _keep_weights(model, state, recipe.search.keep)
-    searched = evaluate(model, loaders.test, device=dev)
     p = recipe.prune
-    if p.mode == "ratio":
-        keep = select_ratio(gates.alphas, p.ratio, min_channels=p.min_channels, round_to=p.round_to)
+    if is_baseline(method):
+        gates = attach_gates(model, x[:2], p.scope)
+        _check_gates(gates, p.scope)
+        base = get_baseline(method)(model, gates, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
+                                    progress=progress)
+        scores, keep, note = base.scores, base.keep, base.note
+        search = _Timing(base.fit.train_s, base.fit.wall_s, base.fit.images_per_s)
+        if keep is None and p.mode == "l1":
+            raise ValueError(f"prune.mode=l1 learns which α reach zero; baseline {method!r} has no α (use mode ratio)")
     else:
-        keep = select_l1(gates.alphas, min_channels=p.min_channels, round_to=p.round_to)
-    alphas = [a.detach().cpu().tolist() for a in gates.alphas]
+        gates, state, result = search_width(model, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
+                                            progress=progress, example_input=x)
+        _keep_weights(model, state, recipe.search.keep)
+        scores, keep = gates.alphas, None
+        search = _Timing(result.search_s, result.wall_s, result.images_per_s)
+    searched = evaluate(model, loaders.test, device=dev)
+    if keep is None and p.mode == "ratio":
+        keep = select_ratio(scores, p.ratio, min_channels=p.min_channels, round_to=p.round_to)
+    elif keep is None:
+        keep = select_l1(scores, min_channels=p.min_channels, round_to=p.round_to)
+    alphas = [a.detach().cpu().tolist() for a in scores] if scores is not None else []
     groups = gates.summary()
     skipped = [dataclasses.asdict(s) for s in gates.skipped]
     with gates.masked(keep):
@@ -168,8 +193,8 @@ def prune(
     final = fine.final
     report = {
         "slimrarts": __version__,
-        "method": method_spec.name,
-        "method_note": method_spec.paper,
+        "method": method,
+        "method_note": note,
         "mode": p.mode,
         "scope": p.scope,
         "ratio_requested": p.ratio if p.mode == "ratio" else None,
@@ -183,7 +208,7 @@ def prune(
                      "slim_before_finetune": slim_before["acc"], "slim_after_finetune": final.get("test_acc")},
         "test_loss_final": final.get("test_loss"),
         "removal_max_abs_diff": spec.get("max_abs_diff"),
-        "time_s": {"search": search.search_s, "search_wall": search.wall_s, "finetune": fine.train_s,
+        "time_s": {"search": search.train_s, "search_wall": search.wall_s, "finetune": fine.train_s,
                    "finetune_wall": fine.wall_s, "total_this_call": time.perf_counter() - t_total},
         "search_images_per_s": search.images_per_s,
         "finetune_images_per_s": fine.images_per_s,

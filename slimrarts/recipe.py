@@ -99,9 +99,10 @@ class ArchOptimConfig:
 
 
 def _known_search(name: str) -> bool:
+    from .baselines import list_baselines
     from .search import list_searches
 
-    return name in list_searches()
+    return name in list_searches() or name in list_baselines()
 
 
 @dataclasses.dataclass
@@ -109,7 +110,8 @@ class SearchConfig:
     """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
 
     method: str = field("rarts", check=_known_search,
-                        allowed="a registered search method: rarts, rarts-jacobi, darts1, darts2, milenas, joint")
+                        allowed="a search method (rarts, rarts-jacobi, darts1, darts2, milenas, joint) or a baseline "
+                                "(slimming, random)")
     epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
     lam: float = field(1.0, **_positive)  # λ: weight of the auxiliary loss L_t
     beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
@@ -118,6 +120,8 @@ class SearchConfig:
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     keep: Literal["y", "w", "mean"] = "y"  # which weights survive into the slim model
+    sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
+    init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
     cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
@@ -138,6 +142,7 @@ class PruneConfig:
     l1: float = field(1e-4, **_non_negative)  # γ of γ‖α‖₁ (l1 mode)
     min_channels: int = field(1, check=lambda v: v >= 1, allowed="an integer >= 1")
     round_to: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
+    reference: str | None = None  # random: a run folder (or width_spec.json) whose per-group kept counts to copy
 
 
 def _valid_device(v: str) -> bool:

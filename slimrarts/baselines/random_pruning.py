@@ -1,0 +1,61 @@
+"""Random pruning: train on the whole set, then drop random channels — at a global ratio, or at the same per-group
+counts as a reference run (the RARTS paper's "random pruning", Table 6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..engine.loop import fit
+from .base import BaselineResult, register_baseline, search_like
+
+__all__ = ["random_keep", "random_pruning"]
+
+
+def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Tensor]:
+    """Keep masks with exactly `counts[i]` random channels kept in group i."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, k in zip(sizes, counts):
+        if not 1 <= k <= n:
+            raise ValueError(f"a group of {n} channels cannot keep {k}")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=g)[:k]] = True
+        out.append(mask)
+    return out
+
+
+def _reference_counts(path: str, gates) -> list[int]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "width_spec.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its width_spec.json)")
+    spec = json.loads(p.read_text())
+    kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
+    missing = [g.name for g in gates.groups if g.name not in kept]
+    if missing:
+        raise ValueError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "
+                         "and scope?")
+    return [kept[g.name] for g in gates.groups]
+
+
+@register_baseline("random")
+def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
+                   progress=True) -> BaselineResult:
+    """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
+    for a in gates.alphas:
+        a.requires_grad_(False)
+    result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
+                 resume=resume, progress=progress)
+    seed = recipe.seed + 7919
+    if recipe.prune.reference:
+        counts = _reference_counts(recipe.prune.reference, gates)
+        keep = random_keep([g.size for g in gates.groups], counts, seed)
+        return BaselineResult(scores=None, keep=keep, fit=result,
+                              note=f"random channels at the per-group counts of {recipe.prune.reference}")
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(grp.size, generator=g) for grp in gates.groups]
+    return BaselineResult(scores=scores, keep=None, fit=result, note="random channels at a global ratio")

@@ -1,0 +1,63 @@
+"""Network Slimming (Liu et al., ICCV 2017): sparsity training with ℓ1 on BN γ, then one global |γ| threshold.
+
+The scores are the γ of the norms that carry the gates, so NS and RARTS prune exactly the same channel set (for
+PreResNet-164 with scopes internal + branch-input: every BN, block-input BNs through input selection, as NS's
+`channel_selection` does). The ℓ1 subgradient s·sign(γ) is added to γ's gradient after backward and before the
+optimizer step, so it is unaffected by autocast (bf16 needs no loss scaling) and adds to weight decay, as in NS.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..engine.loop import fit
+from .base import BaselineResult, register_baseline, search_like
+
+__all__ = ["bn_l1_subgradient", "slimming"]
+
+
+def bn_l1_subgradient(weights: list[torch.Tensor], s: float):
+    """A callable adding s·sign(γ) to each γ's gradient (foreach; no host sync)."""
+
+    @torch.no_grad()
+    def add():
+        grads = [w.grad for w in weights]
+        torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=s)
+
+    return add
+
+
+def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
+    modules = dict(model.named_modules())
+    out = []
+    for group in gates.groups:
+        norms = []
+        for site in group.sites:
+            if site.fold != "norm":
+                raise ValueError(f"slimming scores channels by BN γ, but group {group.name!r} has a gate on "
+                                 f"{site.module}, which is not a norm; use another scope or method")
+            norms.append(modules[site.module])
+        out.append(norms)
+    return out
+
+
+@register_baseline("slimming")
+def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
+    """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
+    s = recipe.search
+    for a in gates.alphas:
+        a.requires_grad_(False)
+    norms = _site_norms(model, gates)
+    unique = list({id(m): m for group in norms for m in group}.values())
+    if s.init_gamma is not None and not resume:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                    m.weight.fill_(s.init_gamma)
+    weights = [m.weight for m in unique]
+    result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
+                 resume=resume, progress=progress, after_backward=bn_l1_subgradient(weights, s.sparsity))
+    scores = [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in norms]
+    return BaselineResult(scores=scores, keep=None, fit=result,
+                          note=f"Network Slimming: BN-γ ℓ1 (s={s.sparsity}), whole training set")

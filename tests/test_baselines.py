@@ -1,0 +1,84 @@
+"""Baselines: Network Slimming drives γ down and prunes by one global |γ| threshold; random keeps given counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimrarts
+from slimrarts.baselines.random_pruning import random_keep
+from slimrarts.baselines.slimming import bn_l1_subgradient
+from slimrarts.data import DeviceLoader, Loaders, split_halves
+from slimrarts.models import create_model
+
+
+def _loaders(tiny_sets):
+    train, test = tiny_sets
+    idx_t, idx_v = split_halves(train.labels)
+    return Loaders(train=DeviceLoader(train, 25, train=True), test=DeviceLoader(test, 40, train=False),
+                   search_t=DeviceLoader(train, 25, train=True, indices=idx_t, seed=1),
+                   search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
+
+
+def _config(method, sparsity=0.0, epochs=3, **prune):
+    return {"search": {"method": method, "epochs": epochs, "optim": {"lr": 0.05, "weight_decay": 0.0},
+                       "sparsity": sparsity},
+            "finetune": {"epochs": 1, "optim": {"lr": 0.05}},
+            "prune": {"scope": ["internal", "branch-input"], **prune}}
+
+
+def test_l1_subgradient_adds_s_sign_gamma():
+    w = [torch.tensor([0.5, -0.2, 0.0], requires_grad=True)]
+    w[0].grad = torch.tensor([1.0, 1.0, 1.0])
+    bn_l1_subgradient(w, 0.1)()
+    torch.testing.assert_close(w[0].grad, torch.tensor([1.1, 0.9, 1.0]))
+
+
+def test_slimming_drives_gamma_down_and_prunes_by_global_threshold(tiny_sets, tmp_path):
+    loaders = _loaders(tiny_sets)
+    reports = {}
+    for s in (0.0, 0.05):
+        torch.manual_seed(0)
+        r = slimrarts.prune(create_model("tiny_preresnet"), loaders, 0.4, config=_config("slimming", s),
+                            run_dir=tmp_path / f"s{s}", progress=False)
+        reports[s] = r.report
+    scores = {s: json.loads((tmp_path / f"s{s}" / "alphas.json").read_text())["alphas"] for s in reports}
+    mean = {s: sum(sum(g) for g in v) / sum(len(g) for g in v) for s, v in scores.items()}
+    assert mean[0.05] < mean[0.0] < 0.5 + 0.2  # γ starts at 0.5; the ℓ1 term pulls it down
+    # exactly 40% of the gated channels go, and they are the ones with the smallest |γ| overall
+    flat = sorted((abs(v), gi, ci) for gi, g in enumerate(scores[0.05]) for ci, v in enumerate(g))
+    n_prune = round(0.4 * len(flat))
+    spec = json.loads((tmp_path / "s0.05" / "width_spec.json").read_text())
+    kept = {(gi, ci) for gi, g in enumerate(spec["groups"]) for ci in g["kept"]}
+    pruned = {(gi, ci) for _, gi, ci in flat[:n_prune]}
+    assert not (pruned & kept) and len(kept) == len(flat) - n_prune
+    assert reports[0.05]["method"] == "slimming" and "Network Slimming" in reports[0.05]["method_note"]
+
+
+def test_random_keeps_the_reference_counts(tiny_sets, tmp_path):
+    loaders = _loaders(tiny_sets)
+    slimrarts.prune(create_model("tiny_preresnet"), loaders, 0.5, config=_config("rarts", epochs=1),
+                    run_dir=tmp_path / "ref", progress=False)
+    ref = json.loads((tmp_path / "ref" / "width_spec.json").read_text())
+    r = slimrarts.prune(create_model("tiny_preresnet"), loaders, None,
+                        config=_config("random", epochs=1, reference=str(tmp_path / "ref")),
+                        run_dir=tmp_path / "rnd", progress=False)
+    got = json.loads((tmp_path / "rnd" / "width_spec.json").read_text())
+    assert [len(g["kept"]) for g in got["groups"]] == [len(g["kept"]) for g in ref["groups"]]
+    assert [g["kept"] for g in got["groups"]] != [g["kept"] for g in ref["groups"]]
+    assert r.report["prc"] == pytest.approx(0.5, abs=1 / r.report["gated_channels"])
+
+
+def test_random_keep_counts_and_errors():
+    masks = random_keep([5, 8], [2, 8], seed=0)
+    assert [int(m.sum()) for m in masks] == [2, 8]
+    with pytest.raises(ValueError, match="cannot keep"):
+        random_keep([4], [0], seed=0)
+
+
+def test_l1_mode_needs_alpha(tiny_sets):
+    with pytest.raises(ValueError, match="mode=l1"):
+        slimrarts.prune(create_model("tiny_resnet"), _loaders(tiny_sets), None,
+                        config=_config("slimming", epochs=1, mode="l1"), progress=False)
