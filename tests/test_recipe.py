@@ -10,7 +10,7 @@ import yaml
 from slimrarts.config import ConfigError
 from slimrarts.recipe import Recipe, dump_recipe, load_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
 
 
 def test_defaults_and_overrides():

@@ -160,9 +160,9 @@ def _derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str]) -
 
 
 def derive(alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor, steps: int = 4,
-           primitives: Sequence[str] = PRIMITIVES) -> Genotype:
+           primitives: Sequence[str] = PRIMITIVES, multiplier: int | None = None) -> Genotype:
     """The DARTS genotype of α: per node the 2 incoming edges with the largest best non-`none` softmax weight, each
-    with that best non-`none` operation; the cell output concatenates all intermediate nodes."""
+    with that best non-`none` operation; the cell output concatenates the last `multiplier` (default: all) nodes."""
     out = []
     n_edges = steps * (steps + 3) // 2
     for name, alpha in (("alpha_normal", alpha_normal), ("alpha_reduce", alpha_reduce)):
@@ -171,7 +171,8 @@ def derive(alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor, steps: int = 
             raise ValueError(f"derive: {name} must have shape ({n_edges}, {len(primitives)}) for steps={steps}, "
                              f"got {tuple(alpha.shape)}")
         out.append(_derive_cell(torch.softmax(alpha, dim=-1), steps, primitives))
-    concat = tuple(range(2, steps + 2))
+    multiplier = steps if multiplier is None else multiplier
+    concat = tuple(range(2 + steps - multiplier, steps + 2))
     return Genotype(normal=tuple(out[0]), normal_concat=concat, reduce=tuple(out[1]), reduce_concat=concat)
 
 

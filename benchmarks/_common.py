@@ -1,0 +1,39 @@
+"""Shared bits of the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: torch.device) -> dict:
+    """What ran the benchmark."""
+    info = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).split()[-1].lower()
+    return "cpu"
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,232 @@
+"""The topology-search commands behind `slimrarts search-cell` / `train-cell`: run folders in, results out.
+
+`search_command` writes into its run folder: recipe.yaml, metrics.jsonl, checkpoints/search.pt, alphas.json
+(softmax(α) and the derived genotype after every epoch), costs.json (with a cost penalty), genotype.json,
+genotype.txt, cells.png (with matplotlib) and report.json (genotype, skip-connections, eval-net parameters, times).
+`train_command` trains the evaluation net of a genotype and writes model.pt and report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data import make_loaders
+from ..engine import console, evaluate, fit, load_checkpoint, resolve_device, save_atomic
+from ..engine.rundir import default_run_dir, prepare_run_dir
+from ..metrics import count_params, format_count
+from ..recipe import dump_recipe, load_recipe
+from ..search import get_search
+from ..version import __version__
+from .eval_net import build_eval_net, count_params_no_aux
+from .genotypes import Genotype, count_skips, load_genotype
+from .recipe import NasRecipe
+from .search_net import SearchNetwork
+from .topology import search_topology
+
+__all__ = ["search_command", "train_command", "AuxLoss", "load_nas_recipe"]
+
+
+def load_nas_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> NasRecipe:
+    """A `NasRecipe` from a YAML file (with `base:`) or a dict, with `key=value` overrides."""
+    return load_recipe(source, overrides, schema=NasRecipe)
+
+
+def _run_dir(recipe: NasRecipe, out, resume: bool, force: bool, suffix: str) -> Path:
+    if resume and not out:
+        raise ValueError("resume needs out: the run folder to continue")
+    path = Path(out) if out else default_run_dir(f"{recipe.name}-{suffix}")
+    return prepare_run_dir(path, resume=resume, force=force)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _eval_net_params(genotype: Genotype, recipe: NasRecipe, num_classes: int) -> dict:
+    net = build_eval_net(genotype, num_classes=num_classes, C=recipe.train.C, layers=recipe.train.layers,
+                         auxiliary=True, drop_path=0.0)
+    return {"C": recipe.train.C, "layers": recipe.train.layers, "params": count_params_no_aux(net),
+            "params_with_aux_head": count_params(net)}
+
+
+class _AlphaLog:
+    """alphas.json: softmax(α) of both cells and the derived genotype after each epoch (kept across a resume)."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.epochs: dict[int, dict] = {}
+        if resume and path.is_file():
+            self.epochs = {e["epoch"]: e for e in json.loads(path.read_text())["epochs"]}
+
+    def __call__(self, epoch: int, record: dict, net: SearchNetwork) -> None:
+        g = net.genotype()
+        self.epochs = {e: v for e, v in self.epochs.items() if e < epoch}
+        self.epochs[epoch] = {"epoch": epoch, "softmax": net.alpha_softmax(), "genotype": str(g),
+                              "skip_connections": count_skips(g)}
+        _write_json(self.path, {"primitives": list(net.primitives), "epochs": list(self.epochs.values())})
+
+
+def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | None = None,
+                   out: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+                   progress: bool = True) -> int:
+    """Search a DARTS cell with the recipe's method and write the genotype and its record into a run folder."""
+    recipe = load_nas_recipe(recipe_path, overrides)
+    device = resolve_device(recipe.device)
+    run_dir = _run_dir(recipe, out, resume, force, "search")
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    console.print(f"[bold]run folder[/] {run_dir}")
+    t0 = time.perf_counter()
+    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
+    result = search_topology(recipe, loaders, device=device, run_dir=run_dir, resume=resume, progress=progress,
+                             on_epoch_end=_AlphaLog(run_dir / "alphas.json", resume))
+    g = result.genotype
+    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
+    (run_dir / "genotype.txt").write_text(str(g) + "\n")
+    spec = get_search(recipe.search.method)
+    num_classes = loaders.num_classes or 10
+    report = {
+        "kind": "topology-search", "method": spec.name, "method_note": spec.paper, "passes": spec.passes,
+        "genotype": g.to_dict(), "genotype_text": str(g),
+        "skip_connections": {"normal": count_skips(g, "normal"), "reduce": count_skips(g, "reduce")},
+        "eval_net": _eval_net_params(g, recipe, num_classes),
+        "search_net": {"C": recipe.net.C, "layers": recipe.net.layers, "steps": recipe.net.steps,
+                       "params": count_params(result.net)},
+        "cost": {"mode": recipe.cost.mode, "mu": recipe.cost.mu,
+                 **({"unit": result.costs.unit, "scale": result.costs.scale} if result.costs else {})},
+        "epochs": recipe.search.epochs, "final": result.history[-1] if result.history else {},
+        "time_s": {"search": result.search_s, "wall": result.wall_s, "command": time.perf_counter() - t0},
+        "seed": recipe.seed, "device": str(device), "threads": torch.get_num_threads(),
+        "versions": {"slimrarts": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "data": loaders.info,
+    }
+    _write_json(run_dir / "report.json", report)
+    try:
+        from .plot import draw_cells
+
+        draw_cells(g, run_dir / "cells.png", title=f"{spec.name} · {recipe.name}")
+    except ImportError as err:
+        console.print(f"[yellow]cells.png skipped: {err}[/]")
+    _print_search(report)
+    return 0
+
+
+def _print_search(report: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"slimrarts cell search · {report['method']} ({report['method_note']})")
+    for col in ("skip-connections (normal/reduce)", "eval-net params (no aux)", "search time", "t acc", "v acc"):
+        t.add_column(col, justify="right")
+    sk, final = report["skip_connections"], report["final"]
+    acc = lambda k: f"{100 * final[k]:.1f}%" if k in final else "—"  # noqa: E731
+    t.add_row(f"{sk['normal']}/{sk['reduce']}", format_count(report["eval_net"]["params"]),
+              f"{report['time_s']['search']:.0f} s", acc("t_acc"), acc("v_acc"))
+    console.print(t)
+    console.print(report["genotype_text"], markup=False, highlight=False)
+
+
+# ---- training the evaluation net -----------------------------------------------------------------------------------
+
+
+class AuxLoss:
+    """Cross-entropy of the logits plus `weight` × that of the auxiliary logits, for `(logits, aux)` outputs."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def __call__(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, tuple):
+            logits, aux = output
+            return F.cross_entropy(logits.float(), target) + self.weight * F.cross_entropy(aux.float(), target)
+        return F.cross_entropy(output.float(), target)
+
+
+def _fit_supports(name: str) -> bool:
+    return name in inspect.signature(fit).parameters
+
+
+def _start_epoch(run_dir: Path, resume: bool) -> int:
+    path = run_dir / "checkpoints" / "train.pt"
+    return load_checkpoint(path)["epoch"] + 1 if resume and path.exists() else 0
+
+
+def _drop_path_schedule(model, prob: float, epochs: int) -> Callable[[int], None]:
+    """DARTS' schedule: drop-path probability prob · epoch / epochs at the start of each epoch."""
+    return lambda epoch: model.set_drop_path(prob * epoch / epochs)
+
+
+def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | None = None,
+                  out: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+                  progress: bool = True, genotype: str | os.PathLike | Genotype | None = None) -> int:
+    """Train the evaluation net of a genotype (`genotype`, else `train.genotype`) from scratch; test accuracy is the
+    final epoch's."""
+    recipe = load_nas_recipe(recipe_path, overrides)
+    tr = recipe.train
+    spec = genotype if genotype is not None else tr.genotype
+    if spec is None:
+        raise ValueError("no genotype to train: set train.genotype to a genotype.json of a search run or to a known "
+                         "name (darts_v2, darts_v1)")
+    g = load_genotype(spec)
+    device = resolve_device(recipe.device)
+    run_dir = _run_dir(recipe, out, resume, force, "train")
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
+    console.print(f"[bold]run folder[/] {run_dir}")
+    notes = []
+    data_cfg = dataclasses.replace(recipe.data, batch_size=tr.batch_size or recipe.data.batch_size)
+    cutout = tr.cutout
+    if cutout and any(f.name == "cutout" for f in dataclasses.fields(data_cfg)):
+        data_cfg = dataclasses.replace(data_cfg, cutout=cutout)
+    elif cutout:
+        notes.append(f"cutout {cutout} not applied: the data loader has no cutout yet")
+        cutout = 0
+    aux_weight = tr.auxiliary_weight
+    if aux_weight > 0 and not _fit_supports("loss_fn"):
+        notes.append("auxiliary loss not applied: the engine's fit() takes no loss_fn yet")
+        aux_weight = 0.0
+    loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last)
+    num_classes = loaders.num_classes or 10
+    torch.manual_seed(recipe.seed)
+    model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,
+                           drop_path=tr.drop_path).to(device)
+    kwargs: dict[str, Any] = {}
+    if aux_weight > 0:
+        kwargs["loss_fn"] = AuxLoss(aux_weight)
+    if tr.grad_clip is not None:
+        params = list(model.parameters())
+        kwargs["after_backward"] = lambda: torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)
+    schedule = _drop_path_schedule(model, tr.drop_path, tr.epochs)
+    if _fit_supports("on_epoch_start"):
+        kwargs["on_epoch_start"] = schedule
+    else:  # the same schedule from what fit has: set before epoch 0 (or the resumed one), then after each epoch
+        schedule(_start_epoch(run_dir, resume))
+        kwargs["callbacks"] = [lambda epoch, record: schedule(epoch + 1)]
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    result = fit(model, loaders.train, loaders.test, cfg=tr, device=device, run_dir=run_dir, resume=resume,
+                 progress=progress, eval_every=max(1, tr.epochs // 10), **kwargs)
+    final = result.final
+    test = evaluate(model, loaders.test, device=device) if "test_acc" not in final else None
+    info = {"name": "darts_eval_net", "genotype": g.to_dict(), "C": tr.C, "layers": tr.layers,
+            "num_classes": num_classes, "auxiliary": aux_weight > 0}
+    save_atomic({"state_dict": model.state_dict(), "model": json.dumps(info)}, run_dir / "model.pt")
+    report = {"kind": "cell-train", "genotype_text": str(g), "params": count_params_no_aux(model),
+              "epochs": tr.epochs, "test_acc": final.get("test_acc", test and test["acc"]),
+              "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
+              "auxiliary_weight": aux_weight, "drop_path": tr.drop_path, "cutout": cutout, "notes": notes,
+              "seed": recipe.seed, "device": str(device), "data": loaders.info}
+    _write_json(run_dir / "report.json", report)
+    console.print(f"test acc (final epoch) {100 * report['test_acc']:.2f}% · params {format_count(report['params'])}"
+                  f" · {result.train_s:.0f} s")
+    return 0

@@ -1,0 +1,86 @@
+"""`search_topology()`: a DARTS cell search with any registered search method, through `run_search`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..search import get_search
+from ..search.loop import run_search
+from ..search.problem import NetProblem, make_state
+from .genotypes import Genotype
+from .latency import OpCosts, cost_penalty, op_costs
+from .recipe import NasRecipe
+from .search_net import SearchNetwork
+
+__all__ = ["TopologyResult", "build_search_net", "search_costs", "search_topology"]
+
+
+@dataclasses.dataclass
+class TopologyResult:
+    """The derived genotype, the searched net (α in `net.arch`), per-epoch history, times and cost tables."""
+
+    genotype: Genotype
+    net: SearchNetwork
+    history: list[dict]
+    search_s: float
+    wall_s: float
+    costs: OpCosts | None
+
+
+def build_search_net(recipe: NasRecipe, num_classes: int, device: torch.device) -> SearchNetwork:
+    """The recipe's search net on `device`, seeded by `recipe.seed` (weights first, then α, as DARTS)."""
+    torch.manual_seed(recipe.seed)
+    n = recipe.net
+    return SearchNetwork(C=n.C, num_classes=num_classes, layers=n.layers, steps=n.steps).to(device)
+
+
+def _costs_from(data: dict) -> OpCosts:
+    t = {k: torch.tensor(data[k]) for k in ("normal", "reduce", "raw_normal", "raw_reduce")}
+    return OpCosts(**t, unit=data["unit"], scale=data["scale"], info=data["info"])
+
+
+def search_costs(net: SearchNetwork, recipe: NasRecipe, run_dir: Path | None = None,
+                 resume: bool = False) -> OpCosts | None:
+    """The cost tables of the recipe's `cost.mode` (None for `none`); a resumed run reuses its own `costs.json`."""
+    c = recipe.cost
+    if c.mode == "none":
+        return None
+    path = Path(run_dir) / "costs.json" if run_dir is not None else None
+    if resume and path is not None and path.is_file():
+        return _costs_from(json.loads(path.read_text()))
+    costs = op_costs(net, c.mode, batch=c.batch, warmup=c.warmup, repeats=c.repeats)
+    if path is not None:
+        path.write_text(json.dumps(costs.to_dict(), indent=1))
+    return costs
+
+
+def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir: str | Path | None = None,
+                    resume: bool = False, progress: bool = True,
+                    on_epoch_end: Callable[[int, dict, SearchNetwork], None] | None = None) -> TopologyResult:
+    """Search the cells of `recipe.net` on `loaders.search_t`/`search_v` (the whole `train` set for `joint`) with
+    `recipe.search.method`, then derive the genotype. `on_epoch_end(epoch, record, net)` runs after each epoch."""
+    s = recipe.search
+    spec = get_search(s.method)
+    net = build_search_net(recipe, loaders.num_classes or 10, device)
+    if s.channels_last:
+        net.to(memory_format=torch.channels_last)
+    costs = search_costs(net, recipe, run_dir, resume)
+    penalty = None
+    if costs is not None and recipe.cost.mu > 0:
+        penalty = cost_penalty(net.arch, [costs.normal, costs.reduce], recipe.cost.mu)
+    problem = NetProblem(net, net.arch, amp=s.amp, penalty=penalty)
+    state = make_state(net, net.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch, lam=s.lam,
+                       beta=s.beta, xi=s.xi)
+    callback = None if on_epoch_end is None else (lambda epoch, record: on_epoch_end(epoch, record, net))
+    result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
+                        loader_t=loaders.search_t, loader_v=loaders.search_v,
+                        loader_whole=loaders.train if spec.data == "whole" else None, channels_last=s.channels_last,
+                        run_dir=str(run_dir) if run_dir is not None else None, resume=resume, progress=progress,
+                        log_every=s.log_every, on_epoch_end=callback)
+    return TopologyResult(genotype=net.genotype(), net=net, history=result.history, search_s=result.search_s,
+                          wall_s=result.wall_s, costs=costs)
