@@ -44,6 +44,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore states from `rng_state()`."""
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())  # a checkpoint loaded with map_location=cuda moves these too
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

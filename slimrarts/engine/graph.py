@@ -27,6 +27,7 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: list[torch.Tensor] | None = None
         self.captured = False
+        self.error: str | None = None  # why capture failed, if it did
 
     @staticmethod
     def _signature(tensors) -> tuple:
@@ -61,7 +62,8 @@ class GraphedStep:
             with torch.cuda.graph(graph):
                 self.fn(*self.static)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager execution
-            warnings.warn(f"CUDA graph capture failed, running eagerly: {type(err).__name__}: {err}", stacklevel=2)
+            self.error = f"{type(err).__name__}: {err}"
+            warnings.warn(f"CUDA graph capture failed, running eagerly: {self.error}", stacklevel=2)
             torch.cuda.synchronize(device)
             self.enabled = False
             self.fn(*tensors)

@@ -193,6 +193,8 @@ def fit(
             record = {"phase": phase, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": train["loss"],
                       "train_acc": train["acc"], "train_n": train["n"], "epoch_s": dt,
                       "images_per_s": train["n"] / dt, "cuda_graph": step_fn.captured}
+            if step_fn.capture_error:
+                record["cuda_graph_error"] = step_fn.capture_error
             if test_loader is not None and ((epoch + 1) % eval_every == 0 or epoch == cfg.epochs - 1):
                 test = evaluate(model, test_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
                 record.update(test_loss=test["loss"], test_acc=test["acc"])

@@ -25,9 +25,12 @@ def cross_entropy(out, target: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device, amp: str):
-    """bf16 autocast when `amp == 'bf16'`, a no-op context otherwise."""
+    """bf16 autocast when `amp == 'bf16'`, a no-op context otherwise.
+
+    The cast-weight cache is off: it does not survive CUDA-graph capture, and weights change every step anyway.
+    """
     if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -92,6 +95,11 @@ class TrainStep:
     def captured(self) -> bool:
         """Whether the step now replays a CUDA graph."""
         return self._graphed.captured
+
+    @property
+    def capture_error(self) -> str | None:
+        """Why CUDA-graph capture failed, if it was asked for and did."""
+        return self._graphed.error
 
     def peek(self) -> tuple[float, float]:
         """Running mean loss and accuracy of the epoch so far (a host sync; call between steps, not in one)."""

@@ -9,7 +9,6 @@ genotype.txt, cells.png (with matplotlib) and report.json (genotype, skip-connec
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import make_loaders
-from ..engine import console, evaluate, fit, load_checkpoint, resolve_device, save_atomic
+from ..engine import console, evaluate, fit, resolve_device, save_atomic
 from ..engine.rundir import default_run_dir, prepare_run_dir
 from ..metrics import count_params, format_count
 from ..recipe import dump_recipe, load_recipe
@@ -140,7 +139,8 @@ def _print_search(report: dict) -> None:
 
 
 class AuxLoss:
-    """Cross-entropy of the logits plus `weight` × that of the auxiliary logits, for `(logits, aux)` outputs."""
+    """Cross-entropy of the logits plus `weight` × that of the auxiliary logits, for `(logits, aux)` outputs; plain
+    cross-entropy for a tensor output (eval mode, or a net without the head)."""
 
     def __init__(self, weight: float):
         self.weight = weight
@@ -150,15 +150,6 @@ class AuxLoss:
             logits, aux = output
             return F.cross_entropy(logits.float(), target) + self.weight * F.cross_entropy(aux.float(), target)
         return F.cross_entropy(output.float(), target)
-
-
-def _fit_supports(name: str) -> bool:
-    return name in inspect.signature(fit).parameters
-
-
-def _start_epoch(run_dir: Path, resume: bool) -> int:
-    path = run_dir / "checkpoints" / "train.pt"
-    return load_checkpoint(path)["epoch"] + 1 if resume and path.exists() else 0
 
 
 def _drop_path_schedule(model, prob: float, epochs: int) -> Callable[[int], None]:
@@ -192,30 +183,20 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
         notes.append(f"cutout {cutout} not applied: the data loader has no cutout yet")
         cutout = 0
     aux_weight = tr.auxiliary_weight
-    if aux_weight > 0 and not _fit_supports("loss_fn"):
-        notes.append("auxiliary loss not applied: the engine's fit() takes no loss_fn yet")
-        aux_weight = 0.0
     loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last)
     num_classes = loaders.num_classes or 10
     torch.manual_seed(recipe.seed)
     model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,
                            drop_path=tr.drop_path).to(device)
-    kwargs: dict[str, Any] = {}
-    if aux_weight > 0:
-        kwargs["loss_fn"] = AuxLoss(aux_weight)
+    clip = None
     if tr.grad_clip is not None:
         params = list(model.parameters())
-        kwargs["after_backward"] = lambda: torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)
-    schedule = _drop_path_schedule(model, tr.drop_path, tr.epochs)
-    if _fit_supports("on_epoch_start"):
-        kwargs["on_epoch_start"] = schedule
-    else:  # the same schedule from what fit has: set before epoch 0 (or the resumed one), then after each epoch
-        schedule(_start_epoch(run_dir, resume))
-        kwargs["callbacks"] = [lambda epoch, record: schedule(epoch + 1)]
+        clip = lambda: torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)  # noqa: E731
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     result = fit(model, loaders.train, loaders.test, cfg=tr, device=device, run_dir=run_dir, resume=resume,
-                 progress=progress, eval_every=max(1, tr.epochs // 10), **kwargs)
+                 progress=progress, eval_every=max(1, tr.epochs // 10), after_backward=clip,
+                 loss_fn=AuxLoss(aux_weight), on_epoch_start=_drop_path_schedule(model, tr.drop_path, tr.epochs))
     final = result.final
     test = evaluate(model, loaders.test, device=device) if "test_acc" not in final else None
     info = {"name": "darts_eval_net", "genotype": g.to_dict(), "C": tr.C, "layers": tr.layers,

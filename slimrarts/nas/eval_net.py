@@ -35,7 +35,8 @@ class EvalCell(nn.Module):
         self.inputs = [j for _, j in edges]
         self._droppable = [not is_identity(op) for op in self.ops]
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor,
+                drop_prob: float | torch.Tensor | None = None) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         drop = self.training and drop_prob is not None
         for node in range(len(self.ops) // 2):

@@ -116,7 +116,8 @@ def parse_genotype(text: str) -> Genotype:
     except SyntaxError as err:
         raise ValueError(f"genotype text: not a Genotype(...) expression ({err.msg})") from None
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "Genotype"):
-        raise ValueError("genotype text: expected Genotype(normal=..., normal_concat=..., reduce=..., reduce_concat=...)")
+        raise ValueError("genotype text: expected Genotype(normal=..., normal_concat=..., reduce=..., "
+                         "reduce_concat=...)")
     if tree.args:
         raise ValueError("genotype text: give the fields by name (normal=..., normal_concat=..., ...)")
     return Genotype.from_dict({kw.arg: _literal(kw.value, str(kw.arg)) for kw in tree.keywords})

@@ -70,6 +70,7 @@ class NasSearchConfig:
                                                                           betas=[0.5, 0.999], weight_decay=1e-3))
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
+    cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
     log_every: int = field(50, **_int_at_least(1))
 
 

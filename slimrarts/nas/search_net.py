@@ -76,8 +76,9 @@ class SearchNetwork(nn.Module):
     1e-3 · N(0, 1), after the weights (from the global RNG).
     """
 
-    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int | None = None,
-                 stem_multiplier: int = 3, primitives: Sequence[str] = PRIMITIVES, in_chans: int = 3):
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4,
+                 multiplier: int | None = None, stem_multiplier: int = 3, primitives: Sequence[str] = PRIMITIVES,
+                 in_chans: int = 3):
         super().__init__()
         for name, value, low in (("C", C, 2), ("num_classes", num_classes, 1), ("layers", layers, 1),
                                  ("steps", steps, 1), ("stem_multiplier", stem_multiplier, 1)):

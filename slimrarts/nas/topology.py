@@ -81,6 +81,6 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
                         loader_t=loaders.search_t, loader_v=loaders.search_v,
                         loader_whole=loaders.train if spec.data == "whole" else None, channels_last=s.channels_last,
                         run_dir=str(run_dir) if run_dir is not None else None, resume=resume, progress=progress,
-                        log_every=s.log_every, on_epoch_end=callback)
+                        log_every=s.log_every, on_epoch_end=callback, cuda_graph=s.cuda_graph)
     return TopologyResult(genotype=net.genotype(), net=net, history=result.history, search_s=result.search_s,
                           wall_s=result.wall_s, costs=costs)

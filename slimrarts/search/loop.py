@@ -148,6 +148,8 @@ def run_search(
                       "cuda_graph": graphed.captured,
                       **metrics, "epoch_s": dt, "images": images, "images_per_s": images / dt,
                       "alpha_mean": alphas.mean().item(), "alpha_zero": (alphas == 0).float().mean().item()}
+            if graphed.error:
+                record["cuda_graph_error"] = graphed.error
             history.append(record)
             bar.update(task, info=" ".join(f"{k} {record[k]:.3f}" for k in ("t_loss", "t_acc", "v_acc") if k in record))
             if ckpt_path is not None:

@@ -79,7 +79,7 @@ class Gates:
 
     def masked(self, keep: list[torch.Tensor]):
         """`using` the current α with the channels not kept set to zero."""
-        return self.using([a.detach() * k.to(a.dtype) for a, k in zip(self.alphas, keep)])
+        return self.using([a.detach() * k.to(device=a.device, dtype=a.dtype) for a, k in zip(self.alphas, keep)])
 
     def remove(self) -> None:
         """Remove every hook: the model computes as if ungated again."""

@@ -86,7 +86,8 @@ def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[lis
     for group, keep in zip(groups, kept):
         if group.scope == "branch-input" and len(keep) < group.size:
             norm = model.get_submodule(group.root)
-            _set_module(model, group.root, nn.Sequential(ChannelSelect(torch.tensor(keep)), norm))
+            index = torch.tensor(keep, device=norm.weight.device)
+            _set_module(model, group.root, nn.Sequential(ChannelSelect(index), norm))
 
 
 @torch.no_grad()
