@@ -35,8 +35,8 @@ _non_negative = dict(check=lambda v: v >= 0, allowed="a number >= 0")
 class DataConfig:
     """Which data set, where it is, and how it is batched."""
 
-    name: Literal["cifar10", "cifar100"] = "cifar10"
-    root: str | None = None  # folder, archive or torchvision folder; None: $SLIMRARTS_DATA, cache, download
+    name: Literal["cifar10", "cifar100", "imagefolder"] = "cifar10"
+    root: str | None = None  # folder, archive or torchvision folder; None: $SLIMRARTS_DATA, cache, download (CIFAR)
     download: bool = True
     limit_per_class: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
     test_limit_per_class: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
@@ -44,6 +44,24 @@ class DataConfig:
     eval_batch_size: int = field(500, check=lambda v: v >= 1, allowed="an integer >= 1")
     augment: bool = True
     split_seed: int = 0  # seed of the D_t / D_v halves and of subsets
+    cutout: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0 (0: off)")  # side of a zeroed square
+    # imagefolder only: images are stored at `resize` (short side, then centre crop), trained on random-resized
+    # crops of `image_size` with scale `crop_scale`, evaluated on the centre `image_size` crop
+    image_size: int | None = field(None, check=lambda v: v >= 8, allowed="an integer >= 8 or null")
+    resize: int | None = field(None, check=lambda v: v >= 8, allowed="an integer >= 8 or null")
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0],
+                                    check=lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                                    allowed="[min, max] with 0 < min <= max <= 1")
+
+    def validate(self, where: str) -> None:
+        if self.name != "imagefolder":
+            for key in ("image_size", "resize"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{where}.{key}: only used by data.name=imagefolder (CIFAR stays 32x32); "
+                                      "remove it or set it to null")
+        elif self.root is None:
+            raise ConfigError(f"{where}.root: data.name=imagefolder needs a root (a folder or .tar/.tar.gz with "
+                              "train/<class>/... and test/<class>/... or val/<class>/...)")
 
 
 @dataclasses.dataclass

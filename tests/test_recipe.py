@@ -21,6 +21,7 @@ def test_defaults_and_overrides():
     assert r.prune.scope == ["internal", "branch-input"]
     assert r.search.method == "milenas"
     assert r.train.optim.milestones == [0.5, 0.75]
+    assert load_recipe({}, ["search.beta=1e-4"]).search.beta == 1e-4  # YAML reads 1e-4 as a string
 
 
 @pytest.mark.parametrize("override, key", [

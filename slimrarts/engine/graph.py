@@ -3,13 +3,13 @@
 Small CIFAR convolutions are launch-bound on a big GPU; replaying a captured step removes the per-kernel launch
 cost. The step must not read tensors back to the host, and everything it changes must be tensors it updates in
 place (weights, optimizer state, running statistics, device-side meters). Inputs are copied into static buffers
-before each replay; a call with other shapes (a last partial batch) runs eagerly. If capture fails, the step warns
-once and stays eager.
+before each replay; a call with other shapes (a last partial batch) runs eagerly. If capture fails, a RuntimeError
+says why and how to turn capture off: a failed capture leaves the CUDA random generator unusable for the rest of
+the process (seen on an H200 with torch 2.11), so carrying on eagerly would only fail later and less clearly.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -21,8 +21,10 @@ class GraphedStep:
     """`step(*tensors)` runs `fn(*tensors)`; on CUDA with `enabled`, through a captured graph after `warmup` calls."""
 
     def __init__(self, fn: Callable[..., None], *, enabled: bool, warmup: int = 3,
-                 before_capture: Callable[[], None] | None = None):
+                 before_capture: Callable[[], None] | None = None, name: str = "the step",
+                 setting: str = "cuda_graph"):
         self.fn, self.enabled, self.warmup, self.before_capture = fn, enabled, warmup, before_capture
+        self.name, self.setting = name, setting
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: list[torch.Tensor] | None = None
@@ -61,12 +63,9 @@ class GraphedStep:
         try:
             with torch.cuda.graph(graph):
                 self.fn(*self.static)
-        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager execution
+        except Exception as err:  # noqa: BLE001 - report any capture failure with the way out
             self.error = f"{type(err).__name__}: {err}"
-            warnings.warn(f"CUDA graph capture failed, running eagerly: {self.error}", stacklevel=2)
-            torch.cuda.synchronize(device)
-            self.enabled = False
-            self.fn(*tensors)
-            return
+            raise RuntimeError(f"CUDA graph capture of {self.name} failed ({self.error}); run it eagerly with "
+                               f"{self.setting}=false") from err
         self.graph, self.captured = graph, True
         self.graph.replay()  # capture records the work without running it; run it on this batch now

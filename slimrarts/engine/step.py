@@ -71,7 +71,8 @@ class TrainStep:
         self._correct = torch.zeros((), device=device, dtype=torch.long)
         self._count = 0
         self._graphed = GraphedStep(self._body, enabled=cuda_graph and device.type == "cuda", warmup=warmup,
-                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True))
+                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True),
+                                    name="the train step", setting="train.cuda_graph (or finetune.cuda_graph)")
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(self.device, self.amp):

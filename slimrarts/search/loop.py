@@ -118,7 +118,8 @@ def run_search(
     else:
         def run_step(xt, yt, xv, yv):
             spec.step(problem, state, (xt, yt), (xv, yv))
-    graphed = GraphedStep(run_step, enabled=cuda_graph and device.type == "cuda")
+    graphed = GraphedStep(run_step, enabled=cuda_graph and device.type == "cuda", name=f"the {method} search step",
+                          setting="search.cuda_graph")
     t_start = time.perf_counter()
     problem.model.train()
     with make_progress(progress) as bar:
