@@ -81,10 +81,22 @@ class _Timing:
     images_per_s: float
 
 
-def _check_gates(gates, scope) -> None:
+def _check_gates(gates, recipe) -> None:
+    """Fail before any training when the gated model cannot meet the recipe."""
+    p = recipe.prune
     if not gates.groups:
         reasons = "; ".join(f"{k.name}: {k.reason}" for k in gates.skipped) or "no conv/linear channel groups found"
-        raise ValueError(f"nothing to prune in this model for scope {scope}: {reasons}")
+        raise ValueError(f"nothing to prune in this model for scope {p.scope}: {reasons}")
+    if p.mode == "ratio" and not p.reference:
+        total = gates.num_channels
+        prunable = sum(g.size - min(p.min_channels, g.size) for g in gates.groups)
+        if round(p.ratio * total) > prunable:
+            raise ValueError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
+                             f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
+    if p.reference and recipe.search.method == "random":
+        from .baselines.random_pruning import _reference_counts
+
+        _reference_counts(p.reference, gates)
 
 
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
@@ -96,7 +108,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device)
     gates = attach_gates(model, x[:2], p.scope)
-    _check_gates(gates, p.scope)
+    _check_gates(gates, recipe)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0)
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi)
@@ -161,7 +173,7 @@ def prune(
     p = recipe.prune
     if is_baseline(method):
         gates = attach_gates(model, x[:2], p.scope)
-        _check_gates(gates, p.scope)
+        _check_gates(gates, recipe)
         base = get_baseline(method)(model, gates, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
                                     progress=progress)
         scores, keep, note = base.scores, base.keep, base.note
@@ -224,7 +236,9 @@ def prune(
     if run_path is not None:
         save_slim(run_path / "slim.pt", model, spec, model_info)
         (run_path / "width_spec.json").write_text(json.dumps(dict(spec, model=model_info), indent=1))
-        (run_path / "alphas.json").write_text(json.dumps({"groups": [g["name"] for g in groups], "alphas": alphas}))
+        score = "|gamma|" if method == "slimming" else ("random" if method == "random" else "alpha")
+        (run_path / "alphas.json").write_text(json.dumps({"groups": [g["name"] for g in groups], "score": score,
+                                                          "alphas": alphas}))
         (run_path / "report.json").write_text(json.dumps(report, indent=1))
     if progress:
         from .report import summary_table

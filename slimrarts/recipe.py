@@ -59,9 +59,6 @@ class DataConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"{where}.{key}: only used by data.name=imagefolder (CIFAR stays 32x32); "
                                       "remove it or set it to null")
-        elif self.root is None:
-            raise ConfigError(f"{where}.root: data.name=imagefolder needs a root (a folder or .tar/.tar.gz with "
-                              "train/<class>/... and test/<class>/... or val/<class>/...)")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Tests of slimrarts.data: CIFAR sources, the cache, the device loader and index splits."""
+"""Tests of slimrarts.data: CIFAR sources, the cache, the device loader (with cutout) and index splits."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torchvision.io import encode_png
 
 from slimrarts.data import (
     CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, ImageSet, augment_batch,
-    default_cache_dir, limit_per_class, load_cifar, split_halves, stats_for,
+    cutout_batch, default_cache_dir, limit_per_class, load_cifar, split_halves, stats_for,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -383,6 +383,38 @@ def test_augment_batch_matches_reference():
         assert torch.equal(out[b], expected)
     assert torch.equal(augment_batch(images, torch.zeros(6, 2, dtype=torch.long), torch.zeros(6).bool(), 0), images)
 
+
+
+@pytest.mark.parametrize("crop", [{}, {"crop": "rrc", "image_size": 24, "mean": (0.5,) * 3, "std": (0.25,) * 3}])
+@pytest.mark.parametrize("size", [8, 5])
+def test_cutout_zeroes_one_square_per_sample(data, crop, size):
+    common = dict(train=True, drop_last=False, seed=7, **crop)
+    cut = torch.cat([x for x, _ in DeviceLoader(data, 16, cutout=size, **common)])
+    full = torch.cat([x for x, _ in DeviceLoader(data, 16, **common)])  # cutout draws come after all others
+    side = cut.shape[-1]
+    whole = 0
+    for i in range(len(cut)):
+        changed = (cut[i] != full[i]).any(0)  # [H, W]; no uncut value is exactly 0 here
+        rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+        assert len(rows) and torch.equal(changed, changed.any(1)[:, None] & changed.any(0)[None, :])  # a rectangle
+        assert torch.equal(rows, torch.arange(int(rows[0]), int(rows[-1]) + 1))  # in one piece
+        assert torch.equal(cols, torch.arange(int(cols[0]), int(cols[-1]) + 1))
+        for idx in (rows, cols):  # `size` long unless clipped at a border
+            assert len(idx) == size or (len(idx) < size and (int(idx[0]) == 0 or int(idx[-1]) == side - 1))
+        whole += len(rows) == len(cols) == size
+        assert bool((cut[i][:, changed] == 0).all()) and torch.equal(cut[i][:, ~changed], full[i][:, ~changed])
+    assert whole > 5
+
+
+def test_cutout_batch_matches_reference():
+    x = torch.randn(4, 3, 10, 12)
+    centres = torch.tensor([[5, 6], [0, 0], [9, 11], [2, 10]])
+    out = cutout_batch(x, centres, 4)
+    for b, (r, c) in enumerate(centres.tolist()):
+        expected = x[b].clone()
+        expected[:, max(r - 2, 0): r + 2, max(c - 2, 0): c + 2] = 0
+        assert torch.equal(out[b], expected)
+    assert torch.equal(cutout_batch(x, centres, 0), x)
 
 def test_epochs_are_reproducible_and_differ(data):
     def epoch(loader, e):

@@ -11,8 +11,8 @@ from torch.func import functional_call
 
 from slimrarts.metrics import count_params
 from slimrarts.nas import (DARTS_V2, PRIMITIVES, Genotype, SearchNetwork, build_eval_net, cost_penalty,
-                           count_params_no_aux, count_skips, derive, op_costs, parse_genotype, search_command,
-                           train_command)
+                           count_params_no_aux, count_skips, derive, load_genotype, op_costs, parse_genotype,
+                           search_command, train_command)
 from slimrarts.nas.commands import load_nas_recipe
 from slimrarts.nas.eval_net import drop_path
 from slimrarts.nas.operations import make_op
@@ -109,11 +109,18 @@ def test_derive_checks_shapes():
         derive(torch.zeros(10, 8), torch.zeros(14, 8))
 
 
-def test_genotype_json_and_text_round_trip():
+def test_genotype_json_and_text_round_trip(tmp_path):
     g = derive(torch.randn(14, 8), torch.randn(14, 8))
     for genotype in (DARTS_V2, g):
         assert Genotype.from_json(genotype.to_json()) == genotype
         assert parse_genotype(str(genotype)) == genotype
+        assert load_genotype(genotype.to_dict()) == genotype
+    (tmp_path / "g.json").write_text(g.to_json(indent=1))
+    (tmp_path / "g.txt").write_text(str(g) + "\n")
+    assert load_genotype(tmp_path / "g.json") == load_genotype(str(tmp_path / "g.txt")) == g
+    assert load_genotype("DARTS_V2") == DARTS_V2
+    with pytest.raises(FileNotFoundError, match="darts_v2"):
+        load_genotype(tmp_path / "missing.json")
     darts_text = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), "
                   "('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), "
                   "('dil_conv_3x3', 2)], normal_concat=range(2, 6), reduce=[('max_pool_3x3', 0), "
@@ -284,7 +291,9 @@ def test_train_command_trains_the_eval_net_of_a_genotype(tiny_archive, tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["test_acc"] <= 1 and report["auxiliary_weight"] == 0.4
     saved = torch.load(out / "model.pt", weights_only=True)
-    net = build_eval_net(DARTS_V2, C=4, layers=3, auxiliary=True)
+    info = json.loads(saved["model"])
+    net = build_eval_net(info["kwargs"]["genotype"], num_classes=info["num_classes"], C=info["kwargs"]["C"],
+                         layers=info["kwargs"]["layers"], auxiliary=info["kwargs"]["auxiliary"])
     net.load_state_dict(saved["state_dict"])
     with pytest.raises(ValueError, match="no genotype"):
         train_command(_recipe(tiny_archive), out=tmp_path / "other", progress=False)

@@ -1,5 +1,10 @@
-"""CIFAR data: sources and caching, a device-resident loader with on-device augmentation, and index splits."""
+"""Image data: CIFAR and ImageFolder sources with caching, a device-resident loader with on-device augmentation,
+and index splits."""
 
+from .augment import augment_batch as augment_batch
+from .augment import cutout_batch as cutout_batch
+from .augment import random_resized_boxes as random_resized_boxes
+from .augment import resized_crop_batch as resized_crop_batch
 from .cifar import CIFAR10_CLASSES as CIFAR10_CLASSES
 from .cifar import CIFAR10_MEAN as CIFAR10_MEAN
 from .cifar import CIFAR10_STD as CIFAR10_STD
@@ -10,17 +15,20 @@ from .cifar import load_cifar as load_cifar
 from .cifar import stats_for as stats_for
 from .factory import Loaders as Loaders
 from .factory import as_loaders as as_loaders
+from .factory import imagefolder_sizes as imagefolder_sizes
 from .factory import make_loaders as make_loaders
+from .imagefolder import IMAGENET_MEAN as IMAGENET_MEAN
+from .imagefolder import IMAGENET_STD as IMAGENET_STD
+from .imagefolder import load_imagefolder as load_imagefolder
 from .imageset import ImageSet as ImageSet
 from .loader import DeviceLoader as DeviceLoader
-from .loader import augment_batch as augment_batch
 from .loader import epoch_generator as epoch_generator
 from .split import limit_per_class as limit_per_class
 from .split import split_halves as split_halves
 
 __all__ = [
-    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader", "ImageSet",
-    "Loaders", "as_loaders", "make_loaders",
-    "augment_batch", "default_cache_dir", "epoch_generator", "limit_per_class", "load_cifar", "split_halves",
-    "stats_for",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader",
+    "IMAGENET_MEAN", "IMAGENET_STD", "ImageSet", "Loaders", "as_loaders", "make_loaders",
+    "augment_batch", "cutout_batch", "default_cache_dir", "epoch_generator", "imagefolder_sizes", "limit_per_class",
+    "load_cifar", "load_imagefolder", "random_resized_boxes", "resized_crop_batch", "split_halves", "stats_for",
 ]

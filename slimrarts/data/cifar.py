@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
+from ._cache import cache_file, read_cache, write_cache
 from ._sources import PICKLE_DIRS, Decoded, Source, find_source, read_source, source_key
 from .imageset import ImageSet
 
@@ -134,36 +131,17 @@ def _read_cached(source: Source, name: str, cache_dir: Path | None) -> Decoded:
     if source.kind == "pickle" or cache_dir is None:  # pickles hold raw pixels already: nothing to gain
         return read_source(source, name)
     key = f"format={_CACHE_FORMAT};name={name};{source_key(source)}"
-    file = cache_dir / f"{name}-{source.kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-    if file.is_file():
-        try:
-            blob = torch.load(file, map_location="cpu", weights_only=True)
-            if blob.get("key") == key:
-                return (tuple(blob["classes"]), (blob["train_images"], blob["train_labels"]),
-                        (blob["test_images"], blob["test_labels"]))
-        except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-            warnings.warn(f"ignoring the unreadable data cache {file}: {type(e).__name__}: {e}", stacklevel=3)
+    file = cache_file(cache_dir, f"{name}-{source.kind}", key)
+    blob = read_cache(file, key)
+    if blob is not None:
+        return (tuple(blob["classes"]), (blob["train_images"], blob["train_labels"]),
+                (blob["test_images"], blob["test_labels"]))
     decoded = read_source(source, name)
     classes, (train_x, train_y), (test_x, test_y) = decoded
     blob = {"key": key, "classes": list(classes), "train_images": train_x, "train_labels": train_y,
             "test_images": test_x, "test_labels": test_y}
-    _save_atomic(blob, file)
+    write_cache(blob, file)
     return decoded
-
-
-def _save_atomic(blob: dict, file: Path) -> None:
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache is as readable as any other file written here
-        os.replace(tmp, file)
-    except OSError as e:
-        warnings.warn(f"could not write the data cache {file}: {e}", stacklevel=4)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _check_classes(name: str, classes: tuple[str, ...], source: Source) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from .cifar import load_cifar, stats_for
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from .imageset import ImageSet
 from .loader import DeviceLoader
 from .split import limit_per_class, split_halves
 
-__all__ = ["Loaders", "make_loaders", "as_loaders"]
+__all__ = ["Loaders", "as_loaders", "imagefolder_sizes", "make_loaders"]
 
 
 @dataclasses.dataclass
@@ -29,24 +32,82 @@ class Loaders:
 
 
 def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, channels_last: bool = False) -> Loaders:
-    """Device-resident CIFAR loaders for a `DataConfig` (subset, halves and shuffling all seeded)."""
-    train_set, test_set = load_cifar(cfg.name, cfg.root, download=cfg.download)
+    """Device-resident loaders for a `DataConfig` (subset, halves and shuffling all seeded).
+
+    `info` records the data set, its source, the split sizes and `input_size` [3, H, W] of the batches (and, for
+    imagefolder, `image_size` and `resize`). `cfg.cutout` applies to the three training loaders, never to `test`.
+    """
+    if cfg.name not in _KINDS:
+        raise ValueError(f"data.name must be one of {sorted(_KINDS)}, got {cfg.name!r}")
+    if cfg.cutout and not cfg.augment:
+        raise ValueError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
+                         "false; set data.cutout=0 or data.augment=true")
+    train_set, test_set, loader_args, info = _KINDS[cfg.name](cfg)
     if cfg.limit_per_class is not None:
         train_set = train_set.subset(limit_per_class(train_set.labels, cfg.limit_per_class, seed=cfg.split_seed))
     if cfg.test_limit_per_class is not None:
         test_set = test_set.subset(limit_per_class(test_set.labels, cfg.test_limit_per_class))
     idx_t, idx_v = split_halves(train_set.labels, seed=cfg.split_seed)
-    mean, std = stats_for(cfg.name)
-    common = dict(device=device, mean=mean, std=std, channels_last=channels_last)
-    train = DeviceLoader(train_set, cfg.batch_size, train=True, augment=cfg.augment, seed=seed, **common)
+    common = dict(device=device, channels_last=channels_last, **loader_args)
+    fit = dict(augment=cfg.augment, cutout=cfg.cutout, **common)
+    train = DeviceLoader(train_set, cfg.batch_size, train=True, seed=seed, **fit)
     test = DeviceLoader(test_set, cfg.eval_batch_size, train=False, **common)
-    half_t = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_t, augment=cfg.augment, seed=seed + 1,
-                          **common)
-    half_v = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_v, augment=cfg.augment, seed=seed + 2,
-                          **common)
+    half_t = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_t, seed=seed + 1, **fit)
+    half_v = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_v, seed=seed + 2, **fit)
     info = {"dataset": cfg.name, "source": train_set.source, "train": len(train_set), "test": len(test_set),
-            "search_t": len(idx_t), "search_v": len(idx_v)}
+            "search_t": len(idx_t), "search_v": len(idx_v), "input_size": list(test.sample_shape), **info}
     return Loaders(train, test, half_t, half_v, num_classes=train_set.num_classes, info=info)
+
+
+# A data kind reads `cfg` into (train set, test set, DeviceLoader arguments, entries for `Loaders.info`).
+_Kind = Callable[[Any], tuple[ImageSet, ImageSet, dict, dict]]
+_KINDS: dict[str, _Kind] = {}
+
+
+def _register(*names: str) -> Callable[[_Kind], _Kind]:
+    def add(fn: _Kind) -> _Kind:
+        _KINDS.update(dict.fromkeys(names, fn))
+        return fn
+
+    return add
+
+
+@_register("cifar10", "cifar100")
+def _cifar(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
+    for key in ("image_size", "resize"):
+        if getattr(cfg, key, None) is not None:
+            raise ValueError(f"data.{key}={getattr(cfg, key)!r} is used only by data.name=imagefolder (CIFAR stays "
+                             "32x32); set it to None")
+    train_set, test_set = load_cifar(cfg.name, cfg.root, download=cfg.download)
+    mean, std = stats_for(cfg.name)
+    return train_set, test_set, {"mean": mean, "std": std}, {}
+
+
+@_register("imagefolder")
+def _imagefolder(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
+    if cfg.root is None:
+        raise ValueError("data.root is None, but data.name=imagefolder needs one: a folder or .tar/.tar.gz with "
+                         "train/<class>/... and test/<class>/... (or val/<class>/...)")
+    image_size, resize = imagefolder_sizes(cfg.image_size, cfg.resize)
+    train_set, test_set = load_imagefolder(cfg.root, resize=resize)
+    args = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": "rrc", "image_size": image_size,
+            "crop_scale": tuple(cfg.crop_scale)}
+    return train_set, test_set, args, {"image_size": image_size, "resize": resize}
+
+
+def imagefolder_sizes(image_size: int | None, resize: int | None) -> tuple[int, int]:
+    """(image_size, resize) with the ImageNet ratio 224:256 filling in what is None (224 and 256 when both are)."""
+    for what, value in (("image_size", image_size), ("resize", resize)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"data.{what} must be an int >= 1 or None, got {value!r}")
+    if image_size is None:
+        image_size = 224 if resize is None else round(resize * 224 / 256)
+    if resize is None:
+        resize = round(image_size * 256 / 224)
+    if resize < image_size:
+        raise ValueError(f"data.resize={resize} must be >= data.image_size={image_size}: images are stored at "
+                         "resize x resize and evaluated on their centre image_size crop")
+    return image_size, resize
 
 
 def _labels_of(dataset) -> torch.Tensor | None:

@@ -6,38 +6,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
+from .augment import augment_batch, cutout_batch, random_resized_boxes, resized_crop_batch
 from .cifar import CIFAR10_MEAN, CIFAR10_STD
 from .imageset import ImageSet, _as_index
 
-__all__ = ["DeviceLoader", "augment_batch", "epoch_generator"]
+__all__ = ["DeviceLoader", "epoch_generator"]
 
-
-def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Random-crop-with-zero-padding and horizontal flip of a batch [B, C, H, W], on its device, without a loop.
-
-    Sample b is padded by `pad` zeros on each side, cropped back to H x W at row `offsets[b, 0]` and column
-    `offsets[b, 1]` of the padded image (each in [0, 2 * pad], not checked: that would sync), then mirrored
-    left-right where `flips[b]` is true. Same as torchvision RandomCrop(H, padding=pad) then RandomHorizontalFlip.
-    """
-    if images.dim() != 4:
-        raise ValueError(f"augment_batch: images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    b, c, h, w = images.shape
-    if offsets.shape != (b, 2) or flips.shape != (b,):
-        raise ValueError(f"augment_batch: offsets must be [{b}, 2] and flips [{b}], got {tuple(offsets.shape)} "
-                         f"and {tuple(flips.shape)}")
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-        raise ValueError(f"augment_batch: pad must be an int >= 0, got {pad!r}")
-    device = images.device
-    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    hp, wp = h + 2 * pad, w + 2 * pad
-    offsets = offsets.to(device, torch.int64)
-    rows = offsets[:, :1] + torch.arange(h, device=device)  # [B, H]: padded-image row of each output row
-    cols = offsets[:, 1:] + torch.arange(w, device=device)  # [B, W]
-    cols = torch.where(flips.to(device, torch.bool)[:, None], cols.flip(1), cols)
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return padded.reshape(b, c, hp * wp).gather(2, flat).view(b, c, h, w)
+DEFAULT_CROP_SCALE = (0.08, 1.0)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -46,25 +23,97 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
+class _PadCrop:
+    """CIFAR's augmentation: zero-pad by `pad`, crop back to the image size at a random offset, flip at random."""
+
+    def __init__(self, height: int, width: int, pad: int | None, image_size: int | None,
+                 crop_scale: Sequence[float] | None) -> None:
+        if image_size is not None or crop_scale is not None:
+            raise ValueError(f"DeviceLoader: image_size and crop_scale are used only with crop='rrc', got "
+                             f"image_size={image_size!r}, crop_scale={crop_scale!r} with crop='pad'")
+        self.pad = 4 if pad is None else pad
+        _check_int("pad", self.pad, 0)
+        self.size = (height, width)
+
+    def stored(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        return images
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
+        return offsets, torch.rand(n, generator=generator) < 0.5
+
+    def apply(self, x: torch.Tensor, params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return augment_batch(x, params[0], params[1], self.pad)
+
+    def __repr__(self) -> str:
+        return f"crop='pad', pad={self.pad}"
+
+
+class _ResizedCrop:
+    """ImageNet-style augmentation: a random-resized crop to `image_size`, flipped at random; the centre crop to
+    evaluate."""
+
+    def __init__(self, height: int, width: int, pad: int | None, image_size: int | None,
+                 crop_scale: Sequence[float] | None) -> None:
+        if pad is not None:
+            raise ValueError(f"DeviceLoader: pad is used only with crop='pad', got pad={pad!r} with crop='rrc'")
+        size = min(height, width) if image_size is None else image_size
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= min(height, width):
+            raise ValueError(f"DeviceLoader: image_size must be an int in [1, {min(height, width)}] (at most the "
+                             f"stored {height}x{width} images' shorter side) or None, got {image_size!r}")
+        scale = DEFAULT_CROP_SCALE if crop_scale is None else crop_scale
+        try:
+            lo, hi = (float(v) for v in scale)
+        except (TypeError, ValueError):
+            lo = hi = float("nan")
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"DeviceLoader: crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale!r}")
+        self.image_size, self.crop_scale, self.stored_size = size, (lo, hi), (height, width)
+        self.size = (size, size)
+
+    def stored(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        return images if augment else TF.center_crop(images, [self.image_size] * 2).contiguous()
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        boxes = random_resized_boxes(n, *self.stored_size, self.crop_scale, generator)
+        return boxes, torch.rand(n, generator=generator) < 0.5
+
+    def apply(self, x: torch.Tensor, params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return resized_crop_batch(x, params[0], params[1], self.image_size, dtype)
+
+    def __repr__(self) -> str:
+        return f"crop='rrc', image_size={self.image_size}, crop_scale={self.crop_scale}"
+
+
+_CROPS = {"pad": _PadCrop, "rrc": _ResizedCrop}
+
+
 class DeviceLoader:
     """Batches (x, y) of an ImageSet held on `device`: x normalised float [B, 3, H, W], y int64 [B].
 
     The uint8 images (those at `indices`, if given) move to `device` once. `augment`, `shuffle` and `drop_last`
     default to `train`. Each `iter()` runs the epoch set by `set_epoch` (0 at first) and then advances it by one;
-    its order, crop offsets and flips are drawn up front on the CPU from (seed, epoch), so a resumed run sees the
+    its order and augmentation draws are made up front on the CPU from (seed, epoch), so a resumed run sees the
     same batches and no batch waits on the host.
+
+    `crop` picks the augmentation: "pad" (CIFAR: pad by `pad` (4) with zeros, crop back at random, flip; the images
+    as they are to evaluate) or "rrc" (a random-resized crop of `crop_scale` (0.08 to 1) of the area and aspect
+    ratio 3/4 to 4/3, resized to `image_size` (the stored side) and flipped; the centre `image_size` crop to
+    evaluate). `cutout` > 0 zeroes one square of that side per training sample after normalising, centred
+    uniformly at random and clipped at the borders (needs augmentation).
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, train: bool, device: torch.device | str = "cpu",
                  indices: torch.Tensor | Sequence[int] | None = None, mean: Sequence[float] = CIFAR10_MEAN,
                  std: Sequence[float] = CIFAR10_STD, augment: bool | None = None, shuffle: bool | None = None,
                  drop_last: bool | None = None, seed: int = 0, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, pad: int = 4) -> None:
+                 dtype: torch.dtype = torch.float32, crop: str = "pad", pad: int | None = None,
+                 image_size: int | None = None, crop_scale: Sequence[float] | None = None, cutout: int = 0) -> None:
         if not isinstance(data, ImageSet):
             raise TypeError(f"DeviceLoader: data must be an ImageSet, got {type(data).__name__}")
         _check_int("batch_size", batch_size, 1)
         _check_int("seed", seed, 0)
-        _check_int("pad", pad, 0)
+        _check_int("cutout", cutout, 0)
         for flag, value in (("train", train), ("augment", augment), ("shuffle", shuffle), ("drop_last", drop_last),
                             ("channels_last", channels_last)):
             if not isinstance(value, bool) and not (value is None and flag in ("augment", "shuffle", "drop_last")):
@@ -72,9 +121,12 @@ class DeviceLoader:
                                 f"got {value!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"DeviceLoader: dtype must be a floating torch.dtype, got {dtype!r}")
+        if not isinstance(crop, str) or crop not in _CROPS:
+            raise ValueError(f"DeviceLoader: crop must be one of {sorted(_CROPS)}, got {crop!r}")
         mean_t, std_t = _channel_stats("mean", mean), _channel_stats("std", std)
         if bool((std_t <= 0).any()):
             raise ValueError(f"DeviceLoader: std must be > 0 per channel, got {tuple(std)}")
+        self._crop = _CROPS[crop](*data.images.shape[2:], pad, image_size, crop_scale)
 
         self._device = torch.device(device)
         self._classes = data.classes
@@ -84,10 +136,13 @@ class DeviceLoader:
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = train if drop_last is None else drop_last
         self.seed = seed
-        self.pad = pad
+        self.cutout = cutout
         self.channels_last = channels_last
         self.dtype = dtype
         self.epoch = 0
+        if cutout and not self.augment:
+            raise ValueError(f"DeviceLoader: cutout={cutout} is applied only to augmented batches, but augment=False; "
+                             "set cutout=0 or augment=True")
 
         images, labels = data.images, data.labels
         if indices is not None:
@@ -96,7 +151,7 @@ class DeviceLoader:
         if len(labels) == 0 or (self.drop_last and len(labels) < batch_size):
             raise ValueError(f"DeviceLoader: {len(labels)} samples make no batch of batch_size={batch_size} "
                              f"(drop_last={self.drop_last})")
-        self._images = images.to(self._device)
+        self._images = self._crop.stored(images, self.augment).to(self._device)
         self._labels = labels.to(self._device)
         # (x / 255 - mean) / std as one multiply-add, computed in float32 (float64 if asked) and cast after.
         self._math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -123,6 +178,15 @@ class DeviceLoader:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every x this loader yields."""
+        return (3, *self._crop.size)
+
+    @property
+    def pad(self) -> int | None:
+        return getattr(self._crop, "pad", None)
+
     def __len__(self) -> int:
         n, b = self.num_samples, self._batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -140,9 +204,14 @@ class DeviceLoader:
         n, b = self.num_samples, self._batch_size
         generator = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=generator).to(self._device) if self.shuffle else None
+        params: list[torch.Tensor] = []
+        centres = None
         if self.augment:
-            offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).to(self._device)
-            flips = (torch.rand(n, generator=generator) < 0.5).to(self._device)
+            params = [p.to(self._device) for p in self._crop.draw(n, generator)]
+            if self.cutout:
+                h, w = self._crop.size
+                centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
+                                       torch.randint(0, w, (n,), generator=generator)], 1).to(self._device)
         stop = n - n % b if self.drop_last else n
         for start in range(0, stop, b):
             end = min(start + b, n)
@@ -152,17 +221,21 @@ class DeviceLoader:
                 idx = order[start:end]
                 x, y = self._images.index_select(0, idx), self._labels.index_select(0, idx)
             if self.augment:
-                x = augment_batch(x, offsets[start:end], flips[start:end], self.pad)
-            yield self._normalise(x), y
+                x = self._crop.apply(x, [p[start:end] for p in params], self._math_dtype)
+            yield self._normalise(x, None if centres is None else centres[start:end]), y
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, x: torch.Tensor, centres: torch.Tensor | None) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.contiguous(memory_format=fmt).to(self._math_dtype).mul_(self._scale).sub_(self._shift)
+        if centres is not None:
+            x = cutout_batch(x, centres, self.cutout)
         return x.to(self.dtype)
 
     def __repr__(self) -> str:
+        cut = f", cutout={self.cutout}" if self.cutout else ""
         return (f"DeviceLoader(n={self.num_samples}, batch_size={self._batch_size}, device={self._device}, "
-                f"augment={self.augment}, shuffle={self.shuffle}, drop_last={self.drop_last}, seed={self.seed})")
+                f"augment={self.augment}, {self._crop!r}{cut}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
+                f"seed={self.seed})")
 
 
 def _check_int(what: str, value: object, low: int) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import make_loaders
-from ..engine import console, evaluate, fit, resolve_device, save_atomic
+from ..engine import console, fit, resolve_device, save_atomic
 from ..engine.rundir import default_run_dir, prepare_run_dir
 from ..metrics import count_params, format_count
 from ..recipe import dump_recipe, load_recipe
@@ -198,15 +198,14 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
                  progress=progress, eval_every=max(1, tr.epochs // 10), after_backward=clip,
                  loss_fn=AuxLoss(aux_weight), on_epoch_start=_drop_path_schedule(model, tr.drop_path, tr.epochs))
     final = result.final
-    test = evaluate(model, loaders.test, device=device) if "test_acc" not in final else None
-    info = {"name": "darts_eval_net", "genotype": g.to_dict(), "C": tr.C, "layers": tr.layers,
-            "num_classes": num_classes, "auxiliary": aux_weight > 0}
+    info = {"name": "darts_cifar", "num_classes": num_classes,
+            "kwargs": {"genotype": g.to_dict(), "C": tr.C, "layers": tr.layers, "auxiliary": aux_weight > 0}}
     save_atomic({"state_dict": model.state_dict(), "model": json.dumps(info)}, run_dir / "model.pt")
-    report = {"kind": "cell-train", "genotype_text": str(g), "params": count_params_no_aux(model),
-              "epochs": tr.epochs, "test_acc": final.get("test_acc", test and test["acc"]),
+    report = {"kind": "cell-train", "model": info, "genotype_text": str(g), "params": count_params_no_aux(model),
+              "epochs": tr.epochs, "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
-              "auxiliary_weight": aux_weight, "drop_path": tr.drop_path, "cutout": cutout, "notes": notes,
-              "seed": recipe.seed, "device": str(device), "data": loaders.info}
+              "images_per_s": result.images_per_s, "auxiliary_weight": aux_weight, "drop_path": tr.drop_path,
+              "cutout": cutout, "notes": notes, "seed": recipe.seed, "device": str(device), "data": loaders.info}
     _write_json(run_dir / "report.json", report)
     console.print(f"test acc (final epoch) {100 * report['test_acc']:.2f}% · params {format_count(report['params'])}"
                   f" · {result.train_s:.0f} s")

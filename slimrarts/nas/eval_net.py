@@ -130,9 +130,10 @@ class EvalNetwork(nn.Module):
         return (logits, aux) if aux is not None else logits
 
 
-def build_eval_net(genotype: Genotype | str | os.PathLike, num_classes: int = 10, C: int = 36, layers: int = 20,
-                   auxiliary: bool = True, drop_path: float = 0.2) -> EvalNetwork:
-    """The evaluation net of `genotype` (a Genotype, a registered name such as `darts_v2`, or a genotype file)."""
+def build_eval_net(genotype: Genotype | str | os.PathLike | dict, num_classes: int = 10, C: int = 36,
+                   layers: int = 20, auxiliary: bool = True, drop_path: float = 0.2) -> EvalNetwork:
+    """The evaluation net of `genotype` (a Genotype, its dict, a registered name such as `darts_v2`, or a genotype
+    file)."""
     return EvalNetwork(load_genotype(genotype), C=C, num_classes=num_classes, layers=layers, auxiliary=auxiliary,
                        drop_path=drop_path)
 

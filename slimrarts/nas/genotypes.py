@@ -185,11 +185,13 @@ def count_skips(genotype: Genotype, cell: str = "normal") -> int:
     return sum(op == "skip_connect" for edges in cells[cell] for op, _ in edges)
 
 
-def load_genotype(spec: str | os.PathLike | Genotype) -> Genotype:
-    """A genotype from a registered name (`darts_v2`, `darts_v1`), a `.json` file, or a text file holding
-    `Genotype(...)`."""
+def load_genotype(spec: str | os.PathLike | dict | Genotype) -> Genotype:
+    """A genotype from a registered name (`darts_v2`, `darts_v1`), its dict (`to_dict`), a `.json` file, or a text
+    file holding `Genotype(...)`."""
     if isinstance(spec, Genotype):
         return spec
+    if isinstance(spec, dict):
+        return Genotype.from_dict(spec)
     key = str(spec)
     if key.lower() in GENOTYPES:
         return GENOTYPES[key.lower()]
