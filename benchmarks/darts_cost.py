@@ -13,6 +13,7 @@ RARTS paper reports RARTS' search at about 35% of second-order DARTS' cost (1.1 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def main() -> None:
                    "s_per_iter_p10": float(np.percentile(times[m], 10)),
                    "s_per_iter_p90": float(np.percentile(times[m], 90)), "s_per_epoch": s * iters_per_epoch,
                    "ratio_to_darts2": s / ref, "paper": get_search(m).paper}
-    payload = {"command": "python " + " ".join(sys.argv), "channels": args.channels, "layers": args.layers,
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+    payload = {"command": f"{env}python " + " ".join(sys.argv), "channels": args.channels, "layers": args.layers,
                "batch": args.batch, "iters": args.iters, "warmup": args.warmup, "channels_last": args.channels_last,
                "iters_per_epoch": iters_per_epoch, "rows": rows, "machine": machine(device)}
     path = write_result(f"darts_cost_{device_tag(device)}", payload)

@@ -1,4 +1,4 @@
-"""`slimrarts` command line: train, run (prune), report, info."""
+"""`slimrarts` command line: run (prune), train, search (DARTS cell), report, info."""
 
 from __future__ import annotations
 
@@ -58,9 +58,49 @@ def _build(recipe, device):
     return loaders, model
 
 
+def _is_cell_recipe(path: str) -> bool:
+    """A DARTS-cell recipe has a `net` section (after `base:` inheritance)."""
+    from .recipe import _read_yaml
+
+    try:
+        return "net" in _read_yaml(Path(path))
+    except Exception:  # noqa: BLE001 - a broken file is reported by the regular loader
+        return False
+
+
+def _cell_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
+    """`model.genotype=<file>` (the issue's spelling) is the cell recipe's `train.genotype`."""
+    out, genotype = [], None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "model.genotype":
+            genotype = value.strip()
+        else:
+            out.append(item)
+    return out, genotype
+
+
+def cmd_search(args) -> int:
+    """Search a DARTS cell (topology) with a cell recipe; writes the genotype, α per epoch and cell drawings."""
+    from .nas import search_command
+
+    if not _is_cell_recipe(args.recipe):
+        raise ValueError(f"{args.recipe} is not a cell-search recipe (it has no 'net' section); prune widths with "
+                         "`slimrarts run`")
+    return search_command(args.recipe, args.overrides, out=args.out, resume=args.resume, force=args.force,
+                          progress=not args.no_progress)
+
+
 def cmd_train(args) -> int:
-    """Train the recipe's model on its data with its `train` section (a baseline)."""
+    """Train the recipe's model on its data with its `train` section (a baseline, or a cell recipe's eval net)."""
     from rich.table import Table
+
+    if _is_cell_recipe(args.recipe):
+        from .nas import train_command
+
+        overrides, genotype = _cell_overrides(args.overrides)
+        return train_command(args.recipe, overrides, out=args.out, resume=args.resume, force=args.force,
+                             progress=not args.no_progress, genotype=genotype)
 
     from .engine import console, fit, resolve_device, save_atomic
     from .metrics import format_count, macs_and_params
@@ -158,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help=cmd_run.__doc__)
     _add_run_args(p)
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("search", help=cmd_search.__doc__)
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_search)
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("runs", nargs="+", help="run folders holding report.json")
     p.add_argument("--md", help="also write the Markdown table to this file")

@@ -99,6 +99,19 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a schema bug, not a user error
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Build the dataclass `cls` from a nested dict, checking keys, types and values."""
     where = path or "recipe"
@@ -119,7 +132,11 @@ def build(cls: type, data: Any, path: str = "") -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"missing required key '{key}'")
             continue
-        value = _convert(hints[name], data[name], key)
+        raw = data[name]
+        default = _field_default(f)
+        if isinstance(raw, dict) and dataclasses.is_dataclass(default):
+            raw = _deep_merge(to_dict(default), raw)  # a partial section keeps the field's own defaults
+        value = _convert(hints[name], raw, key)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
             allowed = f.metadata.get("allowed") or "a different value"

@@ -131,6 +131,7 @@ class SearchConfig:
     lam: float = field(1.0, **_positive)  # λ: weight of the auxiliary loss L_t
     beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
     xi: float | None = field(None, **_positive)  # darts2 unrolling step; null: the w learning rate
+    grad_clip: float | None = field(None, **_positive)  # clip the weights' gradient norm (DARTS: 5); null: off
     optim: OptimConfig = field(default_factory=OptimConfig)  # w (and y unless optim_y is set)
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)

@@ -24,6 +24,15 @@ def _pct(v) -> str:
 
 
 def _row(run: Path, r: dict) -> dict:
+    kind = r.get("kind")
+    if kind == "topology-search":
+        return {"run": run.name, "method": f"{r['method']} (cell search)", "acc": "—",
+                "params": f"eval net {format_count(r['eval_net']['params'])}",
+                "macs": f"skips {r['skip_connections']['normal']}/{r['skip_connections']['reduce']}", "prc": "—",
+                "time": f"{r['time_s']['search']:.0f}"}
+    if kind == "cell-train":
+        return {"run": run.name, "method": "cell eval net (train)", "acc": _pct(r.get("test_acc")),
+                "params": format_count(r["params"]), "macs": "—", "prc": "—", "time": f"{r.get('train_s', 0):.0f}"}
     if "method" not in r:  # a `slimrarts train` baseline
         return {"run": run.name, "method": "baseline (train)", "acc": _pct(r.get("test_acc")),
                 "params": format_count(r["params"]), "macs": format_count(r["macs"]), "prc": "—",

@@ -68,6 +68,7 @@ class NasSearchConfig:
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=lambda: ArchOptimConfig(optimizer="adam", lr=3e-4,
                                                                           betas=[0.5, 0.999], weight_decay=1e-3))
+    grad_clip: float | None = field(5.0, check=lambda v: v > 0, allowed="a number > 0 or null")  # DARTS: 5
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
     cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)

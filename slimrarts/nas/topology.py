@@ -75,7 +75,7 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
         penalty = cost_penalty(net.arch, [costs.normal, costs.reduce], recipe.cost.mu)
     problem = NetProblem(net, net.arch, amp=s.amp, penalty=penalty)
     state = make_state(net, net.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch, lam=s.lam,
-                       beta=s.beta, xi=s.xi)
+                       beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     callback = None if on_epoch_end is None else (lambda epoch, record: on_epoch_end(epoch, record, net))
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         loader_t=loaders.search_t, loader_v=loaders.search_v,

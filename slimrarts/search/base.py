@@ -52,6 +52,14 @@ class SearchState:
     lam: float = 1.0
     beta: float = 0.0
     xi: float | None = None  # darts2 unrolling step; None: the current w learning rate
+    grad_clip: float | None = None  # clip the w (and y) gradient norm before their steps (DARTS: 5)
+
+    def step_weights(self, which: str = "w") -> None:
+        """Optimizer step of w or y, after clipping their gradient norm when `grad_clip` is set (no host sync)."""
+        params, opt = (self.w_list, self.opt_w) if which == "w" else (self.y_list, self.opt_y)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        opt.step()
 
     @property
     def w_list(self) -> list[torch.Tensor]:

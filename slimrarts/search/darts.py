@@ -12,7 +12,7 @@ from .base import Problem, SearchState, arch_step, grads_of, register_search, se
 def darts1_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w = state.w_list
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
-    state.opt_w.step()
+    state.step_weights("w")
     loss_v = problem.loss(state.w, state.scratch_buffers, batch_v, track="v")
     arch_step(problem, state, grads_of(loss_v, problem.arch))
 
@@ -57,4 +57,4 @@ def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
         torch._foreach_sub_(grads_arch, hvp)
     arch_step(problem, state, grads_arch)
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
-    state.opt_w.step()
+    state.step_weights("w")

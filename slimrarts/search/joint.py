@@ -11,5 +11,5 @@ def joint_step(problem: Problem, state: SearchState, batch, _unused=None) -> Non
     w, arch = state.w_list, problem.arch
     g = grads_of(problem.loss(state.w, state.w_buffers, batch, track="t"), w + arch)
     set_grads(w, g[: len(w)])
-    state.opt_w.step()
+    state.step_weights("w")
     arch_step(problem, state, g[len(w):])

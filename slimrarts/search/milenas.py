@@ -12,7 +12,7 @@ from .base import Problem, SearchState, arch_step, grads_of, register_search, se
 def milenas_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w = state.w_list
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
-    state.opt_w.step()
+    state.step_weights("w")
     grads = grads_of(problem.loss(state.w, state.scratch_buffers, batch_t), problem.arch)
     g_v = grads_of(problem.loss(state.w, state.scratch_buffers, batch_v, track="v"), problem.arch)
     with torch.no_grad():

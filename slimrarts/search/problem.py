@@ -73,7 +73,8 @@ def make_arch_optimizer(arch: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
 
 
 def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim_w, optim_y=None, arch_optim,
-               lam: float = 1.0, beta: float = 0.0, xi: float | None = None) -> SearchState:
+               lam: float = 1.0, beta: float = 0.0, xi: float | None = None,
+               grad_clip: float | None = None) -> SearchState:
     """A search state over `model`'s own parameters as w, with a y copy (same initial values) when needed."""
     spec = get_search(method)
     w = dict(model.named_parameters())
@@ -81,7 +82,7 @@ def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim
     sgd = lambda params, c: SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,  # noqa: E731
                                 nesterov=c.nesterov)
     state = SearchState(w=w, w_buffers=w_buffers, opt_w=sgd(list(w.values()), optim_w),
-                        opt_arch=make_arch_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi,
+                        opt_arch=make_arch_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
                         scratch_buffers={k: v.detach().clone() for k, v in w_buffers.items()})
     if spec.two_nets:
         state.y = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
