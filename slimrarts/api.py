@@ -20,7 +20,7 @@ from .engine.progress import console
 from .engine.rundir import prepare_run_dir
 from .engine.step import batches_on
 from .metrics import count_params, macs_and_params
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .baselines import get_baseline, is_baseline
 from .search import get_search
 from .search.loop import run_search
@@ -93,10 +93,16 @@ def _check_gates(gates, recipe) -> None:
         if round(p.ratio * total) > prunable:
             raise ValueError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
                              f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
-    if p.reference and recipe.search.method == "random":
+    method = recipe.search.method
+    if p.reference and method != "random":
+        raise ValueError(f"prune.reference only applies to search.method=random, not {method!r}; remove it")
+    if p.reference:
         from .baselines.random_pruning import _reference_counts
 
         _reference_counts(p.reference, gates)
+    elif is_baseline(method) and p.mode == "l1":
+        raise ValueError(f"prune.mode=l1 learns which α reach zero; baseline {method!r} has no α (use mode ratio, or "
+                         "random with prune.reference)")
 
 
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
@@ -158,9 +164,7 @@ def prune(
     loaders = as_loaders(loaders, seed=recipe.seed)
     run_path = prepare_run_dir(run_dir, resume=resume, force=force) if run_dir is not None else None
     if run_path is not None:
-        from .recipe import dump_recipe
-
-        dump_recipe(recipe, run_path / "recipe.yaml")
+        save_or_check_recipe(recipe, run_path, resume)
     torch.manual_seed(recipe.seed)
     method = recipe.search.method
     note = get_search(method).paper if not is_baseline(method) else ""
@@ -178,8 +182,6 @@ def prune(
                                     progress=progress)
         scores, keep, note = base.scores, base.keep, base.note
         search = _Timing(base.fit.train_s, base.fit.wall_s, base.fit.images_per_s)
-        if keep is None and p.mode == "l1":
-            raise ValueError(f"prune.mode=l1 learns which α reach zero; baseline {method!r} has no α (use mode ratio)")
     else:
         gates, state, result = search_width(model, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
                                             progress=progress, example_input=x)
@@ -197,6 +199,10 @@ def prune(
     with gates.masked(keep):
         masked = evaluate(model, loaders.test, device=dev)
     spec = remove_channels(gates, keep, check_input=x.float())
+    if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
+        raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
+                           f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
+                           "would not be the searched one")
     model = model.to(memory_format=torch.contiguous_format)
     macs1, params1 = macs_and_params(model, input_size)
     slim_before = evaluate(model, loaders.test, device=dev)

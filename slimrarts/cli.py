@@ -104,12 +104,12 @@ def cmd_train(args) -> int:
 
     from .engine import console, fit, resolve_device, save_atomic
     from .metrics import format_count, macs_and_params
-    from .recipe import dump_recipe
+    from .recipe import save_or_check_recipe
 
     recipe = _load(args)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(args, recipe)
-    dump_recipe(recipe, run_dir / "recipe.yaml")
+    save_or_check_recipe(recipe, run_dir, args.resume)
     console.print(f"[bold]run folder[/] {run_dir}")
     loaders, model = _build(recipe, device)
     macs, params = macs_and_params(model, (1, 3, 32, 32))

@@ -24,6 +24,7 @@ __all__ = [
     "load_recipe",
     "parse_overrides",
     "dump_recipe",
+    "save_or_check_recipe",
     "ConfigError",
 ]
 
@@ -128,7 +129,7 @@ class SearchConfig:
                         allowed="a search method (rarts, rarts-jacobi, darts1, darts2, milenas, joint) or a baseline "
                                 "(slimming, random)")
     epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
-    lam: float = field(1.0, **_positive)  # λ: weight of the auxiliary loss L_t
+    lam: float = field(1.0, **_positive)  # λ: rarts: weight of L_t (w-step and α-step); milenas: weight of L_v
     beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
     xi: float | None = field(None, **_positive)  # darts2 unrolling step; null: the w learning rate
     grad_clip: float | None = field(None, **_positive)  # clip the weights' gradient norm (DARTS: 5); null: off
@@ -237,6 +238,38 @@ def load_recipe(
     for key, value in parse_overrides(overrides):
         set_by_path(data, key, value)
     return build(schema, data)
+
+
+_RESUME_FREE = ("device", "log_every")  # keys that may change when a run is resumed
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key in _RESUME_FREE:
+                continue
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path}: {old!r} → {new!r}"]
+
+
+def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) -> None:
+    """Write the resolved recipe into the run folder; on resume, check it equals the stored one instead.
+
+    A resume under other settings would mix two experiments in one folder and lose the record of the first, so
+    any difference (other than the device and logging) is an error naming the keys.
+    """
+    path = Path(run_dir) / "recipe.yaml"
+    if resume and path.is_file():
+        stored = yaml.safe_load(path.read_text()) or {}
+        diffs = _differences(stored, to_dict(recipe))
+        if diffs:
+            raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: "
+                              f"{'; '.join(diffs[:6])}{' …' if len(diffs) > 6 else ''}. Resume with the same recipe "
+                              "and --set values, or start a new run")
+        return
+    dump_recipe(recipe, path)
 
 
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:

@@ -167,3 +167,23 @@ def test_cli_bad_recipe_key(tmp_path, capsys):
     assert main(["train", str(path), "--out", str(tmp_path / "x")]) == 2
     assert "train.epochz" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, tiny_archive, capsys):
+    recipe = _recipe(tmp_path, tiny_archive)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--no-progress"]) == 0
+    before = (out / "recipe.yaml").read_text()
+    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.optim.lr=0.2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train.optim.lr" in err and "0.05" in err and "0.2" in err
+    assert (out / "recipe.yaml").read_text() == before
+    assert main(["train", recipe, "--out", str(out), "--resume", "--no-progress"]) == 0
+
+
+def test_bad_combinations_fail_before_training(tiny_sets):
+    loaders = _loaders(tiny_sets)
+    cfg = dict(TINY, prune={"scope": ["internal"], "reference": "somewhere"})
+    with pytest.raises(ValueError, match="prune.reference only applies"):
+        slimrarts.prune(create_model("tiny_resnet"), loaders, 0.4, config=cfg, progress=False)
+    assert loaders.test.passes == 1  # only the dense evaluation ran

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from slimrarts.config import ConfigError
 from slimrarts.metrics import count_params
 from slimrarts.nas import (DARTS_V2, PRIMITIVES, Genotype, SearchNetwork, build_eval_net, cost_penalty,
                            count_params_no_aux, count_skips, derive, load_genotype, op_costs, parse_genotype,
@@ -268,7 +269,7 @@ def _recipe(archive: str, **search) -> dict:
 
 def test_search_command_writes_the_run_and_resumes(tiny_archive, tmp_path):
     out = tmp_path / "run"
-    assert search_command(_recipe(tiny_archive), out=out, progress=False) == 0
+    assert search_command(_recipe(tiny_archive, epochs=2), out=out, progress=False) == 0
     for name in ("recipe.yaml", "metrics.jsonl", "genotype.json", "genotype.txt", "alphas.json", "costs.json",
                  "report.json", "checkpoints/search.pt"):
         assert (out / name).exists(), name
@@ -278,7 +279,9 @@ def test_search_command_writes_the_run_and_resumes(tiny_archive, tmp_path):
     assert report["skip_connections"]["normal"] == count_skips(g)
     assert report["eval_net"]["params"] == count_params_no_aux(build_eval_net(g, C=4, layers=3))
     with pytest.raises(FileExistsError):
-        search_command(_recipe(tiny_archive), out=out, progress=False)
+        search_command(_recipe(tiny_archive, epochs=2), out=out, progress=False)
+    with pytest.raises(ConfigError, match="search.epochs"):  # a resume must not change the experiment
+        search_command(_recipe(tiny_archive, epochs=3), out=out, resume=True, progress=False)
     assert search_command(_recipe(tiny_archive, epochs=2), out=out, resume=True, progress=False) == 0
     alphas = json.loads((out / "alphas.json").read_text())
     assert [e["epoch"] for e in alphas["epochs"]] == [0, 1]

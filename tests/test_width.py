@@ -180,3 +180,10 @@ def test_save_and_load_rebuild_the_slim_model(tmp_path):
     torch.testing.assert_close(other(x), model(x))
     with pytest.raises(ValueError, match="does not exist in this model"):
         load_slim(tmp_path / "slim.pt", model=create_model("tiny_resnet"))
+
+
+def test_round_to_with_ties_keeps_multiples():
+    keep = select_ratio([torch.ones(6)], 0.5, round_to=2)
+    assert int(keep[0].sum()) == 4
+    keep = select_ratio([torch.ones(7), torch.ones(5)], 0.5, round_to=4)  # ties prune group 0 first: 1 and 5 kept
+    assert [int(k.sum()) for k in keep] == [4, 5]  # rounded up to a multiple of 4, capped at the group size

@@ -50,7 +50,7 @@ def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=Fals
         a.requires_grad_(False)
     norms = _site_norms(model, gates)
     unique = list({id(m): m for group in norms for m in group}.values())
-    if s.init_gamma is not None and not resume:
+    if s.init_gamma is not None:  # on resume, fit() then loads the checkpoint over it
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:

@@ -50,6 +50,7 @@ def append_metrics(run_dir: str | os.PathLike | None, record: dict) -> None:
     """Append one JSON line to `run_dir/metrics.jsonl`."""
     if run_dir is None:
         return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -158,6 +159,8 @@ def fit(
     ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
     history: list[dict] = []
     start_epoch, prior_wall, prior_train = 0, 0.0, 0.0
+    if resume and ckpt_path is not None and not ckpt_path.exists():
+        _drop_metrics_after(Path(run_dir), phase, -1)  # lines of an epoch whose checkpoint never landed
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ckpt["model"])
@@ -203,11 +206,11 @@ def fit(
             if "test_acc" in record:
                 info += f" test {record['test_acc']:.3f}"
             bar.update(task, info=info)
-            if ckpt_path is not None:
+            if ckpt_path is not None:  # the line first: a resume drops lines whose checkpoint never landed
+                append_metrics(run_dir, record)
                 save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "history": json.dumps(history),
                              "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": train_s}, ckpt_path)
-                append_metrics(run_dir, record)
             for cb in callbacks:
                 cb(epoch, record)
     return FitResult(history=history, wall_s=prior_wall + time.perf_counter() - t_start, train_s=train_s)

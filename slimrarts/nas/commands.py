@@ -23,7 +23,7 @@ from ..data import make_loaders
 from ..engine import console, fit, resolve_device, save_atomic
 from ..engine.rundir import default_run_dir, prepare_run_dir
 from ..metrics import count_params, format_count
-from ..recipe import dump_recipe, load_recipe
+from ..recipe import load_recipe, save_or_check_recipe
 from ..search import get_search
 from ..version import __version__
 from .eval_net import build_eval_net, count_params_no_aux
@@ -84,7 +84,7 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     recipe = load_nas_recipe(recipe_path, overrides)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(recipe, out, resume, force, "search")
-    dump_recipe(recipe, run_dir / "recipe.yaml")
+    save_or_check_recipe(recipe, run_dir, resume)
     console.print(f"[bold]run folder[/] {run_dir}")
     t0 = time.perf_counter()
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
@@ -171,7 +171,7 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     g = load_genotype(spec)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(recipe, out, resume, force, "train")
-    dump_recipe(recipe, run_dir / "recipe.yaml")
+    save_or_check_recipe(recipe, run_dir, resume)
     (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
     console.print(f"[bold]run folder[/] {run_dir}")
     notes = []

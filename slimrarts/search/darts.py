@@ -32,12 +32,12 @@ def _unrolled(state: SearchState, grads: list[torch.Tensor], xi: torch.Tensor) -
     return [v.requires_grad_() for v in virtual]
 
 
-@register_search("darts2", two_nets=False, data="split", passes=6, paper="DARTS, second order (unrolled)",
+@register_search("darts2", two_nets=False, data="split", passes=5, paper="DARTS, second order (unrolled)",
                  description="α-gradient at w' = w − ξ∇_wL_t(w): ∇_αL_v(w') − ξ·∇²_{α,w}L_t·∇_{w'}L_v(w'), the "
                              "Hessian product by finite differences with ε = 0.01/‖∇_{w'}L_v‖; then the w-step")
 def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     names, w, arch = list(state.w), state.w_list, problem.arch
-    xi = state.opt_w.lr_tensor() if state.xi is None else torch.tensor(state.xi, device=w[0].device)
+    xi = state.opt_w.lr_tensor() if state.xi is None else torch.full((), state.xi, device=w[0].device)
     scratch = state.scratch_buffers
     g_t = grads_of(problem.loss(state.w, scratch, batch_t), w)
     w_virtual = _unrolled(state, g_t, xi)

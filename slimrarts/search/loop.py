@@ -105,6 +105,8 @@ def run_search(
     ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
     history: list[dict] = []
     start, prior_wall, search_s = 0, 0.0, 0.0
+    if resume and ckpt_path is not None and not ckpt_path.exists():
+        _drop_metrics_after(Path(run_dir), phase, -1)  # lines of an epoch whose checkpoint never landed
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         _load_payload(problem, state, ckpt)
@@ -153,11 +155,11 @@ def run_search(
                 record["cuda_graph_error"] = graphed.error
             history.append(record)
             bar.update(task, info=" ".join(f"{k} {record[k]:.3f}" for k in ("t_loss", "t_acc", "v_acc") if k in record))
-            if ckpt_path is not None:
+            if ckpt_path is not None:  # the line first: a resume drops lines whose checkpoint never landed
+                append_metrics(run_dir, record)
                 save_atomic({"epoch": epoch, **_state_payload(problem, state), "rng": rng_state(),
                              "history": json.dumps(history), "wall_s": prior_wall + time.perf_counter() - t_start,
                              "search_s": search_s}, ckpt_path)
-                append_metrics(run_dir, record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     return SearchResult(history=history, wall_s=prior_wall + time.perf_counter() - t_start, search_s=search_s)

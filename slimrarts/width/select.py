@@ -19,15 +19,18 @@ def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int |
 
 
 def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: int | None) -> list[torch.Tensor]:
+    """Round each group's kept count up to a multiple of `round_to` by adding back its best-scored pruned channels."""
     if not round_to or round_to == 1:
         return keep
     out = []
     for k, s in zip(keep, scores):
-        target = min(k.numel(), math.ceil(int(k.sum()) / round_to) * round_to)
-        order = torch.argsort(s, descending=True, stable=True)
-        k2 = torch.zeros_like(k)
-        k2[order[:target]] = True
-        out.append(k2 | k if target >= int(k.sum()) else k)
+        extra = min(k.numel(), math.ceil(int(k.sum()) / round_to) * round_to) - int(k.sum())
+        k = k.clone()
+        if extra > 0:
+            pruned = torch.nonzero(~k).flatten()
+            best = pruned[torch.argsort(s[pruned], descending=True, stable=True)[:extra]]
+            k[best] = True
+        out.append(k)
     return out
 
 
