@@ -120,8 +120,13 @@ def run_search(
     else:
         def run_step(xt, yt, xv, yv):
             spec.step(problem, state, (xt, yt), (xv, yv))
+    def drop_grads() -> None:
+        # as in PyTorch's whole-network capture recipe: gradients from the warm-up must not be freed mid-capture
+        for t in [*state.w.values(), *(state.y.values() if state.y is not None else ()), *problem.arch]:
+            t.grad = None
+
     graphed = GraphedStep(run_step, enabled=cuda_graph and device.type == "cuda", name=f"the {method} search step",
-                          setting="search.cuda_graph")
+                          setting="search.cuda_graph", before_capture=drop_grads)
     t_start = time.perf_counter()
     problem.model.train()
     with make_progress(progress) as bar:
