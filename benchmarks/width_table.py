@@ -37,13 +37,17 @@ def _run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
     from slimrarts.engine import fit, resolve_device
     from slimrarts.engine.rundir import prepare_run_dir
     from slimrarts.metrics import macs_and_params
-    from slimrarts.models import create_model
     import torch
+
+    from slimrarts.models import create_model
+    from slimrarts.recipe import save_or_check_recipe
 
     done = run_dir / "report.json"
     if done.is_file():
         return json.loads(done.read_text())
-    prepare_run_dir(run_dir, resume=run_dir.exists() and any(run_dir.iterdir()))
+    resume = run_dir.exists() and any(run_dir.iterdir())
+    prepare_run_dir(run_dir, resume=resume)
+    save_or_check_recipe(recipe, run_dir, resume)
     device = resolve_device(recipe.device)
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.train.channels_last)
     torch.manual_seed(recipe.seed)
