@@ -19,7 +19,7 @@ from .engine.loop import evaluate, fit, resolve_device
 from .engine.progress import console
 from .engine.rundir import prepare_run_dir
 from .engine.step import batches_on
-from .metrics import count_params, macs_and_params
+from .metrics import macs_and_params
 from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .baselines import get_baseline, is_baseline
 from .search import get_search

@@ -18,7 +18,8 @@ from .progress import make_progress
 from .schedule import lr_at
 from .step import TrainStep, autocast, batches_on
 
-__all__ = ["FitResult", "fit", "evaluate", "resolve_device", "set_loader_epoch", "append_metrics", "build_sgd"]
+__all__ = ["FitResult", "fit", "evaluate", "resolve_device", "set_loader_epoch", "append_metrics", "build_sgd",
+           "resume_checkpoint"]
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -65,6 +66,23 @@ def _drop_metrics_after(run_dir: Path, phase: str, epoch: int) -> None:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, path)
+
+
+def resume_checkpoint(run_dir, phase: str, device: torch.device, resume: bool) -> dict | None:
+    """The checkpoint of `phase` in `run_dir` to continue from (RNG restored, metrics lines after it dropped), or None.
+
+    Without a checkpoint, lines of this phase left by an epoch whose checkpoint never landed are dropped too.
+    """
+    if not resume or run_dir is None:
+        return None
+    path = Path(run_dir) / "checkpoints" / f"{phase}.pt"
+    if not path.exists():
+        _drop_metrics_after(Path(run_dir), phase, -1)
+        return None
+    ckpt = load_checkpoint(path, map_location=device)
+    set_rng_state(ckpt["rng"])
+    _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
+    return ckpt
 
 
 @torch.inference_mode()
@@ -159,17 +177,13 @@ def fit(
     ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
     history: list[dict] = []
     start_epoch, prior_wall, prior_train = 0, 0.0, 0.0
-    if resume and ckpt_path is not None and not ckpt_path.exists():
-        _drop_metrics_after(Path(run_dir), phase, -1)  # lines of an epoch whose checkpoint never landed
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    ckpt = resume_checkpoint(run_dir, phase, device, resume)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
         history = json.loads(ckpt["history"])
         start_epoch = ckpt["epoch"] + 1
         prior_wall, prior_train = ckpt["wall_s"], ckpt["train_s"]
-        _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
     step_fn = TrainStep(model, opt, device=device, amp=cfg.amp, after_backward=after_backward,
                         cuda_graph=cfg.cuda_graph, loss_fn=loss_fn)
     t_start = time.perf_counter()

@@ -11,8 +11,8 @@ from typing import Iterable
 import torch
 
 from ..engine.graph import GraphedStep
-from ..engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from ..engine.loop import _drop_metrics_after, _lr_fn, append_metrics, set_loader_epoch
+from ..engine.checkpoint import rng_state, save_atomic
+from ..engine.loop import _lr_fn, append_metrics, resume_checkpoint, set_loader_epoch
 from ..engine.progress import make_progress
 from ..engine.step import batches_on
 from .base import SearchState, get_search
@@ -105,15 +105,11 @@ def run_search(
     ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
     history: list[dict] = []
     start, prior_wall, search_s = 0, 0.0, 0.0
-    if resume and ckpt_path is not None and not ckpt_path.exists():
-        _drop_metrics_after(Path(run_dir), phase, -1)  # lines of an epoch whose checkpoint never landed
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    ckpt = resume_checkpoint(run_dir, phase, device, resume)
+    if ckpt is not None:
         _load_payload(problem, state, ckpt)
-        set_rng_state(ckpt["rng"])
         history = json.loads(ckpt["history"])
         start, prior_wall, search_s = ckpt["epoch"] + 1, ckpt["wall_s"], ckpt["search_s"]
-        _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
     if spec.data == "whole":
         def run_step(x, y):
             spec.step(problem, state, (x, y), None)
