@@ -187,3 +187,14 @@ def test_bad_combinations_fail_before_training(tiny_sets):
     with pytest.raises(ValueError, match="prune.reference only applies"):
         slimrarts.prune(create_model("tiny_resnet"), loaders, 0.4, config=cfg, progress=False)
     assert loaders.test.passes == 1  # only the dense evaluation ran
+
+
+def test_report_plots_widths_and_alphas(tmp_path, tiny_archive):
+    pytest.importorskip("matplotlib", reason="plots need the `plot` extra")
+    recipe = _recipe(tmp_path, tiny_archive)
+    out = tmp_path / "pr"
+    assert main(["run", recipe, "--out", str(out), "--no-progress", "--set", "search.epochs=1",
+                 "--set", "finetune.epochs=1"]) == 0
+    assert main(["report", str(out), "--plot"]) == 0
+    for name in ("widths.png", "alphas.png"):
+        assert (out / name).stat().st_size > 1000

@@ -187,3 +187,119 @@ def test_round_to_with_ties_keeps_multiples():
     assert int(keep[0].sum()) == 4
     keep = select_ratio([torch.ones(7), torch.ones(5)], 0.5, round_to=4)  # ties prune group 0 first: 1 and 5 kept
     assert [int(k.sum()) for k in keep] == [4, 5]  # rounded up to a multiple of 4, capped at the group size
+
+
+class _ChannelsLastMLP(nn.Module):
+    """A ConvNeXt-style block: linear layers applied to NHWC activations (channels in the last dimension)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
+class _RepBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 and 1x1 branches plus an identity BN, summed; the BN ties input to output."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.k = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.p = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.k(x) + self.p(x) + self.identity(x))
+
+
+class _PartialResidual(nn.Module):
+    """ReXNet's residual: the shortcut is added into the first channels of a slightly wider output."""
+
+    def __init__(self, widths=(4, 5, 6, 7, 8, 9, 10)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
+                                    for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            y = block(x)
+            x = torch.cat([y[:, :x.shape[1]] + x, y[:, x.shape[1]:]], dim=1)
+        return self.head(x.mean((2, 3)))
+
+
+def _random_alphas_and_remove(model, x, scope):
+    return _remove_with_random_alphas(attach_gates(model.eval(), x[:2], scope), x)
+
+
+def _remove_with_random_alphas(gates, x):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for a in gates.alphas:
+            a.copy_(torch.rand(a.shape, generator=g) * 1.4 + 0.1)
+    groups = list(gates.groups)
+    spec = remove_channels(gates, select_ratio(gates.alphas, 0.4), check_input=x)
+    return groups, gates.skipped, spec
+
+
+def test_linear_on_channels_last_activations_is_gated_on_the_last_dim():
+    torch.manual_seed(0)
+    model = _ChannelsLastMLP()
+    groups, skipped, spec = _random_alphas_and_remove(model, torch.randn(4, 3, 7, 7), "internal")
+    assert [(g.root, [s.dim for s in g.sites]) for g in groups] == [("fc1", [-1])] and not skipped
+    assert model.fc1.out_features == model.fc2.in_features == 6
+    assert spec["max_abs_diff"] <= 1e-5 * max(1.0, spec["max_abs_ref"])
+
+
+def test_layers_that_read_and_write_one_group_need_gates_on_every_norm():
+    """Two RepVGG blocks form one coupled group; the second block's convs read the first block's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), _RepBlock(6), _RepBlock(6),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 8, 8))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.uniform_(-0.5, 0.5)
+    groups, _, spec = _random_alphas_and_remove(model, torch.randn(4, 3, 8, 8), "coupled")
+    assert len(groups) == 1
+    norms = {n for n, m in _RepBlock(6).named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {s.module for s in groups[0].sites} == {"1"} | {f"{b}.{n}" for b in (3, 4) for n in norms}
+    assert model[7].in_features == 4
+    assert spec["max_abs_diff"] <= 1e-5 * max(1.0, spec["max_abs_ref"])
+
+
+def test_partial_channel_residual_is_skipped_not_hung():
+    """torch-pruning's group search never ends on ReXNet-style residuals; those groups are skipped with a reason."""
+    gates = attach_gates(_PartialResidual().eval(), torch.randn(2, 3, 8, 8), "internal")
+    assert any("did not converge" in s.reason for s in gates.skipped)
+
+
+ZOO = ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
+       "torchvision:regnet_x_400mf", "torchvision:densenet121", "torchvision:shufflenet_v2_x0_5",
+       "torchvision:convnext_tiny", "torchvision:squeezenet1_0", "torchvision:mnasnet0_5", "timm:rexnet_100",
+       "timm:repvgg_a0", "timm:convnext_atto", "timm:ese_vovnet19b_dw", "timm:cspresnet50", "timm:dla34",
+       "timm:mixnet_s", "timm:tf_efficientnetv2_b0", "timm:resnest14d", "timm:seresnet18", "timm:res2net50_14w_8s",
+       "timm:ghostnet_100", "timm:regnety_002"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_models_are_gated_or_skipped_and_removal_is_exact(name):
+    """Every zoo CNN either gets gates whose removal is exact or lists what it skipped; nothing crashes or hangs."""
+    x = torch.randn(2, 3, 64, 64)
+    for scope in ("internal", "coupled"):
+        gates = attach_gates(_calibrated(name, size=64), x[:1], scope)
+        assert all(s.reason for s in gates.skipped)
+        if not gates.groups:
+            continue
+        _, _, spec = _remove_with_random_alphas(gates, x)
+        assert spec["max_abs_diff"] <= 1e-4 * max(1.0, spec["max_abs_ref"]), (scope, spec["max_abs_diff"])

@@ -13,7 +13,9 @@ from .groups import ChannelGroup, Skipped, find_groups
 __all__ = ["Gates", "attach_gates"]
 
 
-def _scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _scale(x: torch.Tensor, alpha: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    if dim == -1:
+        return x * alpha.to(x.dtype)
     return x * alpha.view((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
@@ -37,21 +39,21 @@ class Gates:
             for site in group.sites:
                 module = modules[site.module]
                 if site.where == "act_input":
-                    self._handles.append(module.act.register_forward_pre_hook(self._pre_hook(i)))
+                    self._handles.append(module.act.register_forward_pre_hook(self._pre_hook(i, site.dim)))
                 else:
-                    self._handles.append(module.register_forward_hook(self._post_hook(i)))
+                    self._handles.append(module.register_forward_hook(self._post_hook(i, site.dim)))
 
     def _alpha(self, i: int) -> torch.Tensor:
         return self._override[i] if self._override is not None else self.alphas[i]
 
-    def _pre_hook(self, i: int):
+    def _pre_hook(self, i: int, dim: int):
         def hook(_module, args):
-            return (_scale(args[0], self._alpha(i)),) + tuple(args[1:])
+            return (_scale(args[0], self._alpha(i), dim),) + tuple(args[1:])
         return hook
 
-    def _post_hook(self, i: int):
+    def _post_hook(self, i: int, dim: int):
         def hook(_module, _args, output):
-            return _scale(output, self._alpha(i))
+            return _scale(output, self._alpha(i), dim)
         return hook
 
     def parameters(self) -> list[torch.Tensor]:

@@ -10,13 +10,15 @@ activation, pooling or reshape passes zeros on; anything else (a norm not gated,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
+from torch_pruning.dependency import graph as _tp_graph
 
 __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
 
@@ -32,7 +34,7 @@ _ZERO_PRESERVING = (
     "AdaptiveMaxPool2D", "View", "Reshape", "Unsafe", "Clone", "Flatten", "NativeDropout", "Squeeze", "Unsqueeze",
     "Permute", "Transpose", "Expand", "Contiguous", "Alias", "ToCopy", "Neg", "Div", "MulScalar",
 )
-_MERGE_ALL = ("Add", "Sub", "Cat", "Stack")
+_MERGE_ALL = frozenset({"Add", "Sub", "Cat", "Stack"})  # matched exactly: "Addmm" (a Linear) is not an add
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ class GateSite:
     module: str
     where: Literal["output", "act_input"]
     fold: Literal["norm", "producer"]  # fold α into a norm's affine parameters or a producer's output rows
+    dim: int = 1  # the channel dimension of the gated tensor: -1 for nn.Linear (features last, e.g. NHWC blocks)
 
 
 @dataclasses.dataclass
@@ -71,6 +74,10 @@ def _op_name(node) -> str:
         return ""
     name = fn.name()
     return name[:-1] if name and name[-1].isdigit() else name
+
+
+def _is_merge(node) -> bool:
+    return _op_name(node).removesuffix("Backward") in _MERGE_ALL
 
 
 def _is_depthwise(module) -> bool:
@@ -119,14 +126,24 @@ class _GroupView:
             return "concat"
         return "other"
 
+    def reads(self, node) -> bool:
+        """Whether `node` mixes this group's channels into its outputs (a conv or linear reading them).
+
+        Such a layer may also produce channels of the same group (RepVGG's blocks are tied by identity BNs): it is a
+        producer and a consumer at once.
+        """
+        m = node.module
+        return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not _is_depthwise(m)
+                and "in" in self.handler.get(node, ()))
+
     def successors(self, node) -> list:
-        """Data-flow successors that carry this group's channels (consumers end the walk)."""
-        if self.kind(node) == "consumer":
+        """Data-flow successors that carry this group's channels (layers reading them end the walk)."""
+        if self.reads(node):
             return []
         return [n for n in node.outputs if n in self.handler]
 
     def downstream(self, node) -> set:
-        seen, stack = set(), list(self.successors(node))
+        seen, stack = set(), [n for n in node.outputs if n in self.handler]
         while stack:
             n = stack.pop()
             if n in seen:
@@ -136,7 +153,7 @@ class _GroupView:
         return seen
 
     def is_coupled(self) -> bool:
-        return any(self.kind(n) in ("elementwise", "concat") and _op_name(n).startswith(_MERGE_ALL) for n in self.handler)
+        return any(self.kind(n) in ("elementwise", "concat") and _is_merge(n) for n in self.handler)
 
     def consumers_read_zero(self, gated: set) -> tuple[bool, str]:
         """Whether, with the gated nodes' outputs zero, every consumer of the channels reads zero."""
@@ -161,8 +178,13 @@ class _GroupView:
                 result = bool(ins) and all(zero(n) for n in ins)
             else:
                 op = _op_name(node)
-                if op.startswith(_MERGE_ALL):
+                if _is_merge(node):
                     result = len(ins) == len(node.inputs) and all(zero(n) for n in ins)
+                elif op in ("AddmmBackward", "MmBackward"):
+                    # a Linear applied to channels-last activations, traced as its matmul: it contracts over the
+                    # group's channels, so it reads zeros when its activation input is zero
+                    acts = [n for n in ins if not (self.kind(n) == "elementwise" and not n.inputs)]
+                    result = bool(acts) and all(zero(n) for n in acts)
                 elif op.startswith("Mul"):
                     result = any(zero(n) for n in ins)
                 elif op.startswith(_ZERO_PRESERVING):
@@ -173,7 +195,7 @@ class _GroupView:
             return result
 
         for node in self.handler:
-            if self.kind(node) == "consumer":
+            if self.reads(node):
                 # inputs made from parameters alone (a Linear's transposed weight) carry no activations
                 ins = [n for n in node.inputs if n in self.handler and not (self.kind(n) == "elementwise" and not n.inputs)]
                 if not ins or not all(zero(n) for n in ins):
@@ -188,7 +210,7 @@ def _site_for(view: _GroupView, node) -> GateSite:
         act = getattr(m, "act", None)
         where = "act_input" if isinstance(act, nn.Module) else "output"
         return GateSite(name, where, "norm")
-    return GateSite(name, "output", "producer")
+    return GateSite(name, "output", "producer", dim=-1 if isinstance(m, nn.Linear) else 1)
 
 
 def _check_unsupported(view: _GroupView) -> str | None:
@@ -202,7 +224,8 @@ def _check_unsupported(view: _GroupView) -> str | None:
                                                         ops.OPTYPE.CUSTOMIZED, ops.OPTYPE.MHA, ops.OPTYPE.LSTM,
                                                         ops.OPTYPE.EMBED, ops.OPTYPE.PARAMETER, ops.OPTYPE.EXPAND):
             return f"{view.name(node)}: {type(m).__name__ if m is not None else node.name} is not supported yet"
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m):
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and (
+                not _is_depthwise(m) or isinstance(m, nn.modules.conv._ConvTransposeNd)):
             return f"{view.name(node)} is a grouped convolution (groups={m.groups})"
         if isinstance(m, _NORMS) and not m.affine:
             return f"{view.name(node)} has no affine parameters to fold the gate into"
@@ -217,12 +240,13 @@ def _last_norms(view: _GroupView) -> list:
 
 
 def _gate_sites(view: _GroupView) -> tuple[list, str | None]:
-    """Last norms first; then producers without a norm downstream; then every producer."""
+    """Last norms first; then producers without a norm downstream; then every norm; then every producer."""
     producers = [n for n in view.handler if view.kind(n) in ("producer",)]
     last_norms = _last_norms(view)
+    norms = [n for n in view.handler if view.kind(n) == "norm"]
     bare = [p for p in producers if not any(view.kind(d) == "norm" for d in view.downstream(p))]
     reader = ""
-    for gated in (last_norms, last_norms + bare, last_norms + producers):
+    for gated in (last_norms, last_norms + bare, norms + bare, last_norms + producers):
         if not gated:
             continue
         ok, reader = view.consumers_read_zero(set(gated))
@@ -249,6 +273,70 @@ def _branch_inputs(view: _GroupView) -> list[tuple]:
     return out
 
 
+_DIVERGED = ("torch-pruning's dependency search did not converge on this group (a residual that adds into part of "
+             "the channels, as in ReXNet, maps indices without end)")
+
+
+class _Diverged(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_groups(limit: int) -> Iterator[None]:
+    """Make DependencyGraph.get_pruning_group raise `_Diverged` once a group grows past `limit` items.
+
+    torch-pruning's traversal revisits a node whenever it arrives with new indices; with partial-channel residuals the
+    indices keep changing and the group grows without end. A real group has a few items per graph node at most.
+    """
+    base = _tp_graph.Group
+
+    class Bounded(base):
+        def add_dep(self, dep, idxs):
+            if len(self) >= limit:
+                raise _Diverged
+            super().add_dep(dep, idxs)
+
+    _tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        _tp_graph.Group = base
+
+
+def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[object | None, nn.Module]]:
+    """Every pruning group rooted at a conv or linear layer's out-channels, as (group, root); group None if diverged.
+
+    This is DependencyGraph.get_all_groups with a bound on each group's size, so one bad group is skipped instead of
+    hanging the search.
+    """
+    visited: set[nn.Module] = set()
+    ignored_all = ignored + list(dg.IGNORED_LAYERS_IN_TRACING)
+    limit = 8 * len(dg.module2node) + 64
+    for module in list(dg.module2node):
+        if module in visited or any(module is m for m in ignored_all):
+            continue
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with _bounded_groups(limit):
+                group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(module))))
+        except _Diverged:
+            visited.add(module)
+            yield None, module
+            continue
+        usable = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                usable = usable and not any(dep.target.module is m for m in ignored_all)
+        if usable:
+            yield group, module
+
+
 def find_groups(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -273,7 +361,10 @@ def find_groups(
         model.train(was_training)
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = []
-    for group in dg.get_all_groups(ignored_layers=list(ignored), root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+    for group, root in _all_groups(dg, list(ignored)):
+        if group is None:
+            skipped.append(Skipped(names.get(root, type(root).__name__), _DIVERGED))
+            continue
         view = _GroupView(group, names)
         gname = view.name(view.root)
         if any(view.kind(n) == "output" for n in view.handler) or not any(

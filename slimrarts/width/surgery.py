@@ -48,7 +48,10 @@ def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
         for site in group.sites:
             m = modules[site.module]
             a = alpha.to(m.weight.dtype)
-            m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
+                m.weight.mul_(a.view((1, -1) + (1,) * (m.weight.dim() - 2)))
+            else:
+                m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
             if getattr(m, "bias", None) is not None:
                 m.bias.mul_(a)
 
