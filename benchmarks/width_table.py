@@ -52,7 +52,7 @@ def _run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.train.channels_last)
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
-    macs, params = macs_and_params(model, (1, 3, 32, 32))
+    macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
     result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=run_dir, resume=True,
                  progress=progress, eval_every=max(1, recipe.train.epochs // 4))
     report = {"method": "baseline", "test_acc": result.final["test_acc"], "params": params, "macs": macs,

@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     save_or_check_recipe(recipe, run_dir, args.resume)
     console.print(f"[bold]run folder[/] {run_dir}")
     loaders, model = _build(recipe, device)
-    macs, params = macs_and_params(model, (1, 3, 32, 32))
+    macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
     result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=run_dir,
                  resume=args.resume, progress=not args.no_progress,
                  eval_every=max(1, recipe.train.epochs // 10))
@@ -147,6 +147,10 @@ def cmd_run(args) -> int:
                    model_info=_model_info(recipe, loaders.num_classes))
     result.report["data"] = loaders.info
     (run_dir / "report.json").write_text(json.dumps(result.report, indent=1))
+    if args.no_progress:  # prune() prints the summary only with progress on; the CLI always shows it
+        from .report import summary_table
+
+        console.print(summary_table(result.report))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,7 @@ def test_cli_run_writes_every_artefact_and_refuses_to_overwrite(tmp_path, tiny_a
     recipe = _recipe(tmp_path, tiny_archive)
     out = tmp_path / "run"
     assert main(["run", recipe, "--out", str(out), "--no-progress"]) == 0
+    assert "PRC" in capsys.readouterr().out  # the summary table prints without progress bars too
     for name in ("recipe.yaml", "metrics.jsonl", "report.json", "slim.pt", "width_spec.json", "alphas.json"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
@@ -126,25 +128,31 @@ def test_cli_run_writes_every_artefact_and_refuses_to_overwrite(tmp_path, tiny_a
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_cli_resume_after_interruption_matches(tmp_path, tiny_archive, monkeypatch):
+@pytest.mark.parametrize("method, phase", [("rarts", "search"), ("rarts", "finetune"), ("slimming", "search")])
+def test_cli_resume_after_interruption_matches(tmp_path, tiny_archive, monkeypatch, method, phase):
+    """Interrupted after the first epoch of a phase, `--resume` ends with the same slim weights as one run."""
     recipe = _recipe(tmp_path, tiny_archive)
-    assert main(["run", recipe, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    extra = ["--set", f"search.method={method}"]
+    assert main(["run", recipe, "--out", str(tmp_path / "a"), "--no-progress", *extra]) == 0
     import slimrarts.engine.loop as loop
+    import slimrarts.search.loop as search_loop
 
     real_save = loop.save_atomic
     calls = {"n": 0}
 
-    def crash_after_first_finetune_epoch(obj, path):
+    def crash_after_first_epoch(obj, path):
         real_save(obj, path)
-        if "finetune" in str(path):
+        if Path(path).stem == phase:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_atomic", crash_after_first_finetune_epoch)
-    assert main(["run", recipe, "--out", str(tmp_path / "b"), "--no-progress"]) == 130
-    monkeypatch.setattr(loop, "save_atomic", real_save)
-    assert main(["run", recipe, "--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    monkeypatch.setattr(loop, "save_atomic", crash_after_first_epoch)
+    monkeypatch.setattr(search_loop, "save_atomic", crash_after_first_epoch)
+    assert main(["run", recipe, "--out", str(tmp_path / "b"), "--no-progress", *extra]) == 130
+    assert calls["n"] == 1 and not (tmp_path / "b" / "slim.pt").exists()
+    monkeypatch.undo()
+    assert main(["run", recipe, "--out", str(tmp_path / "b"), "--resume", "--no-progress", *extra]) == 0
     a = torch.load(tmp_path / "a" / "slim.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "slim.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -36,6 +36,32 @@ def test_l1_subgradient_adds_s_sign_gamma():
     torch.testing.assert_close(w[0].grad, torch.tensor([1.1, 0.9, 1.0]))
 
 
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_l1_term_is_exact_under_autocast_and_weight_decay(amp):
+    """One SGD step with s and weight decay moves γ by exactly lr·(wd·γ + s·sign γ) more than the bare step."""
+    from slimrarts.engine.optim import SGD
+    from slimrarts.engine.step import TrainStep
+
+    lr, wd, s = 0.1, 1e-2, 0.05
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
+    gamma = {}
+    for key, (decay, sparsity) in {"bare": (0.0, 0.0), "wd": (wd, 0.0), "wd+l1": (wd, s)}.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4))
+        with torch.no_grad():
+            model[1].weight.copy_(torch.tensor([0.5, -0.3, 0.2, 0.8, -0.6, 0.1]))
+        gamma0 = model[1].weight.detach().clone()
+        opt = SGD(model.parameters(), lr=lr, weight_decay=decay)
+        step = TrainStep(model, opt, device=torch.device("cpu"), amp=amp,
+                         after_backward=bn_l1_subgradient([model[1].weight], sparsity))
+        step(x, y)
+        gamma[key] = model[1].weight.detach().clone()
+    torch.testing.assert_close(gamma["bare"] - gamma["wd"], lr * wd * gamma0)
+    torch.testing.assert_close(gamma["wd"] - gamma["wd+l1"], lr * s * torch.sign(gamma0))
+    assert gamma["bare"].dtype == torch.float32  # autocast leaves the master weights in fp32
+
+
 def test_slimming_drives_gamma_down_and_prunes_by_global_threshold(tiny_sets, tmp_path):
     loaders = _loaders(tiny_sets)
     reports = {}
