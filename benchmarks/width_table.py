@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "width"), help="where run folders go")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--random-global", action="store_true",
+                    help="random pruning at a global ratio instead of the per-layer counts of the rarts run")
     args = ap.parse_args()
 
     from slimrarts.engine import resolve_device
@@ -139,7 +141,10 @@ def main() -> None:
                 if ratio is not None:
                     over += [f"search.method={method}", f"prune.ratio={ratio}"]
                     ref = Path(args.runs) / f"{args.tier}-{args.dataset}" / f"rarts-{int(round(ratio * 100))}-s{seed}"
-                    if method == "random" and (ref / "width_spec.json").is_file():
+                    if method == "random" and not args.random_global:
+                        if not (ref / "width_spec.json").is_file():
+                            raise SystemExit(f"random at RARTS' widths needs the rarts run {ref} (list rarts before "
+                                             "random in --methods), or pass --random-global for a global ratio")
                         over.append(f"prune.reference={ref}")
                 recipe = load_recipe(recipe_path, over)
                 print(f"== {tag} seed {seed}: {run_dir}", flush=True)

@@ -119,6 +119,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
+                        optim_arch=s.arch,
                         loader_t=loaders.search_t, loader_v=loaders.search_v, loader_whole=loaders.train,
                         channels_last=s.channels_last, run_dir=str(run_dir) if run_dir else None, resume=resume,
                         progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph)

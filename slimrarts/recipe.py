@@ -104,10 +104,19 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class ArchOptimConfig:
-    """The optimizer of the architecture parameters α (constant learning rate)."""
+    """The optimizer of the architecture parameters α and its schedule (constant by default, as in DARTS/RARTS)."""
 
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = field(1e-3, **_positive)
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.75],
+        check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
+        allowed="increasing fractions of the epochs, each in (0, 1)",
+    )
+    gamma: float = field(0.1, **_positive)
+    warmup_epochs: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0")
+    min_lr: float = field(0.0, **_non_negative)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], check=lambda v: len(v) == 2 and all(
         0 <= b < 1 for b in v), allowed="two numbers in [0, 1)")
     weight_decay: float = field(0.0, **_non_negative)

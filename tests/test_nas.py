@@ -299,3 +299,27 @@ def test_train_command_trains_the_eval_net_of_a_genotype(tiny_archive, tmp_path)
     net.load_state_dict(saved["state_dict"])
     with pytest.raises(ValueError, match="no genotype"):
         train_command(_recipe(tiny_archive), out=tmp_path / "other", progress=False)
+
+
+def test_cli_search_then_train_the_found_genotype(tiny_archive, tmp_path):
+    """`slimrarts search <cell recipe>` then `slimrarts train <recipe> --set model.genotype=<its genotype.json>`."""
+    import yaml
+
+    from slimrarts.cli import main
+
+    recipe = tmp_path / "cell.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_archive)))
+    search = tmp_path / "search"
+    assert main(["search", str(recipe), "--out", str(search), "--no-progress"]) == 0
+    found = Genotype.from_json((search / "genotype.json").read_text())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the drawing needs the `plot` extra
+        pass
+    else:
+        assert (search / "cells.png").stat().st_size > 1000
+    train = tmp_path / "train"
+    assert main(["train", str(recipe), "--out", str(train), "--no-progress",
+                 "--set", f"model.genotype={search / 'genotype.json'}"]) == 0
+    info = json.loads(torch.load(train / "model.pt", weights_only=True)["model"])
+    assert Genotype.from_json(json.dumps(info["kwargs"]["genotype"])) == found

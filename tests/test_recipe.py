@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from slimrarts.config import ConfigError
 from slimrarts.recipe import Recipe, dump_recipe, load_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(ROOT.joinpath("recipes").rglob("*.yaml"))
 
 
 def test_defaults_and_overrides():
@@ -82,10 +84,34 @@ def test_every_recipe_loads_and_its_model_builds(path):
     if path.stem.startswith("darts"):
         from slimrarts.nas.recipe import NasRecipe
 
+        from slimrarts.nas import DARTS_V2, SearchNetwork, build_eval_net
+
         r = load_recipe(path, schema=NasRecipe)
         assert r.name and r.search.epochs >= 1
+        net = SearchNetwork(C=r.net.C, num_classes=10, layers=r.net.layers, steps=r.net.steps)
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        evaluation = build_eval_net(DARTS_V2, C=r.train.C, layers=r.train.layers, auxiliary=r.train.auxiliary_weight > 0)
+        assert sum(p.numel() for p in evaluation.parameters()) > 0
         return
     r = load_recipe(path)
     assert r.name
     model = create_model(r.model.name, num_classes=100 if r.data.name == "cifar100" else 10, **r.model.kwargs)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "width").glob("paper_cifar*_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_width_paper_recipes_have_the_papers_settings(path):
+    """Network Slimming's schedule (RARTS §IV-B follows it): SGD batch 64, lr 0.1 ÷10 at 50%/75%, wd 1e-4, 160+160."""
+    r = load_recipe(path)
+    method, ratio = path.stem.split("_")[-1].rstrip("0123456789"), int(path.stem[-2:]) / 100
+    assert (r.model.name, r.data.batch_size, r.search.method, r.prune.ratio) == (
+        "preresnet164", 64, method, ratio)
+    assert r.data.name == path.stem.split("_")[1]
+    for phase in (r.search, r.finetune):
+        o = phase.optim
+        assert (phase.epochs, o.lr, o.momentum, o.weight_decay, o.schedule, o.milestones, o.gamma) == (
+            160, 0.1, 0.9, 1e-4, "step", [0.5, 0.75], 0.1)
+    assert r.prune.scope == ["internal", "branch-input"]
+    if method == "slimming":
+        assert (r.search.sparsity, r.search.init_gamma) == (1e-5, 0.5)

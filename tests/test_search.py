@@ -181,3 +181,18 @@ def test_search_resume_is_exact(tiny_sets, tmp_path):
         assert torch.equal(full.y[k], resumed.y[k]), k
     for a, b in zip(gates_full.alphas, gates_res.alphas):
         assert torch.equal(a, b)
+
+
+def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
+    """search.arch.schedule=step drops α's learning rate at the milestones; the default keeps it constant."""
+    seen = {}
+    for schedule in ("constant", "step"):
+        arch = ArchOptimConfig(lr=0.01, schedule=schedule, milestones=[0.5], gamma=0.1)
+        model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts", arch_lr=0.01)
+        lrs = []
+        run_search(problem, state, "rarts", epochs=2, optim_w=OptimConfig(lr=0.05), optim_arch=arch, loader_t=lt,
+                   loader_v=lv, progress=False,
+                   on_epoch_end=lambda epoch, record: lrs.append(state.opt_arch.lr_tensor().item()))
+        seen[schedule] = lrs
+    assert seen["constant"] == pytest.approx([0.01, 0.01])
+    assert seen["step"] == pytest.approx([0.01, 0.001])

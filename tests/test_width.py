@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -224,7 +226,7 @@ class _PartialResidual(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]))
         self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
-                                    for a, b in zip(widths, widths[1:]))
+                                    for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], 3)
 
     def forward(self, x):
@@ -303,3 +305,14 @@ def test_zoo_models_are_gated_or_skipped_and_removal_is_exact(name):
             continue
         _, _, spec = _remove_with_random_alphas(gates, x)
         assert spec["max_abs_diff"] <= 1e-4 * max(1.0, spec["max_abs_ref"]), (scope, spec["max_abs_diff"])
+
+
+def test_slim_model_with_input_selection_exports_with_torch_export():
+    """The slim model (ChannelSelect included) is plain torch code: torch.export traces it and agrees with it."""
+    torch.manual_seed(0)
+    model = create_model("tiny_preresnet").eval()
+    x = torch.randn(2, 3, 32, 32)
+    _remove_with_random_alphas(attach_gates(model, x, ["internal", "branch-input"]), x)
+    assert any(isinstance(m, ChannelSelect) for m in model.modules())
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))

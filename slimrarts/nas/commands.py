@@ -1,4 +1,5 @@
-"""The topology-search commands behind `slimrarts search-cell` / `train-cell`: run folders in, results out.
+"""The topology-search commands behind `slimrarts search` and `slimrarts train` (cell recipes): run folders in,
+results out.
 
 `search_command` writes into its run folder: recipe.yaml, metrics.jsonl, checkpoints/search.pt, alphas.json
 (softmax(α) and the derived genotype after every epoch), costs.json (with a cost penalty), genotype.json,

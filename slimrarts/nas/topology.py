@@ -78,6 +78,7 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
                        beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     callback = None if on_epoch_end is None else (lambda epoch, record: on_epoch_end(epoch, record, net))
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
+                        optim_arch=s.arch,
                         loader_t=loaders.search_t, loader_v=loaders.search_v,
                         loader_whole=loaders.train if spec.data == "whole" else None, channels_last=s.channels_last,
                         run_dir=str(run_dir) if run_dir is not None else None, resume=resume, progress=progress,

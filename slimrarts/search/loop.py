@@ -74,6 +74,7 @@ def run_search(
     epochs: int,
     optim_w,
     optim_y=None,
+    optim_arch=None,
     loader_t: Iterable | None = None,
     loader_v: Iterable | None = None,
     loader_whole: Iterable | None = None,
@@ -88,7 +89,8 @@ def run_search(
 ) -> SearchResult:
     """Run `epochs` epochs of search `method`; an epoch is one pass over D_t (paired with D_v) or the whole set.
 
-    The weights' learning rates follow their schedules per iteration; α's stays constant. With `run_dir`, the
+    The learning rates of the weights (and of α, given `optim_arch` with a schedule) follow their schedules per
+    iteration. With `run_dir`, the
     state is checkpointed each epoch and `resume=True` continues exactly where the last checkpoint ended.
     """
     spec = get_search(method)
@@ -102,6 +104,8 @@ def run_search(
         raise ValueError("the search loaders yield no batches (batch size larger than a half of the data?)")
     lr_w = _lr_fn(optim_w, n_iter, epochs)
     lr_y = _lr_fn(optim_y or optim_w, n_iter, epochs)
+    scheduled_arch = optim_arch is not None and optim_arch.schedule != "constant"
+    lr_arch = _lr_fn(optim_arch, n_iter, epochs) if scheduled_arch else None
     ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
     history: list[dict] = []
     start, prior_wall, search_s = 0, 0.0, 0.0
@@ -139,6 +143,8 @@ def run_search(
                 state.opt_w.set_lr(lr_w(step))
                 if state.opt_y is not None:
                     state.opt_y.set_lr(lr_y(step))
+                if lr_arch is not None:
+                    state.opt_arch.set_lr(lr_arch(step))
                 graphed(*batch_t, *(batch_v if batch_v is not None else ()))
                 images += batch_t[1].shape[0] + (batch_v[1].shape[0] if batch_v is not None else 0)
                 bar.advance(task)
