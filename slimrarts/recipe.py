@@ -71,6 +71,11 @@ class ModelConfig:
     weights: str | None = None  # a state_dict file to start from (e.g. a trained baseline)
 
 
+_MILESTONES = dict(default_factory=lambda: [0.5, 0.75], check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
+                   allowed="increasing fractions of the epochs, each in (0, 1)")
+_EPOCHS_GE0 = dict(check=lambda v: v >= 0, allowed="an integer >= 0")
+
+
 @dataclasses.dataclass
 class OptimConfig:
     """SGD for the network weights and its learning-rate schedule."""
@@ -80,13 +85,9 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = field(1e-4, **_non_negative)
     schedule: Literal["step", "cosine", "constant"] = "step"
-    milestones: list[float] = field(
-        default_factory=lambda: [0.5, 0.75],
-        check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
-        allowed="increasing fractions of the epochs, each in (0, 1)",
-    )
+    milestones: list[float] = field(**_MILESTONES)
     gamma: float = field(0.1, **_positive)
-    warmup_epochs: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0")
+    warmup_epochs: int = field(0, **_EPOCHS_GE0)
     min_lr: float = field(0.0, **_non_negative)  # floor of the cosine schedule
 
 
@@ -109,13 +110,9 @@ class ArchOptimConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = field(1e-3, **_positive)
     schedule: Literal["constant", "step", "cosine"] = "constant"
-    milestones: list[float] = field(
-        default_factory=lambda: [0.5, 0.75],
-        check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
-        allowed="increasing fractions of the epochs, each in (0, 1)",
-    )
+    milestones: list[float] = field(**_MILESTONES)
     gamma: float = field(0.1, **_positive)
-    warmup_epochs: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0")
+    warmup_epochs: int = field(0, **_EPOCHS_GE0)
     min_lr: float = field(0.0, **_non_negative)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], check=lambda v: len(v) == 2 and all(
         0 <= b < 1 for b in v), allowed="two numbers in [0, 1)")
