@@ -121,12 +121,14 @@ def _read_folder(path: Path, name: str) -> Decoded:
     return _from_images(entries, str(path))
 
 
-def _read_archive(path: Path, name: str) -> Decoded:
+def scan_archive(path: Path, splits: tuple[str, ...], *, pickle_dir: str | None = None, wanted: set[str] = frozenset(),
+                 who: str = "") -> tuple[dict[tuple[str, str, str], bytes], dict[str, bytes], set[str]]:
+    """Read a tar archive in one pass: the images under <root>/<split>/<class>/ (one root), the `wanted` files of
+    `pickle_dir`, and the names at its top level; an unreadable archive or several roots are a ValueError."""
     images: dict[tuple[str, str, str], bytes] = {}
     pickles: dict[str, bytes] = {}
     roots: set[tuple[str, ...]] = set()
     tops: set[str] = set()
-    wanted = {*_PICKLE_FILES[name]["train"], *_PICKLE_FILES[name]["test"], _PICKLE_FILES[name]["meta"]}
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
@@ -134,17 +136,23 @@ def _read_archive(path: Path, name: str) -> Decoded:
                     continue
                 parts = PurePosixPath(member.name).parts
                 tops.add(parts[0])
-                if len(parts) >= 2 and parts[-2] == PICKLE_DIRS[name] and parts[-1] in wanted:
+                if pickle_dir is not None and len(parts) >= 2 and parts[-2] == pickle_dir and parts[-1] in wanted:
                     pickles[parts[-1]] = _read_member(tar, member)
-                elif len(parts) >= 3 and parts[-3] in SPLITS and _is_image_name(parts[-1]):
+                elif len(parts) >= 3 and parts[-3] in splits and _is_image_name(parts[-1]):
                     roots.add(parts[:-3])
                     images[parts[-3:]] = _read_member(tar, member)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"cannot read the archive {path}: {e}") from e
+        raise ValueError(f"{who}cannot read the archive {path}: {e}") from e
     if len(roots) > 1:
         listed = ", ".join(repr("/".join(r) + "/") for r in sorted(roots))
-        raise ValueError(f"archive {path} holds train/ and test/ images under several folders ({listed}); "
-                         "expected one")
+        raise ValueError(f"{who}archive {path} holds split folders ({', '.join(splits)}) under several folders "
+                         f"({listed}); expected one")
+    return images, pickles, tops
+
+
+def _read_archive(path: Path, name: str) -> Decoded:
+    wanted = {*_PICKLE_FILES[name]["train"], *_PICKLE_FILES[name]["test"], _PICKLE_FILES[name]["meta"]}
+    images, pickles, tops = scan_archive(path, SPLITS, pickle_dir=PICKLE_DIRS[name], wanted=wanted)
     if images:
         return _from_images(images, str(path))
     if pickles:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
 from ._cache import cache_file, read_cache, write_cache
-from ._sources import IMAGE_SUFFIXES, _is_archive, _is_image_name, _read_member
+from ._sources import IMAGE_SUFFIXES, _is_archive, _is_image_name, scan_archive
 from .cifar import default_cache_dir
 from .imageset import ImageSet
 
@@ -114,22 +112,7 @@ def _fingerprint(listing: dict[Key, Path]) -> str:
 
 def _read_archive(path: Path) -> dict[Key, bytes]:
     """The raw image files under <top>/train/ and <top>/test/ or <top>/val/ of a tar archive, read in one pass."""
-    images: dict[Key, bytes] = {}
-    roots: set[tuple[str, ...]] = set()
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                parts = PurePosixPath(member.name).parts
-                if (member.isfile() and len(parts) >= 3 and parts[-3] in (_TRAIN, *_EVAL_SPLITS)
-                        and _is_image_name(parts[-1])):
-                    roots.add(parts[:-3])
-                    images[parts[-3:]] = _read_member(tar, member)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"load_imagefolder: cannot read the archive {path}: {e}") from e
-    if len(roots) > 1:
-        listed = ", ".join(repr("/".join(r) + "/") for r in sorted(roots))
-        raise ValueError(f"load_imagefolder: archive {path} holds split folders under several folders ({listed}); "
-                         "expected one")
+    images, _, _ = scan_archive(path, (_TRAIN, *_EVAL_SPLITS), who="load_imagefolder: ")
     splits = {split for split, _, _ in images}
     eval_split = next((split for split in _EVAL_SPLITS if split in splits), None)
     if _TRAIN not in splits or eval_split is None:
