@@ -310,7 +310,7 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tu
     hanging the search.
     """
     visited: set[nn.Module] = set()
-    ignored_all = ignored + list(dg.IGNORED_LAYERS_IN_TRACING)
+    ignored_all = ignored + list(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
     limit = 8 * len(dg.module2node) + 64
     for module in list(dg.module2node):
         if module in visited or any(module is m for m in ignored_all):
