@@ -90,8 +90,8 @@ def run_search(
     """Run `epochs` epochs of search `method`; an epoch is one pass over D_t (paired with D_v) or the whole set.
 
     The learning rates of the weights (and of α, given `optim_arch` with a schedule) follow their schedules per
-    iteration. With `run_dir`, the
-    state is checkpointed each epoch and `resume=True` continues exactly where the last checkpoint ended.
+    iteration. With `run_dir`, the state is checkpointed each epoch and `resume=True` continues exactly where the
+    last checkpoint ended.
     """
     spec = get_search(method)
     if spec.data == "whole" and loader_whole is None:

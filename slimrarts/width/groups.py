@@ -136,6 +136,11 @@ class _GroupView:
         return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not _is_depthwise(m)
                 and "in" in self.handler.get(node, ()))
 
+    def activation_inputs(self, node) -> list:
+        """`node`'s inputs in this group that carry activations (not those made from parameters alone, such as a
+        Linear's transposed weight)."""
+        return [n for n in node.inputs if n in self.handler and not (self.kind(n) == "elementwise" and not n.inputs)]
+
     def successors(self, node) -> list:
         """Data-flow successors that carry this group's channels (layers reading them end the walk)."""
         if self.reads(node):
@@ -183,7 +188,7 @@ class _GroupView:
                 elif op in ("AddmmBackward", "MmBackward"):
                     # a Linear applied to channels-last activations, traced as its matmul: it contracts over the
                     # group's channels, so it reads zeros when its activation input is zero
-                    acts = [n for n in ins if not (self.kind(n) == "elementwise" and not n.inputs)]
+                    acts = self.activation_inputs(node)
                     result = bool(acts) and all(zero(n) for n in acts)
                 elif op.startswith("Mul"):
                     result = any(zero(n) for n in ins)
@@ -196,8 +201,7 @@ class _GroupView:
 
         for node in self.handler:
             if self.reads(node):
-                # inputs made from parameters alone (a Linear's transposed weight) carry no activations
-                ins = [n for n in node.inputs if n in self.handler and not (self.kind(n) == "elementwise" and not n.inputs)]
+                ins = self.activation_inputs(node)
                 if not ins or not all(zero(n) for n in ins):
                     return False, self.name(node)
         return True, ""
