@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import platform
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,22 +13,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .baselines import reference_counts
 from .config import to_dict
 from .data.factory import Loaders, as_loaders
-from .engine.loop import evaluate, fit, resolve_device
-from .engine.progress import console
-from .engine.rundir import prepare_run_dir
+from .engine.device import resolve_device
+from .engine.epochs import PhaseResult
+from .engine.loop import evaluate, fit
+from .engine.rundir import RunDir, prepare_run_dir
 from .engine.step import batches_on
+from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
+from .models import create_model
 from .recipe import Recipe, load_recipe, save_or_check_recipe
-from .baselines import get_baseline, is_baseline
-from .search import get_search
+from .report import build_report
+from .search.base import SearchState
 from .search.loop import run_search
 from .search.problem import NetProblem, make_state
-from .version import __version__
-from .width import attach_gates, pruned_ratio, remove_channels, save_slim, select_l1, select_ratio
+from .width import Gates, attach_gates, load_slim, remove_channels, save_slim, select_l1, select_ratio
 
-__all__ = ["PruneResult", "prune", "search_width", "load"]
+__all__ = ["PruneResult", "WidthSearch", "load", "prune", "search_width"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -37,7 +42,25 @@ class PruneResult:
 
     model: nn.Module
     report: dict
-    spec: dict
+    width_spec: dict
+
+    @property
+    def spec(self) -> dict:
+        """Deprecated name of `width_spec`."""
+        return self.width_spec
+
+
+@dataclasses.dataclass
+class WidthSearch:
+    """What `search_width` leaves: the gates (α in `gates.alphas`), the search state (w, y, optimizers) and the
+    phase's result (history, times)."""
+
+    gates: Gates
+    state: SearchState
+    result: PhaseResult
+
+    def __iter__(self):  # `gates, state, result = search_width(...)` as in slimrarts 0.1
+        return iter((self.gates, self.state, self.result))
 
 
 def _resolve_recipe(config: Recipe | dict | str | None, overrides: dict[str, Any]) -> Recipe:
@@ -60,28 +83,22 @@ def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.
 
 
 @torch.no_grad()
-def _keep_weights(model: nn.Module, state, keep: str) -> None:
-    if keep == "w" or state.y is None:
+def _take_final_weights(model: nn.Module, state: SearchState, which: str) -> None:
+    """Put the weights the slim model is cut from into `model`: w (already there), y, or their mean."""
+    if which == "w" or state.y is None:
         return
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     for k, p in params.items():
-        p.copy_(state.y[k] if keep == "y" else (p + state.y[k]) / 2)
+        p.copy_(state.y[k] if which == "y" else (p + state.y[k]) / 2)
     for k, b in buffers.items():
         other = state.y_buffers[k]
-        if keep == "y" or not b.is_floating_point():
+        if which == "y" or not b.is_floating_point():
             b.copy_(other)
         else:
             b.copy_((b + other) / 2)
 
 
-@dataclasses.dataclass
-class _Timing:
-    train_s: float
-    wall_s: float
-    images_per_s: float
-
-
-def _check_gates(gates, recipe) -> None:
+def _check_gates(gates: Gates, recipe: Recipe) -> None:
     """Fail before any training when the gated model cannot meet the recipe."""
     p = recipe.prune
     if not gates.groups:
@@ -93,21 +110,17 @@ def _check_gates(gates, recipe) -> None:
         if round(p.ratio * total) > prunable:
             raise ValueError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
                              f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
-    method = recipe.search.method
-    if p.reference and method != "random":
-        raise ValueError(f"prune.reference only applies to search.method=random, not {method!r}; remove it")
     if p.reference:
-        from .baselines.random_pruning import _reference_counts
-
-        _reference_counts(p.reference, gates)
-    elif is_baseline(method) and p.mode == "l1":
-        raise ValueError(f"prune.mode=l1 learns which α reach zero; baseline {method!r} has no α (use mode ratio, or "
-                         "random with prune.reference)")
+        reference_counts(p.reference, gates)
 
 
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
-                 resume: bool = False, progress: bool = True, example_input: torch.Tensor | None = None):
-    """Attach gates to `model` (in place) and learn α with the recipe's search method; returns (gates, state, result)."""
+                 resume: bool = False, progress: bool = True,
+                 example_input: torch.Tensor | None = None) -> WidthSearch:
+    """Attach gates to `model` (in place) and learn α with the recipe's search method.
+
+    Returns a `WidthSearch` (gates, search state, phase result); `model` holds w afterwards.
+    """
     loaders = as_loaders(loaders, seed=recipe.seed)
     s, p = recipe.search, recipe.prune
     if s.channels_last:
@@ -119,11 +132,44 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
-                        optim_arch=s.arch,
-                        loader_t=loaders.search_t, loader_v=loaders.search_v, loader_whole=loaders.train,
-                        channels_last=s.channels_last, run_dir=str(run_dir) if run_dir else None, resume=resume,
+                        optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
+                        loader_whole=loaders.train, channels_last=s.channels_last, run_dir=run_dir, resume=resume,
                         progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph)
-    return gates, state, result
+    return WidthSearch(gates, state, result)
+
+
+def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, device, run_dir, resume, progress):
+    """Run the method's phase before the cut: (gates, scores, ready keep masks or None, phase result, note)."""
+    if method.has_alpha:
+        found = search_width(model, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
+                             progress=progress, example_input=x)
+        _take_final_weights(model, found.state, recipe.search.final_weights)
+        return found.gates, found.gates.alphas, None, found.result, ""
+    gates = attach_gates(model, x[:2], recipe.prune.scope)
+    _check_gates(gates, recipe)
+    out = method.run(model, gates, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
+                     progress=progress)
+    return gates, out.scores, out.keep, out.fit, out.note
+
+
+def _select(scores, keep, recipe: Recipe):
+    p = recipe.prune
+    if keep is not None:
+        return keep
+    if p.mode == "ratio":
+        return select_ratio(scores, p.ratio, min_channels=p.min_channels, round_to=p.round_to)
+    return select_l1(scores, min_channels=p.min_channels, round_to=p.round_to)
+
+
+def _write_run(rd: RunDir, model: nn.Module, spec: dict, report: dict, method: MethodInfo, scores,
+               model_info: dict | None) -> None:
+    save_slim(rd / "slim.pt", model, spec, model_info)
+    rd.write_json("width_spec.json", dict(spec, model=model_info))
+    kind = "alpha" if method.has_alpha else {"slimming": "|gamma|", "random": "random"}.get(method.name, method.name)
+    rd.write_json("alphas.json", {"groups": [g["name"] for g in report["groups"]], "score": kind,
+                                  "alphas": [a.detach().cpu().tolist() for a in scores] if scores is not None else []},
+                  indent=None)
+    rd.write_json("report.json", report)
 
 
 def prune(
@@ -147,12 +193,43 @@ def prune(
 ) -> PruneResult:
     """Search the width of `model` with RARTS (or another method), remove the losing channels, fine-tune.
 
-    `loaders` is a `slimrarts.data.Loaders`, a `(train, test)` pair of DataLoaders (the training set is then split
-    into two disjoint halves for the search), or a dict. Settings come from `config` (a `Recipe` or its dict; the
-    `search`, `prune`, `finetune`, `seed` and `device` sections are used), with the keyword arguments on top;
-    defaults are the paper's (160 search + 160 fine-tune epochs). The user's `model` is not modified: a copy is
-    searched and cut. With `run_dir`, checkpoints, metrics.jsonl, the report, the width spec and the slim weights
-    are written there, and `resume=True` continues an interrupted run.
+    The user's `model` is not modified: a copy is searched and cut. Settings come from `config` with the keyword
+    arguments on top; defaults are the paper's (160 search + 160 fine-tune epochs).
+
+    Args:
+        model: any CNN (`timm`, `torchvision`, the zoo, your own `nn.Module`).
+        loaders: a `slimrarts.data.Loaders`, a `(train, test)` pair of DataLoaders (the training set is then split
+            into two disjoint halves D_t/D_v for the search), or a dict with `train`, `test` (and optionally
+            `search_t`, `search_v`). The test loader is read only to report accuracies.
+        ratio: the share of gated channels to prune (`prune.ratio`, mode `ratio`).
+        mode: `ratio` (exact share by |score|) or `l1` (a proximal ℓ1 step on α; channels at 0 are pruned).
+        method: a registered method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ...,
+            or a baseline such as `slimming`, `random`.
+        scope: which channels are gated: `internal`, `branch-input`, `coupled` (or a list).
+        search_epochs, finetune_epochs: `search.epochs`, `finetune.epochs`.
+        config: a `Recipe` or its dict (sections `search`, `prune`, `finetune`, `seed`, `device` are used).
+        device: `auto`, `cpu`, `cuda`, ... (`device` of the recipe otherwise).
+        run_dir: write checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json` and
+            `slim.pt` here; `resume=True` continues an interrupted run, `force=True` replaces an earlier one.
+        progress: show progress bars.
+        example_input: an input batch to trace the model with (default: the first batch of D_t).
+        model_info: `{"name", "kwargs", "num_classes"}` recorded in `slim.pt` so `slimrarts.load` can rebuild it.
+
+    Returns:
+        A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report` (see
+        `slimrarts.report.build_report`) and `width_spec` (per-group kept channels, per-layer widths).
+
+    Raises:
+        ValueError: a bad setting (naming the key and what is allowed), a model with nothing to prune, or a
+            removal that would change the model's output.
+        TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
+
+    Example:
+        >>> import slimrarts, torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> result = slimrarts.prune(model, (train_loader, test_loader), ratio=0.4,  # doctest: +SKIP
+        ...                          search_epochs=20, finetune_epochs=20)
+        >>> result.report["macs"]["reduction"]  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,40 +240,21 @@ def prune(
                                       "device": str(device) if device is not None else None})
     dev = resolve_device(recipe.device)
     loaders = as_loaders(loaders, seed=recipe.seed)
-    run_path = prepare_run_dir(run_dir, resume=resume, force=force) if run_dir is not None else None
-    if run_path is not None:
-        save_or_check_recipe(recipe, run_path, resume)
+    rd = RunDir.of(prepare_run_dir(run_dir, resume=resume, force=force)) if run_dir is not None else None
+    if rd is not None:
+        save_or_check_recipe(recipe, rd.path, resume)
     torch.manual_seed(recipe.seed)
-    method = recipe.search.method
-    note = get_search(method).paper if not is_baseline(method) else ""
+    info = get_method(recipe.search.method)
     t_total = time.perf_counter()
     model = copy.deepcopy(model).to(dev)
-    x = (example_input.to(dev) if example_input is not None else _example_input(loaders, dev))
-    input_size = (1,) + tuple(x.shape[1:])
-    macs0, params0 = macs_and_params(model, input_size)
+    x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
+    input_size = (1, *x.shape[1:])
+    cost_before = macs_and_params(model, input_size)
     dense = evaluate(model, loaders.test, device=dev)
-    p = recipe.prune
-    if is_baseline(method):
-        gates = attach_gates(model, x[:2], p.scope)
-        _check_gates(gates, recipe)
-        base = get_baseline(method)(model, gates, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
-                                    progress=progress)
-        scores, keep, note = base.scores, base.keep, base.note
-        search = _Timing(base.fit.train_s, base.fit.wall_s, base.fit.images_per_s)
-    else:
-        gates, state, result = search_width(model, loaders, recipe, device=dev, run_dir=run_path, resume=resume,
-                                            progress=progress, example_input=x)
-        _keep_weights(model, state, recipe.search.keep)
-        scores, keep = gates.alphas, None
-        search = _Timing(result.search_s, result.wall_s, result.images_per_s)
+    gates, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev, run_dir=rd,
+                                                         resume=resume, progress=progress)
     searched = evaluate(model, loaders.test, device=dev)
-    if keep is None and p.mode == "ratio":
-        keep = select_ratio(scores, p.ratio, min_channels=p.min_channels, round_to=p.round_to)
-    elif keep is None:
-        keep = select_l1(scores, min_channels=p.min_channels, round_to=p.round_to)
-    alphas = [a.detach().cpu().tolist() for a in scores] if scores is not None else []
-    groups = gates.summary()
-    skipped = [dataclasses.asdict(s) for s in gates.skipped]
+    keep = _select(scores, keep, recipe)
     with gates.masked(keep):
         masked = evaluate(model, loaders.test, device=dev)
     spec = remove_channels(gates, keep, check_input=x.float())
@@ -205,61 +263,33 @@ def prune(
                            f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
                            "would not be the searched one")
     model = model.to(memory_format=torch.contiguous_format)
-    macs1, params1 = macs_and_params(model, input_size)
+    cost_after = macs_and_params(model, input_size)
     slim_before = evaluate(model, loaders.test, device=dev)
-    fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=run_path,
-               phase="finetune", resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10))
-    final = fine.final
-    report = {
-        "slimrarts": __version__,
-        "method": method,
-        "method_note": note,
-        "mode": p.mode,
-        "scope": p.scope,
-        "ratio_requested": p.ratio if p.mode == "ratio" else None,
-        "prc": pruned_ratio(keep),
-        "gated_channels": gates.num_channels,
-        "pruned_channels": sum(int((~k).sum()) for k in keep),
-        "params": {"before": params0, "after": params1, "reduction": 1 - params1 / params0},
-        "macs": {"before": macs0, "after": macs1, "reduction": 1 - macs1 / macs0, "input_size": list(input_size),
-                 "note": "MACs per image; FLOPs = 2 x MACs"},
-        "accuracy": {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
-                     "slim_before_finetune": slim_before["acc"], "slim_after_finetune": final.get("test_acc")},
-        "test_loss_final": final.get("test_loss"),
-        "removal_max_abs_diff": spec.get("max_abs_diff"),
-        "time_s": {"search": search.train_s, "search_wall": search.wall_s, "finetune": fine.train_s,
-                   "finetune_wall": fine.wall_s, "total_this_call": time.perf_counter() - t_total},
-        "search_images_per_s": search.images_per_s,
-        "finetune_images_per_s": fine.images_per_s,
-        "groups": [dict(g, kept=len(s["kept"])) for g, s in zip(groups, spec["groups"])],
-        "skipped": skipped,
-        "layers": spec["layers"],
-        "settings": to_dict(recipe),
-        "machine": {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                    else platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "final_epoch_note": "accuracies are of the final epoch; the test set chooses nothing",
-    }
-    if run_path is not None:
-        save_slim(run_path / "slim.pt", model, spec, model_info)
-        (run_path / "width_spec.json").write_text(json.dumps(dict(spec, model=model_info), indent=1))
-        score = "|gamma|" if method == "slimming" else ("random" if method == "random" else "alpha")
-        (run_path / "alphas.json").write_text(json.dumps({"groups": [g["name"] for g in groups], "score": score,
-                                                          "alphas": alphas}))
-        (run_path / "report.json").write_text(json.dumps(report, indent=1))
-    if progress:
-        from .report import summary_table
-
-        console.print(summary_table(report))
+    fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=rd, phase="finetune",
+               resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10))
+    accuracy = {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
+                "slim_before_finetune": slim_before["acc"], "slim_after_finetune": fine.final.get("test_acc")}
+    report = build_report(method=info, recipe=recipe, gates=gates, keep=keep, spec=spec, cost_before=cost_before,
+                          cost_after=cost_after, input_size=list(input_size), accuracy=accuracy,
+                          test_loss=fine.final.get("test_loss"), search=search, finetune=fine,
+                          total_s=time.perf_counter() - t_total, device=dev, note=note,
+                          data=getattr(loaders, "info", None))
+    if rd is not None:
+        _write_run(rd, model, spec, report, info, scores, model_info)
+    logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,
+                100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
+                100 * (accuracy["slim_after_finetune"] or 0.0), 100 * dense["acc"])
     model.eval()
-    return PruneResult(model=model, report=report, spec=spec)
+    return PruneResult(model=model, report=report, width_spec=spec)
 
 
 def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild a slim model from a `slim.pt` (or a run folder holding one); see `slimrarts.width.load_slim`."""
-    from .width import load_slim
+    """Rebuild a slim model from a `slim.pt` (or a run folder holding one).
 
+    Without `model`, the original architecture is built from the model name and arguments recorded in the file
+    (zoo, `timm:`, `torchvision:`); with it, that model is cut (see `slimrarts.width.load_slim`).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "slim.pt"
-    return load_slim(path, model=model, map_location=map_location)
+    return load_slim(path, model=model, map_location=map_location, build=create_model)

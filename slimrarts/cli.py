@@ -1,4 +1,4 @@
-"""`slimrarts` command line: run (prune), train, search (DARTS cell), report, info."""
+"""`slimrarts` command line: run (prune), train, cell-search (DARTS cell), report, info."""
 
 from __future__ import annotations
 
@@ -59,13 +59,9 @@ def _build(recipe, device):
 
 
 def _is_cell_recipe(path: str) -> bool:
-    """A DARTS-cell recipe has a `net` section (after `base:` inheritance)."""
-    from .recipe import _read_yaml
+    from .recipe import is_cell_recipe
 
-    try:
-        return "net" in _read_yaml(Path(path))
-    except Exception:  # noqa: BLE001 - a broken file is reported by the regular loader
-        return False
+    return is_cell_recipe(path)
 
 
 def _cell_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
@@ -80,10 +76,13 @@ def _cell_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
     return out, genotype
 
 
-def cmd_search(args) -> int:
+def cmd_cell_search(args) -> int:
     """Search a DARTS cell (topology) with a cell recipe; writes the genotype, α per epoch and cell drawings."""
-    from .nas import search_command
+    from .commands import search_command
 
+    if args.command == "search":
+        print("slimrarts search is deprecated: it is now `slimrarts cell-search` (width search is `slimrarts run`)",
+              file=sys.stderr)
     if not _is_cell_recipe(args.recipe):
         raise ValueError(f"{args.recipe} is not a cell-search recipe (it has no 'net' section); prune widths with "
                          "`slimrarts run`")
@@ -96,7 +95,7 @@ def cmd_train(args) -> int:
     from rich.table import Table
 
     if _is_cell_recipe(args.recipe):
-        from .nas import train_command
+        from .commands import train_command
 
         overrides, genotype = _cell_overrides(args.overrides)
         return train_command(args.recipe, overrides, out=args.out, resume=args.resume, force=args.force,
@@ -137,6 +136,7 @@ def cmd_run(args) -> int:
     """Run the pruning pipeline of a recipe: search, select, remove, fine-tune."""
     from .api import prune
     from .engine import console, resolve_device
+    from .report import summary_table
 
     recipe = _load(args)
     device = resolve_device(recipe.device)
@@ -145,12 +145,7 @@ def cmd_run(args) -> int:
     loaders, model = _build(recipe, device)
     result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
                    model_info=_model_info(recipe, loaders.num_classes))
-    result.report["data"] = loaders.info
-    (run_dir / "report.json").write_text(json.dumps(result.report, indent=1))
-    if args.no_progress:  # prune() prints the summary only with progress on; the CLI always shows it
-        from .report import summary_table
-
-        console.print(summary_table(result.report))
+    console.print(summary_table(result.report))
     return 0
 
 
@@ -177,7 +172,7 @@ def cmd_info(args) -> int:
 
     from .engine import console
     from .models import list_models
-    from .search import get_search, list_searches
+    from .methods import get_method, list_methods
     from .version import __version__
 
     console.print(f"slimrarts {__version__} · python {platform.python_version()} · torch {torch.__version__} · "
@@ -186,10 +181,11 @@ def cmd_info(args) -> int:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     console.print(f"CUDA device: {cuda} · CPU threads: {torch.get_num_threads()}")
     console.print("zoo models: " + ", ".join(list_models()))
-    for name in list_searches():
-        m = get_search(name)
-        console.print(f"search [bold]{name}[/]: {m.passes} passes/iteration, {'two nets' if m.two_nets else 'one net'},"
-                      f" {m.data} data — {m.paper}")
+    for name in list_methods():
+        m = get_method(name)
+        needs = (f"{m.passes} passes/iteration, {'two nets' if m.two_nets else 'one net'}, {m.data} data"
+                 if m.trains else "one-shot scores, no training")
+        console.print(f"{m.kind} [bold]{name}[/]: {needs} — {m.source}")
     return 0
 
 
@@ -202,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help=cmd_run.__doc__)
     _add_run_args(p)
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("search", help=cmd_search.__doc__)
+    p = sub.add_parser("cell-search", help=cmd_cell_search.__doc__)
     _add_run_args(p)
-    p.set_defaults(fn=cmd_search)
+    p.set_defaults(fn=cmd_cell_search)
+    p = sub.add_parser("search", help="deprecated name of cell-search")
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_cell_search)
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("runs", nargs="+", help="run folders holding report.json")
     p.add_argument("--md", help="also write the Markdown table to this file")

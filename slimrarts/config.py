@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = ["ConfigError", "build", "field", "set_by_path", "to_dict"]
@@ -19,8 +20,9 @@ class ConfigError(ValueError):
     """A config value or key that is not allowed; the message names the key path."""
 
 
-def field(default: Any = dataclasses.MISSING, *, check=None, allowed: str | None = None, default_factory=None):
-    """A dataclass field with an optional value check and a description of the allowed values."""
+def field(default: Any = dataclasses.MISSING, *, check=None, allowed=None, default_factory=None):
+    """A dataclass field with an optional value check and a description of the allowed values (a string, or a
+    function returning one, for lists that are known only at run time such as registered names)."""
     meta = {"check": check, "allowed": allowed}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -121,6 +123,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _renamed_keys(cls, data, path)
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
@@ -135,11 +138,13 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raw = data[name]
         default = _field_default(f)
         if isinstance(raw, dict) and dataclasses.is_dataclass(default):
+            raw = _renamed_keys(type(default), raw, key)
             raw = _deep_merge(to_dict(default), raw)  # a partial section keeps the field's own defaults
         value = _convert(hints[name], raw, key)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
             allowed = f.metadata.get("allowed") or "a different value"
+            allowed = allowed() if callable(allowed) else allowed
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
         kwargs[name] = value
     obj = cls(**kwargs)
@@ -147,6 +152,23 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     if validate is not None:
         validate(where)
     return obj
+
+
+def _renamed_keys(cls: type, data: dict, path: str) -> dict:
+    """Map keys a config class has renamed (its `RENAMED = {old: new}`) to their new names, with a warning."""
+    renamed = getattr(cls, "RENAMED", None) or {}
+    if not any(k in data for k in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        where, now = (f"{path}.{old}", f"{path}.{new}") if path else (old, new)
+        if new in data:
+            raise ConfigError(f"'{where}' is the former name of '{now}'; give only '{now}'")
+        warnings.warn(f"recipe key '{where}' is deprecated; it is now '{now}'", DeprecationWarning, stacklevel=3)
+        data[new] = data.pop(old)
+    return data
 
 
 def to_dict(obj: Any) -> Any:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from . import baselines as _baselines  # noqa: F401  (registers the baselines the method check accepts)
+from . import search as _search  # noqa: F401  (registers the search algorithms)
 from .config import ConfigError, build, field, set_by_path, to_dict
+from .methods import describe_methods, get_method, list_methods
 
 __all__ = [
     "DataConfig",
@@ -25,6 +29,9 @@ __all__ = [
     "parse_overrides",
     "dump_recipe",
     "save_or_check_recipe",
+    "read_recipe_yaml",
+    "DEVICE_FIELD",
+    "is_cell_recipe",
     "ConfigError",
 ]
 
@@ -120,20 +127,13 @@ class ArchOptimConfig:
     momentum: float = field(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")  # sgd only
 
 
-def _known_search(name: str) -> bool:
-    from .baselines import list_baselines
-    from .search import list_searches
-
-    return name in list_searches() or name in list_baselines()
-
-
 @dataclasses.dataclass
 class SearchConfig:
     """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
 
-    method: str = field("rarts", check=_known_search,
-                        allowed="a search method (rarts, rarts-jacobi, darts1, darts2, milenas, joint) or a baseline "
-                                "(slimming, random)")
+    RENAMED = {"keep": "final_weights"}  # slimrarts 0.1 called final_weights `keep`
+
+    method: str = field("rarts", check=lambda v: v in list_methods(), allowed=describe_methods)
     epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
     lam: float = field(1.0, **_positive)  # λ: rarts: weight of L_t (w-step and α-step); milenas: weight of L_v
     beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
@@ -142,13 +142,18 @@ class SearchConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # w (and y unless optim_y is set)
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
-    keep: Literal["y", "w", "mean"] = "y"  # which weights survive into the slim model
+    final_weights: Literal["y", "w", "mean"] = "y"  # which weights the slim model is cut from (two-net methods)
     sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
     init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
     cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
     log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
+
+    def as_train(self) -> TrainConfig:
+        """This section as a `TrainConfig`: the training phase of a baseline on the whole training set."""
+        return TrainConfig(epochs=self.epochs, optim=self.optim, amp=self.amp, channels_last=self.channels_last,
+                           cuda_graph=self.cuda_graph, log_every=self.log_every)
 
 
 @dataclasses.dataclass
@@ -172,19 +177,31 @@ def _valid_device(v: str) -> bool:
     return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
 
 
+DEVICE_FIELD = dict(check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")  # shared by the recipe schemas
+
+
 @dataclasses.dataclass
 class Recipe:
     """A whole run. Sections that a command does not use are ignored by it."""
 
     name: str = "run"
     seed: int = 0
-    device: str = field("auto", check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")
+    device: str = field("auto", **DEVICE_FIELD)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=160))
+
+    def validate(self, where: str) -> None:
+        """Checks across sections (those that need the model, such as channel counts, run in `prune()`)."""
+        method, p = get_method(self.search.method), self.prune
+        if p.reference and method.name != "random":
+            raise ConfigError(f"prune.reference only applies to search.method=random, not {method.name!r}; remove it")
+        if p.mode == "l1" and not method.supports_l1:
+            raise ConfigError(f"prune.mode=l1 learns which α reach zero; {method.kind} {method.name!r} has no α "
+                              "(use prune.mode=ratio, or random with prune.reference)")
 
 
 def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
@@ -212,8 +229,9 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a recipe file with its `base:` chain merged in (not yet validated against a schema)."""
+    path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"recipe {path}: 'base' chain loops back to itself")
     if not path.is_file():
@@ -230,7 +248,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"recipe {path}: 'base' must be a path string, got {base!r}")
-    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return _merge(read_recipe_yaml(path.parent / base, seen + (path,)), data)
+
+
+def is_cell_recipe(path: str | os.PathLike) -> bool:
+    """Whether a recipe file describes a DARTS cell search (it has a `net` section, after `base:` inheritance)."""
+    try:
+        return "net" in read_recipe_yaml(path)
+    except ConfigError:  # a broken file is reported by the regular loader
+        return False
 
 
 def load_recipe(
@@ -240,7 +266,7 @@ def load_recipe(
 
     A recipe may name another with `base: other.yaml` (relative to its own folder); its keys are merged on top.
     """
-    data = copy.deepcopy(source) if isinstance(source, dict) else _read_yaml(Path(source))
+    data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_yaml(source)
     for key, value in parse_overrides(overrides):
         set_by_path(data, key, value)
     return build(schema, data)
@@ -269,6 +295,12 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
     path = Path(run_dir) / "recipe.yaml"
     if resume and path.is_file():
         stored = yaml.safe_load(path.read_text()) or {}
+        try:  # read through the schema, so a recipe written under former key names compares equal
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stored = to_dict(build(type(recipe), stored))
+        except ConfigError:
+            pass  # compared as written: every difference is then named
         diffs = _differences(stored, to_dict(recipe))
         if diffs:
             raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: "

@@ -1,12 +1,84 @@
-"""Human-readable summaries of pruning reports: a rich table, and Markdown rows for comparisons."""
+"""The pruning report: `build_report` assembles it (one place), `summary_table` shows it, `markdown_table` compares.
+
+A report is a plain dict, written as `report.json`; its keys are listed in `build_report`'s docstring.
+"""
 
 from __future__ import annotations
 
+import platform
+from typing import Any
+
+import torch
 from rich.table import Table
 
+from .config import to_dict
 from .metrics import format_count
+from .version import __version__
 
-__all__ = ["summary_table", "markdown_table"]
+__all__ = ["build_report", "machine_info", "markdown_table", "summary_table"]
+
+
+def machine_info(device: torch.device) -> dict:
+    """Device, its name, torch version and CPU threads."""
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def _change(before: int, after: int) -> dict:
+    return {"before": before, "after": after, "reduction": 1 - after / before if before else 0.0}
+
+
+def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[int, int],
+                 cost_after: tuple[int, int], input_size: list[int], accuracy: dict, test_loss: float | None,
+                 search, finetune, total_s: float, device: torch.device, note: str = "",
+                 data: dict | None = None) -> dict[str, Any]:
+    """The report of one pruning run.
+
+    Keys: `slimrarts` (version), `method`, `method_note` (its source, or what a baseline did), `mode`, `scope`,
+    `ratio_requested`, `prc` (pruned / gated channels), `gated_channels`, `pruned_channels`, `params` and `macs`
+    (`before`, `after`, `reduction`; MACs per image at `input_size`), `accuracy` (`dense`, `searched`, `masked`,
+    `slim_before_finetune`, `slim_after_finetune`: test accuracy, final epochs), `test_loss_final`,
+    `removal_max_abs_diff`, `time_s` and images/s of the search (or sparsity) phase and of fine-tuning, `groups`
+    (name, scope, size, sites, kept), `skipped` (groups left whole, with reasons), `layers` (widths before/after),
+    `settings` (the resolved recipe), `machine`, `data` (when the loaders describe it).
+
+    `search` and `finetune` are `PhaseResult`s (`search` None for a one-shot criterion).
+    """
+    p = recipe.prune
+    pruned = sum(int((~k).sum()) for k in keep)
+    gated = gates.num_channels
+    report = {
+        "slimrarts": __version__,
+        "method": method.name,
+        "method_note": note or method.source,
+        "mode": p.mode,
+        "scope": p.scope,
+        "ratio_requested": p.ratio if p.mode == "ratio" else None,
+        "prc": pruned / gated if gated else 0.0,
+        "gated_channels": gated,
+        "pruned_channels": pruned,
+        "params": _change(cost_before[1], cost_after[1]),
+        "macs": dict(_change(cost_before[0], cost_after[0]), input_size=list(input_size),
+                     note="MACs per image; FLOPs = 2 x MACs"),
+        "accuracy": accuracy,
+        "test_loss_final": test_loss,
+        "removal_max_abs_diff": spec.get("max_abs_diff"),
+        "time_s": {"search": search.train_s if search else 0.0, "search_wall": search.wall_s if search else 0.0,
+                   "finetune": finetune.train_s, "finetune_wall": finetune.wall_s, "total_this_call": total_s},
+        "search_images_per_s": search.images_per_s if search else None,
+        "finetune_images_per_s": finetune.images_per_s,
+        "groups": [dict(g, kept=len(s["kept"])) for g, s in zip(gates.summary(), spec["groups"], strict=True)],
+        "skipped": [{"name": s.name, "reason": s.reason} for s in gates.skipped],
+        "layers": spec["layers"],
+        "settings": to_dict(recipe),
+        "machine": machine_info(device),
+        "final_epoch_note": "accuracies are of the final epoch; the test set chooses nothing",
+    }
+    if data:
+        report["data"] = data
+    return report
 
 
 def _pct(v: float | None) -> str:

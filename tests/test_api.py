@@ -134,10 +134,9 @@ def test_cli_resume_after_interruption_matches(tmp_path, tiny_archive, monkeypat
     recipe = _recipe(tmp_path, tiny_archive)
     extra = ["--set", f"search.method={method}"]
     assert main(["run", recipe, "--out", str(tmp_path / "a"), "--no-progress", *extra]) == 0
-    import slimrarts.engine.loop as loop
-    import slimrarts.search.loop as search_loop
+    import slimrarts.engine.rundir as rundir
 
-    real_save = loop.save_atomic
+    real_save = rundir.save_atomic
     calls = {"n": 0}
 
     def crash_after_first_epoch(obj, path):
@@ -147,8 +146,7 @@ def test_cli_resume_after_interruption_matches(tmp_path, tiny_archive, monkeypat
             if calls["n"] == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_atomic", crash_after_first_epoch)
-    monkeypatch.setattr(search_loop, "save_atomic", crash_after_first_epoch)
+    monkeypatch.setattr(rundir, "save_atomic", crash_after_first_epoch)
     assert main(["run", recipe, "--out", str(tmp_path / "b"), "--no-progress", *extra]) == 130
     assert calls["n"] == 1 and not (tmp_path / "b" / "slim.pt").exists()
     monkeypatch.undo()
@@ -194,7 +192,7 @@ def test_bad_combinations_fail_before_training(tiny_sets):
     cfg = dict(TINY, prune={"scope": ["internal"], "reference": "somewhere"})
     with pytest.raises(ValueError, match="prune.reference only applies"):
         slimrarts.prune(create_model("tiny_resnet"), loaders, 0.4, config=cfg, progress=False)
-    assert loaders.test.passes == 1  # only the dense evaluation ran
+    assert loaders.test.passes == 0  # the recipe's own validation refused it before any evaluation
 
 
 def test_report_plots_widths_and_alphas(tmp_path, tiny_archive):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from slimrarts.data import DeviceLoader
-from slimrarts.engine import SGD, Adam, evaluate, fit, load_checkpoint, lr_at, save_atomic
+from slimrarts.engine import SGD, Adam, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
 
@@ -103,13 +103,13 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_sets, tmp_path):
     fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path / "a", progress=False)
     model2, train2, test2, _ = _setup(tiny_sets)
 
-    def stop_after_epoch_1(epoch, record):
-        if epoch == 1:
+    def stop_after_epoch_1(state):
+        if state.epoch == 1:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
         fit(model2, train2, test2, cfg=cfg, device="cpu", run_dir=tmp_path / "b", progress=False,
-            callbacks=[stop_after_epoch_1])
+            callbacks=[on(Event.EPOCH_END, stop_after_epoch_1)])
     model3, train3, test3, _ = _setup(tiny_sets)  # a fresh process: new model, new loaders
     result = fit(model3, train3, test3, cfg=cfg, device="cpu", run_dir=tmp_path / "b", resume=True, progress=False)
     for (k, a), b in zip(model.state_dict().items(), model3.state_dict().values()):

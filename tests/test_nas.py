@@ -11,10 +11,9 @@ from torch.func import functional_call
 
 from slimrarts.config import ConfigError
 from slimrarts.metrics import count_params
+from slimrarts.commands import load_nas_recipe, search_command, train_command
 from slimrarts.nas import (DARTS_V2, PRIMITIVES, Genotype, SearchNetwork, build_eval_net, cost_penalty,
-                           count_params_no_aux, count_skips, derive, load_genotype, op_costs, parse_genotype,
-                           search_command, train_command)
-from slimrarts.nas.commands import load_nas_recipe
+                           count_params_no_aux, count_skips, derive, load_genotype, op_costs, parse_genotype)
 from slimrarts.nas.eval_net import drop_path
 from slimrarts.nas.operations import make_op
 from slimrarts.recipe import ArchOptimConfig, OptimConfig

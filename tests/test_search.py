@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimrarts.data import DeviceLoader, split_halves
-from slimrarts.engine import SGD
+from slimrarts.engine import SGD, Event, on
 from slimrarts.models import create_model
 from slimrarts.recipe import ArchOptimConfig, OptimConfig
 from slimrarts.search import get_search, list_searches
@@ -162,13 +162,14 @@ def test_search_resume_is_exact(tiny_sets, tmp_path):
     def run(run_dir, epochs, resume=False, stop=None):
         model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts")
 
-        def cb(epoch, record):
-            if stop is not None and epoch == stop:
+        def cb(state):
+            if stop is not None and state.epoch == stop:
                 raise KeyboardInterrupt
 
         try:
             run_search(problem, state, "rarts", epochs=epochs, optim_w=OptimConfig(lr=0.05), loader_t=lt,
-                       loader_v=lv, run_dir=str(run_dir), resume=resume, progress=False, on_epoch_end=cb)
+                       loader_v=lv, run_dir=str(run_dir), resume=resume, progress=False,
+                       callbacks=[on(Event.EPOCH_END, cb)])
         except KeyboardInterrupt:
             pass
         return state, gates
@@ -192,7 +193,7 @@ def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
         lrs = []
         run_search(problem, state, "rarts", epochs=2, optim_w=OptimConfig(lr=0.05), optim_arch=arch, loader_t=lt,
                    loader_v=lv, progress=False,
-                   on_epoch_end=lambda epoch, record: lrs.append(state.opt_arch.lr_tensor().item()))
+                   callbacks=[on(Event.EPOCH_END, lambda _: lrs.append(state.opt_arch.lr_tensor().item()))])
         seen[schedule] = lrs
     assert seen["constant"] == pytest.approx([0.01, 0.01])
     assert seen["step"] == pytest.approx([0.01, 0.001])

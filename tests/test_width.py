@@ -176,8 +176,10 @@ def test_save_and_load_rebuild_the_slim_model(tmp_path):
     save_slim(tmp_path / "slim.pt", model, spec, {"name": "tiny_preresnet", "num_classes": 10})
     payload = torch.load(tmp_path / "slim.pt", weights_only=True)
     assert set(payload) == {"spec", "state_dict"}
-    rebuilt = load_slim(tmp_path / "slim.pt")
+    rebuilt = load_slim(tmp_path / "slim.pt", build=create_model)
     torch.testing.assert_close(rebuilt(x), model(x))
+    with pytest.raises(ValueError, match="pass the original model"):
+        load_slim(tmp_path / "slim.pt")  # no model and no way to build one
     other = load_slim(tmp_path / "slim.pt", model=create_model("tiny_preresnet"))
     torch.testing.assert_close(other(x), model(x))
     with pytest.raises(ValueError, match="does not exist in this model"):

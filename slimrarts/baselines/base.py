@@ -1,60 +1,56 @@
-"""Registry of baselines: functions that train a gated model and say which channels lose."""
+"""Baselines: functions that train (or just score) a gated model and say which channels lose.
+
+They are entries of the one method registry (`slimrarts.methods`, kind `baseline`); `register_baseline` is the
+decorator for them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..engine.loop import FitResult
+from ..engine.epochs import PhaseResult
+from ..methods import get_method, list_methods, register_method
 
-__all__ = ["BaselineResult", "register_baseline", "get_baseline", "is_baseline", "list_baselines", "search_like"]
+__all__ = ["BaselineResult", "get_baseline", "is_baseline", "list_baselines", "register_baseline", "search_like"]
 
 
 @dataclasses.dataclass
 class BaselineResult:
-    """Per-group channel scores (higher survives) or ready keep masks, and the training phase's result."""
+    """Per-group channel scores (higher survives) or ready keep masks, and the training phase's result (None for a
+    one-shot criterion that does not train)."""
 
     scores: list[torch.Tensor] | None
     keep: list[torch.Tensor] | None
-    fit: FitResult
+    fit: PhaseResult | None
     note: str
 
 
-_REGISTRY: dict[str, Callable] = {}
+def register_baseline(name: str, *, source: str = "", description: str = "", data: str = "whole",
+                      passes: int = 1):
+    """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress) -> BaselineResult`.
 
-
-def register_baseline(name: str):
-    """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress) -> BaselineResult`."""
-
-    def wrap(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"baseline {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    `data` is `whole` for a baseline that trains on the whole training set first, `none` for one-shot scores.
+    """
+    return register_method(name, kind="baseline", source=source, description=description, has_alpha=False,
+                           supports_l1=False, data=data, passes=passes if data != "none" else 0)
 
 
 def get_baseline(name: str) -> Callable:
-    if name not in _REGISTRY:
-        raise ValueError(f"baseline {name!r} is unknown; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The run function of baseline `name`."""
+    return get_method(name, "baseline").run
 
 
 def is_baseline(name: str) -> bool:
-    return name in _REGISTRY
+    return name in list_methods("baseline")
 
 
 def list_baselines() -> list[str]:
-    return sorted(_REGISTRY)
+    return list_methods("baseline")
 
 
 def search_like(recipe):
-    """The search section as a `TrainConfig` (the baselines' training phase on the whole training set)."""
-    from ..recipe import TrainConfig
-
-    s = recipe.search
-    return TrainConfig(epochs=s.epochs, optim=s.optim, amp=s.amp, channels_last=s.channels_last,
-                       cuda_graph=s.cuda_graph, log_every=s.log_every)
+    """The search section as a `TrainConfig` (a baseline's training phase on the whole training set)."""
+    return recipe.search.as_train()

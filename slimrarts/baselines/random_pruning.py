@@ -11,7 +11,7 @@ import torch
 from ..engine.loop import fit
 from .base import BaselineResult, register_baseline, search_like
 
-__all__ = ["random_keep", "random_pruning"]
+__all__ = ["random_keep", "random_pruning", "reference_counts"]
 
 
 def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Tensor]:
@@ -27,7 +27,9 @@ def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Te
     return out
 
 
-def _reference_counts(path: str, gates) -> list[int]:
+def reference_counts(path: str, gates) -> list[int]:
+    """The per-group kept counts of the reference run `path` (a run folder or its width_spec.json), in the order of
+    `gates.groups`; errors name a missing file or group."""
     p = Path(path)
     if p.is_dir():
         p = p / "width_spec.json"
@@ -42,7 +44,8 @@ def _reference_counts(path: str, gates) -> list[int]:
     return [kept[g.name] for g in gates.groups]
 
 
-@register_baseline("random")
+@register_baseline("random", source="random pruning (RARTS paper, Table 6)",
+                   description="train on the whole set; keep random channels at a global ratio or at a reference run's per-group counts")
 def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
                    progress=True) -> BaselineResult:
     """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
@@ -52,7 +55,7 @@ def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resum
                  resume=resume, progress=progress)
     seed = recipe.seed + 7919
     if recipe.prune.reference:
-        counts = _reference_counts(recipe.prune.reference, gates)
+        counts = reference_counts(recipe.prune.reference, gates)
         keep = random_keep([g.size for g in gates.groups], counts, seed)
         return BaselineResult(scores=None, keep=keep, fit=result,
                               note=f"random channels at the per-group counts of {recipe.prune.reference}")

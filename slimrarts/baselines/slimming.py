@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..engine.callbacks import Event, on
 from ..engine.loop import fit
 from .base import BaselineResult, register_baseline, search_like
 
@@ -42,7 +43,8 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
     return out
 
 
-@register_baseline("slimming")
+@register_baseline("slimming", source="Network Slimming (Liu et al., ICCV 2017)",
+                   description="sparsity training with s·‖γ‖₁ on BN γ (γ initialised to 0.5); one global |γ| threshold")
 def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
     """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
     s = recipe.search
@@ -56,8 +58,10 @@ def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=Fals
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                     m.weight.fill_(s.init_gamma)
     weights = [m.weight for m in unique]
+    l1_step = bn_l1_subgradient(weights, s.sparsity)
     result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
-                 resume=resume, progress=progress, after_backward=bn_l1_subgradient(weights, s.sparsity))
+                 resume=resume, progress=progress,
+                 callbacks=[on(Event.AFTER_BACKWARD, lambda _: l1_step())])
     scores = [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in norms]
     return BaselineResult(scores=scores, keep=None, fit=result,
                           note=f"Network Slimming: BN-γ ℓ1 (s={s.sparsity}), whole training set")

@@ -1,23 +1,37 @@
-"""Training engine: fit/evaluate, the capturable step, optimizers, schedules, checkpoints, progress."""
+"""Training engine: the one epoch loop, fit/evaluate, callbacks, the capturable step, optimizers, schedules, run
+folders, checkpoints, progress."""
 
+from .callbacks import Callback as Callback
+from .callbacks import Event as Event
+from .callbacks import LoopState as LoopState
+from .callbacks import on as on
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_atomic as save_atomic
+from .device import resolve_device as resolve_device
+from .epochs import PhaseResult as PhaseResult
+from .epochs import run_epochs as run_epochs
+from .epochs import set_loader_epoch as set_loader_epoch
 from .loop import FitResult as FitResult
 from .loop import build_sgd as build_sgd
 from .loop import evaluate as evaluate
 from .loop import fit as fit
-from .loop import resolve_device as resolve_device
-from .loop import set_loader_epoch as set_loader_epoch
 from .optim import SGD as SGD
 from .optim import Adam as Adam
+from .optim import build_optimizer as build_optimizer
 from .progress import console as console
 from .progress import make_progress as make_progress
+from .rundir import RunDir as RunDir
+from .rundir import default_run_dir as default_run_dir
+from .rundir import prepare_run_dir as prepare_run_dir
 from .schedule import lr_at as lr_at
+from .schedule import schedule_fn as schedule_fn
 from .step import TrainStep as TrainStep
 from .step import autocast as autocast
 from .step import batches_on as batches_on
 
 __all__ = [
-    "Adam", "FitResult", "SGD", "TrainStep", "autocast", "batches_on", "build_sgd", "console", "evaluate", "fit",
-    "load_checkpoint", "lr_at", "make_progress", "resolve_device", "save_atomic", "set_loader_epoch",
+    "SGD", "Adam", "Callback", "Event", "FitResult", "LoopState", "PhaseResult", "RunDir", "TrainStep", "autocast",
+    "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "evaluate", "fit", "load_checkpoint",
+    "lr_at", "make_progress", "on", "prepare_run_dir", "resolve_device", "run_epochs", "save_atomic",
+    "schedule_fn", "set_loader_epoch",
 ]

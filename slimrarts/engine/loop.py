@@ -1,88 +1,36 @@
-"""fit() and evaluate(): epochs, schedule, checkpoints, metrics.jsonl and exact resume."""
+"""fit() and evaluate(): supervised training as a phase of the one epoch loop (`engine.epochs.run_epochs`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import time
-from pathlib import Path
-from typing import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from .optim import SGD
-from .progress import make_progress
-from .schedule import lr_at
+from .callbacks import Callback, Event, LoopState, fire, on
+from .device import resolve_device
+from .epochs import PhaseResult, run_epochs, set_loader_epoch
+from .optim import SGD, build_optimizer
+from .rundir import RunDir
+from .schedule import schedule_fn
 from .step import TrainStep, autocast, batches_on
 
-__all__ = ["FitResult", "fit", "evaluate", "resolve_device", "set_loader_epoch", "append_metrics", "build_sgd",
-           "resume_checkpoint"]
+__all__ = ["FitResult", "append_metrics", "build_sgd", "evaluate", "fit", "resolve_device", "set_loader_epoch"]
 
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when available, else MPS, else CPU."""
-    if isinstance(spec, torch.device):
-        return spec
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
-    return device
-
-
-def set_loader_epoch(loader, epoch: int) -> None:
-    """Tell a loader (ours, or a DataLoader with a distributed-style sampler) which epoch starts."""
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        fn = getattr(obj, "set_epoch", None)
-        if callable(fn):
-            fn(epoch)
-            return
+FitResult = PhaseResult  # the result of fit(): history, wall_s, train_s, final, images_per_s
 
 
 def append_metrics(run_dir: str | os.PathLike | None, record: dict) -> None:
-    """Append one JSON line to `run_dir/metrics.jsonl`."""
-    if run_dir is None:
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append one JSON line to `run_dir/metrics.jsonl` (see `RunDir.append_metrics`)."""
+    if run_dir is not None:
+        RunDir(run_dir).append_metrics(record)
 
 
-def _drop_metrics_after(run_dir: Path, phase: str, epoch: int) -> None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not (json.loads(ln).get("phase") == phase and json.loads(ln).get("epoch", -1) > epoch)]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
-
-
-def resume_checkpoint(run_dir, phase: str, device: torch.device, resume: bool) -> dict | None:
-    """The checkpoint of `phase` in `run_dir` to continue from (RNG restored, metrics lines after it dropped), or None.
-
-    Without a checkpoint, lines of this phase left by an epoch whose checkpoint never landed are dropped too.
-    """
-    if not resume or run_dir is None:
-        return None
-    path = Path(run_dir) / "checkpoints" / f"{phase}.pt"
-    if not path.exists():
-        _drop_metrics_after(Path(run_dir), phase, -1)
-        return None
-    ckpt = load_checkpoint(path, map_location=device)
-    set_rng_state(ckpt["rng"])
-    _drop_metrics_after(Path(run_dir), phase, ckpt["epoch"])
-    return ckpt
+def build_sgd(params, optim_cfg) -> SGD:
+    """The weights' SGD from an `OptimConfig` (see `engine.optim.build_optimizer`)."""
+    return build_optimizer(params, optim_cfg)
 
 
 @torch.inference_mode()
@@ -107,36 +55,63 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device |
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
 
 
-def build_sgd(params, optim_cfg) -> SGD:
-    """The weights' SGD from an `OptimConfig`."""
-    return SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
-               nesterov=optim_cfg.nesterov)
+class _Training:
+    """One epoch of supervised training (the phase `fit` runs)."""
+
+    def __init__(self, model, opt, step, train_loader, test_loader, cfg, device, eval_every, steps_per_epoch):
+        self.model, self.opt, self.step, self.cfg, self.device = model, opt, step, cfg, device
+        self.train_loader, self.test_loader, self.eval_every = train_loader, test_loader, eval_every
+        self.steps_per_epoch = steps_per_epoch
+        self.lr = schedule_fn(cfg.optim, steps_per_epoch, cfg.epochs)
+
+    def run_epoch(self, epoch: int, ticker) -> dict:
+        self.model.train()
+        peek = lambda: "ep {} loss {:.3f} acc {:.3f}".format(epoch + 1, *self.step.peek())  # noqa: E731
+        for i, (x, y) in enumerate(batches_on(self.train_loader, self.device, self.cfg.channels_last)):
+            self.opt.set_lr(self.lr(epoch * self.steps_per_epoch + i))
+            self.step(x, y)
+            ticker.step(i, peek)
+        train = self.step.read()  # one sync per epoch
+        out = {"lr": self.opt.param_groups[0]["lr"], "train_loss": train["loss"], "train_acc": train["acc"],
+               "train_n": train["n"], "images": train["n"], "cuda_graph": self.step.captured}
+        if self.step.capture_error:
+            out["cuda_graph_error"] = self.step.capture_error
+        return out
+
+    def evaluate(self, epoch: int) -> dict:
+        if self.test_loader is None or not ((epoch + 1) % self.eval_every == 0 or epoch == self.cfg.epochs - 1):
+            return {}
+        test = evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg.amp,
+                        channels_last=self.cfg.channels_last)
+        return {"test_loss": test["loss"], "test_acc": test["acc"]}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
 
 
-def _lr_fn(optim_cfg, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        return lr_at(step, base_lr=optim_cfg.lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                     schedule=optim_cfg.schedule, milestones=optim_cfg.milestones, gamma=optim_cfg.gamma,
-                     warmup_epochs=optim_cfg.warmup_epochs, min_lr=optim_cfg.min_lr)
-    return fn
-
-
-@dataclasses.dataclass
-class FitResult:
-    """What a training phase did: per-epoch history and the final epoch's figures."""
-
-    history: list[dict]
-    wall_s: float
-    train_s: float
-
-    @property
-    def final(self) -> dict:
-        return self.history[-1] if self.history else {}
-
-    @property
-    def images_per_s(self) -> float:
-        imgs = sum(h["train_n"] for h in self.history)
-        return imgs / self.train_s if self.train_s > 0 else float("nan")
+def _legacy_callbacks(callbacks, after_backward, on_epoch_start) -> list[Callback]:
+    """Callbacks from the keyword arguments of slimrarts 0.1 (deprecated: pass `Callback`s)."""
+    out: list[Callback] = []
+    for cb in callbacks:
+        if isinstance(cb, Callback):
+            out.append(cb)
+            continue
+        warnings.warn("fit(callbacks=[fn(epoch, record)]) is deprecated; pass "
+                      "slimrarts.engine.on(Event.EPOCH_END, lambda state: ...)", DeprecationWarning, stacklevel=3)
+        out.append(on(Event.EPOCH_END, lambda s, fn=cb: fn(s.epoch, s.record)))
+    if after_backward is not None:
+        warnings.warn("fit(after_backward=fn) is deprecated; pass callbacks=[on(Event.AFTER_BACKWARD, ...)]",
+                      DeprecationWarning, stacklevel=3)
+        out.append(on(Event.AFTER_BACKWARD, lambda s: after_backward()))
+    if on_epoch_start is not None:
+        warnings.warn("fit(on_epoch_start=fn) is deprecated; pass callbacks=[on(Event.EPOCH_START, ...)]",
+                      DeprecationWarning, stacklevel=3)
+        out.append(on(Event.EPOCH_START, lambda s: on_epoch_start(s.epoch)))
+    return out
 
 
 def fit(
@@ -150,81 +125,58 @@ def fit(
     phase: str = "train",
     resume: bool = False,
     progress: bool = True,
-    after_backward: Callable[[], None] | None = None,
-    callbacks: Iterable[Callable[[int, dict], None]] = (),
+    callbacks: Iterable[Callback] = (),
     eval_every: int = 1,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable | None = None,
+    after_backward: Callable[[], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
-) -> FitResult:
-    """Train `model` for `cfg.epochs` epochs (a `TrainConfig`), checkpointing each epoch into `run_dir`.
+) -> PhaseResult:
+    """Train `model` for `cfg.epochs` epochs, checkpointing each epoch into `run_dir`.
 
-    With `resume=True` and a checkpoint of this `phase` in `run_dir`, training continues after its last
-    epoch and ends with the same weights as an uninterrupted run. `after_backward` runs between backward and the
-    optimizer step (e.g. a sparsity subgradient); `loss_fn(output, target)` replaces cross-entropy (e.g. with an
-    auxiliary head); `on_epoch_start(epoch)` runs before each epoch (e.g. a drop-path schedule). Test accuracy is
-    logged per epoch for the record only.
+    Args:
+        model: the network; moved to `device` (and to channels-last memory with `cfg.channels_last`).
+        train_loader: batches `(x, y)`: a `slimrarts.data.DeviceLoader` or any iterable such as a DataLoader.
+        test_loader: evaluated every `eval_every` epochs and at the last, for the record only (it chooses nothing).
+        cfg: a `TrainConfig` (epochs, optim, amp, channels_last, cuda_graph, log_every).
+        device: `auto`, `cpu`, `cuda`, ... or a torch.device.
+        run_dir: the run folder for `metrics.jsonl` and `checkpoints/<phase>.pt`; None writes nothing.
+        phase: this phase's name in metrics lines and checkpoints.
+        resume: continue after the last checkpoint of `phase` in `run_dir` (same result as an uninterrupted run).
+        progress: show a progress bar.
+        callbacks: `slimrarts.engine.Callback`s (e.g. `on(Event.AFTER_BACKWARD, fn)` for a subgradient,
+            `on(Event.EPOCH_START, fn)` for a schedule); see `engine.callbacks`.
+        eval_every: test-set evaluation period in epochs.
+        optimizer: use this optimizer instead of the SGD of `cfg.optim`.
+        loss_fn: `loss_fn(output, target)` instead of cross-entropy (e.g. with an auxiliary head).
+        after_backward, on_epoch_start: deprecated; use `callbacks`.
+
+    Returns:
+        A `PhaseResult` (`FitResult`): `history` (one metrics record per epoch), `final`, `train_s`, `wall_s`,
+        `images_per_s`.
+
+    Raises:
+        ValueError: the training loader yields no batches.
+
+    Example:
+        >>> cfg = TrainConfig(epochs=2, optim=OptimConfig(lr=0.1))  # doctest: +SKIP
+        >>> fit(model, loaders.train, loaders.test, cfg=cfg, device="cpu").final["test_acc"]  # doctest: +SKIP
     """
     device = resolve_device(device)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = optimizer if optimizer is not None else build_sgd(model.parameters(), cfg.optim)
+    callbacks = _legacy_callbacks(callbacks, after_backward, on_epoch_start)
+    opt = optimizer if optimizer is not None else build_optimizer(model.parameters(), cfg.optim)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (is the batch size larger than the data set?)")
-    lr_fn = _lr_fn(cfg.optim, steps_per_epoch, cfg.epochs)
-    ckpt_path = Path(run_dir) / "checkpoints" / f"{phase}.pt" if run_dir is not None else None
-    history: list[dict] = []
-    start_epoch, prior_wall, prior_train = 0, 0.0, 0.0
-    ckpt = resume_checkpoint(run_dir, phase, device, resume)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        history = json.loads(ckpt["history"])
-        start_epoch = ckpt["epoch"] + 1
-        prior_wall, prior_train = ckpt["wall_s"], ckpt["train_s"]
-    step_fn = TrainStep(model, opt, device=device, amp=cfg.amp, after_backward=after_backward,
-                        cuda_graph=cfg.cuda_graph, loss_fn=loss_fn)
-    t_start = time.perf_counter()
-    train_s = prior_train
-    with make_progress(progress) as bar:
-        task = bar.add_task(phase, total=cfg.epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch,
-                            info="")
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            set_loader_epoch(train_loader, epoch)
-            if on_epoch_start is not None:
-                on_epoch_start(epoch)
-            t0 = time.perf_counter()
-            for i, (x, y) in enumerate(batches_on(train_loader, device, cfg.channels_last)):
-                opt.set_lr(lr_fn(epoch * steps_per_epoch + i))
-                step_fn(x, y)
-                bar.advance(task)
-                if progress and (i + 1) % cfg.log_every == 0:
-                    loss, acc = step_fn.peek()
-                    bar.update(task, info=f"ep {epoch + 1} loss {loss:.3f} acc {acc:.3f}")
-            train = step_fn.read()  # one sync per epoch
-            dt = time.perf_counter() - t0
-            train_s += dt
-            record = {"phase": phase, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": train["loss"],
-                      "train_acc": train["acc"], "train_n": train["n"], "epoch_s": dt,
-                      "images_per_s": train["n"] / dt, "cuda_graph": step_fn.captured}
-            if step_fn.capture_error:
-                record["cuda_graph_error"] = step_fn.capture_error
-            if test_loader is not None and ((epoch + 1) % eval_every == 0 or epoch == cfg.epochs - 1):
-                test = evaluate(model, test_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
-                record.update(test_loss=test["loss"], test_acc=test["acc"])
-            history.append(record)
-            info = f"ep {epoch + 1} loss {train['loss']:.3f} acc {train['acc']:.3f} {record['images_per_s']:.0f} img/s"
-            if "test_acc" in record:
-                info += f" test {record['test_acc']:.3f}"
-            bar.update(task, info=info)
-            if ckpt_path is not None:  # the line first: a resume drops lines whose checkpoint never landed
-                append_metrics(run_dir, record)
-                save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "rng": rng_state(), "history": json.dumps(history),
-                             "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": train_s}, ckpt_path)
-            for cb in callbacks:
-                cb(epoch, record)
-    return FitResult(history=history, wall_s=prior_wall + time.perf_counter() - t_start, train_s=train_s)
+    state = LoopState(phase=phase, model=model)
+    backward_hooks = [cb for cb in callbacks if cb.match(Event.AFTER_BACKWARD, state)]
+    after = (lambda: fire(backward_hooks, Event.AFTER_BACKWARD, state)) if backward_hooks else None
+    step = TrainStep(model, opt, device=device, amp=cfg.amp, after_backward=after, cuda_graph=cfg.cuda_graph,
+                     loss_fn=loss_fn)
+    training = _Training(model, opt, step, train_loader, test_loader, cfg, device, eval_every, steps_per_epoch)
+    return run_epochs(training, name=phase, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, device=device,
+                      loaders=[train_loader], run_dir=run_dir, resume=resume, progress=progress,
+                      log_every=cfg.log_every, callbacks=callbacks, state=state)

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["SGD", "Adam"]
+__all__ = ["SGD", "Adam", "build_optimizer"]
 
 
 class _DeviceLR(torch.optim.Optimizer):
@@ -126,3 +126,16 @@ class Adam(_DeviceLR):
             step_size = torch._foreach_div([self._lr_tensors[i]] * len(bc1), bc1)  # = -lr / (1 - beta1^t)
             torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avg, step_size), denom)
         return None
+
+
+def build_optimizer(params, cfg) -> SGD | Adam:
+    """The optimizer a config asks for: an `OptimConfig` gives SGD (the weights'); an `ArchOptimConfig` gives Adam
+    or SGD (α's), by its `optimizer` field."""
+    params = list(params)
+    kind = getattr(cfg, "optimizer", "sgd")
+    if kind == "adam":
+        return Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if kind != "sgd":
+        raise ValueError(f"optimizer {kind!r} is unknown; choose adam or sgd")
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               nesterov=getattr(cfg, "nesterov", False))

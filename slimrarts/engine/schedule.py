@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-__all__ = ["lr_at"]
+__all__ = ["lr_at", "schedule_fn"]
 
 
 def lr_at(
@@ -39,3 +40,14 @@ def lr_at(
         t = (step - warm) / max(1, total - warm)
         return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
     raise ValueError(f"schedule {schedule!r} is unknown; choose step, cosine or constant")
+
+
+def schedule_fn(cfg, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """`step -> learning rate` for an optimizer config with `lr`, `schedule`, `milestones`, `gamma`,
+    `warmup_epochs` and `min_lr` (an `OptimConfig` or `ArchOptimConfig`)."""
+
+    def fn(step: int) -> float:
+        return lr_at(step, base_lr=cfg.lr, steps_per_epoch=steps_per_epoch, epochs=epochs, schedule=cfg.schedule,
+                     milestones=cfg.milestones, gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
+
+    return fn

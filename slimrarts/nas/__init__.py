@@ -1,7 +1,10 @@
-"""DARTS cell (topology) search: operations, genotypes, search and evaluation nets, op costs, commands."""
+"""DARTS cell (topology) search: operations, genotypes, search and evaluation nets, op costs.
 
-from .commands import search_command as search_command
-from .commands import train_command as train_command
+The commands that run it from a recipe (`search_command`, `train_command`) live in `slimrarts.commands`.
+"""
+
+import warnings as _warnings
+
 from .eval_net import EvalNetwork as EvalNetwork
 from .eval_net import build_eval_net as build_eval_net
 from .eval_net import count_params_no_aux as count_params_no_aux
@@ -26,5 +29,18 @@ from .topology import search_topology as search_topology
 __all__ = [
     "DARTS_V1", "DARTS_V2", "EvalNetwork", "GENOTYPES", "Genotype", "NasRecipe", "OPS", "OpCosts", "PRIMITIVES",
     "SearchNetwork", "TopologyResult", "build_eval_net", "count_params_no_aux", "count_skips", "cost_penalty",
-    "derive", "load_genotype", "op_costs", "parse_genotype", "search_command", "search_topology", "train_command",
+    "derive", "load_genotype", "op_costs", "parse_genotype", "search_topology",
 ]
+
+
+_MOVED = {"search_command": "slimrarts.commands", "train_command": "slimrarts.commands"}
+
+
+def __getattr__(name: str):
+    """Deprecated aliases of names that moved to the command layer (slimrarts 0.1 exported them here)."""
+    if name in _MOVED:
+        import importlib
+
+        _warnings.warn(f"slimrarts.nas.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'slimrarts.nas' has no attribute {name!r}")

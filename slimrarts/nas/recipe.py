@@ -10,7 +10,8 @@ import dataclasses
 from typing import Literal
 
 from ..config import field
-from ..recipe import ArchOptimConfig, DataConfig, OptimConfig, TrainConfig
+from ..methods import describe_methods, list_methods
+from ..recipe import DEVICE_FIELD, ArchOptimConfig, DataConfig, OptimConfig, TrainConfig
 
 __all__ = ["NasNetConfig", "CostConfig", "NasSearchConfig", "NasTrainConfig", "NasRecipe"]
 
@@ -21,16 +22,6 @@ def _int_at_least(low: int) -> dict:
 
 def _even(v: int) -> bool:
     return v >= 2 and v % 2 == 0
-
-
-def _known_search(name: str) -> bool:
-    from ..search import list_searches
-
-    return name in list_searches()
-
-
-def _valid_device(v: str) -> bool:
-    return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
 
 
 @dataclasses.dataclass
@@ -57,8 +48,8 @@ class CostConfig:
 class NasSearchConfig:
     """How α is learned (the fields mean what they mean in `SearchConfig`), with DARTS' optimizer settings."""
 
-    method: str = field("rarts", check=_known_search,
-                        allowed="a registered search method: rarts, rarts-jacobi, darts1, darts2, milenas, joint")
+    method: str = field("rarts", check=lambda v: v in list_methods("search"),
+                        allowed=lambda: f"a search algorithm: {describe_methods('search')}")
     epochs: int = field(50, **_int_at_least(1))
     lam: float = field(1.0, check=lambda v: v > 0, allowed="a number > 0")
     beta: float = field(1e-3, check=lambda v: v >= 0, allowed="a number >= 0")
@@ -98,7 +89,7 @@ class NasRecipe:
 
     name: str = "darts"
     seed: int = 0
-    device: str = field("auto", check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")
+    device: str = field("auto", **DEVICE_FIELD)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64))
     search: NasSearchConfig = field(default_factory=NasSearchConfig)
     net: NasNetConfig = field(default_factory=NasNetConfig)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..engine.callbacks import Callback, Event, on
 from ..search import get_search
 from ..search.loop import run_search
 from ..search.problem import NetProblem, make_state
@@ -60,12 +62,13 @@ def search_costs(net: SearchNetwork, recipe: NasRecipe, run_dir: Path | None = N
 
 
 def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir: str | Path | None = None,
-                    resume: bool = False, progress: bool = True,
+                    resume: bool = False, progress: bool = True, callbacks: Iterable[Callback] = (),
                     on_epoch_end: Callable[[int, dict, SearchNetwork], None] | None = None) -> TopologyResult:
     """Search the cells of `recipe.net` on `loaders.search_t`/`search_v` (the whole `train` set for `joint`) with
-    `recipe.search.method`, then derive the genotype. `on_epoch_end(epoch, record, net)` runs after each epoch."""
+    `recipe.search.method`, then derive the genotype. `callbacks` see the search net as `state.model`;
+    `on_epoch_end(epoch, record, net)` is deprecated."""
     s = recipe.search
-    spec = get_search(s.method)
+    method = get_search(s.method)
     net = build_search_net(recipe, loaders.num_classes or 10, device)
     if s.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -76,12 +79,16 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
     problem = NetProblem(net, net.arch, amp=s.amp, penalty=penalty)
     state = make_state(net, net.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch, lam=s.lam,
                        beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
-    callback = None if on_epoch_end is None else (lambda epoch, record: on_epoch_end(epoch, record, net))
+    callbacks = list(callbacks)
+    if on_epoch_end is not None:
+        warnings.warn("search_topology(on_epoch_end=fn) is deprecated; pass callbacks=[on(Event.EPOCH_END, ...)]",
+                      DeprecationWarning, stacklevel=2)
+        callbacks.append(on(Event.EPOCH_END, lambda st: on_epoch_end(st.epoch, st.record, net)))
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         optim_arch=s.arch,
                         loader_t=loaders.search_t, loader_v=loaders.search_v,
-                        loader_whole=loaders.train if spec.data == "whole" else None, channels_last=s.channels_last,
-                        run_dir=str(run_dir) if run_dir is not None else None, resume=resume, progress=progress,
-                        log_every=s.log_every, on_epoch_end=callback, cuda_graph=s.cuda_graph)
+                        loader_whole=loaders.train if method.data == "whole" else None, channels_last=s.channels_last,
+                        run_dir=run_dir, resume=resume, progress=progress, log_every=s.log_every,
+                        callbacks=callbacks, cuda_graph=s.cuda_graph)
     return TopologyResult(genotype=net.genotype(), net=net, history=result.history, search_s=result.search_s,
                           wall_s=result.wall_s, costs=costs)

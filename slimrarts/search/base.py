@@ -4,15 +4,18 @@ A *problem* says how to compute a loss from a set of weights, a set of buffers a
 parameters α are a list of tensors (width gates, or a DARTS cell's mixed-op weights). A *state* holds the weights
 w (the auxiliary net: for networks, the module's own parameters), optionally the second copy y (the primary net),
 each with its own buffers (BN running statistics) and optimizer, plus the α optimizer. A *method* is a function
-`step(problem, state, batch_t, batch_v)` that performs one iteration; it is registered with its properties.
+`step(problem, state, batch_t, batch_v)` that performs one iteration; it is registered in `slimrarts.methods`
+with its properties.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
+
+from ..methods import MethodInfo, get_method, list_methods, register_method
 
 __all__ = ["Problem", "SearchState", "SearchMethod", "register_search", "get_search", "list_searches",
            "grads_of", "set_grads", "arch_step"]
@@ -95,42 +98,21 @@ def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -
     problem.after_arch_step(state.opt_arch.lr_tensor())
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchMethod:
-    """A registered search algorithm and what it needs."""
-
-    name: str
-    step: Callable[[Problem, SearchState, Any, Any], None]
-    two_nets: bool  # needs the second weight copy y
-    data: str  # "split": a D_t and a D_v batch per iteration; "whole": one batch of the whole training set
-    passes: int  # forward+backward passes per iteration
-    paper: str  # where the update comes from
-    description: str
-
-
-_REGISTRY: dict[str, SearchMethod] = {}
+SearchMethod = MethodInfo  # a search algorithm's registry record (kind "search")
 
 
 def register_search(name: str, *, two_nets: bool, data: str, passes: int, paper: str, description: str):
     """Decorator registering `step(problem, state, batch_t, batch_v)` as search method `name`."""
     if data not in ("split", "whole"):
         raise ValueError(f"data must be 'split' or 'whole', got {data!r}")
-
-    def wrap(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"search method {name!r} is already registered")
-        _REGISTRY[name] = SearchMethod(name, fn, two_nets, data, passes, paper, description)
-        return fn
-
-    return wrap
+    return register_method(name, kind="search", source=paper, description=description, has_alpha=True,
+                           supports_l1=True, two_nets=two_nets, data=data, passes=passes)
 
 
-def get_search(name: str) -> SearchMethod:
-    """The registered method `name`; unknown names list the choices."""
-    if name not in _REGISTRY:
-        raise ValueError(f"search method {name!r} is unknown; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+def get_search(name: str) -> MethodInfo:
+    """The registered search algorithm `name`; unknown names list the choices."""
+    return get_method(name, "search")
 
 
 def list_searches() -> list[str]:
-    return sorted(_REGISTRY)
+    return list_methods("search")

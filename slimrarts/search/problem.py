@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..engine.optim import SGD, Adam
+from ..engine.optim import build_optimizer
 from ..engine.step import autocast
+from ..width.select import prox_l1_
 from .base import SearchState, get_search
 
 __all__ = ["NetProblem", "make_state", "make_arch_optimizer"]
@@ -48,8 +49,6 @@ class NetProblem:
 
     def after_arch_step(self, lr: torch.Tensor) -> None:
         if self.l1:
-            from ..width.select import prox_l1_
-
             prox_l1_(self.arch, lr * self.l1)
 
     def read(self) -> dict:
@@ -66,10 +65,8 @@ class NetProblem:
 
 
 def make_arch_optimizer(arch: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
-    """Adam or SGD for α from an `ArchOptimConfig`-like object."""
-    if cfg.optimizer == "adam":
-        return Adam(arch, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return SGD(arch, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """Adam or SGD for α from an `ArchOptimConfig` (see `engine.optim.build_optimizer`)."""
+    return build_optimizer(arch, cfg)
 
 
 def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim_w, optim_y=None, arch_optim,
@@ -79,13 +76,11 @@ def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim
     spec = get_search(method)
     w = dict(model.named_parameters())
     w_buffers = dict(model.named_buffers())
-    sgd = lambda params, c: SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,  # noqa: E731
-                                nesterov=c.nesterov)
-    state = SearchState(w=w, w_buffers=w_buffers, opt_w=sgd(list(w.values()), optim_w),
-                        opt_arch=make_arch_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
+    state = SearchState(w=w, w_buffers=w_buffers, opt_w=build_optimizer(w.values(), optim_w),
+                        opt_arch=build_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
                         scratch_buffers={k: v.detach().clone() for k, v in w_buffers.items()})
     if spec.two_nets:
         state.y = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
         state.y_buffers = {k: v.detach().clone() for k, v in w_buffers.items()}
-        state.opt_y = sgd(list(state.y.values()), optim_y or optim_w)
+        state.opt_y = build_optimizer(state.y.values(), optim_y or optim_w)
     return state

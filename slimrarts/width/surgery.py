@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..engine.checkpoint import save_atomic
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
 
@@ -159,26 +161,24 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
 
 def save_slim(path: str | os.PathLike, model: nn.Module, spec: dict, model_info: dict | None = None) -> None:
     """Save the slim model as data: the width spec (JSON-able) and the state_dict, in one file."""
-    from ..engine.checkpoint import save_atomic
-
     payload_spec = dict(spec, model=model_info)
     save_atomic({"spec": json.dumps(payload_spec), "state_dict": model.state_dict()}, path)
 
 
-def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:
+def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu",
+              build: Callable[..., nn.Module] | None = None) -> nn.Module:
     """Rebuild a slim model saved by `save_slim`: the original architecture, cut to the spec, then its weights.
 
-    Without `model`, the architecture is built from the spec's model name and arguments (zoo, timm, torchvision).
+    Without `model`, the architecture is built by `build(name, num_classes=..., **kwargs)` from the model name and
+    arguments the spec records (`slimrarts.load` passes `slimrarts.models.create_model`).
     """
     payload = torch.load(Path(path), map_location=map_location, weights_only=True)
     spec = json.loads(payload["spec"])
     if model is None:
         info = spec.get("model")
-        if not info or not info.get("name"):
+        if not info or not info.get("name") or build is None:
             raise ValueError(f"{path} does not record which model it was cut from; pass the original model=...")
-        from ..models import create_model
-
-        model = create_model(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
+        model = build(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
     apply_spec(model, spec)
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -1,5 +1,5 @@
-"""The topology-search commands behind `slimrarts search` and `slimrarts train` (cell recipes): run folders in,
-results out.
+"""The topology-search commands behind `slimrarts cell-search` and `slimrarts train` (cell recipes): run folders
+in, results out.
 
 `search_command` writes into its run folder: recipe.yaml, metrics.jsonl, checkpoints/search.pt, alphas.json
 (softmax(α) and the derived genotype after every epoch), costs.json (with a cost penalty), genotype.json,
@@ -21,17 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from ..data import make_loaders
-from ..engine import console, fit, resolve_device, save_atomic
+from ..engine import Callback, Event, console, fit, on, resolve_device, save_atomic
 from ..engine.rundir import default_run_dir, prepare_run_dir
+from ..methods import get_method
 from ..metrics import count_params, format_count
+from ..nas.eval_net import build_eval_net, count_params_no_aux
+from ..nas.genotypes import Genotype, count_skips, load_genotype
+from ..nas.recipe import NasRecipe
+from ..nas.search_net import SearchNetwork
+from ..nas.topology import search_topology
 from ..recipe import load_recipe, save_or_check_recipe
-from ..search import get_search
 from ..version import __version__
-from .eval_net import build_eval_net, count_params_no_aux
-from .genotypes import Genotype, count_skips, load_genotype
-from .recipe import NasRecipe
-from .search_net import SearchNetwork
-from .topology import search_topology
 
 __all__ = ["search_command", "train_command", "AuxLoss", "load_nas_recipe"]
 
@@ -61,8 +61,10 @@ def _eval_net_params(genotype: Genotype, recipe: NasRecipe, num_classes: int) ->
             "params_with_aux_head": count_params(net)}
 
 
-class _AlphaLog:
+class _AlphaLog(Callback):
     """alphas.json: softmax(α) of both cells and the derived genotype after each epoch (kept across a resume)."""
+
+    events = (Event.EPOCH_END,)
 
     def __init__(self, path: Path, resume: bool):
         self.path = path
@@ -70,7 +72,9 @@ class _AlphaLog:
         if resume and path.is_file():
             self.epochs = {e["epoch"]: e for e in json.loads(path.read_text())["epochs"]}
 
-    def __call__(self, epoch: int, record: dict, net: SearchNetwork) -> None:
+    def apply(self, event: Event, state) -> None:
+        net: SearchNetwork = state.model
+        epoch = state.epoch
         g = net.genotype()
         self.epochs = {e: v for e, v in self.epochs.items() if e < epoch}
         self.epochs[epoch] = {"epoch": epoch, "softmax": net.alpha_softmax(), "genotype": str(g),
@@ -90,14 +94,14 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     t0 = time.perf_counter()
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
     result = search_topology(recipe, loaders, device=device, run_dir=run_dir, resume=resume, progress=progress,
-                             on_epoch_end=_AlphaLog(run_dir / "alphas.json", resume))
+                             callbacks=[_AlphaLog(run_dir / "alphas.json", resume)])
     g = result.genotype
     (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
     (run_dir / "genotype.txt").write_text(str(g) + "\n")
-    spec = get_search(recipe.search.method)
+    method = get_method(recipe.search.method, "search")
     num_classes = loaders.num_classes or 10
     report = {
-        "kind": "topology-search", "method": spec.name, "method_note": spec.paper, "passes": spec.passes,
+        "kind": "topology-search", "method": method.name, "method_note": method.source, "passes": method.passes,
         "genotype": g.to_dict(), "genotype_text": str(g),
         "skip_connections": {"normal": count_skips(g, "normal"), "reduce": count_skips(g, "reduce")},
         "eval_net": _eval_net_params(g, recipe, num_classes),
@@ -113,9 +117,9 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     }
     _write_json(run_dir / "report.json", report)
     try:
-        from .plot import draw_cells
+        from ..nas.plot import draw_cells
 
-        draw_cells(g, run_dir / "cells.png", title=f"{spec.name} · {recipe.name}")
+        draw_cells(g, run_dir / "cells.png", title=f"{method.name} · {recipe.name}")
     except ImportError as err:
         console.print(f"[yellow]cells.png skipped: {err}[/]")
     _print_search(report)
@@ -153,9 +157,9 @@ class AuxLoss:
         return F.cross_entropy(output.float(), target)
 
 
-def _drop_path_schedule(model, prob: float, epochs: int) -> Callable[[int], None]:
+def _drop_path_schedule(model, prob: float, epochs: int) -> Callable:
     """DARTS' schedule: drop-path probability prob · epoch / epochs at the start of each epoch."""
-    return lambda epoch: model.set_drop_path(prob * epoch / epochs)
+    return lambda state: model.set_drop_path(prob * state.epoch / epochs)
 
 
 def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | None = None,
@@ -165,11 +169,11 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     final epoch's."""
     recipe = load_nas_recipe(recipe_path, overrides)
     tr = recipe.train
-    spec = genotype if genotype is not None else tr.genotype
-    if spec is None:
+    source = genotype if genotype is not None else tr.genotype
+    if source is None:
         raise ValueError("no genotype to train: set train.genotype to a genotype.json of a search run or to a known "
                          "name (darts_v2, darts_v1)")
-    g = load_genotype(spec)
+    g = load_genotype(source)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(recipe, out, resume, force, "train")
     save_or_check_recipe(recipe, run_dir, resume)
@@ -189,15 +193,16 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     torch.manual_seed(recipe.seed)
     model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,
                            drop_path=tr.drop_path).to(device)
-    clip = None
+    callbacks = [on(Event.EPOCH_START, _drop_path_schedule(model, tr.drop_path, tr.epochs))]
     if tr.grad_clip is not None:
         params = list(model.parameters())
-        clip = lambda: torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)  # noqa: E731
+        callbacks.append(on(Event.AFTER_BACKWARD,
+                            lambda _: torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     result = fit(model, loaders.train, loaders.test, cfg=tr, device=device, run_dir=run_dir, resume=resume,
-                 progress=progress, eval_every=max(1, tr.epochs // 10), after_backward=clip,
-                 loss_fn=AuxLoss(aux_weight), on_epoch_start=_drop_path_schedule(model, tr.drop_path, tr.epochs))
+                 progress=progress, eval_every=max(1, tr.epochs // 10), callbacks=callbacks,
+                 loss_fn=AuxLoss(aux_weight))
     final = result.final
     info = {"name": "darts_cifar", "num_classes": num_classes,
             "kwargs": {"genotype": g.to_dict(), "C": tr.C, "layers": tr.layers, "auxiliary": aux_weight > 0}}

@@ -1,0 +1,23 @@
+"""Which device a run uses: the one place a device name is resolved."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else MPS, else CPU; a named device must exist here."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
+    return device

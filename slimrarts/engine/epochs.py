@@ -1,0 +1,154 @@
+"""The one epoch loop every phase runs in: resume, progress, per-epoch metrics line, checkpoint, callbacks.
+
+A phase (training, a width search, a cell search) supplies only what differs: `run_epoch(epoch, ticker)` runs one
+epoch of its steps and returns the fields of the epoch's metrics line (with `images`: samples seen), optionally
+`evaluate(epoch)` adds fields that are not timed (test accuracy), and `state_dict()` / `load_state_dict()` hold
+what a checkpoint must restore. `run_epochs` owns everything else, so resume, metrics and checkpoints behave the
+same in every phase: with a run folder, each epoch appends its line to `metrics.jsonl` first and then writes the
+checkpoint atomically; `resume=True` restores the last checkpoint (weights, optimizer state, RNG, history) and
+runs only the remaining epochs, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+
+from .callbacks import Callback, Event, LoopState, fire
+from .checkpoint import rng_state
+from .progress import make_progress
+from .rundir import RunDir
+
+__all__ = ["Phase", "PhaseResult", "Ticker", "run_epochs", "set_loader_epoch"]
+
+
+class Phase(Protocol):
+    """What a phase supplies to `run_epochs`."""
+
+    def run_epoch(self, epoch: int, ticker: Ticker) -> dict:
+        """Run one epoch's steps; return the metrics line's fields, including `images` (samples trained on)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint must hold to continue exactly (tensors and plain data)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    """What a phase did: one metrics record per epoch (all epochs, across resumes) and its times."""
+
+    history: list[dict]
+    wall_s: float  # wall time of the phase, summed over the sittings that ran it
+    train_s: float  # seconds inside the epochs' steps (evaluation excluded), summed likewise
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def images_per_s(self) -> float:
+        n = sum(h.get("images", 0) for h in self.history)
+        return n / self.train_s if self.train_s > 0 else float("nan")
+
+    @property
+    def search_s(self) -> float:
+        """`train_s` under the name a search phase uses."""
+        return self.train_s
+
+
+class Ticker:
+    """Advances the phase's progress bar by one step; `info` text is shown beside it."""
+
+    def __init__(self, bar, task, enabled: bool, log_every: int):
+        self.bar, self.task, self.enabled, self.log_every = bar, task, enabled, log_every
+
+    def step(self, i: int, info=None) -> None:
+        """Count step `i` of the epoch (0-based); every `log_every` steps, show `info()` (a callable, so the host
+        sync of reading a running metric happens only then, and only with progress on)."""
+        self.bar.advance(self.task)
+        if self.enabled and info is not None and (i + 1) % self.log_every == 0:
+            self.bar.update(self.task, info=info())
+
+    def show(self, info: str) -> None:
+        self.bar.update(self.task, info=info)
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell a loader (ours, or a DataLoader with a distributed-style sampler) which epoch starts."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        fn = getattr(obj, "set_epoch", None)
+        if callable(fn):
+            fn(epoch)
+            return
+
+
+_SHOWN = ("train_loss", "train_acc", "t_loss", "t_acc", "v_acc", "test_acc")
+
+
+def _summary(record: dict) -> str:
+    parts = [f"ep {record['epoch'] + 1}"] + [f"{k} {record[k]:.3f}" for k in _SHOWN if k in record]
+    return " ".join(parts) + f" {record['images_per_s']:.0f} img/s"
+
+
+def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, device: torch.device,
+               loaders: Sequence = (), run_dir=None, resume: bool = False, progress: bool = True,
+               description: str | None = None, log_every: int = 50, callbacks: Iterable[Callback] = (),
+               state: LoopState | None = None) -> PhaseResult:
+    """Run epochs `[start, epochs)` of `phase`, where `start` follows the last checkpoint when resuming.
+
+    `name` is the phase's name in metrics lines and its checkpoint file (`checkpoints/<name>.pt`); each of
+    `loaders` is told the epoch before it starts (seeded shuffles); `callbacks` receive the events of
+    `slimrarts.engine.Event` with `state` (a `LoopState`, filled in with the epoch and its record).
+    """
+    callbacks = list(callbacks)
+    rd = RunDir.of(run_dir)
+    state = state if state is not None else LoopState(phase=name)
+    history: list[dict] = []
+    start, prior_wall, train_s = 0, 0.0, 0.0
+    ckpt = rd.resume_checkpoint(name, device) if (resume and rd is not None) else None
+    if ckpt is not None:
+        phase.load_state_dict(ckpt)
+        history = json.loads(ckpt["history"])
+        start, prior_wall = ckpt["epoch"] + 1, ckpt["wall_s"]
+        train_s = ckpt.get("train_s", ckpt.get("search_s", 0.0))
+    t_start = time.perf_counter()
+    fire(callbacks, Event.PHASE_START, state)
+    with make_progress(progress) as bar:
+        task = bar.add_task(description or name, total=epochs * steps_per_epoch, completed=start * steps_per_epoch,
+                            info="")
+        ticker = Ticker(bar, task, progress, log_every)
+        for epoch in range(start, epochs):
+            for loader in loaders:
+                if loader is not None:
+                    set_loader_epoch(loader, epoch)
+            state.epoch, state.record = epoch, None
+            fire(callbacks, Event.EPOCH_START, state)
+            t0 = time.perf_counter()
+            fields = phase.run_epoch(epoch, ticker)
+            dt = time.perf_counter() - t0
+            train_s += dt
+            record = {"phase": name, "epoch": epoch, **fields, "epoch_s": dt,
+                      "images_per_s": fields.get("images", 0) / dt if dt > 0 else float("nan")}
+            evaluate = getattr(phase, "evaluate", None)
+            if evaluate is not None:
+                record.update(evaluate(epoch))
+            history.append(record)
+            if rd is not None:  # the line first: a resume drops lines whose checkpoint never landed
+                rd.append_metrics(record)
+                rd.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
+                                          "history": json.dumps(history),
+                                          "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": train_s})
+            ticker.show(_summary(record))
+            state.record = record
+            fire(callbacks, Event.EPOCH_END, state)
+    fire(callbacks, Event.PHASE_END, state)
+    return PhaseResult(history=history, wall_s=prior_wall + time.perf_counter() - t_start, train_s=train_s)
