@@ -37,3 +37,32 @@ def write_result(name: str, payload: dict) -> Path:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _finished_or_resume(run_dir: Path) -> tuple[dict | None, bool]:
+    done = run_dir / "report.json"
+    if done.is_file():
+        return json.loads(done.read_text()), False
+    return None, run_dir.exists() and any(run_dir.iterdir())
+
+
+def run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
+    """`slimrarts train` of `recipe` in `run_dir`: the report of a finished run, else a (resumed) run's."""
+    from slimrarts.commands.width import train_recipe
+    from slimrarts.engine import prepare_run_dir
+
+    report, resume = _finished_or_resume(run_dir)
+    if report is not None:
+        return report
+    prepare_run_dir(run_dir, resume=resume)
+    return train_recipe(recipe, run_dir, resume=resume, progress=progress)
+
+
+def run_prune(recipe, run_dir: Path, progress: bool) -> dict:
+    """`slimrarts run` of `recipe` in `run_dir`: the report of a finished run, else a (resumed) run's."""
+    from slimrarts.commands.width import prune_recipe
+
+    report, resume = _finished_or_resume(run_dir)
+    if report is not None:
+        return report
+    return prune_recipe(recipe, run_dir, resume=resume, progress=progress)

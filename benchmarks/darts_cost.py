@@ -88,7 +88,7 @@ def main() -> None:
         rows[m] = {"passes": get_search(m).passes, "s_per_iter": s,
                    "s_per_iter_p10": float(np.percentile(times[m], 10)),
                    "s_per_iter_p90": float(np.percentile(times[m], 90)), "s_per_epoch": s * iters_per_epoch,
-                   "ratio_to_darts2": s / ref, "paper": get_search(m).paper}
+                   "ratio_to_darts2": s / ref, "paper": get_search(m).source}
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     payload = {"command": f"{env}python " + " ".join(sys.argv), "channels": args.channels, "layers": args.layers,
                "batch": args.batch, "iters": args.iters, "warmup": args.warmup, "channels_last": args.channels_last,

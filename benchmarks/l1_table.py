@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
-from width_table import _run_baseline, _run_prune  # noqa: E402
+from _common import machine, run_baseline, run_prune, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +56,7 @@ def main() -> None:
             if method == "baseline":
                 recipe = load_recipe(recipe_path, over)
                 print(f"== baseline seed {seed}", flush=True)
-                rep = _run_baseline(recipe, run_dir, args.progress)
+                rep = run_baseline(recipe, run_dir, args.progress)
                 rows.append({"method": method, "seed": seed, "acc": rep["test_acc"], "prc": 0.0, "layer_prc": 0.0,
                              "params": rep["params"], "macs": rep["macs"], "search_s": 0.0,
                              "finetune_s": rep["train_s"]})
@@ -70,7 +69,7 @@ def main() -> None:
                 over += [f"prune.reference={ref}", "prune.mode=ratio"]
             recipe = load_recipe(recipe_path, over)
             print(f"== {method} seed {seed}: {run_dir}", flush=True)
-            rep = _run_prune(recipe, run_dir, args.progress)
+            rep = run_prune(recipe, run_dir, args.progress)
             rows.append({"method": method, "seed": seed, "acc": rep["accuracy"]["slim_after_finetune"],
                          "acc_before_finetune": rep["accuracy"]["slim_before_finetune"], "prc": rep["prc"],
                          "layer_prc": _layer_prc(run_dir), "params": rep["params"]["after"],

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import machine, run_baseline, run_prune, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,57 +30,6 @@ def _recipe_path(tier: str, dataset: str) -> Path:
         if p.is_file():
             return p
     raise SystemExit(f"no recipe for tier {tier!r} and dataset {dataset!r} in recipes/width/")
-
-
-def _run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
-    from slimrarts.data import make_loaders
-    from slimrarts.engine import fit, resolve_device
-    from slimrarts.engine.rundir import prepare_run_dir
-    from slimrarts.metrics import macs_and_params
-    import torch
-
-    from slimrarts.models import create_model
-    from slimrarts.recipe import save_or_check_recipe
-
-    done = run_dir / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    resume = run_dir.exists() and any(run_dir.iterdir())
-    prepare_run_dir(run_dir, resume=resume)
-    save_or_check_recipe(recipe, run_dir, resume)
-    device = resolve_device(recipe.device)
-    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.train.channels_last)
-    torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
-    macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
-    result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=run_dir, resume=True,
-                 progress=progress, eval_every=max(1, recipe.train.epochs // 4))
-    report = {"method": "baseline", "test_acc": result.final["test_acc"], "params": params, "macs": macs,
-              "train_s": result.train_s, "epochs": recipe.train.epochs}
-    done.write_text(json.dumps(report, indent=1))
-    return report
-
-
-def _run_prune(recipe, run_dir: Path, progress: bool) -> dict:
-    import torch
-
-    from slimrarts import prune
-    from slimrarts.data import make_loaders
-    from slimrarts.engine import resolve_device
-    from slimrarts.models import create_model
-
-    done = run_dir / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    device = resolve_device(recipe.device)
-    cl = recipe.search.channels_last or recipe.finetune.channels_last
-    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=cl)
-    torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
-    resume = run_dir.exists() and any(run_dir.iterdir())
-    info = {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "num_classes": loaders.num_classes}
-    return prune(model, loaders, config=recipe, run_dir=run_dir, resume=resume, progress=progress,
-                 model_info=info).report
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -149,12 +98,12 @@ def main() -> None:
                 recipe = load_recipe(recipe_path, over)
                 print(f"== {tag} seed {seed}: {run_dir}", flush=True)
                 if ratio is None:
-                    rep = _run_baseline(recipe, run_dir, args.progress)
+                    rep = run_baseline(recipe, run_dir, args.progress)
                     row = {"method": "baseline", "ratio": None, "seed": seed, "acc": rep["test_acc"],
                            "prc": 0.0, "params": rep["params"], "macs": rep["macs"], "params_red": 0.0,
                            "macs_red": 0.0, "search_s": 0.0, "finetune_s": rep["train_s"]}
                 else:
-                    rep = _run_prune(recipe, run_dir, args.progress)
+                    rep = run_prune(recipe, run_dir, args.progress)
                     row = {"method": method, "ratio": ratio, "seed": seed,
                            "acc": rep["accuracy"]["slim_after_finetune"], "prc": rep["prc"],
                            "params": rep["params"]["after"], "macs": rep["macs"]["after"],

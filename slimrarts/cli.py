@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,26 +35,6 @@ def _run_dir(args, recipe) -> Path:
         raise ValueError("--resume needs --out: the run folder to continue")
     out = Path(args.out) if args.out else default_run_dir(recipe.name)
     return prepare_run_dir(out, resume=args.resume, force=args.force)
-
-
-def _model_info(recipe, num_classes: int) -> dict:
-    return {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "num_classes": num_classes}
-
-
-def _build(recipe, device):
-    import torch
-
-    from .data import make_loaders
-    from .models import create_model
-
-    channels_last = recipe.train.channels_last
-    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last)
-    torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
-    if recipe.model.weights:
-        state = torch.load(recipe.model.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    return loaders, model
 
 
 def _is_cell_recipe(path: str) -> bool:
@@ -101,51 +80,35 @@ def cmd_train(args) -> int:
         return train_command(args.recipe, overrides, out=args.out, resume=args.resume, force=args.force,
                              progress=not args.no_progress, genotype=genotype)
 
-    from .engine import console, fit, resolve_device, save_atomic
-    from .metrics import format_count, macs_and_params
-    from .recipe import save_or_check_recipe
+    from .commands.width import train_recipe
+    from .engine import console
+    from .metrics import format_count
 
     recipe = _load(args)
-    device = resolve_device(recipe.device)
     run_dir = _run_dir(args, recipe)
-    save_or_check_recipe(recipe, run_dir, args.resume)
     console.print(f"[bold]run folder[/] {run_dir}")
-    loaders, model = _build(recipe, device)
-    macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
-    result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=run_dir,
-                 resume=args.resume, progress=not args.no_progress,
-                 eval_every=max(1, recipe.train.epochs // 10))
-    final = result.final
-    info = _model_info(recipe, loaders.num_classes)
-    save_atomic({"state_dict": model.state_dict(), "model": json.dumps(info)}, run_dir / "model.pt")
-    report = {"model": info, "data": loaders.info, "params": params, "macs": macs, "epochs": recipe.train.epochs,
-              "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
-              "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
-              "images_per_s": result.images_per_s, "device": str(device)}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    t = Table(title=f"slimrarts train · {recipe.model.name} · {loaders.info['dataset']}")
+    report = train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    params, macs = report["params"], report["macs"]
+    t = Table(title=f"slimrarts train · {recipe.model.name} · {report['data']['dataset']}")
     for col in ("test acc (final epoch)", "params", "MACs / image", "epochs", "train time", "images/s"):
         t.add_column(col, justify="right")
     t.add_row(f"{100 * report['test_acc']:.2f}%", format_count(params), format_count(macs), str(recipe.train.epochs),
-              f"{result.train_s:.1f} s", f"{result.images_per_s:.0f}")
+              f"{report['train_s']:.1f} s", f"{report['images_per_s']:.0f}")
     console.print(t)
     return 0
 
 
 def cmd_run(args) -> int:
     """Run the pruning pipeline of a recipe: search, select, remove, fine-tune."""
-    from .api import prune
-    from .engine import console, resolve_device
+    from .commands.width import prune_recipe
+    from .engine import console
     from .report import summary_table
 
     recipe = _load(args)
-    device = resolve_device(recipe.device)
     run_dir = _run_dir(args, recipe)
     console.print(f"[bold]run folder[/] {run_dir}")
-    loaders, model = _build(recipe, device)
-    result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
-                   model_info=_model_info(recipe, loaders.num_classes))
-    console.print(summary_table(result.report))
+    report = prune_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    console.print(summary_table(report))
     return 0
 
 
@@ -171,8 +134,8 @@ def cmd_info(args) -> int:
     import torchvision
 
     from .engine import console
-    from .models import list_models
     from .methods import get_method, list_methods
+    from .models import list_models
     from .version import __version__
 
     console.print(f"slimrarts {__version__} · python {platform.python_version()} · torch {torch.__version__} · "
