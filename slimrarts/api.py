@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,18 @@ from .data.factory import Loaders, as_loaders
 from .engine.device import resolve_device
 from .engine.epochs import PhaseResult
 from .engine.loop import evaluate, fit
-from .engine.rundir import RunDir, prepare_run_dir
+from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
 from .engine.step import batches_on
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
+from .preflight import attach_io, check_data, check_model, finite_model, frozen_layers, model_outputs
 from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .report import build_report
 from .search.base import SearchState
 from .search.loop import run_search
 from .search.problem import NetProblem, make_state
-from .width import Gates, attach_gates, load_slim, remove_channels, save_slim, select_l1, select_ratio
+from .width import Gates, Skipped, attach_gates, load_slim, remove_channels, save_slim, select_l1, select_ratio
 
 __all__ = ["PruneResult", "WidthSearch", "load", "prune", "search_width"]
 
@@ -88,8 +90,8 @@ def _take_final_weights(model: nn.Module, state: SearchState, which: str) -> Non
     if which == "w" or state.y is None:
         return
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    for k, p in params.items():
-        p.copy_(state.y[k] if which == "y" else (p + state.y[k]) / 2)
+    for k, y in state.y.items():  # the trained parameters (frozen ones are shared by both nets)
+        params[k].copy_(y if which == "y" else (params[k] + y) / 2)
     for k, b in buffers.items():
         other = state.y_buffers[k]
         if which == "y" or not b.is_floating_point():
@@ -114,6 +116,16 @@ def _check_gates(gates: Gates, recipe: Recipe) -> None:
         reference_counts(p.reference, gates)
 
 
+def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> Gates:
+    """Gates on `model` for the recipe's scopes; frozen layers are left out, each listed with the reason."""
+    frozen = frozen_layers(model)
+    gates = attach_gates(model, x[:2], recipe.prune.scope, ignored=[m for _, m in frozen])
+    gates.skipped.extend(Skipped(name, "frozen: its weight does not require grad, so it is not trained or pruned")
+                         for name, _ in frozen)
+    _check_gates(gates, recipe)
+    return gates
+
+
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
                  resume: bool = False, progress: bool = True,
                  example_input: torch.Tensor | None = None) -> WidthSearch:
@@ -126,8 +138,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     if s.channels_last:
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device)
-    gates = attach_gates(model, x[:2], p.scope)
-    _check_gates(gates, recipe)
+    gates = _attach(model, x, recipe)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0)
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
@@ -145,8 +156,7 @@ def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, d
                              progress=progress, example_input=x)
         _take_final_weights(model, found.state, recipe.search.final_weights)
         return found.gates, found.gates.alphas, None, found.result, ""
-    gates = attach_gates(model, x[:2], recipe.prune.scope)
-    _check_gates(gates, recipe)
+    gates = _attach(model, x, recipe)
     out = method.run(model, gates, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
                      progress=progress)
     return gates, out.scores, out.keep, out.fit, out.note
@@ -190,6 +200,8 @@ def prune(
     progress: bool = True,
     example_input: torch.Tensor | None = None,
     model_info: dict | None = None,
+    input_fn: Callable | None = None,
+    output_fn: Callable | None = None,
 ) -> PruneResult:
     """Search the width of `model` with RARTS (or another method), remove the losing channels, fine-tune.
 
@@ -214,15 +226,23 @@ def prune(
         progress: show progress bars.
         example_input: an input batch to trace the model with (default: the first batch of D_t).
         model_info: `{"name", "kwargs", "num_classes"}` recorded in `slim.pt` so `slimrarts.load` can rebuild it.
+        input_fn: builds the model's input from a batch tensor (a dict is passed as keyword arguments), for
+            models that do not take one tensor.
+        output_fn: reads the [batch, classes] logits from the model's output; by default a tensor, a `.logits`
+            field, a dict's `logits` (else first value) or a tuple's first element (GoogLeNet, Inception-v3).
 
     Returns:
         A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report` (see
         `slimrarts.report.build_report`) and `width_spec` (per-group kept channels, per-layer widths).
 
     Raises:
-        ValueError: a bad setting (naming the key and what is allowed), a model with nothing to prune, or a
-            removal that would change the model's output.
+        ValueError: before any training: a bad setting (naming the key and what is allowed), a model that cannot
+            be trained here (frozen, half precision, meta device) or cannot read the data (channels, dtype), labels
+            outside the model's outputs, too few training samples, nothing to prune, a run folder that cannot
+            be used as asked; after the cut: a removal that would change the model's output.
         TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
+        DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved (no `slim.pt`,
+            no report) and the last good checkpoint stays for `--resume`.
 
     Example:
         >>> import slimrarts, torchvision
@@ -231,23 +251,26 @@ def prune(
         ...                          search_epochs=20, finetune_epochs=20)
         >>> result.report["macs"]["reduction"]  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     scope_list = [scope] if isinstance(scope, str) else scope
     recipe = _resolve_recipe(config, {"prune.ratio": ratio, "prune.mode": mode, "search.method": method,
                                       "prune.scope": scope_list, "search.epochs": search_epochs,
                                       "finetune.epochs": finetune_epochs,
                                       "device": str(device) if device is not None else None})
     dev = resolve_device(recipe.device)
+    if run_dir is not None:
+        check_run_dir(run_dir, resume=resume, force=force)  # fail now; nothing is deleted before the checks below
     loaders = as_loaders(loaders, seed=recipe.seed)
+    info = get_method(recipe.search.method)
+    t_total = time.perf_counter()
+    model = copy.deepcopy(model).to(dev)
+    io_hooks = attach_io(model, input_fn, output_fn)
+    x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
+    loaders = check_data(loaders, model_outputs(model, x))
     rd = RunDir.of(prepare_run_dir(run_dir, resume=resume, force=force)) if run_dir is not None else None
     if rd is not None:
         save_or_check_recipe(recipe, rd.path, resume)
     torch.manual_seed(recipe.seed)
-    info = get_method(recipe.search.method)
-    t_total = time.perf_counter()
-    model = copy.deepcopy(model).to(dev)
-    x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
     input_size = (1, *x.shape[1:])
     cost_before = macs_and_params(model, input_size)
     dense = evaluate(model, loaders.test, device=dev)
@@ -274,6 +297,11 @@ def prune(
                           test_loss=fine.final.get("test_loss"), search=search, finetune=fine,
                           total_s=time.perf_counter() - t_total, device=dev, note=note,
                           data=getattr(loaders, "info", None))
+    if not finite_model(model):  # the phases check each epoch; this guards the files against anything they missed
+        raise RuntimeError("the fine-tuned slim model has non-finite weights; nothing was written (lower "
+                           "finetune.optim.lr and --resume)")
+    for handle in io_hooks:
+        handle.remove()
     if rd is not None:
         _write_run(rd, model, spec, report, info, scores, model_info)
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,

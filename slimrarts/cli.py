@@ -29,12 +29,14 @@ def _load(args):
 
 
 def _run_dir(args, recipe) -> Path:
-    from .engine.rundir import default_run_dir, prepare_run_dir
+    """The run folder, checked (not yet created or cleared: that happens once the recipe, model and data passed
+    their checks)."""
+    from .engine.rundir import check_run_dir, default_run_dir
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out: the run folder to continue")
     out = Path(args.out) if args.out else default_run_dir(recipe.name)
-    return prepare_run_dir(out, resume=args.resume, force=args.force)
+    return check_run_dir(out, resume=args.resume, force=args.force)
 
 
 def _is_cell_recipe(path: str) -> bool:
@@ -87,7 +89,7 @@ def cmd_train(args) -> int:
     recipe = _load(args)
     run_dir = _run_dir(args, recipe)
     console.print(f"[bold]run folder[/] {run_dir}")
-    report = train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    report = train_recipe(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     params, macs = report["params"], report["macs"]
     t = Table(title=f"slimrarts train · {recipe.model.name} · {report['data']['dataset']}")
     for col in ("test acc (final epoch)", "params", "MACs / image", "epochs", "train time", "images/s"):
@@ -107,7 +109,7 @@ def cmd_run(args) -> int:
     recipe = _load(args)
     run_dir = _run_dir(args, recipe)
     console.print(f"[bold]run folder[/] {run_dir}")
-    report = prune_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    report = prune_recipe(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     console.print(summary_table(report))
     return 0
 
@@ -176,10 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_info)
     args = parser.parse_args(argv)
     from .config import ConfigError
+    from .engine.epochs import DivergenceError
 
     t0 = time.perf_counter()
     try:
         return args.fn(args)
+    except DivergenceError as err:
+        if os.environ.get("SLIMRARTS_DEBUG"):
+            raise
+        print(f"slimrarts {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError, TypeError) as err:
         if os.environ.get("SLIMRARTS_DEBUG"):
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import json
 import os
 import warnings
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "save_or_check_recipe",
     "read_recipe_yaml",
     "DEVICE_FIELD",
+    "RESUME_SAFE",
     "is_cell_recipe",
     "ConfigError",
 ]
@@ -272,10 +275,14 @@ def load_recipe(
     return build(schema, data)
 
 
-_RESUME_FREE = ("device", "log_every")  # keys that may change when a run is resumed
+_RESUME_FREE = ("device", "log_every")  # keys that may change when a run is resumed, unrecorded
+# keys a resume may change with --set (after a divergence stop, say); each change is recorded in the run folder
+RESUME_SAFE = ("search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search.lam", "search.beta",
+               "search.grad_clip", "search.cost.mu", "cost.mu", "finetune.optim.lr", "train.optim.lr",
+               "train.grad_clip", "finetune.grad_clip")
 
 
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
@@ -283,34 +290,61 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
                 continue
             out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
         return out
-    return [] if old == new else [f"{path}: {old!r} → {new!r}"]
+    return [] if old == new else [(path, old, new)]
+
+
+def _stored_recipe(path: Path, schema: type) -> dict:
+    try:
+        stored = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is damaged ({type(err).__name__}), so the settings this run used cannot be "
+                          "checked; restore it from your recipe and --set values, or start again with --force"
+                          ) from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{str(path)!r} is not a recipe mapping; restore it, or start again with --force")
+    try:  # read through the schema, so a recipe written under former key names compares equal
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return to_dict(build(schema, stored))
+    except ConfigError:
+        return stored  # compared as written: every difference is then named
 
 
 def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) -> None:
-    """Write the resolved recipe into the run folder; on resume, check it equals the stored one instead.
+    """Write the resolved recipe into the run folder; on resume, check it against the stored one instead.
 
-    A resume under other settings would mix two experiments in one folder and lose the record of the first, so
-    any difference (other than the device and logging) is an error naming the keys.
+    A resume under other settings would mix two experiments in one folder and lose the record of the first, so a
+    difference is an error naming the keys, except for the device, logging and the keys of `RESUME_SAFE`
+    (learning rates, λ, β, the cost weight, gradient clipping): those may change, e.g. to continue after a
+    divergence stop; each change is appended to `recipe_changes.json` and `recipe.yaml` then holds the new values.
+    A run folder without its `recipe.yaml` cannot be resumed.
     """
     path = Path(run_dir) / "recipe.yaml"
-    if resume and path.is_file():
-        stored = yaml.safe_load(path.read_text()) or {}
-        try:  # read through the schema, so a recipe written under former key names compares equal
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                stored = to_dict(build(type(recipe), stored))
-        except ConfigError:
-            pass  # compared as written: every difference is then named
-        diffs = _differences(stored, to_dict(recipe))
-        if diffs:
-            raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: "
-                              f"{'; '.join(diffs[:6])}{' …' if len(diffs) > 6 else ''}. Resume with the same recipe "
-                              "and --set values, or start a new run")
+    if not resume:
+        dump_recipe(recipe, path)
         return
-    dump_recipe(recipe, path)
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: its recipe.yaml is missing, so the settings it ran with "
+                          "cannot be checked; restore the file, or start again with --force")
+    diffs = _differences(_stored_recipe(path, type(recipe)), to_dict(recipe))
+    unsafe = [d for d in diffs if d[0] not in RESUME_SAFE]
+    if unsafe:
+        shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in unsafe[:6])
+        raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: {shown}"
+                          f"{' …' if len(unsafe) > 6 else ''}. Resume with the same recipe and --set values (only "
+                          f"{', '.join(RESUME_SAFE)} may change), or start a new run")
+    if diffs:
+        log = Path(run_dir) / "recipe_changes.json"
+        history = json.loads(log.read_text()) if log.is_file() else []
+        history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "changes": [{"key": k, "old": old, "new": new} for k, old, new in diffs]})
+        log.write_text(json.dumps(history, indent=1) + "\n")
+        dump_recipe(recipe, path)
 
 
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:
-    """Write the resolved recipe as YAML."""
-    text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
-    Path(path).write_text(text)
+    """Write the resolved recipe as YAML (through a temporary file and a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    os.replace(tmp, path)

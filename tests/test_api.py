@@ -180,11 +180,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_archive, capsys):
     out = tmp_path / "run"
     assert main(["train", recipe, "--out", str(out), "--no-progress"]) == 0
     before = (out / "recipe.yaml").read_text()
-    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.optim.lr=0.2", "--no-progress"]) == 2
+    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.optim.momentum=0.5",
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "train.optim.lr" in err and "0.05" in err and "0.2" in err
-    assert (out / "recipe.yaml").read_text() == before
+    assert "train.optim.momentum" in err and "0.9" in err and "0.5" in err
+    assert (out / "recipe.yaml").read_text() == before and not (out / "recipe_changes.json").exists()
     assert main(["train", recipe, "--out", str(out), "--resume", "--no-progress"]) == 0
+    # a learning rate is one of the keys a resume may change (after a divergence stop): recorded, not refused
+    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.optim.lr=0.02",
+                 "--no-progress"]) == 0
+    changes = json.loads((out / "recipe_changes.json").read_text())
+    assert changes[-1]["changes"] == [{"key": "train.optim.lr", "old": 0.05, "new": 0.02}]
+    assert "lr: 0.02" in (out / "recipe.yaml").read_text()
 
 
 def test_bad_combinations_fail_before_training(tiny_sets):

@@ -14,15 +14,16 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..data import make_loaders
 from ..engine import Callback, Event, console, fit, on, resolve_device, save_atomic
-from ..engine.rundir import default_run_dir, prepare_run_dir
+from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
 from ..methods import get_method
 from ..metrics import count_params, format_count
 from ..nas.eval_net import build_eval_net, count_params_no_aux
@@ -42,10 +43,11 @@ def load_nas_recipe(source: str | os.PathLike | dict, overrides: list[str] | Non
 
 
 def _run_dir(recipe: NasRecipe, out, resume: bool, force: bool, suffix: str) -> Path:
+    """The run folder, checked but not touched (it is made or cleared once the data is loaded)."""
     if resume and not out:
         raise ValueError("resume needs out: the run folder to continue")
     path = Path(out) if out else default_run_dir(f"{recipe.name}-{suffix}")
-    return prepare_run_dir(path, resume=resume, force=force)
+    return check_run_dir(path, resume=resume, force=force)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -89,10 +91,11 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     recipe = load_nas_recipe(recipe_path, overrides)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(recipe, out, resume, force, "search")
-    save_or_check_recipe(recipe, run_dir, resume)
-    console.print(f"[bold]run folder[/] {run_dir}")
     t0 = time.perf_counter()
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    save_or_check_recipe(recipe, run_dir, resume)
+    console.print(f"[bold]run folder[/] {run_dir}")
     result = search_topology(recipe, loaders, device=device, run_dir=run_dir, resume=resume, progress=progress,
                              callbacks=[_AlphaLog(run_dir / "alphas.json", resume)])
     g = result.genotype
@@ -176,9 +179,6 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     g = load_genotype(source)
     device = resolve_device(recipe.device)
     run_dir = _run_dir(recipe, out, resume, force, "train")
-    save_or_check_recipe(recipe, run_dir, resume)
-    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
-    console.print(f"[bold]run folder[/] {run_dir}")
     notes = []
     data_cfg = dataclasses.replace(recipe.data, batch_size=tr.batch_size or recipe.data.batch_size)
     cutout = tr.cutout
@@ -189,6 +189,10 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
         cutout = 0
     aux_weight = tr.auxiliary_weight
     loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last)
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    save_or_check_recipe(recipe, run_dir, resume)
+    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
+    console.print(f"[bold]run folder[/] {run_dir}")
     num_classes = loaders.num_classes or 10
     torch.manual_seed(recipe.seed)
     model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,

@@ -10,12 +10,29 @@ import torch
 
 from ..api import prune
 from ..data import Loaders, make_loaders
-from ..engine import RunDir, fit, resolve_device
+from ..engine import RunDir, fit, prepare_run_dir, resolve_device
+from ..engine.checkpoint import load_checkpoint
+from ..engine.rundir import check_run_dir
 from ..metrics import macs_and_params
 from ..models import create_model
+from ..preflight import check_data, check_model, model_outputs
 from ..recipe import Recipe, save_or_check_recipe
 
-__all__ = ["build_from_recipe", "model_info", "prune_recipe", "train_recipe"]
+__all__ = ["build_from_recipe", "load_weights", "model_info", "prune_recipe", "train_recipe"]
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load `model.weights` (a `model.pt` of `slimrarts train`, or a plain state_dict file) into `model`, strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.weights: {str(path)!r} does not exist")
+    state = load_checkpoint(path, what="weights file (model.weights)",
+                            remedy="point model.weights at a model.pt written by slimrarts train, or a state_dict")
+    state = state.get("state_dict", state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"model.weights: {str(path)!r} does not fit model {type(model).__name__}: "
+                         f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
 
 
 def model_info(recipe: Recipe, num_classes: int) -> dict:
@@ -23,34 +40,40 @@ def model_info(recipe: Recipe, num_classes: int) -> dict:
     return {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "num_classes": num_classes}
 
 
-def build_from_recipe(recipe: Recipe, device: torch.device, channels_last: bool = False) -> tuple[Loaders, torch.nn.Module]:
+def build_from_recipe(recipe: Recipe, device: torch.device,
+                      channels_last: bool = False) -> tuple[Loaders, torch.nn.Module]:
     """The recipe's loaders and model (seeded; from `model.weights` when set)."""
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last)
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
     if recipe.model.weights:
-        state = torch.load(recipe.model.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        load_weights(model, recipe.model.weights)
     return loaders, model
 
 
-def prune_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run the pruning pipeline of `recipe` in `run_dir` (a prepared folder); returns the report."""
+def prune_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+                 progress: bool = True) -> dict:
+    """Run the pruning pipeline of `recipe` in `run_dir`; returns the report. The folder is created (or, with
+    `force`, cleared) only after the model and data passed their checks."""
     device = resolve_device(recipe.device)
     cl = recipe.search.channels_last or recipe.finetune.channels_last
     loaders, model = build_from_recipe(recipe, device, channels_last=cl)
-    result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=resume, progress=progress,
+    result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
                    model_info=model_info(recipe, loaders.num_classes))
     return result.report
 
 
-def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train the recipe's model with its `train` section in `run_dir` (a prepared folder); writes `model.pt` and
-    `report.json` and returns the report."""
+def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+                 progress: bool = True) -> dict:
+    """Train the recipe's model with its `train` section in `run_dir`; writes `model.pt` and `report.json` and
+    returns the report. The folder is created (or, with `force`, cleared) once the model and data are built."""
     device = resolve_device(recipe.device)
-    rd = RunDir(run_dir)
-    save_or_check_recipe(recipe, rd.path, resume)
+    check_run_dir(run_dir, resume=resume, force=force)
     loaders, model = build_from_recipe(recipe, device, channels_last=recipe.train.channels_last)
+    check_model(model)
+    check_data(loaders, model_outputs(model, next(iter(loaders.test))[0][:2].float()))
+    rd = RunDir(prepare_run_dir(run_dir, resume=resume, force=force))
+    save_or_check_recipe(recipe, rd.path, resume)
     macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
     result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=rd.path,
                  resume=resume, progress=progress, eval_every=max(1, recipe.train.epochs // 10))

@@ -183,6 +183,11 @@ class DeviceLoader:
         """(C, H, W) of every x this loader yields."""
         return (3, *self._crop.size)
 
+    def label_range(self) -> tuple[int, int]:
+        """The smallest and largest label this loader holds (one host sync: for checks before training)."""
+        lo, hi = torch.aminmax(self._labels)
+        return int(lo), int(hi)
+
     @property
     def pad(self) -> int | None:
         return getattr(self._crop, "pad", None)

@@ -8,6 +8,7 @@ from .callbacks import on as on
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_atomic as save_atomic
 from .device import resolve_device as resolve_device
+from .epochs import DivergenceError as DivergenceError
 from .epochs import PhaseResult as PhaseResult
 from .epochs import run_epochs as run_epochs
 from .epochs import set_loader_epoch as set_loader_epoch
@@ -30,8 +31,8 @@ from .step import autocast as autocast
 from .step import batches_on as batches_on
 
 __all__ = [
-    "SGD", "Adam", "Callback", "Event", "FitResult", "LoopState", "PhaseResult", "RunDir", "TrainStep", "autocast",
-    "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "evaluate", "fit", "load_checkpoint",
-    "lr_at", "make_progress", "on", "prepare_run_dir", "resolve_device", "run_epochs", "save_atomic",
-    "schedule_fn", "set_loader_epoch",
+    "SGD", "Adam", "Callback", "DivergenceError", "Event", "FitResult", "LoopState", "PhaseResult", "RunDir",
+    "TrainStep", "autocast", "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "evaluate",
+    "fit", "load_checkpoint", "lr_at", "make_progress", "on", "prepare_run_dir", "resolve_device", "run_epochs",
+    "save_atomic", "schedule_fn", "set_loader_epoch",
 ]

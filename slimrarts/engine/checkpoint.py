@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CorruptFileError", "save_atomic", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+class CorruptFileError(ValueError):
+    """A file slimrarts wrote cannot be read back (truncated, empty, or not slimrarts' own); the message names the
+    file and what to do."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -29,9 +34,26 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by `save_atomic` (tensors and plain data only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, what: str = "checkpoint",
+                    remedy: str = "delete it and run again", keys: tuple[str, ...] = ()) -> dict:
+    """Load a file written by `save_atomic` (tensors and plain data only, `weights_only=True`).
+
+    A file that cannot be read, is not a mapping or lacks one of `keys` raises `CorruptFileError` naming the file,
+    `what` it is and the `remedy`.
+    """
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged or foreign
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise CorruptFileError(f"{str(path)!r}: this {what} cannot be read ({type(err).__name__}; {size} bytes: "
+                               f"truncated, empty, or not written by slimrarts). To go on: {remedy}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or missing:
+        raise CorruptFileError(f"{str(path)!r}: this {what} lacks {', '.join(missing) or 'its contents'} (not written "
+                               f"by this version of slimrarts?). To go on: {remedy}")
+    return obj
 
 
 def rng_state() -> dict:

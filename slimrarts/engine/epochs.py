@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -24,7 +25,38 @@ from .checkpoint import rng_state
 from .progress import make_progress
 from .rundir import RunDir
 
-__all__ = ["Phase", "PhaseResult", "Ticker", "run_epochs", "set_loader_epoch"]
+__all__ = ["DivergenceError", "Phase", "PhaseResult", "Ticker", "run_epochs", "set_loader_epoch"]
+
+
+class DivergenceError(RuntimeError):
+    """A phase produced a non-finite loss, weight or α; the run stopped before writing that epoch.
+
+    The last checkpoint (the last good epoch) is kept, so `--resume` can continue with changed learning rates.
+    """
+
+    def __init__(self, phase: str, epoch: int, what: str, setting: str):
+        self.phase, self.epoch, self.what, self.setting = phase, epoch, what, setting
+        super().__init__(f"the {phase} phase diverged in epoch {epoch}: {what} is not finite. Nothing of this "
+                         f"epoch was saved; the last good checkpoint stays. Most likely at fault: {setting}. Lower it "
+                         f"and continue with --resume --out <run folder> --set {setting.split(' ')[0]}=<smaller>")
+
+
+_LOSSES = ("train_loss", "t_loss", "v_loss", "loss")
+
+
+def _check_finite(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str) -> None:
+    """Raise `DivergenceError` when the epoch's losses or the watched tensors are not finite (one host sync, at the
+    epoch's end, where the metrics are read anyway)."""
+    bad_loss = [k for k in _LOSSES if k in fields and not math.isfinite(fields[k])]
+    bad_alpha = "alpha_mean" in fields and not math.isfinite(fields["alpha_mean"])
+    bad_weights = bool(watched) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(watched))).all())
+    if not (bad_loss or bad_alpha or bad_weights):
+        return
+    if bad_alpha and not bad_loss:
+        raise DivergenceError(name, epoch, "α", f"{key}.arch.lr (the α learning rate)")
+    what = f"the {bad_loss[0].replace('_', ' ')}" if bad_loss else "a weight"
+    raise DivergenceError(name, epoch, what, f"{key}.optim.lr (the weights' learning rate; or set "
+                                             f"{key}.grad_clip)")
 
 
 class Phase(Protocol):
@@ -102,12 +134,16 @@ def _summary(record: dict) -> str:
 def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, device: torch.device,
                loaders: Sequence = (), run_dir=None, resume: bool = False, progress: bool = True,
                description: str | None = None, log_every: int = 50, callbacks: Iterable[Callback] = (),
-               state: LoopState | None = None) -> PhaseResult:
+               state: LoopState | None = None, config_key: str = "train") -> PhaseResult:
     """Run epochs `[start, epochs)` of `phase`, where `start` follows the last checkpoint when resuming.
 
     `name` is the phase's name in metrics lines and its checkpoint file (`checkpoints/<name>.pt`); each of
     `loaders` is told the epoch before it starts (seeded shuffles); `callbacks` receive the events of
     `slimrarts.engine.Event` with `state` (a `LoopState`, filled in with the epoch and its record).
+
+    At each epoch's end the losses and the tensors of the phase's optional `watched()` (weights, α) must be finite,
+    or `DivergenceError` stops the phase before that epoch's line and checkpoint are written; it names the
+    setting under `config_key` (the recipe section: `search`, `finetune`, `train`) most likely at fault.
     """
     callbacks = list(callbacks)
     rd = RunDir.of(run_dir)
@@ -135,6 +171,8 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
             t0 = time.perf_counter()
             fields = phase.run_epoch(epoch, ticker)
             dt = time.perf_counter() - t0
+            watched = getattr(phase, "watched", None)
+            _check_finite(name, epoch, fields, list(watched()) if watched is not None else [], config_key)
             train_s += dt
             record = {"phase": name, "epoch": epoch, **fields, "epoch_s": dt,
                       "images_per_s": fields.get("images", 0) / dt if dt > 0 else float("nan")}

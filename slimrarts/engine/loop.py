@@ -85,6 +85,9 @@ class _Training:
                         channels_last=self.cfg.channels_last)
         return {"test_loss": test["loss"], "test_acc": test["acc"]}
 
+    def watched(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.model.parameters() if p.is_floating_point()]
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
 
@@ -131,6 +134,7 @@ def fit(
     loss_fn: Callable | None = None,
     after_backward: Callable[[], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    config_key: str | None = None,
 ) -> PhaseResult:
     """Train `model` for `cfg.epochs` epochs, checkpointing each epoch into `run_dir`.
 
@@ -150,6 +154,7 @@ def fit(
         optimizer: use this optimizer instead of the SGD of `cfg.optim`.
         loss_fn: `loss_fn(output, target)` instead of cross-entropy (e.g. with an auxiliary head).
         after_backward, on_epoch_start: deprecated; use `callbacks`.
+        config_key: the recipe section `cfg` came from (named when the phase diverges); default: `phase`.
 
     Returns:
         A `PhaseResult` (`FitResult`): `history` (one metrics record per epoch), `final`, `train_s`, `wall_s`,
@@ -157,6 +162,7 @@ def fit(
 
     Raises:
         ValueError: the training loader yields no batches.
+        DivergenceError: a loss or weight became non-finite (the epoch is not saved; the last checkpoint stays).
 
     Example:
         >>> cfg = TrainConfig(epochs=2, optim=OptimConfig(lr=0.1))  # doctest: +SKIP
@@ -179,4 +185,4 @@ def fit(
     training = _Training(model, opt, step, train_loader, test_loader, cfg, device, eval_every, steps_per_epoch)
     return run_epochs(training, name=phase, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, device=device,
                       loaders=[train_loader], run_dir=run_dir, resume=resume, progress=progress,
-                      log_every=cfg.log_every, callbacks=callbacks, state=state)
+                      log_every=cfg.log_every, callbacks=callbacks, state=state, config_key=config_key or phase)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,17 @@ import torch
 
 from .checkpoint import load_checkpoint, save_atomic, set_rng_state
 
-__all__ = ["RUN_MARKERS", "RunDir", "default_run_dir", "prepare_run_dir"]
+__all__ = ["MARKER", "RUN_MARKERS", "RunDir", "check_run_dir", "default_run_dir", "foreign_entries", "prepare_run_dir"]
 
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "report.json", "checkpoints")
+MARKER = ".slimrarts-run"  # written into every run folder at creation; --force deletes only folders holding it
+RUN_MARKERS = (MARKER,)
+# what slimrarts writes into a run folder: the only entries --force may delete
+RUN_FILES = frozenset({
+    MARKER, "recipe.yaml", "recipe_changes.json", "metrics.jsonl", "report.json", "width_spec.json", "alphas.json",
+    "slim.pt", "model.pt", "genotype.json", "genotype.txt", "cells.png", "costs.json", "widths.png", "alphas.png",
+    "latency.json",
+})
+RUN_DIRS = {"checkpoints": (".pt",)}  # folders slimrarts writes, and the suffixes of the files it puts there
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -35,30 +42,98 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
-    """Make `path` ready for a run.
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # an atomic write that was interrupted
 
-    A missing or empty folder is created. An existing non-empty folder is an error unless `resume` (continue it)
-    or `force` (delete it first; only a folder that looks like a slimrarts run, so no other data is ever removed).
-    """
+
+def foreign_entries(path: Path) -> list[Path]:
+    """Entries of run folder `path` that slimrarts did not write (so --force must not delete them)."""
+    out = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink():
+            out.append(entry)
+        elif entry.is_dir() and entry.name in RUN_DIRS:
+            out += [f for f in sorted(entry.iterdir()) if f.is_symlink() or not f.is_file()
+                    or not (f.suffix in RUN_DIRS[entry.name] or _is_temp(f.name))]
+        elif not (entry.is_file() and (entry.name in RUN_FILES or _is_temp(entry.name))):
+            out.append(entry)
+    return out
+
+
+def _check_deletable(path: Path) -> None:
+    """Refuse --force on anything but a folder slimrarts made and filled itself."""
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents:
+        raise FileExistsError(f"--force would delete {str(path)!r}, which is the current folder or one of its "
+                              "parents; refusing. Choose another --out")
+    if not (path / MARKER).is_file():
+        raise FileExistsError(f"{str(path)!r} is not empty and was not made by slimrarts (it has no {MARKER} "
+                              "file); refusing to delete it even with --force. Choose another --out")
+    foreign = foreign_entries(path)
+    if foreign:
+        names = ", ".join(str(f.relative_to(path)) for f in foreign[:5])
+        raise FileExistsError(f"run folder {str(path)!r} holds files slimrarts did not write ({names}"
+                              f"{' …' if len(foreign) > 5 else ''}); refusing to delete them with --force. Move them "
+                              "away or choose another --out")
+
+
+def _clear_run(path: Path) -> None:
+    """Delete what slimrarts wrote in `path` (checked by `_check_deletable`); the folder itself stays."""
+    for entry in path.iterdir():
+        if entry.is_dir():
+            for f in entry.iterdir():
+                f.unlink()
+            entry.rmdir()
+        elif entry.name != MARKER:
+            entry.unlink()
+
+
+def _write_marker(path: Path) -> None:
+    from ..version import __version__
+
+    (path / MARKER).write_text(json.dumps({"slimrarts": __version__,
+                                           "created": _dt.datetime.now().isoformat(timespec="seconds")}) + "\n")
+
+
+def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
+    """What `prepare_run_dir` would do, without changing anything: raises if the folder cannot be used as asked."""
     path = Path(path)
     if resume and force:
         raise ValueError("resume and force exclude each other: resume continues a run, force starts it again")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"run folder {str(path)!r} exists and is not a folder")
+    busy = path.exists() and any(path.iterdir())
+    if busy and resume:
+        if not (path / "recipe.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume {str(path)!r}: its recipe.yaml is missing, so the settings it "
+                                    "ran with cannot be checked; restore the file, or start again with --force")
+    elif busy and not force:
+        raise FileExistsError(f"run folder {str(path)!r} already holds a run; pass --resume to continue it, "
+                              "--force to start it again (deleting it), or choose another --out")
+    elif busy:
+        _check_deletable(path)
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: run folder {str(path)!r} does not exist or is empty")
+    return path
+
+
+def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
+    """Make `path` ready for a run, after every check of `check_run_dir`.
+
+    A missing or empty folder is created (with the marker file that makes it a slimrarts run folder). An existing
+    non-empty folder is an error unless `resume` (continue it; it must hold its recipe.yaml) or `force` (start
+    again: only in a folder slimrarts made, deleting only the files slimrarts wrote there, never the current
+    folder or a parent of it; any other file makes it refuse, naming the file).
+    """
+    path = check_run_dir(path, resume=resume, force=force)
     if path.exists() and any(path.iterdir()):
         if resume:
             return path
-        if not force:
-            raise FileExistsError(f"run folder {str(path)!r} already holds a run; pass --resume to continue it, "
-                                  "--force to start it again (deleting it), or choose another --out")
-        if not any((path / m).exists() for m in RUN_MARKERS):
-            raise FileExistsError(f"{str(path)!r} is not empty and does not look like a slimrarts run folder; "
-                                  "refusing to delete it even with --force")
-        shutil.rmtree(path)
-    elif resume:
-        raise FileNotFoundError(f"nothing to resume: run folder {str(path)!r} does not exist or is empty")
+        _clear_run(path)
     path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        _write_marker(path)
     return path
 
 
@@ -161,7 +236,10 @@ class RunDir:
         if not path.exists():
             self._drop_metrics_after(phase, -1)
             return None
-        ckpt = load_checkpoint(path, map_location=device)
+        remedy = (f"delete {path} to run the {phase!r} phase again from its start (earlier phases are kept), or "
+                  "start the whole run again with --force")
+        ckpt = load_checkpoint(path, map_location=device, what=f"{phase!r} checkpoint", remedy=remedy,
+                               keys=("epoch", "rng", "history", "wall_s"))
         set_rng_state(ckpt["rng"])
         self._drop_metrics_after(phase, ckpt["epoch"])
         return ckpt

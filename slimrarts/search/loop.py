@@ -78,6 +78,11 @@ class _Search:
             out["cuda_graph_error"] = self.graphed.error
         return out
 
+    def watched(self) -> list[torch.Tensor]:
+        state = self.state
+        ws = [*state.w.values(), *(state.y.values() if state.y is not None else ())]
+        return [t.detach() for t in ws if t.is_floating_point()]
+
     def state_dict(self) -> dict:
         problem, state = self.problem, self.state
         out = {"w": {k: v.detach() for k, v in state.w.items()}, "w_buffers": state.w_buffers,
@@ -148,6 +153,7 @@ def run_search(
 
     Raises:
         ValueError: an unknown method, a missing loader, or loaders without batches.
+        DivergenceError: a loss, weight or α became non-finite (the epoch is not saved; the last checkpoint stays).
 
     Example:
         >>> problem = NetProblem(model, gates.alphas)  # doctest: +SKIP
@@ -175,4 +181,5 @@ def run_search(
     loop_state = LoopState(phase=phase, model=problem.model, extra={"problem": problem, "search": state})
     return run_epochs(search, name=phase, epochs=epochs, steps_per_epoch=n_iter, device=problem.device,
                       loaders=[loader_t, loader_v, loader_whole], run_dir=run_dir, resume=resume, progress=progress,
-                      description=f"{phase} ({method})", log_every=log_every, callbacks=callbacks, state=loop_state)
+                      description=f"{phase} ({method})", log_every=log_every, callbacks=callbacks, state=loop_state,
+                      config_key="search")

@@ -74,7 +74,7 @@ def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim
                grad_clip: float | None = None) -> SearchState:
     """A search state over `model`'s own parameters as w, with a y copy (same initial values) when needed."""
     spec = get_search(method)
-    w = dict(model.named_parameters())
+    w = {k: v for k, v in model.named_parameters() if v.requires_grad}  # frozen weights stay shared and untouched
     w_buffers = dict(model.named_buffers())
     state = SearchState(w=w, w_buffers=w_buffers, opt_w=build_optimizer(w.values(), optim_w),
                         opt_arch=build_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..engine.checkpoint import save_atomic
+from ..engine.checkpoint import CorruptFileError, load_checkpoint, save_atomic
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
 
@@ -172,13 +173,28 @@ def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_locat
     Without `model`, the architecture is built by `build(name, num_classes=..., **kwargs)` from the model name and
     arguments the spec records (`slimrarts.load` passes `slimrarts.models.create_model`).
     """
-    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
-    spec = json.loads(payload["spec"])
+    payload = load_checkpoint(path, map_location, what="slim model", keys=("spec", "state_dict"),
+                              remedy="re-run the pruning that wrote it (its run folder's checkpoints are kept)")
+    try:
+        spec = json.loads(payload["spec"])
+    except (TypeError, ValueError):
+        raise CorruptFileError(f"{str(path)!r}: the width spec inside this slim model is not valid JSON; re-run the "
+                               "pruning that wrote it") from None
     if model is None:
         info = spec.get("model")
         if not info or not info.get("name") or build is None:
             raise ValueError(f"{path} does not record which model it was cut from; pass the original model=...")
         model = build(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
+    else:
+        model = copy.deepcopy(model)  # the caller's model is never cut in place, even when loading fails
     apply_spec(model, spec)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        result = model.load_state_dict(payload["state_dict"], strict=False)
+        mismatch = (f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+                    if result.missing_keys or result.unexpected_keys else "")
+    except RuntimeError as err:  # shape mismatches
+        mismatch = str(err).split("\n", 1)[-1].strip()[:400]
+    if mismatch:
+        raise ValueError(f"the weights in {str(path)!r} do not fit the model cut to its width spec ({mismatch}); "
+                         "was it cut from another architecture or other arguments?")
     return model.eval()

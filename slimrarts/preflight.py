@@ -1,0 +1,178 @@
+"""Checks of a model and its data before any training, so bad input fails in a second with a message naming the
+problem instead of deep inside torch (or, on CUDA, as an unrecoverable device assert).
+
+Also the model's input/output adapters: a model that returns a tuple, a namedtuple or a dict (GoogLeNet and
+Inception-v3 return namedtuples in training mode) is read through `logits_of` by default; `output_fn` and
+`input_fn` hooks cover anything else (a model taking a dict: `input_fn=lambda x: {"pixel_values": x}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckedLoader", "attach_io", "check_data", "check_model", "finite_model", "frozen_layers", "logits_of",
+           "model_outputs"]
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a `.logits` field, a dict's `logits` (else its first
+    value), or the first element of a tuple/list/namedtuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, dict) and out:
+        first = out["logits"] if "logits" in out else next(iter(out.values()))
+        if isinstance(first, torch.Tensor):
+            return first
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot read logits from the model's output ({type(out).__name__}): slimrarts reads a tensor, a "
+                    "`.logits` field, a dict's 'logits' or first value, or a tuple's first element; pass "
+                    "output_fn=<a function from the output to the [batch, classes] logits>")
+
+
+def attach_io(model: nn.Module, input_fn: Callable | None = None, output_fn: Callable | None = None) -> list:
+    """Hooks on `model` so that `model(x)` takes a batch tensor and returns logits: `input_fn(x)` builds the model's
+    input (a dict is passed as keyword arguments), `output_fn` (default `logits_of`) reads its output. Returns the
+    hook handles; `.remove()` them to give the model back as it was."""
+    handles = []
+    if input_fn is not None:
+        def pre(_module, args, kwargs):
+            value = input_fn(args[0])
+            return ((), dict(value)) if isinstance(value, dict) else ((value,), kwargs)
+
+        handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+    read = output_fn or logits_of
+    handles.append(model.register_forward_hook(lambda _m, _a, out: read(out)))
+    return handles
+
+
+def check_model(model: nn.Module) -> None:
+    """The model can be trained in fp32 here: real (not meta) floating parameters, fp32, some trainable."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters: there is nothing to prune or train")
+    if any(p.is_meta for p in params):
+        raise ValueError("the model's parameters are on the meta device (not materialised); build it on a real device "
+                         "or call model.to_empty(device=...) and load its weights first")
+    odd = sorted({str(p.dtype) for p in params if p.is_floating_point() and p.dtype != torch.float32})
+    if odd:
+        raise ValueError(f"the model's parameters are {', '.join(odd)}; slimrarts keeps fp32 weights (use the amp=bf16 "
+                         "settings for mixed precision): call model.float() first")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("every parameter of the model is frozen (requires_grad=False): slimrarts trains the weights "
+                         "it prunes; unfreeze them with model.requires_grad_(True), at least for the layers to prune")
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels
+    return None
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    """Run `model` on the batch `x` in eval mode and return its number of outputs (classes); errors say why the model
+    cannot read the data."""
+    if not x.is_floating_point():
+        raise TypeError(f"the data's images are {x.dtype}; the model needs floating-point inputs (normalise them, e.g. "
+                        "x.float() / 255, in the dataset's transform)")
+    was = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except Exception as err:  # noqa: BLE001 - any failure here means the model cannot read these batches
+        expects = _first_conv_channels(model)
+        hint = f" (its first convolution reads {expects} channels)" if expects is not None else ""
+        raise ValueError(f"the model cannot read the data's batches of shape {tuple(x.shape)}{hint}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    finally:
+        model.train(was)
+    logits = logits_of(out)
+    if logits.dim() != 2:
+        raise ValueError(f"the model's output has shape {tuple(logits.shape)}; slimrarts trains classifiers with "
+                         "[batch, classes] logits: pass output_fn=... to read them")
+    return logits.shape[1]
+
+
+def _label_error(where: str, label: int, num_classes: int, batch: int | None = None) -> ValueError:
+    at = f" batch {batch}" if batch is not None else ""
+    return ValueError(f"the {where} loader's{at} label {label} is outside [0, {num_classes}): the model has "
+                      f"{num_classes} outputs. Give the model num_classes={label + 1} or more, or fix the labels")
+
+
+class CheckedLoader:
+    """A user's loader whose labels are checked on every batch as it streams (on the CPU, before the batch moves to
+    the device, so no sync and no device assert), failing at the first bad batch with its index."""
+
+    def __init__(self, loader, num_classes: int, where: str):
+        self.loader, self.num_classes, self.where = loader, num_classes, where
+
+    def __iter__(self) -> Iterator:
+        for i, batch in enumerate(self.loader):
+            y = batch[1]
+            if isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.numel():
+                lo, hi = torch.aminmax(y)
+                if lo < 0 or hi >= self.num_classes:
+                    raise _label_error(self.where, int(lo if lo < 0 else hi), self.num_classes, i)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):  # dataset, batch_size, sampler, set_epoch, ... of the wrapped loader
+        return getattr(self.loader, name)
+
+
+def _size(loader) -> int | None:
+    n = getattr(loader, "num_samples", None)
+    if n is None:
+        dataset = getattr(loader, "dataset", None)
+        n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    return n
+
+
+def check_data(loaders, num_classes: int):
+    """Labels in range of the model's outputs (all labels at once for the library's loaders; per batch as they
+    stream for other loaders, which are wrapped in `CheckedLoader`), and enough training samples for two halves.
+    Returns the loaders with the wrappers in place."""
+    for where in ("train", "search_t", "search_v"):
+        n = _size(getattr(loaders, where))
+        if n is not None and n < 2:
+            what = "training set" if where == "train" else f"search half {where} of the training set"
+            raise ValueError(f"the {what} has {n} sample(s); the search splits the training set into two halves and "
+                             "each needs at least 2 (batch norm needs 2 per batch): give at least 4 training samples")
+    replaced = {}
+    for where in ("train", "test", "search_t", "search_v"):
+        loader = getattr(loaders, where)
+        label_range = getattr(loader, "label_range", None)
+        if label_range is not None:
+            lo, hi = label_range()
+            if lo < 0 or hi >= num_classes:
+                raise _label_error(where, lo if lo < 0 else hi, num_classes)
+        elif not isinstance(loader, CheckedLoader):
+            replaced[where] = CheckedLoader(loader, num_classes, where)
+    for where, loader in replaced.items():
+        setattr(loaders, where, loader)
+    return loaders
+
+
+@torch.no_grad()
+def finite_model(model: nn.Module) -> bool:
+    """Whether every floating parameter and buffer of `model` is finite (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Convolutions and linear layers whose weight is frozen (left out of gating: they are not trained)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not m.weight.requires_grad]
