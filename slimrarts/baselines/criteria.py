@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch_pruning as tp
@@ -174,7 +174,6 @@ def tp_group(gates, i: int) -> Group:
         root = modules[group.root]
         return dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, full)
     out = Group()
-    out._DG = dg
     for name, fn in [(group.root, "prune_out_channels")] + [(c, "prune_in_channels") for c in group.consumers]:
         module = modules[name]
         handler = getattr(dg.get_pruner_of_module(module), fn)
@@ -187,7 +186,6 @@ def _filters(group: Group, scope: str) -> Group:
     """The items of `group` that make its channels (branch-input: the consumers' input slices)."""
     fns = _IN_FNS if scope == "branch-input" else _OUT_FNS
     out = Group()
-    out._DG = group._DG
     for item in group.items:
         if item.dep.handler in fns:
             _item(out, item.dep, item.idxs, item.root_idxs)

@@ -81,7 +81,7 @@ class Distiller:
     def loss(self, out, target: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return distillation_loss(out, teacher_logits, target, weight=self.weight, temperature=self.temperature)
 
-    def attach(self, student: nn.Module) -> "Distiller":
+    def attach(self, student: nn.Module) -> Distiller:
         """Run the teacher with each training-mode forward of `student` (moved to the student's device)."""
         self.detach()
         param = next(student.parameters(), None)
