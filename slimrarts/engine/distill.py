@@ -72,9 +72,12 @@ class Distiller:
         self._handle = None
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits on `x`: eval mode, no graph."""
+        """The teacher's logits on `x`: eval mode, no graph, on `x`'s device (moved there once if need be)."""
         if self.teacher.training:  # someone called .train() on the whole tree: keep BN statistics and dropout fixed
             self.teacher.eval()
+        param = next(self.teacher.parameters(), None)
+        if param is not None and param.device != x.device:
+            self.teacher.to(x.device)
         with torch.no_grad():
             return _logits(self.teacher(x)).detach()
 
@@ -82,11 +85,8 @@ class Distiller:
         return distillation_loss(out, teacher_logits, target, weight=self.weight, temperature=self.temperature)
 
     def attach(self, student: nn.Module) -> Distiller:
-        """Run the teacher with each training-mode forward of `student` (moved to the student's device)."""
+        """Run the teacher with each training-mode forward of `student`."""
         self.detach()
-        param = next(student.parameters(), None)
-        if param is not None:
-            self.teacher.to(param.device)
 
         def hook(module, args):
             if module.training:
