@@ -10,7 +10,9 @@ Which layers a criterion reads:
   A `branch-input` group has no producer of its own (the residual stream is made outside the branch and keeps its
   width); there they score what the branch removes with the channel: the input-channel slices of its consumers.
 - `taylor`, `group-norm` score the whole group as DepGraph does: every conv/linear (out rows and in-channel
-  slices) and norm in it; for `branch-input`, the entrance norm and its consumers' input slices.
+  slices) and norm in it; for `branch-input`, the entrance norm and its consumers' input slices. (torch-pruning
+  1.6's TaylorImportance reads no BatchNorm: its norm branch tests the GroupNorm handler. Taylor's group is then
+  the conv/linear slices; the tests pin this.)
 
 Normaliser: torch-pruning's global pruning (MetaPruner with global_pruning=True) ranks the concatenated per-group
 scores, each already divided by its importance's `normalizer`; all its importance classes default to "mean", and so
@@ -109,7 +111,8 @@ def _l1() -> tp.importance.Importance:
     "taylor", "Molchanov, Mallya, Tyree, Frosio, Kautz, 'Importance Estimation for Neural Network Pruning', "
     "CVPR 2019 (first-order)",
     f"TaylorImportance(multivariable=True, group_reduction='mean', normalizer={NORMALIZER!r})",
-    "whole group; gradient of the mean cross-entropy over a few training batches, eval mode", needs_grad=True,
+    "whole group's conv/linear slices; gradient of the mean cross-entropy over a few training batches, eval mode",
+    needs_grad=True,
     needs_data=True), filters_only=False)
 def _taylor() -> tp.importance.Importance:
     # multivariable: |Σ_s g_s·w_s| over each layer's slice of the channel, the paper's joint first-order change of
