@@ -156,7 +156,7 @@ def test_branch_input_groups_score_the_entrance_norm_and_its_consumers():
 def _hand_taylor(model: Chain, batches) -> dict[str, torch.Tensor]:
     """Molchanov's first-order |Σ_s g_s·w_s| per layer slice of a channel, averaged over the group's layers, with
     g the gradient of the mean loss over the batches in eval mode; computed on a copy with plain autograd."""
-    ref = Chain(bn=False)
+    ref = Chain(bn=isinstance(model.bn, nn.BatchNorm2d))
     ref.load_state_dict(model.state_dict())
     ref.eval()
     for x, y in batches:
@@ -184,6 +184,16 @@ def test_taylor_matches_hand_gradients_and_a_dead_channel_scores_zero():
     torch.testing.assert_close(result.scores[idx["conv2"]], hand["conv2"])
     assert result.scores[idx["conv1"]][3] == 0
     assert all(a.grad is None for a in gates.alphas)
+
+
+def test_taylor_reads_the_conv_and_linear_slices_of_a_group_with_batchnorm():
+    """torch-pruning 1.6's TaylorImportance skips BatchNorm γ (its norm branch tests the GroupNorm handler); if a
+    later version reads it, this test says so."""
+    model = _randomise(Chain(bn=True)).eval()
+    gates = _gates(model)
+    batches = _batches(2)
+    scores = criterion_scores("taylor", gates, batches)
+    torch.testing.assert_close(scores[_by_name(gates)["conv2"]], _hand_taylor(model, batches)["conv2"])
 
 
 def test_taylor_leaves_the_model_as_it_found_it():
