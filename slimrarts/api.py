@@ -18,6 +18,7 @@ from .baselines import reference_counts
 from .config import to_dict
 from .data.factory import Loaders, as_loaders
 from .engine.device import resolve_device
+from .engine.distill import Distiller
 from .engine.epochs import PhaseResult
 from .engine.loop import evaluate, fit
 from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
@@ -79,8 +80,9 @@ def _resolve_recipe(config: Recipe | dict | str | None, overrides: dict[str, Any
 
 
 def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.Tensor:
+    """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype)."""
     for x, _ in batches_on(loaders.search_t, device):
-        return x[:n].float().contiguous()
+        return x[:n].contiguous()
     raise ValueError("the search loader yields no batches")
 
 
@@ -137,7 +139,7 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     s, p = recipe.search, recipe.prune
     if s.channels_last:
         model.to(memory_format=torch.channels_last)
-    x = example_input if example_input is not None else _example_input(loaders, device)
+    x = example_input if example_input is not None else _example_input(loaders, device).float()
     gates = _attach(model, x, recipe)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0)
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
@@ -267,6 +269,7 @@ def prune(
     io_hooks = attach_io(model, input_fn, output_fn)
     x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
     loaders = check_data(loaders, model_outputs(model, x))
+    x = x.float()
     rd = RunDir.of(prepare_run_dir(run_dir, resume=resume, force=force)) if run_dir is not None else None
     if rd is not None:
         save_or_check_recipe(recipe, rd.path, resume)
@@ -274,6 +277,8 @@ def prune(
     input_size = (1, *x.shape[1:])
     cost_before = macs_and_params(model, input_size)
     dense = evaluate(model, loaders.test, device=dev)
+    d = recipe.finetune.distill
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if d is not None else None  # the dense model
     gates, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev, run_dir=rd,
                                                          resume=resume, progress=progress)
     searched = evaluate(model, loaders.test, device=dev)
@@ -288,8 +293,12 @@ def prune(
     model = model.to(memory_format=torch.contiguous_format)
     cost_after = macs_and_params(model, input_size)
     slim_before = evaluate(model, loaders.test, device=dev)
+    distiller = Distiller(teacher, weight=d.weight, temperature=d.temperature).attach(model) if d else None
     fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=rd, phase="finetune",
-               resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10))
+               resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10), loss_fn=distiller)
+    if distiller is not None:
+        distiller.detach()
+        del teacher
     accuracy = {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
                 "slim_before_finetune": slim_before["acc"], "slim_after_finetune": fine.final.get("test_acc")}
     report = build_report(method=info, recipe=recipe, gates=gates, keep=keep, spec=spec, cost_before=cost_before,

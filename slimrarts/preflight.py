@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckedLoader", "attach_io", "check_data", "check_model", "finite_model", "frozen_layers", "logits_of",
+__all__ = ["CheckedLoader", "OutputError", "attach_io", "check_data", "check_model", "finite_model", "frozen_layers", "logits_of",
            "model_outputs"]
+
+
+class OutputError(TypeError):
+    """The model's output holds no logits slimrarts can find."""
 
 
 def logits_of(out) -> torch.Tensor:
@@ -31,7 +35,7 @@ def logits_of(out) -> torch.Tensor:
             return first
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"cannot read logits from the model's output ({type(out).__name__}): slimrarts reads a tensor, a "
+    raise OutputError(f"cannot read logits from the model's output ({type(out).__name__}): slimrarts reads a tensor, a "
                     "`.logits` field, a dict's 'logits' or first value, or a tuple's first element; pass "
                     "output_fn=<a function from the output to the [batch, classes] logits>")
 
@@ -89,6 +93,8 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
     try:
         out = model(x)
+    except OutputError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure here means the model cannot read these batches
         expects = _first_conv_channels(model)
         hint = f" (its first convolution reads {expects} channels)" if expects is not None else ""
@@ -104,9 +110,10 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _label_error(where: str, label: int, num_classes: int, batch: int | None = None) -> ValueError:
-    at = f" batch {batch}" if batch is not None else ""
-    return ValueError(f"the {where} loader's{at} label {label} is outside [0, {num_classes}): the model has "
-                      f"{num_classes} outputs. Give the model num_classes={label + 1} or more, or fix the labels")
+    at = f"the {where} loader's batch {batch}: " if batch is not None else f"the {where} loader: "
+    fix = "labels must be >= 0" if label < 0 else f"give the model num_classes={label + 1} or more"
+    return ValueError(f"{at}label {label} is outside [0, {num_classes}) (the model has {num_classes} outputs); "
+                      f"{fix}, or fix the labels")
 
 
 class CheckedLoader:

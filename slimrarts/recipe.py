@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "DistillConfig",
     "ArchOptimConfig",
     "SearchConfig",
     "PruneConfig",
@@ -102,6 +103,14 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation from the dense model while fine-tuning: (1 − weight)·CE + weight·T²·KL."""
+
+    weight: float = field(0.5, check=lambda v: 0 <= v <= 1, allowed="a number in [0, 1]")
+    temperature: float = field(4.0, **_positive)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training phase: epochs, optimizer and how the step runs."""
 
@@ -111,6 +120,7 @@ class TrainConfig:
     channels_last: bool = False
     cuda_graph: bool = False  # capture the train step in a CUDA graph (takes effect on CUDA only)
     log_every: int = field(50, check=lambda v: v >= 1, allowed="an integer >= 1")
+    distill: DistillConfig | None = None  # finetune only: distil from the dense model; null: off
 
 
 @dataclasses.dataclass
@@ -147,6 +157,7 @@ class SearchConfig:
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     final_weights: Literal["y", "w", "mean"] = "y"  # which weights the slim model is cut from (two-net methods)
     sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
+    taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
     init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
@@ -202,6 +213,9 @@ class Recipe:
         method, p = get_method(self.search.method), self.prune
         if p.reference and method.name != "random":
             raise ConfigError(f"prune.reference only applies to search.method=random, not {method.name!r}; remove it")
+        if self.train.distill is not None:
+            raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
+                              "after a cut has; set it under finetune.distill")
         if p.mode == "l1" and not method.supports_l1:
             raise ConfigError(f"prune.mode=l1 learns which α reach zero; {method.kind} {method.name!r} has no α "
                               "(use prune.mode=ratio, or random with prune.reference)")

@@ -1,5 +1,7 @@
-"""Baselines under the same pipeline and channel set as RARTS: Network Slimming and random pruning."""
+"""Baselines under the same pipeline and channel set as RARTS: Network Slimming, random pruning, and
+Torch-Pruning's one-shot criteria (l1, taylor, fpgm, group-norm)."""
 
+from . import one_shot as _one_shot  # noqa: F401  (registers "l1", "taylor", "fpgm", "group-norm")
 from . import random_pruning as _random  # noqa: F401  (registers "random")
 from . import slimming as _slimming  # noqa: F401  (registers "slimming")
 from .base import BaselineResult as BaselineResult

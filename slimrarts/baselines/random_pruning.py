@@ -35,8 +35,12 @@ def reference_counts(path: str, gates) -> list[int]:
         p = p / "width_spec.json"
     if not p.is_file():
         raise FileNotFoundError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its width_spec.json)")
-    spec = json.loads(p.read_text())
-    kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
+    try:
+        spec = json.loads(p.read_text())
+        kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "
+                         "point it at the run folder (or width_spec.json) of a finished run") from None
     missing = [g.name for g in gates.groups if g.name not in kept]
     if missing:
         raise ValueError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "

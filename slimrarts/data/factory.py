@@ -120,6 +120,9 @@ def _labels_of(dataset) -> torch.Tensor | None:
 
 def _halve(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
     dataset = loader.dataset
+    if len(dataset) < 4:
+        raise ValueError(f"the training set has {len(dataset)} sample(s); the search splits it into two halves and "
+                         "each needs at least 2 (batch norm needs 2 per batch): give at least 4 training samples")
     labels = _labels_of(dataset)
     if labels is not None and len(labels) == len(dataset):
         idx_t, idx_v = split_halves(labels, seed=seed)

@@ -92,7 +92,7 @@ class Distiller:
             if module.training:
                 self._stash = self.teacher_logits(args[0])
 
-        self._handle = student.register_forward_pre_hook(hook)
+        self._handle = student.register_forward_pre_hook(hook, prepend=True)  # the batch as the loader gave it
         return self
 
     def detach(self) -> None:

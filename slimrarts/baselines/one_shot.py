@@ -1,0 +1,31 @@
+"""Torch-Pruning's criteria as one-shot baselines: scores on the dense (trained) model, no training before the cut.
+
+Each criterion of `baselines.criteria` (`l1`, `taylor`, `fpgm`, `group-norm`) becomes a method of the registry:
+it scores the gated channels, and the same selection, removal and fine-tuning as RARTS follow, so the only
+difference between the rows of a comparison is the scores.
+"""
+
+from __future__ import annotations
+
+from .base import BaselineResult, register_baseline
+from .criteria import criterion_info, list_criteria, score_channels
+
+__all__: list[str] = []
+
+
+def _one_shot(name: str):
+    def run(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
+        for a in gates.alphas:
+            a.requires_grad_(False)
+        scored = score_channels(name, gates, loaders.train, batches=recipe.search.taylor_batches, device=device)
+        return BaselineResult(scores=scored.scores, keep=None, fit=None,
+                              note=f"{scored.note} ({scored.seconds:.1f} s to score)")
+
+    run.__name__ = f"one_shot_{name.replace('-', '_')}"
+    return run
+
+
+for _name in list_criteria():
+    _info = criterion_info(_name)
+    register_baseline(_name, source=_info.paper, description=f"one-shot {_info.importance} scores on the dense "
+                      "model (no training before the cut)", data="none")(_one_shot(_name))
