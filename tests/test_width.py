@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from slimrarts.models import create_model
-from slimrarts.width import (ChannelSelect, attach_gates, load_slim, prox_l1_, pruned_ratio, remove_channels,
-                             save_slim, select_l1, select_ratio)
+from slimrarts.width import (ChannelGroup, ChannelSelect, CoverageWarning, attach_gates, load_slim, prox_l1_,
+                             prunable_channels, pruned_ratio, remove_channels, save_slim, select_l1, select_ratio)
 
 
 def _calibrated(name: str, size: int = 32) -> nn.Module:
@@ -280,9 +280,10 @@ def test_layers_that_read_and_write_one_group_need_gates_on_every_norm():
 
 
 def test_partial_channel_residual_is_skipped_not_hung():
-    """torch-pruning's group search never ends on ReXNet-style residuals; those groups are skipped with a reason."""
-    gates = attach_gates(_PartialResidual().eval(), torch.randn(2, 3, 8, 8), "internal")
-    assert any("did not converge" in s.reason for s in gates.skipped)
+    """torch-pruning's group search never ended on ReXNet-style residuals; those groups are skipped with a reason."""
+    with pytest.warns(CoverageWarning):
+        gates = attach_gates(_PartialResidual().eval(), torch.randn(2, 3, 8, 8), "internal")
+    assert gates.skipped and all("slice" in s.reason or "did not converge" in s.reason for s in gates.skipped)
 
 
 ZOO = ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
@@ -316,3 +317,34 @@ def test_slim_model_with_input_selection_exports_with_torch_export():
     assert any(isinstance(m, ChannelSelect) for m in model.modules())
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_ratio_selection_counts_channels_of_tied_entries():
+    """With repeats (an α entry gating several channels: grouped convs) ratio, min_channels, round_to count channels."""
+    alphas = [torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([0.2, 0.8])]  # 4 entries x 8 channels, 2 x 1
+    keep = select_ratio(alphas, 0.25, repeats=[8, 1])  # 34 channels, target 8 or 9: one entry of group 0 (8)
+    assert keep[0].tolist() == [False, True, True, True] and keep[1].tolist() == [True, True]
+    assert pruned_ratio(keep, [8, 1]) == pytest.approx(8 / 34)
+    assert pruned_ratio(keep) == pytest.approx(1 / 6)  # counted per entry without repeats
+    ordered = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.9, 0.8])]
+    keep = select_ratio(ordered, 0.5, repeats=[8, 1], min_channels=16)  # target 17: group 0 keeps 2 entries = 16
+    assert [int(k.sum()) for k in keep] == [2, 2]
+    keep = select_ratio(alphas, 0.6, repeats=[8, 1], round_to=24)  # group 0 keeps 2 entries, rounded up to 3 (24)
+    assert int(keep[0].sum()) == 3
+    assert prunable_channels([ChannelGroup("a", "internal", 32, [], "a", [], repeat=8),
+                              ChannelGroup("b", "internal", 2, [], "b", [])], min_channels=4) == 24 + 0
+    with pytest.raises(ValueError, match="repeats"):
+        select_ratio(alphas, 0.5, repeats=[8])
+
+
+def test_ratio_selection_with_repeats_stops_closest_to_the_target():
+    alphas = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.15])]  # entries of 10, 10, 10 and 1 channel: 31
+    keep = select_ratio(alphas, 0.2, repeats=[10, 1])  # target 6: 0 or 10 pruned; 10 is closer (|4| < |6|)
+    assert keep[0].tolist() == [False, True, True] and keep[1].tolist() == [True]
+    keep = select_ratio(alphas, 0.1, repeats=[10, 1])  # target 3: 0 is closer than 10
+    assert all(bool(k.all()) for k in keep)
+
+
+def test_l1_selection_with_repeats_keeps_min_channels():
+    keep = select_l1([torch.zeros(4), torch.tensor([0.0, 1.0])], min_channels=9, repeats=[4, 1])
+    assert [int(k.sum()) for k in keep] == [3, 2]  # ceil(9/4) = 3 entries = 12 channels; group 1 has only 2
