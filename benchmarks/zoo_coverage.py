@@ -59,7 +59,7 @@ def main() -> None:
             row = {"model": name, "scope": scope, **row, "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             print(_line(row), flush=True)
-    payload = {"machine": machine(device), "command": "python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:]),
+    payload = {"machine": machine(device), "command": " ".join(["python benchmarks/zoo_coverage.py", *sys.argv[1:]]),
                "input": [1, 3, args.size, args.size], "min_channels": args.min_channels, "rows": rows}
     path = write_result(f"zoo_coverage_{device_tag(device)}", payload)
     print(f"\n{_table(rows)}\nwrote {path}")
