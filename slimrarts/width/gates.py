@@ -8,12 +8,15 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .coverage import warn_skipped
 from .groups import ChannelGroup, Skipped, find_groups
 
 __all__ = ["Gates", "attach_gates"]
 
 
-def _scale(x: torch.Tensor, alpha: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def _scale(x: torch.Tensor, alpha: torch.Tensor, dim: int = 1, repeat: int = 1) -> torch.Tensor:
+    if repeat > 1:
+        alpha = alpha.repeat(repeat)  # tiled over the conv groups: channel c gets α[c % len(α)]
     if dim == -1:
         return x * alpha.to(x.dtype)
     return x * alpha.view((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
@@ -22,16 +25,23 @@ def _scale(x: torch.Tensor, alpha: torch.Tensor, dim: int = 1) -> torch.Tensor:
 class Gates:
     """The α vectors of a gated model, one per channel group, and the hooks that apply them.
 
-    `alphas[i]` is a leaf tensor (requires grad) of length `groups[i].size`, initialised to 1. It lives outside the
-    model's parameters, so `model.parameters()` and `torch.func.functional_call` leave it alone.
+    `alphas[i]` is a leaf tensor (requires grad) of length `groups[i].num_alphas` (= `size // repeat`: one entry per
+    channel, or per position shared by the conv groups of a grouped convolution), initialised to 1. It lives outside
+    the model's parameters, so `model.parameters()` and `torch.func.functional_call` leave it alone.
+
+    `skipped` lists the groups of the asked scopes that could not be gated exactly (coverage gaps, each with its
+    reason); `out_of_scope` the groups that only another scope would consider.
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], skipped: list[Skipped], dg=None,
                  example_input: torch.Tensor | None = None):
-        self.model, self.groups, self.skipped, self.dg = model, groups, skipped, dg
+        self.model, self.groups, self.dg = model, groups, dg
+        self.skipped = [s for s in skipped if s.kind != "out_of_scope"]
+        self.out_of_scope = [s for s in skipped if s.kind == "out_of_scope"]
         self.example_input = example_input
+        self.scopes: tuple[str, ...] = tuple(sorted({g.scope for g in groups}))  # attach_gates sets the asked ones
         device = next(model.parameters()).device
-        self.alphas = [torch.ones(g.size, device=device, requires_grad=True) for g in groups]
+        self.alphas = [torch.ones(g.num_alphas, device=device, requires_grad=True) for g in groups]
         self._handles: list = []
         self._override: list[torch.Tensor] | None = None
         modules = dict(model.named_modules())
@@ -39,21 +49,22 @@ class Gates:
             for site in group.sites:
                 module = modules[site.module]
                 if site.where == "act_input":
-                    self._handles.append(module.act.register_forward_pre_hook(self._pre_hook(i, site.dim)))
+                    self._handles.append(module.act.register_forward_pre_hook(
+                        self._pre_hook(i, site.dim, group.repeat)))
                 else:
-                    self._handles.append(module.register_forward_hook(self._post_hook(i, site.dim)))
+                    self._handles.append(module.register_forward_hook(self._post_hook(i, site.dim, group.repeat)))
 
     def _alpha(self, i: int) -> torch.Tensor:
         return self._override[i] if self._override is not None else self.alphas[i]
 
-    def _pre_hook(self, i: int, dim: int):
+    def _pre_hook(self, i: int, dim: int, repeat: int):
         def hook(_module, args):
-            return (_scale(args[0], self._alpha(i), dim),) + tuple(args[1:])
+            return (_scale(args[0], self._alpha(i), dim, repeat),) + tuple(args[1:])
         return hook
 
-    def _post_hook(self, i: int, dim: int):
+    def _post_hook(self, i: int, dim: int, repeat: int):
         def hook(_module, _args, output):
-            return _scale(output, self._alpha(i), dim)
+            return _scale(output, self._alpha(i), dim, repeat)
         return hook
 
     def parameters(self) -> list[torch.Tensor]:
@@ -62,8 +73,27 @@ class Gates:
 
     @property
     def num_channels(self) -> int:
-        """Number of gated channels (one per α entry)."""
+        """Number of gated channels (an α entry gates `repeat` of them)."""
         return sum(g.size for g in self.groups)
+
+    @property
+    def repeats(self) -> list[int]:
+        """Channels per α entry of each group, for `select_ratio`, `select_l1` and `pruned_ratio`."""
+        return [g.repeat for g in self.groups]
+
+    def entry_scores(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-channel scores (e.g. BN |γ|, length `size`) reduced to one score per α entry: the mean of |score|
+        over the conv groups sharing the entry. Scores already of α's length are returned as they are."""
+        out = []
+        for group, score in zip(self.groups, scores, strict=True):
+            score = score.detach().flatten()
+            if score.numel() == group.size and group.repeat > 1:
+                score = score.abs().view(group.repeat, group.num_alphas).mean(0)
+            elif score.numel() != group.num_alphas:
+                raise ValueError(f"group {group.name!r}: {score.numel()} scores for {group.size} channels "
+                                 f"({group.num_alphas} α entries)")
+            out.append(score)
+        return out
 
     def flat(self) -> torch.Tensor:
         """All α values in one detached vector, group by group."""
@@ -99,14 +129,23 @@ class Gates:
 
     def summary(self) -> list[dict]:
         """One row per group: name, scope, size and where its gates sit."""
-        return [{"name": g.name, "scope": g.scope, "size": g.size, "sites": [s.module for s in g.sites]}
-                for g in self.groups]
+        return [{"name": g.name, "scope": g.scope, "size": g.size, "repeat": g.repeat,
+                 "sites": [s.module for s in g.sites]} for g in self.groups]
 
 
 def attach_gates(model: nn.Module, example_input: torch.Tensor, scope: str | Iterable[str] = "internal",
-                 ignored: Iterable[nn.Module] = ()) -> Gates:
-    """Find `model`'s channel groups for the scope(s) and attach one α per channel (initialised to 1)."""
+                 ignored: Iterable[nn.Module] = (), warn: bool = True) -> Gates:
+    """Find `model`'s channel groups for the scope(s) and attach one α per channel (initialised to 1).
+
+    When some groups of the asked scopes cannot be gated, one `CoverageWarning` says how many channels were left out
+    and what share of the model's MACs the layers reading or writing them hold (`warn=False` leaves it out); the
+    reasons are in `gates.skipped`.
+    """
     scopes = (scope,) if isinstance(scope, str) else tuple(scope)
     example_input = example_input.to(next(model.parameters()).device)
     groups, skipped, dg = find_groups(model, example_input, scopes, ignored)
-    return Gates(model, groups, skipped, dg, example_input)
+    gates = Gates(model, groups, skipped, dg, example_input)
+    gates.scopes = scopes
+    if warn and gates.skipped:
+        warn_skipped(gates, stacklevel=2)
+    return gates

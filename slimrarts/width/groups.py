@@ -6,19 +6,29 @@ producer conv when no norm follows it. A group is accepted only if, with its α 
 the group's channels reads zeros; that is what makes removal exact. The check follows the data flow: gated outputs
 are zero; an add or concat is zero when all its inputs are; a product when one of them is; a zero-preserving
 activation, pooling or reshape passes zeros on; anything else (a norm not gated, a sigmoid, a conv with bias) does not.
+
+Grouped convolutions (1 < groups < channels, as in ResNeXt, RegNet, DPN) keep their group structure: every conv
+group must keep the same width, and torch-pruning removes the same positions in every conv group. So a group of
+channels read or written by grouped convs gets one α entry per position inside a conv group, shared by that
+position in every conv group: `ChannelGroup.repeat` channels per α entry (see there). Selection then counts each
+entry as `repeat` channels (`select_ratio(..., repeats=...)`).
+
+Groups that cannot be gated exactly are returned as `Skipped` with the reason; groups that belong to a scope that was
+not asked for are returned as `Skipped` with `kind="out_of_scope"`, so a model never comes back with nothing said.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterable, Iterator, Literal
+import math
+from typing import Iterable, Literal
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
-from torch_pruning.dependency import graph as _tp_graph
+
+from .trace import all_groups, build_graph, reshape_problem, unmapped
 
 __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
 
@@ -49,7 +59,15 @@ class GateSite:
 
 @dataclasses.dataclass
 class ChannelGroup:
-    """A set of channels that share one α vector and are removed together."""
+    """A set of channels that share one α vector and are removed together.
+
+    `repeat` is the number of channels each α entry gates: the group's α has `size // repeat` entries and channel c
+    is gated by α[c % (size // repeat)], i.e. α is tiled `repeat` times along the channels. It is 1 unless grouped
+    convolutions read or write the channels: a conv with G groups holds its channels in G contiguous blocks and must
+    keep the same positions in each, so entry p gates position p of every block (repeat = G for one grouped conv;
+    with several, the blocks of all of them). Keep masks and scores are per α entry; `size`, `min_channels` and
+    `round_to` count channels.
+    """
 
     name: str
     scope: Scope
@@ -58,14 +76,31 @@ class ChannelGroup:
     root: str  # module whose out-channels index the group (branch-input: the entrance norm)
     members: list[str]  # every layer whose width changes with this group
     consumers: list[str] = dataclasses.field(default_factory=list)  # branch-input: layers whose inputs shrink
+    repeat: int = 1  # channels per α entry (conv groups sharing one α per position)
+
+    @property
+    def num_alphas(self) -> int:
+        """Length of the group's α vector: `size // repeat`."""
+        return self.size // self.repeat
+
+    def channel_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """A keep mask over α entries, expanded to the group's channels."""
+        return keep.flatten().repeat(self.repeat)
 
 
 @dataclasses.dataclass
 class Skipped:
-    """A group (or the whole model) that gets no gate, and why."""
+    """A group (or the whole model) that gets no gate, and why.
+
+    kind "unsupported": the group is in the asked scopes but cannot be gated exactly (a coverage gap);
+    "out_of_scope": it could be considered only with another scope (the reason names it).
+    """
 
     name: str
     reason: str
+    channels: int = 0  # channels left ungated (0 when unknown, e.g. a model that could not be traced)
+    kind: Literal["unsupported", "out_of_scope"] = "unsupported"
+    members: list[str] = dataclasses.field(default_factory=list)  # conv/linear layers reading or writing them
 
 
 def _op_name(node) -> str:
@@ -84,11 +119,16 @@ def _is_depthwise(module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
 
 
+def _is_grouped(module) -> bool:
+    """A grouped convolution that is not depthwise (1 < groups < out_channels)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module)
+
+
 class _GroupView:
     """One torch-pruning group seen as a data-flow graph over its channel space."""
 
-    def __init__(self, group, names: dict):
-        self.group, self.names = group, names
+    def __init__(self, group, names: dict, param_names: dict | None = None):
+        self.group, self.names, self.param_names = group, names, param_names or {}
         self.handler: dict = {}
         for item in group.items:
             node = item.dep.target
@@ -100,6 +140,8 @@ class _GroupView:
         self.items = group.items
 
     def name(self, node) -> str:
+        if isinstance(node.module, torch.Tensor):
+            return self.param_names.get(id(node.module), node.name)
         if node.module is not None and node.module in self.names:
             return self.names[node.module]
         return node.name
@@ -157,8 +199,42 @@ class _GroupView:
             stack.extend(self.successors(n))
         return seen
 
+    def producers(self) -> list:
+        """Conv and linear layers that write this group's channels (depthwise convs only pass them on)."""
+        return [n for n in self.handler if "out" in self.handler[n] and self.kind(n) == "producer"]
+
     def is_coupled(self) -> bool:
-        return any(self.kind(n) in ("elementwise", "concat") and _is_merge(n) for n in self.handler)
+        """Whether the channels are tied to other layers' outputs through an add or concat (a residual).
+
+        A concatenation always ties; an add whose inputs all come from the group's one producer (a global response
+        norm's x + f(x)) does not.
+        """
+        if any(self.kind(n) == "concat" or _op_name(n) in ("CatBackward", "StackBackward") for n in self.handler):
+            return True
+        merges = any(self.kind(n) == "elementwise" and _is_merge(n) for n in self.handler)
+        return merges and len(self.producers()) != 1
+
+    def repeat(self) -> tuple[int, str | None]:
+        """Channels per α entry imposed by the grouped convolutions among the members, or why they can't be cut.
+
+        A conv with G groups over these channels needs the same positions kept in its G blocks of size/G channels;
+        with several grouped convs, α has gcd(size/G_i) entries, each tiled size/gcd times.
+        """
+        blocks = []
+        for item in self.items:
+            node = item.dep.target
+            m = node.module
+            if not _is_grouped(m):
+                continue
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                return 1, f"{self.name(node)} is a grouped transposed convolution (groups={m.groups})"
+            for side in self.handler[node]:
+                width = m.in_channels if side == "in" else m.out_channels
+                if width != self.size or list(item.idxs) != list(range(self.size)):
+                    return 1, (f"{self.name(node)} is a grouped convolution (groups={m.groups}) that reads or writes "
+                               "only part of these channels")
+                blocks.append(self.size // m.groups)
+        return (self.size // math.gcd(*blocks), None) if blocks else (1, None)
 
     def consumers_read_zero(self, gated: set) -> tuple[bool, str]:
         """Whether, with the gated nodes' outputs zero, every consumer of the channels reads zero."""
@@ -217,25 +293,42 @@ def _site_for(view: _GroupView, node) -> GateSite:
     return GateSite(name, "output", "producer", dim=-1 if isinstance(m, nn.Linear) else 1)
 
 
-def _check_unsupported(view: _GroupView) -> str | None:
+def _parameter_of(view: _GroupView, node):
+    """The parameter node that `node` is (or views), if any."""
+    if node.type == ops.OPTYPE.PARAMETER:
+        return node
+    if node.type == ops.OPTYPE.RESHAPE:
+        return next((n for n in node.inputs if n.type == ops.OPTYPE.PARAMETER), None)
+    return None
+
+
+def _check_unsupported(view: _GroupView, failed: dict) -> str | None:
+    for item in view.items:
+        param = _parameter_of(view, item.dep.target)
+        if param is not None:
+            return (f"{view.name(param)} is a parameter applied to these channels outside any conv, linear or norm "
+                    "layer (a global response norm, a layer scale); not supported")
     for item in view.items:
         node = item.dep.target
         kind = view.kind(node)
         m = node.module
         if kind == "joint_norm":
             return f"{view.name(node)} normalises these channels jointly (GroupNorm/LayerNorm); removal would change the rest"
+        if kind == "reshape" and (problem := reshape_problem(node)):
+            return f"{view.name(node)}: {problem}"
+        if node in failed:
+            return f"torch-pruning cannot map channel indices through {view.name(node)} ({failed[node]})"
         if kind in ("concat", "other") or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND, ops.OPTYPE.SLICE,
                                                         ops.OPTYPE.CUSTOMIZED, ops.OPTYPE.MHA, ops.OPTYPE.LSTM,
-                                                        ops.OPTYPE.EMBED, ops.OPTYPE.PARAMETER, ops.OPTYPE.EXPAND):
-            return f"{view.name(node)}: {type(m).__name__ if m is not None else node.name} is not supported yet"
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and (
-                not _is_depthwise(m) or isinstance(m, nn.modules.conv._ConvTransposeNd)):
-            return f"{view.name(node)} is a grouped convolution (groups={m.groups})"
+                                                        ops.OPTYPE.EMBED, ops.OPTYPE.EXPAND):
+            what = {ops.OPTYPE.CONCAT: "a concatenation", ops.OPTYPE.SPLIT: "a split (chunk)",
+                    ops.OPTYPE.SLICE: "a slice"}.get(node.type, type(m).__name__ if m is not None else node.name)
+            return f"{view.name(node)}: {what} of these channels is not supported yet"
         if isinstance(m, _NORMS) and not m.affine:
             return f"{view.name(node)} has no affine parameters to fold the gate into"
         if kind not in ("consumer",) and list(item.idxs) != list(range(view.size)):
             return f"{view.name(node)}: channel indices are remapped (concat/split/flatten)"
-    return None
+    return view.repeat()[1]
 
 
 def _last_norms(view: _GroupView) -> list:
@@ -277,68 +370,29 @@ def _branch_inputs(view: _GroupView) -> list[tuple]:
     return out
 
 
-_DIVERGED = ("torch-pruning's dependency search did not converge on this group (a residual that adds into part of "
-             "the channels, as in ReXNet, maps indices without end)")
+def _out_of_scope(coupled: bool, scopes: tuple, why: str | None) -> str:
+    if coupled:
+        where = "scope 'coupled' gates them" + ("" if "branch-input" in scopes else
+                                                 " (or 'branch-input' their pre-activation branch entrances)")
+        text = f"tied to other layers' outputs through a residual add or concatenation: {where}"
+    else:
+        text = "made and used inside one branch: scope 'internal' gates them"
+    return text if why is None else f"{text}, but even there: {why}"
 
 
-class _Diverged(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _bounded_groups(limit: int) -> Iterator[None]:
-    """Make DependencyGraph.get_pruning_group raise `_Diverged` once a group grows past `limit` items.
-
-    torch-pruning's traversal revisits a node whenever it arrives with new indices; with partial-channel residuals the
-    indices keep changing and the group grows without end. A real group has a few items per graph node at most.
-    """
-    base = _tp_graph.Group
-
-    class Bounded(base):
-        def add_dep(self, dep, idxs):
-            if len(self) >= limit:
-                raise _Diverged
-            super().add_dep(dep, idxs)
-
-    _tp_graph.Group = Bounded
-    try:
-        yield
-    finally:
-        _tp_graph.Group = base
-
-
-def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[object | None, nn.Module]]:
-    """Every pruning group rooted at a conv or linear layer's out-channels, as (group, root); group None if diverged.
-
-    This is DependencyGraph.get_all_groups with a bound on each group's size, so one bad group is skipped instead of
-    hanging the search.
-    """
-    visited: set[nn.Module] = set()
-    ignored_all = ignored + list(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
-    limit = 8 * len(dg.module2node) + 64
-    for module in list(dg.module2node):
-        if module in visited or any(module is m for m in ignored_all):
-            continue
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        pruner = dg.get_pruner_of_module(module)
-        if pruner is None or pruner.get_out_channels(module) is None:
-            continue
-        try:
-            with _bounded_groups(limit):
-                group = dg.get_pruning_group(module, pruner.prune_out_channels,
-                                             list(range(pruner.get_out_channels(module))))
-        except _Diverged:
-            visited.add(module)
-            yield None, module
-            continue
-        usable = True
-        for dep, _ in group:
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                visited.add(dep.target.module)
-                usable = usable and not any(dep.target.module is m for m in ignored_all)
-        if usable:
-            yield group, module
+def _branch_input_group(view: _GroupView, norm, consumers: list) -> ChannelGroup | Skipped:
+    nname = view.name(norm)
+    cnames = [view.name(c) for c in consumers]
+    size = norm.module.num_features
+    if not norm.module.affine:
+        return Skipped(f"input:{nname}", "norm has no affine parameters", size, members=[nname] + cnames)
+    blocks = [size // c.module.groups for c in consumers if _is_grouped(c.module)]
+    if any(isinstance(c.module, nn.modules.conv._ConvTransposeNd) and _is_grouped(c.module) for c in consumers):
+        return Skipped(f"input:{nname}", "a grouped transposed convolution reads these channels", size,
+                       members=[nname] + cnames)
+    return ChannelGroup(name=f"input:{nname}", scope="branch-input", size=size, sites=[_site_for(view, norm)],
+                        root=nname, members=[nname] + cnames, consumers=cnames,
+                        repeat=size // math.gcd(*blocks) if blocks else 1)
 
 
 def find_groups(
@@ -347,7 +401,11 @@ def find_groups(
     scopes: Iterable[str] = ("internal",),
     ignored: Iterable[nn.Module] = (),
 ) -> tuple[list[ChannelGroup], list[Skipped], tp.DependencyGraph | None]:
-    """The gateable channel groups of `model` for the given scopes, the groups skipped with reasons, and the graph."""
+    """The gateable channel groups of `model` for the given scopes, the groups not gated with reasons, and the graph.
+
+    The skipped list holds kind "unsupported" entries (in the asked scopes, but not gateable exactly) and kind
+    "out_of_scope" entries (gateable only with another scope, or not at all).
+    """
     scopes = tuple(scopes)
     bad = [s for s in scopes if s not in SCOPES]
     if bad:
@@ -355,52 +413,49 @@ def find_groups(
     if "branch-input" in scopes and "coupled" in scopes:
         raise ValueError("scopes 'branch-input' and 'coupled' gate the same residual channels; choose one of them")
     names = {m: n for n, m in model.named_modules()}
-    was_training = model.training
-    model.eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        dg = build_graph(model, example_input)
     except Exception as err:  # noqa: BLE001 - any tracing failure means this model cannot be gated
-        return [], [Skipped(type(model).__name__, f"dependency tracing failed: {type(err).__name__}: {err}")], None
-    finally:
-        model.train(was_training)
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+        return [], [Skipped(type(model).__name__, f"dependency tracing failed: {type(err).__name__}: {err}",
+                            members=layers)], None
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    failed = unmapped(dg)
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = []
-    for group, root in _all_groups(dg, list(ignored)):
+    for group, root, failure in all_groups(dg, list(ignored)):
         if group is None:
-            skipped.append(Skipped(names.get(root, type(root).__name__), _DIVERGED))
+            rname = names.get(root, type(root).__name__)
+            skipped.append(Skipped(rname, failure, getattr(root, "out_channels", getattr(root, "out_features", 0)),
+                                   members=[rname]))
             continue
-        view = _GroupView(group, names)
+        view = _GroupView(group, names, param_names)
         gname = view.name(view.root)
-        if any(view.kind(n) == "output" for n in view.handler) or not any(
-                view.kind(n) == "consumer" for n in view.handler):
+        reason = _check_unsupported(view, failed)
+        if any(view.kind(n) == "output" for n in view.handler) or (reason is None and not any(
+                view.kind(n) == "consumer" for n in view.handler)):
             continue  # the model's outputs (classifier logits): never pruned
         coupled = view.is_coupled()
         members = sorted({view.name(n) for n in view.handler if n.module is not None and n.module in names})
-        reason = _check_unsupported(view)
         gated, why = _gate_sites(view) if reason is None else ([], reason)
         # Pre-activation nets: channels read by norms at branch entrances and also by other layers (the residual
         # stream, or a stem feeding a block and its shortcut) are selected per branch, as Network Slimming does.
         if "branch-input" in scopes and (coupled or set(gated) - set(_last_norms(view))):
             entrances = _branch_inputs(view) if list(view.items[0].idxs) == list(range(view.size)) else []
             for norm, consumers in entrances:
-                nname = view.name(norm)
-                if not norm.module.affine:
-                    skipped.append(Skipped(f"input:{nname}", "norm has no affine parameters"))
-                    continue
-                groups.append(ChannelGroup(
-                    name=f"input:{nname}", scope="branch-input", size=norm.module.num_features,
-                    sites=[_site_for(view, norm)], root=nname, members=[nname] + [view.name(c) for c in consumers],
-                    consumers=[view.name(c) for c in consumers]))
+                entry = _branch_input_group(view, norm, consumers)
+                (groups if isinstance(entry, ChannelGroup) else skipped).append(entry)
             if entrances:
                 continue
         scope = "coupled" if coupled else "internal"
         if scope not in scopes:
+            skipped.append(Skipped(gname, _out_of_scope(coupled, scopes, why), view.size, "out_of_scope", members))
             continue
         if why is not None:
-            skipped.append(Skipped(gname, why))
+            skipped.append(Skipped(gname, why, view.size, members=members))
             continue
         groups.append(ChannelGroup(name=gname, scope=scope, size=view.size, sites=[_site_for(view, n) for n in gated],
-                                   root=gname, members=members))
+                                   root=gname, members=members, repeat=view.repeat()[0]))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     groups.sort(key=lambda g: order.get(g.root, len(order)))
     return groups, skipped, dg

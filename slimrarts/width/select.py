@@ -6,25 +6,44 @@ import math
 
 import torch
 
-__all__ = ["select_ratio", "select_l1", "prox_l1_", "pruned_ratio"]
+__all__ = ["select_ratio", "select_l1", "prox_l1_", "pruned_ratio", "prunable_channels"]
 
 
-def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int | None) -> None:
+def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int | None,
+                  repeats: list[int] | None) -> list[int]:
     if min_channels < 1:
         raise ValueError(f"min_channels must be >= 1, got {min_channels}")
     if round_to is not None and round_to < 1:
         raise ValueError(f"round_to must be >= 1 or None, got {round_to}")
     if not alphas:
         raise ValueError("there are no gated channels to select from")
+    return _repeats(len(alphas), repeats)
 
 
-def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: int | None) -> list[torch.Tensor]:
-    """Round each group's kept count up to a multiple of `round_to` by adding back its best-scored pruned channels."""
+def _repeats(n: int, repeats: list[int] | None) -> list[int]:
+    if repeats is None:
+        return [1] * n
+    repeats = [int(r) for r in repeats]
+    if len(repeats) != n or any(r < 1 for r in repeats):
+        raise ValueError(f"repeats must hold one int >= 1 per group ({n} groups), got {repeats}")
+    return repeats
+
+
+def _min_entries(n: int, repeat: int, min_channels: int) -> int:
+    """α entries a group must keep so that at least `min_channels` channels (or all it has) survive."""
+    return math.ceil(min(min_channels, n * repeat) / repeat)
+
+
+def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: int | None,
+                repeats: list[int]) -> list[torch.Tensor]:
+    """Round each group's kept channel count up to a multiple of `round_to` by adding back its best-scored pruned
+    entries (an entry holds `repeat` channels; a group can't exceed its size)."""
     if not round_to or round_to == 1:
         return keep
     out = []
-    for k, s in zip(keep, scores):
-        extra = min(k.numel(), math.ceil(int(k.sum()) / round_to) * round_to) - int(k.sum())
+    for k, s, r in zip(keep, scores, repeats):
+        step = round_to // math.gcd(round_to, r)  # entries per multiple of round_to channels
+        extra = min(k.numel(), math.ceil(int(k.sum()) / step) * step) - int(k.sum())
         k = k.clone()
         if extra > 0:
             pruned = torch.nonzero(~k).flatten()
@@ -34,62 +53,76 @@ def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: 
     return out
 
 
-def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int = 1,
-                 round_to: int | None = None) -> list[torch.Tensor]:
-    """Keep masks pruning exactly `round(ratio · N)` of the N gated channels, smallest |α| first.
+def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int = 1, round_to: int | None = None,
+                 repeats: list[int] | None = None) -> list[torch.Tensor]:
+    """Keep masks (one bool per α entry) pruning `round(ratio · N)` of the N gated channels, smallest |α| first.
 
-    One global threshold over all groups; ties are broken by group order, then channel order. A channel is spared
-    when pruning it would leave its group with fewer than `min_channels`. `round_to` rounds each group's kept count
-    up to a multiple (the achieved ratio is then at most `ratio`).
+    One global threshold over all groups; ties are broken by group order, then channel order. An entry is spared
+    when pruning it would leave its group with fewer than `min_channels` channels. `round_to` rounds each group's
+    kept channel count up to a multiple (the achieved ratio is then at most `ratio`).
+
+    `repeats[i]` is the number of channels each α entry of group i gates (`Gates.repeats`, >1 for grouped convs;
+    default 1). Channel counts, `min_channels` and `round_to` are in channels; with repeats the threshold stops where
+    the pruned channel count is closest to the target (ties: fewer pruned), so the ratio is met to within half an
+    entry; with all repeats 1 it is exact.
     """
-    _check_common(alphas, min_channels, round_to)
+    repeats = _check_common(alphas, min_channels, round_to, repeats)
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     scores = [a.detach().abs().float().cpu().flatten() for a in alphas]
     sizes = [s.numel() for s in scores]
-    total = sum(sizes)
+    total = sum(n * r for n, r in zip(sizes, repeats))
     target = round(ratio * total)
     flat = torch.cat(scores)
-    owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)]).tolist()
     offsets = [0]
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
-    order = torch.argsort(flat, stable=True).tolist()
+    floor = [_min_entries(n, r, min_channels) for n, r in zip(sizes, repeats)]
     kept_count = list(sizes)
-    keep_flat = torch.ones(total, dtype=torch.bool)
-    pruned = 0
-    for idx in order:
-        if pruned == target:
+    walk, pruned = [], 0  # entries a falling threshold prunes, in order, and the channels pruned so far
+    for idx in torch.argsort(flat, stable=True).tolist():
+        if pruned >= target:
             break
-        g = int(owner[idx])
-        if kept_count[g] - 1 < min(min_channels, sizes[g]):
+        g = owner[idx]
+        if kept_count[g] - 1 < floor[g]:
             continue
-        keep_flat[idx] = False
         kept_count[g] -= 1
-        pruned += 1
-    if pruned < target:
+        pruned += repeats[g]
+        walk.append((idx, pruned))
+    if pruned < target - max(repeats) // 2:
         raise ValueError(f"ratio {ratio} asks to prune {target} of {total} channels but min_channels={min_channels} "
                          f"allows only {pruned}; lower the ratio or min_channels")
+    stop = len(walk)
+    if walk and walk[-1][1] > target:  # overshot with the last entry: drop it if that gets closer (or as close)
+        before = walk[-2][1] if len(walk) > 1 else 0
+        if target - before <= walk[-1][1] - target:
+            stop -= 1
+    keep_flat = torch.ones(len(owner), dtype=torch.bool)
+    for idx, _ in walk[:stop]:
+        keep_flat[idx] = False
     keep = [keep_flat[o:o + n].clone() for o, n in zip(offsets, sizes)]
-    return _round_keep(keep, scores, round_to)
+    return _round_keep(keep, scores, round_to, repeats)
 
 
-def select_l1(alphas: list[torch.Tensor], *, min_channels: int = 1, round_to: int | None = None) -> list[torch.Tensor]:
-    """Keep masks pruning the channels whose α is exactly 0 (left by the proximal ℓ1 step).
+def select_l1(alphas: list[torch.Tensor], *, min_channels: int = 1, round_to: int | None = None,
+              repeats: list[int] | None = None) -> list[torch.Tensor]:
+    """Keep masks pruning the entries whose α is exactly 0 (left by the proximal ℓ1 step).
 
-    A group with fewer than `min_channels` nonzero α keeps its largest |α| channels up to that count.
+    A group with fewer than `min_channels` channels left keeps its largest |α| entries up to that count;
+    `repeats` as in `select_ratio`.
     """
-    _check_common(alphas, min_channels, round_to)
+    repeats = _check_common(alphas, min_channels, round_to, repeats)
     keep, scores = [], []
-    for a in alphas:
+    for a, r in zip(alphas, repeats):
         s = a.detach().abs().float().cpu().flatten()
         k = s != 0
-        need = min(min_channels, s.numel())
+        need = _min_entries(s.numel(), r, min_channels)
         if int(k.sum()) < need:
             k[torch.argsort(s, descending=True, stable=True)[:need]] = True
         keep.append(k)
         scores.append(s)
-    return _round_keep(keep, scores, round_to)
+    return _round_keep(keep, scores, round_to, repeats)
 
 
 @torch.no_grad()
@@ -108,7 +141,13 @@ def prox_l1_(alphas: list[torch.Tensor], threshold: torch.Tensor | float) -> Non
     torch._foreach_copy_(alphas, mags)
 
 
-def pruned_ratio(keep: list[torch.Tensor]) -> float:
-    """PRC: pruned gated channels / all gated channels."""
-    total = sum(k.numel() for k in keep)
-    return 1.0 - sum(int(k.sum()) for k in keep) / total if total else 0.0
+def pruned_ratio(keep: list[torch.Tensor], repeats: list[int] | None = None) -> float:
+    """PRC: pruned gated channels / all gated channels (an entry of group i counts `repeats[i]` channels)."""
+    repeats = _repeats(len(keep), repeats)
+    total = sum(k.numel() * r for k, r in zip(keep, repeats))
+    return 1.0 - sum(int(k.sum()) * r for k, r in zip(keep, repeats)) / total if total else 0.0
+
+
+def prunable_channels(groups, min_channels: int = 1) -> int:
+    """Channels `select_ratio` may prune at most from `groups` (ChannelGroups) while keeping `min_channels` each."""
+    return sum(g.size - g.repeat * _min_entries(g.size // g.repeat, g.repeat, min_channels) for g in groups)

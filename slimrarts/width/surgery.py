@@ -16,6 +16,7 @@ import torch_pruning as tp
 from ..engine.checkpoint import CorruptFileError, load_checkpoint, save_atomic
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
+from .trace import pruning_group
 
 __all__ = ["ChannelSelect", "fold_gates", "remove_channels", "layer_widths", "apply_spec", "save_slim", "load_slim"]
 
@@ -47,7 +48,7 @@ def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
     """Multiply each gate's α into the layer it sits on (norm affine, or producer output rows)."""
     modules = dict(gates.model.named_modules())
     for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
-        alpha = alpha.detach()
+        alpha = alpha.detach().flatten().repeat(group.repeat)  # one value per channel
         for site in group.sites:
             m = modules[site.module]
             a = alpha.to(m.weight.dtype)
@@ -83,9 +84,18 @@ def _prune_group(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, 
             m = modules[name]
             dg.get_pruner_of_module(m).prune_in_channels(m, removed)
         return
-    root = modules[group.root]
-    pruner = dg.get_pruner_of_module(root)
-    dg.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
+    pruning_group(dg, modules[group.root], removed).prune()
+
+
+def _check_tiled(group: ChannelGroup, kept: list[int]) -> None:
+    """Grouped convs keep the same positions in every conv group: kept channels repeat with period size/repeat."""
+    if group.repeat == 1:
+        return
+    n = group.num_alphas
+    first = [c for c in kept if c < n]
+    if sorted(kept) != [r * n + c for r in range(group.repeat) for c in first]:
+        raise ValueError(f"group {group.name!r}: kept channels must be the same positions in each of its "
+                         f"{group.repeat} blocks of {n} channels (grouped convolutions)")
 
 
 def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[list[int]]) -> None:
@@ -107,6 +117,11 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     model = gates.model
     if len(keep) != len(gates.groups):
         raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+    for group, k in zip(gates.groups, keep):
+        if k.numel() != group.num_alphas:
+            raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has {group.num_alphas} "
+                             f"({group.size} channels, {group.repeat} per entry: reduce per-channel scores with "
+                             "Gates.entry_scores before selecting)")
     was_training = model.training
     model.eval()
     reference = None
@@ -114,7 +129,8 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         with gates.masked(keep):
             reference = model(check_input).float()
     before = layer_widths(model)
-    kept = [torch.nonzero(k, as_tuple=False).flatten().tolist() for k in keep]
+    kept = [torch.nonzero(g.channel_mask(k.cpu().bool()), as_tuple=False).flatten().tolist()
+            for g, k in zip(gates.groups, keep)]
     removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
     gates.remove()
     fold_gates(gates)
@@ -124,7 +140,7 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT,
         "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
-        "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "kept": k}
+        "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "repeat": g.repeat, "kept": k}
                    for g, k in zip(gates.groups, kept)],
         "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
     }
@@ -149,9 +165,10 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
     ordered, kept = [], []
     for entry in spec["groups"]:
         group = by_name.get(entry["name"])
-        if group is None or group.size != entry["size"]:
+        if group is None or group.size != entry["size"] or group.repeat != entry.get("repeat", 1):
             raise ValueError(f"width spec group {entry['name']!r} (size {entry['size']}) does not exist in this model; "
                              "was it built with the same architecture and arguments?")
+        _check_tiled(group, entry["kept"])
         ordered.append(group)
         kept.append(entry["kept"])
     for group, keep in zip(ordered, kept):

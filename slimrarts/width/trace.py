@@ -1,0 +1,237 @@
+"""torch-pruning's DependencyGraph, made to survive the models it cannot fully map: build it, list its groups.
+
+Two of torch-pruning's internals are wrapped here, and only here (tested against torch-pruning 1.5-1.6 by
+`tests/test_zoo.py::test_torch_pruning_internals_we_wrap_exist`):
+
+- `dependency.index_mapping.update_index_mapping` infers how channel indices move through every concat, split,
+  reshape, slice and unbind, and raises when one of them defeats its shape inference (ShuffleNetV2's channel shuffle:
+  ZeroDivisionError; DPN's dual-path concatenations: TypeError). The whole graph was lost for one node. Here each
+  node is mapped on its own; a node that fails is recorded in `unmapped(dg)` and every group that reaches it is
+  skipped with the error as its reason.
+- `dependency.graph.Group`: a group that grows without end (ReXNet's partial-channel residuals) raises `Diverged`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.dependency import graph as _tp_graph
+from torch_pruning.dependency import index_mapping as _tp_index_mapping
+
+__all__ = ["DIVERGED", "Diverged", "all_groups", "build_graph", "pruning_group", "reshape_problem", "tolerant_mapping",
+           "unmapped"]
+
+DIVERGED = ("torch-pruning's dependency search did not converge on this group (a residual that adds into part of "
+            "the channels, as in ReXNet, maps indices without end)")
+
+# torch-pruning's per-node index-mapping updaters, by the node type they apply to (update_index_mapping's dispatch)
+_UPDATERS = {
+    ops.OPTYPE.CONCAT: "update_concat_index_mapping",
+    ops.OPTYPE.SPLIT: "update_split_index_mapping",
+    ops.OPTYPE.RESHAPE: "update_reshape_index_mapping",
+    ops.OPTYPE.UNBIND: "update_unbind_index_mapping",
+    ops.OPTYPE.EXPAND: "update_expand_index_mapping",
+    ops.OPTYPE.SLICE: "update_slice_index_mapping",
+}
+_UNMAPPED_ATTR = "_slimrarts_unmapped"
+# nodes whose groups are never gated (see groups._check_unsupported): group searches stop there
+_BARRIER_TYPES = (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT, ops.OPTYPE.SLICE, ops.OPTYPE.UNBIND, ops.OPTYPE.EXPAND)
+
+
+def _stop(_idxs) -> list:
+    return []
+
+
+def _sizes(grad_fn, attr: str) -> list[int] | None:
+    value = getattr(grad_fn, attr, None)
+    return [int(v) for v in value] if value is not None else None
+
+
+def _feeds_matmul(node) -> bool:
+    """Whether a neighbour of `node` is a linear layer or the matmul torch traces inside one."""
+    for n in list(node.inputs) + list(node.outputs):
+        fn = getattr(n, "grad_fn", None)
+        if isinstance(n.module, nn.Linear) or (fn is not None and fn.name().startswith(("Addmm", "MmBackward"))):
+            return True
+    return False
+
+
+def reshape_problem(node) -> str | None:
+    """Why a view/reshape node moves channels (None when the channels stay put or are flattened in order).
+
+    Accepted: the channel dimension is kept ((B, C, H, W) → (B, C, HW)); a pooled map is flattened
+    ((B, C, 1, 1) → (B, C)); a map is flattened for a linear layer ((B, C, H, W) → (B, CHW), which torch-pruning
+    maps); the leading dims of channels-last activations are merged or split around a linear layer
+    ((B, H, W, C) ↔ (BHW, C)). A channel shuffle's (B, C, H, W) → (B, g, C/g, H, W) is not.
+    """
+    fn = node.grad_fn
+    src = _sizes(fn, "_saved_self_sym_sizes") or _sizes(fn, "_saved_self_sizes")
+    meta = getattr(fn, "_input_metadata", None)  # the forward outputs' metadata (torch >= 2.1)
+    dst = list(meta[0].shape) if meta else None
+    if src is None or dst is None:
+        return "a reshape whose shapes torch does not record"
+    if len(src) < 2 or len(dst) < 2:
+        return None if src[1:] == dst[1:] else f"a reshape {tuple(src)} → {tuple(dst)}"
+    if src[:2] == dst[:2] or (math.prod(src[2:]) == 1 and dst[1] == src[1]):
+        return None
+    if len(dst) == 2 and dst[1] == math.prod(src[1:]):
+        return None
+    if src[-1] == dst[-1] and _feeds_matmul(node):
+        return None
+    return f"a reshape {tuple(src)} → {tuple(dst)} that moves channels (a channel shuffle or split by view)"
+
+
+class Diverged(Exception):
+    """A torch-pruning group grew past any real group's size."""
+
+
+def _is_barrier(node, failed: dict) -> bool:
+    return (node.type in _BARRIER_TYPES or node in failed
+            or (node.type == ops.OPTYPE.RESHAPE and reshape_problem(node) is not None))
+
+
+def _update_each_node(graph) -> None:
+    """update_index_mapping, one node at a time: a node whose mapping fails is recorded, not fatal.
+
+    Then every node whose groups are never gated (concat, split, slice, a reshape that moves channels, a node that
+    could not be mapped) gets index mappings that map to nothing, so torch-pruning's group search enters it and stops
+    there. The group still holds the node (and is skipped for it) but does not run on through mis-mapped indices:
+    that took ShuffleNetV2 half a minute and ended in IndexErrors, and made DPN's groups grow without end.
+    """
+    failed = getattr(graph, _UNMAPPED_ATTR, None)
+    if failed is None:
+        failed = {}
+        setattr(graph, _UNMAPPED_ATTR, failed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")  # it then gives up: recorded
+        for node in list(graph.module2node.values()):
+            updater = _UPDATERS.get(node.type)
+            if updater is None:
+                continue
+            try:
+                getattr(_tp_index_mapping, updater)(graph, node)
+            except Exception as err:  # noqa: BLE001 - torch-pruning's shape inference failing on this node
+                failed.setdefault(node, f"{type(err).__name__}: {err}")
+    barriers = getattr(graph, "_slimrarts_barriers", None)
+    if barriers is None:
+        barriers = [n for n in graph.module2node.values() if _is_barrier(n, failed)]
+        graph._slimrarts_barriers = barriers
+    for node in barriers:
+        for dep in node.dependencies:
+            dep.index_mapping = [_stop, _stop]
+
+
+@contextlib.contextmanager
+def tolerant_mapping(frozen: bool = False) -> Iterator[None]:
+    """Inside the block, torch-pruning maps channel indices node by node and records the nodes it cannot map.
+
+    With `frozen` (a graph that is not being pruned), the mapping is computed once and not again for every group.
+    """
+    original = _tp_index_mapping.update_index_mapping
+    done: set[int] = set()
+
+    def update(graph) -> None:
+        if frozen and id(graph) in done:
+            return
+        _update_each_node(graph)
+        done.add(id(graph))
+
+    _tp_index_mapping.update_index_mapping = update
+    try:
+        yield
+    finally:
+        _tp_index_mapping.update_index_mapping = original
+
+
+def unmapped(dg: tp.DependencyGraph) -> dict:
+    """The graph nodes whose channel index mapping failed, with the error."""
+    return getattr(dg, _UNMAPPED_ATTR, {})
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map."""
+    was_training = model.training
+    model.eval()
+    try:
+        with tolerant_mapping():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
+    """torch-pruning's group for removing `module`'s output channels `idxs` (with tolerant mapping)."""
+    with tolerant_mapping():
+        return dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
+
+
+@contextlib.contextmanager
+def _bounded_groups(limit: int) -> Iterator[None]:
+    """Make DependencyGraph.get_pruning_group raise `Diverged` once a group grows past `limit` items.
+
+    torch-pruning's traversal revisits a node whenever it arrives with new indices; with partial-channel residuals the
+    indices keep changing and the group grows without end. A real group has a few items per graph node at most.
+    """
+    base = _tp_graph.Group
+
+    class Bounded(base):
+        def add_dep(self, dep, idxs):
+            if len(self) >= limit:
+                raise Diverged
+            super().add_dep(dep, idxs)
+
+    _tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        _tp_graph.Group = base
+
+
+def all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[object | None, nn.Module, str]]:
+    """Every pruning group rooted at a conv or linear layer's out-channels, as (group, root, "").
+
+    This is DependencyGraph.get_all_groups with a bound on each group's size, so one bad group is skipped instead of
+    hanging the search; a group whose search diverges or fails comes as (None, root, reason).
+    """
+    with tolerant_mapping(frozen=True):  # the graph does not change while its groups are listed
+        return list(_all_groups(dg, ignored))
+
+
+def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[object | None, nn.Module, str]]:
+    visited: set[nn.Module] = set()
+    ignored_all = ignored + list(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
+    limit = 8 * len(dg.module2node) + 64
+    for module in list(dg.module2node):
+        if module in visited or any(module is m for m in ignored_all):
+            continue
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with _bounded_groups(limit):
+                group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(module))))
+        except Diverged:
+            visited.add(module)
+            yield None, module, DIVERGED
+            continue
+        except Exception as err:  # noqa: BLE001 - an index mapping that breaks on this group (e.g. a bad split)
+            visited.add(module)
+            yield None, module, f"torch-pruning's group search failed: {type(err).__name__}: {err}"
+            continue
+        usable = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                usable = usable and not any(dep.target.module is m for m in ignored_all)
+        if usable:
+            yield group, module, ""
