@@ -1,5 +1,15 @@
-"""Width search building blocks: channel groups, gates α, selection, and channel removal."""
+"""Width search building blocks: channel groups, gates α, selection (by ratio, ℓ1 or budget), cost models, and
+channel removal."""
 
+from .budget import budget_floor as budget_floor
+from .budget import min_kept as min_kept
+from .budget import parse_budget as parse_budget
+from .budget import select_budget as select_budget
+from .cost import CostFunction as CostFunction
+from .cost import CostModel as CostModel
+from .cost import build_cost_model as build_cost_model
+from .cost import cost_penalty as cost_penalty
+from .cost import group_layers as group_layers
 from .gates import Gates as Gates
 from .gates import attach_gates as attach_gates
 from .groups import SCOPES as SCOPES
@@ -7,6 +17,12 @@ from .groups import ChannelGroup as ChannelGroup
 from .groups import GateSite as GateSite
 from .groups import Skipped as Skipped
 from .groups import find_groups as find_groups
+from .latency import LatencyModel as LatencyModel
+from .latency import Timing as Timing
+from .latency import TightenResult as TightenResult
+from .latency import build_latency_model as build_latency_model
+from .latency import tighten as tighten
+from .latency import time_models as time_models
 from .select import prox_l1_ as prox_l1_
 from .select import pruned_ratio as pruned_ratio
 from .select import select_l1 as select_l1
@@ -20,7 +36,9 @@ from .surgery import remove_channels as remove_channels
 from .surgery import save_slim as save_slim
 
 __all__ = [
-    "SCOPES", "ChannelGroup", "ChannelSelect", "GateSite", "Gates", "Skipped", "apply_spec", "attach_gates",
-    "find_groups", "fold_gates", "layer_widths", "load_slim", "prox_l1_", "pruned_ratio", "remove_channels",
-    "save_slim", "select_l1", "select_ratio",
+    "SCOPES", "ChannelGroup", "ChannelSelect", "CostFunction", "CostModel", "GateSite", "Gates", "LatencyModel",
+    "Skipped", "TightenResult", "Timing", "apply_spec", "attach_gates", "budget_floor", "build_cost_model",
+    "build_latency_model", "cost_penalty", "find_groups", "fold_gates", "group_layers", "layer_widths", "load_slim",
+    "min_kept", "parse_budget", "prox_l1_", "pruned_ratio", "remove_channels", "save_slim", "select_budget",
+    "select_l1", "select_ratio", "tighten", "time_models",
 ]

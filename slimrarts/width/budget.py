@@ -32,6 +32,7 @@ import fnmatch
 import heapq
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -164,6 +165,10 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise ValueError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
     reps = _repeats(repeat, len(groups))
+    for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
+        if not any(_group_matches(p, g, r) for g, r in zip(groups, layers)):
+            warnings.warn(f"{arg} pattern {p!r} matches no layer whose channels a gated group prunes; it changes "
+                          "nothing (inputs of a layer are pruned with the layer before it)", UserWarning, stacklevel=3)
     out = []
     for group, roles, rep in zip(groups, layers, reps):
         lo = min(math.ceil(min_channels / rep), group.size)

@@ -481,46 +481,65 @@ def _function(kind: str, sizes: list[int], terms) -> CostFunction:
 
 
 class _Penalty:
-    """μ · Cost(x(α)) / Cost_dense as a 0-d tensor, with x_g a smooth kept fraction of group g."""
+    """μ · Cost(x(α)) / Cost_dense as a 0-d tensor, with x_g a smooth kept fraction of group g.
+
+    Coefficients are stored divided by Cost_dense (numbers of order one, exact enough in float32) and cast once per
+    α dtype.
+    """
 
     def __init__(self, fn: CostFunction, alphas: list[torch.Tensor], mu: float, tau: float | None):
-        self.alphas, self.mu, self.tau = alphas, float(mu), tau
-        device, dtype = alphas[0].device, alphas[0].dtype
+        self.alphas, self.mu, self.tau, self.dense = alphas, float(mu), tau, fn.dense
+        device = alphas[0].device
         sizes = [a.numel() for a in alphas]
         if sizes != fn.sizes:
             raise ValueError(f"alphas have sizes {sizes[:5]}... but the cost function's groups have {fn.sizes[:5]}...")
         n = len(sizes)
         self.owner = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(sizes, device=device))
-        self.inv_size = 1.0 / torch.tensor(sizes, device=device, dtype=dtype)
         fits = [f.bilinear() for _, _, f in fn.terms]
         self.gi = torch.tensor([n if gi is None else gi for gi, _, _ in fn.terms], device=device, dtype=torch.long)
         self.go = torch.tensor([n if go is None else go for _, go, _ in fn.terms], device=device, dtype=torch.long)
-        self.coef = torch.tensor([[b.cxy, b.cx, b.cy, b.c1] for b in fits], device=device, dtype=dtype).reshape(-1, 4)
-        self.const = fn.const
-        self.scale = self.mu / fn.dense
+        coef = torch.tensor([[b.cxy, b.cx, b.cy, b.c1] for b in fits], dtype=torch.float64).reshape(-1, 4)
+        self._master = {"coef": (coef / fn.dense).to(device),
+                        "inv_size": (1.0 / torch.tensor(sizes, dtype=torch.float64)).to(device)}
+        self._cast: dict[torch.dtype, dict[str, torch.Tensor]] = {}
+        self.const = fn.const / fn.dense
         self.norm = 1.0 if tau is None else float(torch.tanh(torch.tensor(1.0 / tau)))
 
-    def widths(self) -> torch.Tensor:
+    def _tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if dtype not in self._cast:
+            self._cast[dtype] = {k: v.to(dtype) for k, v in self._master.items()}
+        return self._cast[dtype]
+
+    def widths(self, alphas: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """x_g = mean_c |α_c| (τ None), or mean_c tanh(|α_c|/τ) / tanh(1/τ): 1 at α = 1."""
-        mags = torch.cat([a.flatten() for a in self.alphas]).abs()
+        mags = torch.cat([a.flatten() for a in (self.alphas if alphas is None else alphas)]).abs()
         if self.tau is not None:
             mags = torch.tanh(mags / self.tau) / self.norm
-        sums = torch.zeros_like(self.inv_size).index_add(0, self.owner, mags)
-        return sums * self.inv_size
+        inv_size = self._tensors(mags.dtype)["inv_size"]
+        return torch.zeros_like(inv_size).index_add(0, self.owner, mags) * inv_size
 
-    def cost(self) -> torch.Tensor:
-        x = torch.cat([self.widths(), self.inv_size.new_ones(1)])
+    def relative(self, alphas: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Cost(α) / Cost_dense."""
+        x = self.widths(alphas)
+        x = torch.cat([x, x.new_ones(1)])
         xi, xo = x[self.gi], x[self.go]
-        c = self.coef
+        c = self._tensors(x.dtype)["coef"]
         return self.const + (c[:, 0] * xi * xo + c[:, 1] * xi + c[:, 2] * xo + c[:, 3]).sum()
 
-    def __call__(self) -> torch.Tensor:
-        return self.cost() * self.scale
+    def cost(self, alphas: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Cost(α) in the cost function's unit (MACs, parameters, seconds)."""
+        return self.relative(alphas) * self.dense
+
+    def __call__(self, alphas: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        return self.relative(alphas) * self.mu
 
 
 def cost_penalty(fn: CostFunction, alphas: list[torch.Tensor], mu: float = 1.0,
-                 tau: float | None = None) -> Callable[[], torch.Tensor]:
+                 tau: float | None = None) -> Callable[..., torch.Tensor]:
     """A differentiable cost term in α for `Problem.arch_penalty()`: a callable returning μ·Cost(α)/Cost_dense.
+
+    Call it with no argument for the `alphas` given here (or with other α tensors of the same sizes); `.cost()`
+    gives Cost(α) unscaled.
 
     Cost(α) is `fn` (MACs, parameters, or a latency model's bilinear fit) at smooth widths: x_g = mean_c |α_c| over
     group g, so 1 at the initial α = 1 and the term starts at μ. Its gradient on channel c of group g is
