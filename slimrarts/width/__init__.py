@@ -23,6 +23,7 @@ from .latency import TightenResult as TightenResult
 from .latency import build_latency_model as build_latency_model
 from .latency import tighten as tighten
 from .latency import time_models as time_models
+from .latency import ungated_copy as ungated_copy
 from .select import prox_l1_ as prox_l1_
 from .select import pruned_ratio as pruned_ratio
 from .select import select_l1 as select_l1
@@ -40,5 +41,5 @@ __all__ = [
     "Skipped", "TightenResult", "Timing", "apply_spec", "attach_gates", "budget_floor", "build_cost_model",
     "build_latency_model", "cost_penalty", "find_groups", "fold_gates", "group_layers", "layer_widths", "load_slim",
     "min_kept", "parse_budget", "prox_l1_", "pruned_ratio", "remove_channels", "save_slim", "select_budget",
-    "select_l1", "select_ratio", "tighten", "time_models",
+    "select_l1", "select_ratio", "tighten", "time_models", "ungated_copy",
 ]

@@ -40,7 +40,7 @@ from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates
 
 __all__ = ["LatencyModel", "Timing", "TightenResult", "build_latency_model", "latency_cache_dir", "tighten",
-           "time_models"]
+           "time_models", "ungated_copy"]
 
 Timer = Callable[[Callable[[], Any], int], list[float]]
 TABLE_FORMAT = 1
@@ -372,6 +372,18 @@ def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch
     return result
 
 
+def _next_target(history: list[dict], target_s: float) -> float:
+    """The model target expected to give a measured `target_s`: a secant step on (predicted, measured) of the last
+    two rounds (an additive correction after the first), never above the last prediction."""
+    p1, m1 = history[-1]["predicted_s"], history[-1]["measured_s"]
+    slope = 1.0
+    if len(history) >= 2 and "measured_s" in history[-2]:
+        p0, m0 = history[-2]["predicted_s"], history[-2]["measured_s"]
+        if p1 != p0 and (m1 - m0) / (p1 - p0) > 0:
+            slope = (m1 - m0) / (p1 - p0)
+    return min(p1 - (m1 - target_s) / slope, p1 * 0.999)
+
+
 @dataclasses.dataclass
 class TightenResult:
     """The last selection and its slim network, their timings, and every round's targets and measurements."""
@@ -392,9 +404,9 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
 
     `select(t)` returns keep masks for a model target of t seconds (e.g. `select_budget(..., kind='latency')`),
     `cut(keep)` a slim network (leaving the gated model usable for the next round), `predict(keep)` the model's
-    seconds for a selection. After a miss by the ratio r = measured / target, the next model target is the
-    prediction divided by r (the model's error on this selection, corrected), and at most `max_rounds` selections
-    are made. `tolerance` accepts a median up to target·(1 + tolerance). `timing` goes to `time_models`.
+    seconds for a selection. After a miss, the next model target is the prediction lowered by the miss (the model's
+    error on this selection, assumed additive), then secant steps on (predicted, measured) of the last two rounds;
+    at most `max_rounds` selections are made. `tolerance` accepts a median up to target·(1 + tolerance). `timing` goes to `time_models`.
     A lowered target below the model's floor ends the loop. The result says whether the target was met; a miss
     also warns.
     """
@@ -421,8 +433,10 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
         result = TightenResult(keep, slim, slim_t, dense_t, met, history)
         if met:
             return result
-        lowered = predicted * target_s / slim_t.median_s
-        model_target = min(lowered, model_target * 0.999)
+        model_target = _next_target(history, target_s)
+        if model_target <= 0:
+            history[-1]["stopped"] = "the corrected target is not positive"
+            break
     warnings.warn(f"latency target {target_s * 1e3:.3g} ms not met after {len(history)} selection(s): measured "
                   f"{result.timing.median_s * 1e3:.3g} ms (spread {result.timing.spread:.1%}); the per-layer model "
                   "misses this device's behaviour, or the target is within its noise", RuntimeWarning, stacklevel=2)
