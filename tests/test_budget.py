@@ -7,12 +7,23 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from slimrarts.metrics import macs_and_params
 from slimrarts.models import create_model
-from slimrarts.width import (attach_gates, budget_floor, build_cost_model, build_latency_model, min_kept, parse_budget,
-                             remove_channels, select_budget, tighten, time_models, ungated_copy)
+from slimrarts.width import (
+    attach_gates,
+    budget_floor,
+    build_cost_model,
+    build_latency_model,
+    min_kept,
+    parse_budget,
+    remove_channels,
+    select_budget,
+    tighten,
+    time_models,
+    ungated_copy,
+)
 from slimrarts.width.latency import latency_cache_dir
 
 X = (3, 32, 32)
@@ -253,3 +264,21 @@ def test_tighten_lowers_the_target_until_the_real_network_meets_it():
         missed = tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
                          max_rounds=1, timer=timer, rounds=1, repeats=1, warmup=0)
     assert not missed.met
+
+
+def test_latency_table_interpolates_and_clips_slow_outliers():
+    """Piecewise bilinear between grid points; an outlier slower than a wider layer is clipped to it; the
+    least-squares bilinear fit used by the search's cost term is exact on a bilinear table."""
+    from slimrarts.width.latency import _Table
+
+    xs, ys = [0.25, 0.5, 1.0], [0.5, 1.0]
+    exact = [[1 + 2 * x + 3 * y + 4 * x * y for y in ys] for x in xs]
+    table = _Table(xs, ys, exact)
+    assert table(0.75, 0.75) == pytest.approx((exact[1][0] + exact[1][1] + exact[2][0] + exact[2][1]) / 4)
+    fit = table.bilinear()
+    assert (fit.cxy, fit.cx, fit.cy, fit.c1) == pytest.approx((4, 2, 3, 1))
+    noisy = [row[:] for row in exact]
+    noisy[0][0] = 100.0  # a load spike at the narrowest point
+    clipped = _Table(xs, ys, noisy)
+    assert clipped(0.25, 0.5) == pytest.approx(min(exact[0][1], exact[1][0]))
+    assert clipped(1.0, 1.0) == exact[2][1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from slimrarts.metrics import macs_and_params
 from slimrarts.models import create_model

@@ -18,8 +18,8 @@ from .groups import GateSite as GateSite
 from .groups import Skipped as Skipped
 from .groups import find_groups as find_groups
 from .latency import LatencyModel as LatencyModel
-from .latency import Timing as Timing
 from .latency import TightenResult as TightenResult
+from .latency import Timing as Timing
 from .latency import build_latency_model as build_latency_model
 from .latency import tighten as tighten
 from .latency import time_models as time_models

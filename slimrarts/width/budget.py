@@ -60,7 +60,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"budget kind {kind!r} is unknown; choose from {', '.join(KINDS)}")
 
 
-def parse_budget(value: float | int | str, kind: str, dense: float) -> float:
+def parse_budget(value: float | str, kind: str, dense: float) -> float:
     """An absolute target from a fraction of the dense cost (0.5, '0.5', '50%') or an absolute value.
 
     Absolute values: a count with an optional K/M/G/T suffix for 'macs' and 'params' ('20M', '1.2M', 2e7), a time
@@ -271,8 +271,8 @@ def select_budget(scores: Sequence[torch.Tensor], cost_model, target: float | st
         raise ValueError(f"scores must hold one tensor per group with the group's size ({len(fn.sizes)} groups)")
     floor = fn.value([g.lo for g in grids])
     if floor > target:
-        settings = (f"min_channels={min_channels}, round_to={round_to}, exclude={list(exclude) if not isinstance(exclude, str) else [exclude]}, "
-                    f"max_pruned={max_pruned}")
+        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+        settings = f"min_channels={min_channels}, round_to={round_to}, exclude={excluded}, max_pruned={max_pruned}"
         raise _floor_error(kind, target, floor, fn.dense, settings)
 
     mags = [s.detach().abs().double().cpu().flatten() for s in scores]

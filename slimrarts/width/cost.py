@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .gates import Gates
 
@@ -41,7 +41,7 @@ _MIXING = ("Convolution", "Addmm", "Mm", "Bmm", "Matmul", "Linear", "Cat", "Stac
 class Bilinear:
     """f(x, y) = cxy·x·y + cx·x + cy·y + c1 (x, y: kept fractions of a layer's in- and out-width)."""
 
-    __slots__ = ("cxy", "cx", "cy", "c1")
+    __slots__ = ("c1", "cx", "cxy", "cy")
 
     def __init__(self, cxy: float = 0.0, cx: float = 0.0, cy: float = 0.0, c1: float = 0.0):
         self.cxy, self.cx, self.cy, self.c1 = cxy, cx, cy, c1
@@ -203,8 +203,8 @@ def _width_groups(layers: list[dict[str, str]]) -> tuple[dict[str, int], dict[st
             for side, table in (("in", ins), ("out", outs)):
                 if role in (side, "both", "inout"):
                     if table.get(name, g) != g:
-                        raise ValueError(f"the {side}-width of {name} is changed by two groups ({table[name]} and {g}); "
-                                         "the cost model cannot count it")
+                        raise ValueError(f"the {side}-width of {name} is changed by two groups "
+                                         f"({table[name]} and {g}); the cost model cannot count it")
                     table[name] = g
             if role == "both":
                 tied.add(name)
@@ -295,7 +295,7 @@ def _layer_costs(module, pruner, calls, tied: bool, has_in: bool, has_out: bool)
         points = [(r, 0) for r in _halves(n_out)]
     else:
         points = [(ri, ro) for ri in (_halves(n_in) if has_in else [0]) for ro in (_halves(n_out) if has_out else [0])]
-    macs = [dict() for _ in calls]
+    macs: list[dict] = [{} for _ in calls]
     params = {}
     for ri, ro in points:
         m = _meta_copy(module)

@@ -4,7 +4,7 @@
 its real input shape (batch `batch_size`), at a few widths per changing side (by default 1, ¼, ½, ¾ and all of
 the group's channels), cut with torch-pruning's pruning function like the real removal. Between grid points the
 time is interpolated (piecewise bilinear); each table is made non-decreasing in every width (a narrower layer is
-never predicted slower, which noise can otherwise suggest). The network's time is the sum over layers plus a
+never predicted slower, which noise can otherwise suggest: slow outliers at small widths are clipped). The network's time is the sum over layers plus a
 constant, measured as the dense network's time minus the sum of its layers at full width (launch gaps, layers
 no group changes). Tables are cached as JSON per device, torch version, model shapes, batch, dtype and timer in
 `$SLIMRARTS_CACHE/latency` (else `~/.cache/slimrarts/latency`).
@@ -34,13 +34,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates
 
-__all__ = ["LatencyModel", "Timing", "TightenResult", "build_latency_model", "latency_cache_dir", "tighten",
-           "time_models", "ungated_copy"]
+__all__ = [
+    "LatencyModel",
+    "TightenResult",
+    "Timing",
+    "build_latency_model",
+    "latency_cache_dir",
+    "tighten",
+    "time_models",
+    "ungated_copy",
+]
 
 Timer = Callable[[Callable[[], Any], int], list[float]]
 TABLE_FORMAT = 1
@@ -54,13 +62,20 @@ def latency_cache_dir() -> Path:
     return Path(base).expanduser() / "slimrarts" / "latency"
 
 
+def _monotone(values: Sequence[Sequence[float]]) -> np.ndarray:
+    """Make a table non-decreasing in both widths by lowering entries above a wider entry (timing noise is mostly
+    upward: a slow outlier at a small width is clipped to the time of the wider layer)."""
+    v = np.asarray(values, dtype=float)
+    v = np.minimum.accumulate(v[::-1], axis=0)[::-1]
+    return np.minimum.accumulate(v[:, ::-1], axis=1)[:, ::-1]
+
+
 class _Table:
     """A layer's seconds on a grid of kept fractions (xs: in-width, ys: out-width), piecewise bilinear between."""
 
     def __init__(self, xs: Sequence[float], ys: Sequence[float], values: Sequence[Sequence[float]]):
         self.xs, self.ys = list(xs), list(ys)
-        v = np.maximum.accumulate(np.maximum.accumulate(np.asarray(values, dtype=float), axis=0), axis=1)
-        self.values = v
+        self.values = _monotone(values)
 
     @staticmethod
     def _locate(grid: list[float], x: float) -> tuple[int, float]:
@@ -169,7 +184,11 @@ class _Unit:
 
     def __init__(self, call: LayerCall, module: nn.Module, pruner, sizes: list[int]):
         self.call, self.module, self.pruner, self.sizes = call, module, pruner, sizes
-        self.dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or len(call.in_shape) == 2 else 1
+        if call.pruned:
+            self.dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or len(call.in_shape) == 2 else 1
+        else:  # an element-wise layer: its channels are dim 1, or the last dim (channels-last activations)
+            n = sizes[call.in_group]
+            self.dim = 1 if len(call.in_shape) > 1 and call.in_shape[1] % n == 0 else -1
 
     def build(self, kx: int | None, ky: int | None, device, dtype, channels_last: bool, batch: int):
         """(layer, input) with kx of the in-group's and ky of the out-group's entries kept (None: all)."""
@@ -210,7 +229,9 @@ class _Unit:
 
 
 def _unit_key(call: LayerCall, module: nn.Module, groups) -> list:
-    gname = lambda g: None if g is None else [groups[g].name, groups[g].size]  # noqa: E731
+    def gname(g):
+        return None if g is None else [groups[g].name, groups[g].size]
+
     return [call.name, type(module).__name__, repr(module), list(call.in_shape), list(call.out_shape),
             gname(call.in_group), gname(call.out_group), call.tied]
 
@@ -272,9 +293,9 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
                 row = []
                 for ky in kys:
                     layer, x = u.build(kx, ky, device, dtype, channels_last, batch_size)
-                    row.append(_median_time(timer, lambda: layer(x), warmup, repeats))
+                    row.append(_median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
                 seconds.append(row)
-            at_full += seconds[-1][-1]
+            at_full += float(_monotone(seconds)[-1, -1])
             table_units.append({
                 "name": c.name,
                 "in_group": groups[c.in_group].name if c.in_group is not None else None,
@@ -325,7 +346,7 @@ def _probe_alignment(units, table_units, timer, device, dtype, channels_last, ba
         for k in (width, width - 1):
             kx, ky = (None, k) if side == "out" else (k, None)
             layer, x = u.build(kx, ky, device, dtype, channels_last, batch)
-            times.append(_median_time(timer, lambda: layer(x), warmup, repeats))
+            times.append(_median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
         probes.append({"name": c.name, "channels": width, "aligned_s": times[0], "unaligned_s": times[1]})
         if len(probes) == 3:
             break
@@ -358,10 +379,10 @@ def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch
             for model in models:
                 model.eval()
                 if warmup:
-                    timer(lambda: model(x), warmup)
+                    timer(lambda model=model: model(x), warmup)
             for _ in range(rounds):
                 for model, out in zip(models, per_model):
-                    out.append(float(statistics.median(timer(lambda: model(x), repeats))))
+                    out.append(float(statistics.median(timer(lambda model=model: model(x), repeats))))
     finally:
         for m, training in modes:
             m.training = training
@@ -406,9 +427,9 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
     `cut(keep)` a slim network (leaving the gated model usable for the next round), `predict(keep)` the model's
     seconds for a selection. After a miss, the next model target is the prediction lowered by the miss (the model's
     error on this selection, assumed additive), then secant steps on (predicted, measured) of the last two rounds;
-    at most `max_rounds` selections are made. `tolerance` accepts a median up to target·(1 + tolerance). `timing` goes to `time_models`.
-    A lowered target below the model's floor ends the loop. The result says whether the target was met; a miss
-    also warns.
+    at most `max_rounds` selections are made. `tolerance` accepts a median up to target·(1 + tolerance);
+    `timing` goes to `time_models`. A lowered target below the model's floor ends the loop. The result says whether
+    the target was met; a miss also warns.
     """
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
