@@ -1,5 +1,15 @@
-"""Width search building blocks: channel groups, gates α, selection, channel removal, and coverage."""
+"""Width search building blocks: channel groups, gates α, selection (by ratio, ℓ1 or budget), cost and latency
+models, channel removal, and coverage."""
 
+from .budget import budget_floor as budget_floor
+from .budget import min_kept as min_kept
+from .budget import parse_budget as parse_budget
+from .budget import select_budget as select_budget
+from .cost import CostFunction as CostFunction
+from .cost import CostModel as CostModel
+from .cost import build_cost_model as build_cost_model
+from .cost import cost_penalty as cost_penalty
+from .cost import group_layers as group_layers
 from .coverage import CoverageWarning as CoverageWarning
 from .coverage import coverage as coverage
 from .coverage import require_groups as require_groups
@@ -10,6 +20,13 @@ from .groups import ChannelGroup as ChannelGroup
 from .groups import GateSite as GateSite
 from .groups import Skipped as Skipped
 from .groups import find_groups as find_groups
+from .latency import LatencyModel as LatencyModel
+from .latency import TightenResult as TightenResult
+from .latency import Timing as Timing
+from .latency import build_latency_model as build_latency_model
+from .latency import tighten as tighten
+from .latency import time_models as time_models
+from .latency import ungated_copy as ungated_copy
 from .select import prox_l1_ as prox_l1_
 from .select import prunable_channels as prunable_channels
 from .select import pruned_ratio as pruned_ratio
@@ -24,8 +41,10 @@ from .surgery import remove_channels as remove_channels
 from .surgery import save_slim as save_slim
 
 __all__ = [
-    "SCOPES", "ChannelGroup", "ChannelSelect", "CoverageWarning", "GateSite", "Gates", "Skipped", "apply_spec",
-    "attach_gates", "coverage", "find_groups", "fold_gates", "layer_widths", "load_slim", "prox_l1_",
-    "prunable_channels", "pruned_ratio", "remove_channels", "require_groups", "save_slim", "select_l1",
-    "select_ratio",
+    "SCOPES", "ChannelGroup", "ChannelSelect", "CostFunction", "CostModel", "CoverageWarning", "GateSite", "Gates",
+    "LatencyModel", "Skipped", "TightenResult", "Timing", "apply_spec", "attach_gates", "budget_floor",
+    "build_cost_model", "build_latency_model", "cost_penalty", "coverage", "find_groups", "fold_gates",
+    "group_layers", "layer_widths", "load_slim", "min_kept", "parse_budget", "prox_l1_", "prunable_channels",
+    "pruned_ratio", "remove_channels", "require_groups", "save_slim", "select_budget", "select_l1", "select_ratio",
+    "tighten", "time_models", "ungated_copy",
 ]
