@@ -282,3 +282,27 @@ def test_latency_table_interpolates_and_clips_slow_outliers():
     clipped = _Table(xs, ys, noisy)
     assert clipped(0.25, 0.5) == pytest.approx(min(exact[0][1], exact[1][0]))
     assert clipped(1.0, 1.0) == exact[2][1]
+
+
+def test_budget_on_grouped_convs_counts_alpha_entries_and_matches_the_cut():
+    """With α tied across conv groups (`repeat` channels per entry), the cost model's kept fractions and the budget
+    selection work in α entries, and the prediction equals the really cut grouped network."""
+    from test_zoo import _TinyGrouped
+
+    torch.manual_seed(0)
+    model = _TinyGrouped()
+    gates = attach_gates(model, torch.randn(2, 3, 16, 16), "internal")
+    assert max(gates.repeats) > 1
+    with torch.no_grad():
+        for a in gates.alphas:
+            a.uniform_(0.1, 1.5)
+    cm = build_cost_model(gates, (3, 16, 16))
+    dense = macs_and_params(model, (1, 3, 16, 16))
+    keep = select_budget(gates.alphas, cm, "60%", "macs", min_channels=4)
+    assert [len(k) for k in keep] == [len(a) for a in gates.alphas]
+    predicted = cm(keep)
+    remove_channels(gates, keep, check_input=torch.randn(2, 3, 16, 16))
+    assert predicted == macs_and_params(model, (1, 3, 16, 16))
+    assert predicted[0] <= 0.60 * dense[0]
+    b = model.b[0]
+    assert b.in_channels % b.groups == 0 and b.out_channels % b.groups == 0 and b.in_channels >= 4

@@ -164,19 +164,20 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
     for p, frac in caps.items():
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise ValueError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
-    reps = _repeats(repeat, len(groups))
+    reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(groups))
     for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
         if not any(_group_matches(p, g, r) for g, r in zip(groups, layers)):
             warnings.warn(f"{arg} pattern {p!r} matches no layer whose channels a gated group prunes; it changes "
                           "nothing (inputs of a layer are pruned with the layer before it)", UserWarning, stacklevel=3)
     out = []
-    for group, roles, rep in zip(groups, layers, reps):
-        lo = min(math.ceil(min_channels / rep), group.size)
+    for group, roles, rep in zip(groups, layers, reps, strict=True):
+        n = group.size // rep  # α entries
+        lo = min(math.ceil(min_channels / rep), n)
         if any(_group_matches(p, group, roles) for p in exclude):
-            lo = group.size
+            lo = n
         fracs = [f for p, f in caps.items() if p == "*" or _group_matches(p, group, roles)]
         if fracs:
-            lo = max(lo, group.size - math.floor(min(fracs) * group.size + 1e-9))
+            lo = max(lo, n - math.floor(min(fracs) * n + 1e-9))
         out.append(lo)
     return out
 
@@ -212,7 +213,8 @@ def _setup(cost_model, kind, min_channels, round_to, exclude, max_pruned, repeat
         raise ValueError(f"round_to must be an int >= 1 or None, got {round_to!r}")
     fn: CostFunction = cost_model.function(kind)
     lows = min_kept(cost_model, min_channels=min_channels, exclude=exclude, max_pruned=max_pruned, repeat=repeat)
-    reps = _repeats(repeat, len(lows))
+    groups = _structure(cost_model)[0]
+    reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(lows))
     grids = [_Grid(n, lo, (round_to // math.gcd(round_to, r)) if round_to else 1)
              for n, lo, r in zip(fn.sizes, lows, reps)]
     return fn, grids

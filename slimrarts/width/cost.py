@@ -122,7 +122,7 @@ class CostModel:
         self.groups = groups
         self.layers: list[dict[str, str]] = layers  # per group: {module name: role}, see `group_layers`
         self.calls: list[LayerCall] = calls
-        self.sizes = [g.size for g in groups]
+        self.sizes = [g.num_alphas for g in groups]  # α entries (a grouped conv's entry gates `repeat` channels)
         self._functions = {"macs": macs, "params": params}
         self.module_names: list[str] = module_names
         self.input_size = tuple(input_size)
@@ -463,7 +463,7 @@ def build_cost_model(gates: Gates, input_size: Sequence[int] | None = None) -> C
         key = (gi, None) if name in tied else (gi, go)
         macs_terms.extend((*key, f) for f in fits)
 
-    sizes = [g.size for g in gates.groups]
+    sizes = [g.num_alphas for g in gates.groups]
     return CostModel(gates.groups, layers, calls, _function("macs", sizes, macs_terms),
                      _function("params", sizes, params_terms), list(modules), input_size)
 

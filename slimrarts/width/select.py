@@ -53,8 +53,19 @@ def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: 
     return out
 
 
+def _floors(sizes: list[int], repeats: list[int], min_channels: int, min_kept: list[int] | None) -> list[int]:
+    """α entries each group must keep: `min_channels` channels, and at least `min_kept[i]` entries (from
+    `prune.exclude` / `prune.max_pruned`, see `width.budget.min_kept`)."""
+    floor = [_min_entries(n, r, min_channels) for n, r in zip(sizes, repeats, strict=True)]
+    if min_kept is None:
+        return floor
+    if len(min_kept) != len(sizes):
+        raise ValueError(f"min_kept must hold one count per group ({len(sizes)} groups), got {len(min_kept)}")
+    return [min(n, max(f, int(m))) for n, f, m in zip(sizes, floor, min_kept, strict=True)]
+
+
 def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int = 1, round_to: int | None = None,
-                 repeats: list[int] | None = None) -> list[torch.Tensor]:
+                 repeats: list[int] | None = None, min_kept: list[int] | None = None) -> list[torch.Tensor]:
     """Keep masks (one bool per α entry) pruning `round(ratio · N)` of the N gated channels, smallest |α| first.
 
     One global threshold over all groups; ties are broken by group order, then channel order. An entry is spared
@@ -64,7 +75,8 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
     `repeats[i]` is the number of channels each α entry of group i gates (`Gates.repeats`, >1 for grouped convs;
     default 1). Channel counts, `min_channels` and `round_to` are in channels; with repeats the threshold stops where
     the pruned channel count is closest to the target (ties: fewer pruned), so the ratio is met to within half an
-    entry; with all repeats 1 it is exact.
+    entry; with all repeats 1 it is exact. `min_kept[i]` α entries of group i are never pruned (excluded layers,
+    per-layer caps).
     """
     repeats = _check_common(alphas, min_channels, round_to, repeats)
     if not 0 <= ratio < 1:
@@ -78,7 +90,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
     offsets = [0]
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
-    floor = [_min_entries(n, r, min_channels) for n, r in zip(sizes, repeats)]
+    floor = _floors(sizes, repeats, min_channels, min_kept)
     kept_count = list(sizes)
     walk, pruned = [], 0  # entries a falling threshold prunes, in order, and the channels pruned so far
     for idx in torch.argsort(flat, stable=True).tolist():
@@ -92,7 +104,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
         walk.append((idx, pruned))
     if pruned < target - max(repeats) // 2:
         raise ValueError(f"ratio {ratio} asks to prune {target} of {total} channels but min_channels={min_channels} "
-                         f"allows only {pruned}; lower the ratio or min_channels")
+                         f"(and prune.exclude / prune.max_pruned) allow only {pruned}; lower the ratio or those limits")
     stop = len(walk)
     if walk and walk[-1][1] > target:  # overshot with the last entry: drop it if that gets closer (or as close)
         before = walk[-2][1] if len(walk) > 1 else 0
@@ -106,18 +118,18 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
 
 
 def select_l1(alphas: list[torch.Tensor], *, min_channels: int = 1, round_to: int | None = None,
-              repeats: list[int] | None = None) -> list[torch.Tensor]:
+              repeats: list[int] | None = None, min_kept: list[int] | None = None) -> list[torch.Tensor]:
     """Keep masks pruning the entries whose α is exactly 0 (left by the proximal ℓ1 step).
 
-    A group with fewer than `min_channels` channels left keeps its largest |α| entries up to that count;
-    `repeats` as in `select_ratio`.
+    A group with fewer than `min_channels` channels (or `min_kept[i]` entries) left keeps its largest |α| entries
+    up to that count; `repeats` as in `select_ratio`.
     """
     repeats = _check_common(alphas, min_channels, round_to, repeats)
+    floors = _floors([a.numel() for a in alphas], repeats, min_channels, min_kept)
     keep, scores = [], []
-    for a, r in zip(alphas, repeats):
+    for a, need in zip(alphas, floors, strict=True):
         s = a.detach().abs().float().cpu().flatten()
         k = s != 0
-        need = _min_entries(s.numel(), r, min_channels)
         if int(k.sum()) < need:
             k[torch.argsort(s, descending=True, stable=True)[:need]] = True
         keep.append(k)
