@@ -32,7 +32,17 @@ from .report import build_report
 from .search.base import SearchState
 from .search.loop import run_search
 from .search.problem import NetProblem, make_state
-from .width import Gates, Skipped, attach_gates, load_slim, remove_channels, save_slim, select_l1, select_ratio
+from .selection import Selection, speed_report
+from .width import (
+    Gates,
+    Skipped,
+    attach_gates,
+    load_slim,
+    prunable_channels,
+    remove_channels,
+    require_groups,
+    save_slim,
+)
 
 __all__ = ["PruneResult", "WidthSearch", "load", "prune", "search_width"]
 
@@ -61,6 +71,7 @@ class WidthSearch:
     gates: Gates
     state: SearchState
     result: PhaseResult
+    selection: Selection | None = None  # cost model, budget and limits prepared before the search
 
     def __iter__(self):  # `gates, state, result = search_width(...)` as in slimrarts 0.1
         return iter((self.gates, self.state, self.result))
@@ -77,6 +88,19 @@ def _resolve_recipe(config: Recipe | dict | str | None, overrides: dict[str, Any
         base = config
     items = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if v is not None]
     return load_recipe(base, items)
+
+
+def _budget_section(budget: dict) -> dict:
+    """`{"macs": "50%"}` (one kind: its target) or a full `prune.budget` mapping, as the recipe section."""
+    if not isinstance(budget, dict):
+        raise TypeError(f"budget must be a dict such as {{'macs': '50%'}}, got {type(budget).__name__} {budget!r}")
+    kinds = [k for k in ("macs", "params", "latency") if k in budget]
+    if len(kinds) > 1:
+        raise ValueError(f"budget names {' and '.join(kinds)}: give one kind ({{'macs': '50%'}})")
+    if kinds:
+        out = {k: v for k, v in budget.items() if k != kinds[0]}
+        return {**out, "kind": kinds[0], "target": budget[kinds[0]]}
+    return dict(budget)
 
 
 def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.Tensor:
@@ -103,14 +127,12 @@ def _take_final_weights(model: nn.Module, state: SearchState, which: str) -> Non
 
 
 def _check_gates(gates: Gates, recipe: Recipe) -> None:
-    """Fail before any training when the gated model cannot meet the recipe."""
+    """Fail before any training when the gated model cannot meet the recipe (budgets: `Selection.prepare`)."""
     p = recipe.prune
-    if not gates.groups:
-        reasons = "; ".join(f"{k.name}: {k.reason}" for k in gates.skipped) or "no conv/linear channel groups found"
-        raise ValueError(f"nothing to prune in this model for scope {p.scope}: {reasons}")
+    require_groups(gates, p.scope)
     if p.mode == "ratio" and not p.reference:
         total = gates.num_channels
-        prunable = sum(g.size - min(p.min_channels, g.size) for g in gates.groups)
+        prunable = prunable_channels(gates.groups, p.min_channels)
         if round(p.ratio * total) > prunable:
             raise ValueError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
                              f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
@@ -118,14 +140,15 @@ def _check_gates(gates: Gates, recipe: Recipe) -> None:
         reference_counts(p.reference, gates)
 
 
-def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> Gates:
-    """Gates on `model` for the recipe's scopes; frozen layers are left out, each listed with the reason."""
+def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, Selection]:
+    """Gates on `model` for the recipe's scopes (frozen layers left out, each listed with the reason) and the
+    selection prepared for them; everything here fails before any training."""
     frozen = frozen_layers(model)
     gates = attach_gates(model, x[:2], recipe.prune.scope, ignored=[m for _, m in frozen])
-    gates.skipped.extend(Skipped(name, "frozen: its weight does not require grad, so it is not trained or pruned")
-                         for name, _ in frozen)
+    gates.skipped.extend(Skipped(name, "frozen: its weight does not require grad, so it is not trained or pruned",
+                                 channels=m.weight.shape[0]) for name, m in frozen)
     _check_gates(gates, recipe)
-    return gates
+    return gates, Selection.prepare(gates, recipe, tuple(x.shape[1:]), x.device)
 
 
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
@@ -140,37 +163,33 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     if s.channels_last:
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device).float()
-    gates = _attach(model, x, recipe)
-    problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0)
+    gates, selection = _attach(model, x, recipe)
+    problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
+                         penalty=selection.penalty())
+    stop = selection.stopping_rule()
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
                         loader_whole=loaders.train, channels_last=s.channels_last, run_dir=run_dir, resume=resume,
-                        progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph)
-    return WidthSearch(gates, state, result)
+                        progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph,
+                        callbacks=[stop] if stop is not None else [])
+    return WidthSearch(gates, state, result, selection)
 
 
 def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, device, run_dir, resume, progress):
-    """Run the method's phase before the cut: (gates, scores, ready keep masks or None, phase result, note)."""
+    """Run the method's phase before the cut: (gates, selection, scores per α entry, ready keep masks or None,
+    phase result, note)."""
     if method.has_alpha:
         found = search_width(model, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
                              progress=progress, example_input=x)
         _take_final_weights(model, found.state, recipe.search.final_weights)
-        return found.gates, found.gates.alphas, None, found.result, ""
-    gates = _attach(model, x, recipe)
+        return found.gates, found.selection, found.gates.alphas, None, found.result, ""
+    gates, selection = _attach(model, x, recipe)
     out = method.run(model, gates, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
                      progress=progress)
-    return gates, out.scores, out.keep, out.fit, out.note
-
-
-def _select(scores, keep, recipe: Recipe):
-    p = recipe.prune
-    if keep is not None:
-        return keep
-    if p.mode == "ratio":
-        return select_ratio(scores, p.ratio, min_channels=p.min_channels, round_to=p.round_to)
-    return select_l1(scores, min_channels=p.min_channels, round_to=p.round_to)
+    scores = gates.entry_scores(out.scores) if out.scores is not None else None  # per channel → per α entry
+    return gates, selection, scores, out.keep, out.fit, out.note
 
 
 def _write_run(rd: RunDir, model: nn.Module, spec: dict, report: dict, method: MethodInfo, scores,
@@ -189,6 +208,7 @@ def prune(
     loaders,
     ratio: float | None = None,
     *,
+    budget: dict | None = None,
     mode: str | None = None,
     method: str | None = None,
     scope: str | list[str] | None = None,
@@ -215,7 +235,10 @@ def prune(
         loaders: a `slimrarts.data.Loaders`, a `(train, test)` pair of DataLoaders (the training set is then split
             into two disjoint halves D_t/D_v for the search), or a dict with `train`, `test` (and optionally
             `search_t`, `search_v`). The test loader is read only to report accuracies.
-        ratio: the share of gated channels to prune (`prune.ratio`, mode `ratio`).
+        ratio: the share of gated channels to PRUNE (`prune.ratio`, mode `ratio`).
+        budget: what the slim model may KEEP of the dense model's cost, instead of a ratio (mode `budget`):
+            `{"macs": "50%"}`, `{"params": "1.2M"}`, `{"latency": "3.5ms", "batch_size": 1}`, or the full
+            `prune.budget` section (`{"kind": "macs", "target": "50%"}`). With mode `l1`, a stopping rule.
         mode: `ratio` (exact share by |score|) or `l1` (a proximal ℓ1 step on α; channels at 0 are pruned).
         method: a registered method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ...,
             or a baseline such as `slimming`, `random`.
@@ -255,7 +278,14 @@ def prune(
     """
     check_model(model)
     scope_list = [scope] if isinstance(scope, str) else scope
-    recipe = _resolve_recipe(config, {"prune.ratio": ratio, "prune.mode": mode, "search.method": method,
+    if budget is not None:
+        if ratio is not None:
+            raise ValueError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
+                             "the dense cost), not both")
+        budget = _budget_section(budget)
+        mode = mode or "budget"
+    recipe = _resolve_recipe(config, {"prune.ratio": ratio, "prune.budget": budget, "prune.mode": mode,
+                                      "search.method": method,
                                       "prune.scope": scope_list, "search.epochs": search_epochs,
                                       "finetune.epochs": finetune_epochs,
                                       "device": str(device) if device is not None else None})
@@ -278,11 +308,13 @@ def prune(
     cost_before = macs_and_params(model, input_size)
     dense = evaluate(model, loaders.test, device=dev)
     d = recipe.finetune.distill
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if d is not None else None  # the dense model
-    gates, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev, run_dir=rd,
-                                                         resume=resume, progress=progress)
+    keep_dense = d is not None or recipe.report.latency
+    dense_model = copy.deepcopy(model).eval().requires_grad_(False) if keep_dense else None  # teacher, timing
+    gates, selection, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev,
+                                                                    run_dir=rd, resume=resume, progress=progress)
     searched = evaluate(model, loaders.test, device=dev)
-    keep = _select(scores, keep, recipe)
+    if keep is None:
+        keep = selection.finish(scores, selection.select(scores), x)
     with gates.masked(keep):
         masked = evaluate(model, loaders.test, device=dev)
     spec = remove_channels(gates, keep, check_input=x.float())
@@ -293,24 +325,30 @@ def prune(
     model = model.to(memory_format=torch.contiguous_format)
     cost_after = macs_and_params(model, input_size)
     slim_before = evaluate(model, loaders.test, device=dev)
-    distiller = Distiller(teacher, weight=d.weight, temperature=d.temperature).attach(model) if d else None
+    distiller = Distiller(dense_model, weight=d.weight, temperature=d.temperature).attach(model) if d else None
     fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=rd, phase="finetune",
                resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10), loss_fn=distiller)
     if distiller is not None:
         distiller.detach()
-        del teacher
+    if not finite_model(model):  # the phases check each epoch; this guards the files against anything they missed
+        raise RuntimeError("the fine-tuned slim model has non-finite weights; nothing was written (lower "
+                           "finetune.optim.lr and --resume)")
+    for handle in io_hooks:
+        handle.remove()
+    speed = None
+    if recipe.report.latency:
+        batch = getattr(loaders.train, "batch_size", None) or x.shape[0]
+        speed = speed_report(dense_model, model, tuple(x.shape[1:]), recipe.report, dev, batch,
+                             (cost_before[0], cost_after[0]))
+    del dense_model
     accuracy = {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
                 "slim_before_finetune": slim_before["acc"], "slim_after_finetune": fine.final.get("test_acc")}
     report = build_report(method=info, recipe=recipe, gates=gates, keep=keep, spec=spec, cost_before=cost_before,
                           cost_after=cost_after, input_size=list(input_size), accuracy=accuracy,
                           test_loss=fine.final.get("test_loss"), search=search, finetune=fine,
                           total_s=time.perf_counter() - t_total, device=dev, note=note,
-                          data=getattr(loaders, "info", None))
-    if not finite_model(model):  # the phases check each epoch; this guards the files against anything they missed
-        raise RuntimeError("the fine-tuned slim model has non-finite weights; nothing was written (lower "
-                           "finetune.optim.lr and --resume)")
-    for handle in io_hooks:
-        handle.remove()
+                          data=getattr(loaders, "info", None), budget=selection.report(keep, cost_after),
+                          latency=speed)
     if rd is not None:
         _write_run(rd, model, spec, report, info, scores, model_info)
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,

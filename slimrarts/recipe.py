@@ -24,6 +24,9 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "DistillConfig",
+    "BudgetConfig",
+    "CostTermConfig",
+    "ReportConfig",
     "ArchOptimConfig",
     "SearchConfig",
     "PruneConfig",
@@ -38,6 +41,13 @@ __all__ = [
     "is_cell_recipe",
     "ConfigError",
 ]
+
+def _valid_device(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+DEVICE_FIELD = dict(check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")  # shared by the recipe schemas
+
 
 _positive = dict(check=lambda v: v > 0, allowed="a number > 0")
 _non_negative = dict(check=lambda v: v >= 0, allowed="a number >= 0")
@@ -141,6 +151,15 @@ class ArchOptimConfig:
 
 
 @dataclasses.dataclass
+class CostTermConfig:
+    """The cost term μ·Cost(α)/Cost_dense in every search method's α-step (0: off)."""
+
+    mu: float = field(0.0, **_non_negative)
+    kind: Literal["macs", "params", "latency"] = "macs"  # latency: the prune.budget latency model's tables
+    tau: float | None = field(None, **_positive)  # soft count of live channels; null: mean |α| per group
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
 
@@ -158,6 +177,7 @@ class SearchConfig:
     final_weights: Literal["y", "w", "mean"] = "y"  # which weights the slim model is cut from (two-net methods)
     sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
     taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
+    cost: CostTermConfig = field(default_factory=CostTermConfig)
     init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
@@ -170,6 +190,29 @@ class SearchConfig:
                            cuda_graph=self.cuda_graph, log_every=self.log_every)
 
 
+def _budget_value(v) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, str) and v.strip() != "" or isinstance(v, float) and v > 0)
+
+
+@dataclasses.dataclass
+class BudgetConfig:
+    """The most the slim model may cost: `target` is what REMAINS of the dense model's MACs, parameters or latency.
+
+    `target` is a fraction of the dense cost ("50%", 0.5: keep at most half) or an absolute value ("20M" MACs,
+    "1.2M" params, "3.5ms").
+    Latency is measured on `device` at `batch_size`; the cut model is timed and the selection tightened up to
+    `tighten_rounds` times if it misses.
+    """
+
+    kind: Literal["macs", "params", "latency"] = "macs"
+    target: str | float = field("50%", check=_budget_value,
+                              allowed='a fraction of the dense cost ("50%", 0.5) or an absolute value ("20M", "3.5ms")')
+    device: str | None = field(None, **DEVICE_FIELD)  # latency: where to time (null: the run's device)
+    batch_size: int = field(1, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: batch timed
+    tighten_rounds: int = field(3, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: re-selections
+    repeats: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: timings per grid point
+
+
 @dataclasses.dataclass
 class PruneConfig:
     """Which channels are gated and which lose."""
@@ -179,19 +222,37 @@ class PruneConfig:
         check=lambda v: len(v) >= 1 and len(set(v)) == len(v) and not {"branch-input", "coupled"} <= set(v),
         allowed="a non-empty list of distinct scopes (internal, branch-input, coupled); not both branch-input "
                 "and coupled")
-    mode: Literal["ratio", "l1"] = "ratio"
-    ratio: float = field(0.4, check=lambda v: 0 <= v < 1, allowed="a fraction in [0, 1)")
+    mode: Literal["ratio", "budget", "l1"] = "ratio"  # what decides the losers: a channel ratio, a budget, ℓ1 zeros
+    ratio: float = field(0.4, check=lambda v: 0 <= v < 1, allowed="a fraction in [0, 1)")  # share of channels PRUNED
+    budget: BudgetConfig | None = None  # mode budget: what is KEPT of the dense cost; mode l1: a stopping rule
     l1: float = field(1e-4, **_non_negative)  # γ of γ‖α‖₁ (l1 mode)
     min_channels: int = field(1, check=lambda v: v >= 1, allowed="an integer >= 1")
     round_to: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
     reference: str | None = None  # random: a run folder (or width_spec.json) whose per-group kept counts to copy
+    exclude: list[str] = field(default_factory=list)  # module-name globs whose output channels are never pruned
+    max_pruned: float | dict[str, float] | None = field(
+        None, check=lambda v: all(0 <= f <= 1 for f in (v.values() if isinstance(v, dict) else [v])),
+        allowed="a fraction in [0, 1], or {module glob: fraction}")  # cap on the pruned share of each group
+
+    def validate(self, where: str) -> None:
+        if self.mode == "budget" and self.budget is None:
+            raise ConfigError(f"{where}.mode=budget needs {where}.budget, e.g. {{kind: macs, target: '50%'}}")
+        if self.mode == "ratio" and self.budget is not None:
+            raise ConfigError(f"{where}.budget is set but {where}.mode is ratio: exactly one of ratio and budget is in "
+                              f"force; set {where}.mode=budget (or remove {where}.budget)")
 
 
-def _valid_device(v: str) -> bool:
-    return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
 
 
-DEVICE_FIELD = dict(check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")  # shared by the recipe schemas
+@dataclasses.dataclass
+class ReportConfig:
+    """What the report measures beyond accuracy and counts."""
+
+    latency: bool = True  # time dense and slim on the run's device (and on the CPU at batch 1 when that differs)
+    batch_sizes: list[int] | None = field(None, check=lambda v: all(b >= 1 for b in v),
+                                          allowed="a list of integers >= 1, or null")  # null: [1, data.batch_size]
+    rounds: int = field(3, check=lambda v: v >= 1, allowed="an integer >= 1")  # interleaved rounds of timing
+    repeats: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # forward passes per round
 
 
 @dataclasses.dataclass
@@ -207,6 +268,7 @@ class Recipe:
     search: SearchConfig = field(default_factory=SearchConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=160))
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self, where: str) -> None:
         """Checks across sections (those that need the model, such as channel counts, run in `prune()`)."""
@@ -216,6 +278,13 @@ class Recipe:
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")
+        if self.search.cost.mu > 0 and not method.has_alpha:
+            raise ConfigError(f"search.cost.mu={self.search.cost.mu} adds a cost term to the α-step, but "
+                              f"{method.kind} {method.name!r} learns no α; set it to 0")
+        if self.search.cost.mu > 0 and self.search.cost.kind == "latency" and (
+                p.budget is None or p.budget.kind != "latency"):
+            raise ConfigError("search.cost.kind=latency uses the latency model of prune.budget (kind latency); set "
+                              "prune.budget.kind=latency or use search.cost.kind=macs")
         if p.mode == "l1" and not method.supports_l1:
             raise ConfigError(f"prune.mode=l1 learns which α reach zero; {method.kind} {method.name!r} has no α "
                               "(use prune.mode=ratio, or random with prune.reference)")

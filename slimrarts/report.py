@@ -33,7 +33,7 @@ def _change(before: int, after: int) -> dict:
 def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[int, int],
                  cost_after: tuple[int, int], input_size: list[int], accuracy: dict, test_loss: float | None,
                  search, finetune, total_s: float, device: torch.device, note: str = "",
-                 data: dict | None = None) -> dict[str, Any]:
+                 data: dict | None = None, budget: dict | None = None, latency: dict | None = None) -> dict[str, Any]:
     """The report of one pruning run.
 
     Keys: `slimrarts` (version), `method`, `method_note` (its source, or what a baseline did), `mode`, `scope`,
@@ -42,12 +42,15 @@ def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[
     `slim_before_finetune`, `slim_after_finetune`: test accuracy, final epochs), `test_loss_final`,
     `removal_max_abs_diff`, `time_s` and images/s of the search (or sparsity) phase and of fine-tuning, `groups`
     (name, scope, size, sites, kept), `skipped` (groups left whole, with reasons), `layers` (widths before/after),
-    `settings` (the resolved recipe), `machine`, `data` (when the loaders describe it).
+    `settings` (the resolved recipe), `machine`, `data` (when the loaders describe it), `budget` (mode budget, or
+    ℓ1 with a budget: what was asked, the floor, predicted and achieved cost) and `latency` (measured dense and
+    slim time per forward, spread, speed-up, and the share of the MACs reduction realised as speed-up).
 
     `search` and `finetune` are `PhaseResult`s (`search` None for a one-shot criterion).
     """
     p = recipe.prune
-    pruned = sum(int((~k).sum()) for k in keep)
+    repeats = gates.repeats
+    pruned = sum(int((~k).sum()) * r for k, r in zip(keep, repeats, strict=True))
     gated = gates.num_channels
     report = {
         "slimrarts": __version__,
@@ -70,7 +73,10 @@ def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[
         "search_images_per_s": search.images_per_s if search else None,
         "finetune_images_per_s": finetune.images_per_s,
         "groups": [dict(g, kept=len(s["kept"])) for g, s in zip(gates.summary(), spec["groups"], strict=True)],
-        "skipped": [{"name": s.name, "reason": s.reason} for s in gates.skipped],
+        "skipped": [{"name": s.name, "reason": s.reason, "channels": s.channels, "kind": s.kind}
+                    for s in [*gates.skipped, *gates.out_of_scope]],
+        "budget": budget,
+        "latency": latency,
         "layers": spec["layers"],
         "settings": to_dict(recipe),
         "machine": machine_info(device),
@@ -96,13 +102,23 @@ def summary_table(report: dict) -> Table:
     p, m, a = report["params"], report["macs"], report["accuracy"]
     t.add_row("params", format_count(p["before"]), format_count(p["after"]), f"-{_pct(p['reduction'])}")
     t.add_row("MACs / image", format_count(m["before"]), format_count(m["after"]), f"-{_pct(m['reduction'])}")
-    t.add_row("gated channels", str(report["gated_channels"]), str(report["gated_channels"] - report["pruned_channels"]),
-              f"PRC {_pct(report['prc'])}")
+    gated = report["gated_channels"]
+    t.add_row("gated channels", str(gated), str(gated - report["pruned_channels"]), f"PRC {_pct(report['prc'])}")
     t.add_row("test acc, dense → searched", _pct(a["dense"]), _pct(a["searched"]), "")
     t.add_row("test acc, slim → fine-tuned", _pct(a["slim_before_finetune"]), _pct(a["slim_after_finetune"]),
               "final epoch")
     ts = report["time_s"]
     t.add_row("time search / fine-tune", f"{ts['search']:.1f} s", f"{ts['finetune']:.1f} s", "")
+    b = report.get("budget")
+    if b:
+        fmt = (lambda v: f"{1e3 * v:.2f} ms") if b["kind"] == "latency" else format_count
+        done = b.get("achieved")
+        t.add_row(f"budget ({b['kind']}, kept)", f"≤ {fmt(b['target_abs'])}", fmt(done) if done is not None else "—",
+                  f"{'met' if b.get('met') else 'missed'} · floor {b['floor_fraction']:.0%}")
+    for run in (report.get("latency") or {}).get("runs", []):
+        t.add_row(f"latency {run['device']} batch {run['batch']}", f"{1e3 * run['dense_s']:.2f} ms",
+                  f"{1e3 * run['slim_s']:.2f} ms",
+                  f"×{run['speedup']:.2f} ({run['realised']:.0%} of MACs ×{report['latency']['macs_factor']:.2f})")
     t.add_row("removal check (max |Δ|)", "", f"{report['removal_max_abs_diff']:.1e}", "")
     return t
 

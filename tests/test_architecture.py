@@ -29,11 +29,13 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """Modules of the package that `name` imports, at top level or inside functions (deprecation shims in a module
-    `__getattr__` excepted: they run only when a moved name is asked for)."""
+    `__getattr__` and `if TYPE_CHECKING:` blocks excepted: they do not run when the module is used)."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     shims = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
              for n in ast.walk(f)}
+    shims |= {id(n) for f in ast.walk(tree) if isinstance(f, ast.If) and "TYPE_CHECKING" in ast.unparse(f.test)
+              for n in ast.walk(f)}  # annotations only: never imported at run time
     out = set()
     for node in ast.walk(tree):
         if id(node) in shims:
@@ -114,17 +116,18 @@ def test_torch_pruning_version_is_in_the_declared_range():
 
 
 def test_the_torch_pruning_patch_point_exists_and_takes_effect():
-    """`width.groups` bounds torch-pruning's group search by swapping `dependency.graph.Group`; that only works while
-    `get_pruning_group` builds its groups through that module-level name."""
+    """`width.trace` bounds torch-pruning's group search by swapping `dependency.graph.Group`; that only works while
+    `get_pruning_group` builds its groups through that module-level name (the index-mapping patch is pinned in
+    tests/test_zoo.py)."""
     from torch_pruning.dependency import graph as tp_graph
 
-    from slimrarts.width import groups
+    from slimrarts.width import trace as groups
 
     assert hasattr(tp_graph, "Group") and hasattr(tp_graph.Group, "add_dep")
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
     dg = tp_graph.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
     conv = model[0]
     pruner = dg.get_pruner_of_module(conv)
-    with pytest.raises(groups._Diverged), groups._bounded_groups(1):
+    with pytest.raises(groups.Diverged), groups._bounded_groups(1):
         dg.get_pruning_group(conv, pruner.prune_out_channels, list(range(8)))
     assert tp_graph.Group is not None and len(dg.get_pruning_group(conv, pruner.prune_out_channels, [0])) > 1

@@ -18,7 +18,7 @@ def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Te
     """Keep masks with exactly `counts[i]` random channels kept in group i."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for n, k in zip(sizes, counts):
+    for n, k in zip(sizes, counts, strict=True):
         if not 1 <= k <= n:
             raise ValueError(f"a group of {n} channels cannot keep {k}")
         mask = torch.zeros(n, dtype=torch.bool)
@@ -34,7 +34,8 @@ def reference_counts(path: str, gates) -> list[int]:
     if p.is_dir():
         p = p / "width_spec.json"
     if not p.is_file():
-        raise FileNotFoundError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its width_spec.json)")
+        raise FileNotFoundError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its "
+                                "width_spec.json)")
     try:
         spec = json.loads(p.read_text())
         kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
@@ -49,7 +50,8 @@ def reference_counts(path: str, gates) -> list[int]:
 
 
 @register_baseline("random", source="random pruning (RARTS paper, Table 6)",
-                   description="train on the whole set; keep random channels at a global ratio or at a reference run's per-group counts")
+                   description="train on the whole set; keep random channels at a global ratio or at a reference "
+                               "run's per-group counts")
 def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
                    progress=True) -> BaselineResult:
     """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
@@ -59,10 +61,11 @@ def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resum
                  resume=resume, progress=progress)
     seed = recipe.seed + 7919
     if recipe.prune.reference:
-        counts = reference_counts(recipe.prune.reference, gates)
-        keep = random_keep([g.size for g in gates.groups], counts, seed)
+        counts = reference_counts(recipe.prune.reference, gates)  # channels; an α entry holds `repeat` of them
+        keep = random_keep([g.num_alphas for g in gates.groups],
+                           [c // g.repeat for c, g in zip(counts, gates.groups, strict=True)], seed)
         return BaselineResult(scores=None, keep=keep, fit=result,
                               note=f"random channels at the per-group counts of {recipe.prune.reference}")
     g = torch.Generator().manual_seed(seed)
-    scores = [torch.rand(grp.size, generator=g) for grp in gates.groups]
+    scores = [torch.rand(grp.num_alphas, generator=g) for grp in gates.groups]
     return BaselineResult(scores=scores, keep=None, fit=result, note="random channels at a global ratio")

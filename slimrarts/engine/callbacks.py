@@ -37,6 +37,7 @@ class LoopState:
     record: dict | None = None
     model: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
+    stop: bool = False  # set at EPOCH_END to end the phase after this epoch (a stopping rule); kept across a resume
 
 
 class Callback:

@@ -156,6 +156,8 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
         history = json.loads(ckpt["history"])
         start, prior_wall = ckpt["epoch"] + 1, ckpt["wall_s"]
         train_s = ckpt.get("train_s", ckpt.get("search_s", 0.0))
+        if ckpt.get("stopped"):  # a stopping rule ended the phase at that epoch
+            start, state.stop = epochs, True
     t_start = time.perf_counter()
     fire(callbacks, Event.PHASE_START, state)
     with make_progress(progress) as bar:
@@ -188,5 +190,12 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
             ticker.show(_summary(record))
             state.record = record
             fire(callbacks, Event.EPOCH_END, state)
+            if state.stop:
+                if rd is not None:  # record the stop, so a resume does not run the remaining epochs
+                    rd.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
+                                              "history": json.dumps(history), "stopped": True,
+                                              "wall_s": prior_wall + time.perf_counter() - t_start,
+                                              "train_s": train_s})
+                break
     fire(callbacks, Event.PHASE_END, state)
     return PhaseResult(history=history, wall_s=prior_wall + time.perf_counter() - t_start, train_s=train_s)

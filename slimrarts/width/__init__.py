@@ -11,7 +11,6 @@ from .cost import build_cost_model as build_cost_model
 from .cost import cost_penalty as cost_penalty
 from .cost import group_layers as group_layers
 from .coverage import CoverageWarning as CoverageWarning
-from .coverage import coverage as coverage
 from .coverage import require_groups as require_groups
 from .gates import Gates as Gates
 from .gates import attach_gates as attach_gates
@@ -27,6 +26,7 @@ from .latency import build_latency_model as build_latency_model
 from .latency import tighten as tighten
 from .latency import time_models as time_models
 from .latency import ungated_copy as ungated_copy
+from .reach import coverage as coverage
 from .select import prox_l1_ as prox_l1_
 from .select import prunable_channels as prunable_channels
 from .select import pruned_ratio as pruned_ratio

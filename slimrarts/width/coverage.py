@@ -1,12 +1,12 @@
-"""How much of a model width search reaches: the warning for skipped groups, the "nothing gated" error, and the
-coverage figure (the MACs reduction reached when every gated group is cut to `min_channels`)."""
+"""What width search leaves out: the warning for skipped groups and the "nothing gated" error (the coverage figure
+itself is `width.reach.coverage`)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from .gates import Gates
 
-__all__ = ["CoverageWarning", "coverage", "layer_macs", "require_groups", "skipped_macs_share"]
+__all__ = ["CoverageWarning", "layer_macs", "reason_kind", "require_groups", "skipped_macs_share"]
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -106,57 +106,7 @@ def require_groups(gates: Gates, scope: str | Iterable[str] | None = None) -> No
     raise ValueError(f"{head}; {len(entries)} channel groups were not gated:\n{lines}")
 
 
-def _min_keep(gates: Gates, min_channels: int) -> list[torch.Tensor]:
-    keep = []
-    for group in gates.groups:
-        k = math.ceil(min(min_channels, group.size) / group.repeat)
-        keep.append(torch.arange(group.num_alphas) < k)
-    return keep
-
-
-def coverage(model: nn.Module, example_input: torch.Tensor, scope: str | Iterable[str] = "internal", *,
-             min_channels: int = 1, check: bool = True) -> dict:
-    """What width search reaches on `model`: gated and skipped channels, and the MACs reduction when every gated
-    group is cut to `min_channels` channels (an α entry of a grouped conv's channels keeps `repeat` of them).
-
-    The cut is real: a copy of `model` is gated, every group cut, and the slim copy's MACs counted (torch-pruning's
-    counter, `slimrarts.metrics.macs_and_params`, batch 1), so the figure is true by construction. With `check`, the
-    removal invariant of that cut is measured too (`max_abs_diff`, `max_abs_ref`). `model` is not changed.
-    """
-    from ..metrics import macs_and_params
-    from .gates import attach_gates
-    from .surgery import remove_channels
-
-    x1 = example_input[:1]
-    work = copy.deepcopy(model).eval()
-    macs_before, params_before = macs_and_params(work, example_inputs=x1)
-    gates = attach_gates(work, x1, scope, warn=False)
-    out = {
-        "gated_channels": gates.num_channels,
-        "groups": len(gates.groups),
-        "alphas": sum(g.num_alphas for g in gates.groups),
-        "grouped_groups": sum(g.repeat > 1 for g in gates.groups),
-        "skipped_groups": len(gates.skipped),
-        "skipped_channels": sum(s.channels for s in gates.skipped),
-        "out_of_scope_groups": len(gates.out_of_scope),
-        "out_of_scope_channels": sum(s.channels for s in gates.out_of_scope),
-        "skipped_macs_share": skipped_macs_share(gates) if gates.skipped else 0.0,
-        "reasons": sorted({_reason_kind(s.reason) for s in gates.skipped}),
-        "macs": macs_before,
-        "params": params_before,
-    }
-    if not gates.groups:
-        gates.remove()
-        return dict(out, macs_min=macs_before, params_min=params_before, macs_reduction=0.0)
-    spec = remove_channels(gates, _min_keep(gates, min_channels), check_input=example_input if check else None)
-    macs_after, params_after = macs_and_params(work, example_inputs=x1)
-    out.update(macs_min=macs_after, params_min=params_after, macs_reduction=1 - macs_after / macs_before)
-    if check:
-        out.update(max_abs_diff=spec["max_abs_diff"], max_abs_ref=spec["max_abs_ref"])
-    return out
-
-
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """A reason without the layer names, to count kinds of gaps."""
     for key, text in (("grouped", "grouped convolution"), ("jointly", "GroupNorm/LayerNorm"),
                       ("reshape", "reshape that moves channels"), ("concatenation", "concatenation"),

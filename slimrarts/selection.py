@@ -1,0 +1,237 @@
+"""The selection stage: from channel scores and the recipe's `prune` section to keep masks.
+
+`Selection.prepare(gates, recipe, ...)` runs before any training: it builds the cost model (exact MACs/params of
+the cut network) and, for a latency budget, the measured latency model; parses the budget and fails when it is
+below what the gated scopes can reach (naming that floor); and turns `prune.exclude` / `prune.max_pruned` into
+per-group minimum kept counts. It then serves the search (the cost term μ·Cost(α)/Cost_dense and, in ℓ1 mode, the
+budget as a stopping rule) and the cut (`select`, `tighten` for latency), and says what it did for the report.
+
+Modes (exactly one is in force): `ratio` prunes `prune.ratio` of the gated channels (a channel count); `budget`
+keeps at most `prune.budget.target` of the dense model's MACs, parameters or latency (what REMAINS); `l1` prunes
+the channels whose α the proximal ℓ1 step drove to zero, and a budget, if given, ends the search at the first
+epoch whose non-zero channels fit it and cuts further by score per cost if the zeros alone do not reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .engine.callbacks import Callback, Event, LoopState
+from .width import (
+    Gates,
+    attach_gates,
+    budget_floor,
+    build_cost_model,
+    build_latency_model,
+    cost_penalty,
+    min_kept,
+    parse_budget,
+    remove_channels,
+    select_budget,
+    select_l1,
+    select_ratio,
+    tighten,
+    ungated_copy,
+)
+from .width.budget import format_cost
+
+__all__ = ["Selection"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Selection:
+    """Everything the selection needs, prepared before training; see the module docstring."""
+
+    gates: Gates
+    recipe: object
+    input_size: tuple[int, ...]  # one sample's (C, H, W)
+    cost_model: object | None = None
+    latency_model: object | None = None
+    target: float | None = None  # the budget, absolute (MACs, parameters or seconds)
+    floor: float | None = None
+    dense: float | None = None
+    min_kept: list[int] | None = None
+    tightened: object | None = None  # the latency tighten result, after `finish`
+
+    @classmethod
+    def prepare(cls, gates: Gates, recipe, input_size, device: torch.device) -> Selection:
+        """Pre-flight: cost and latency models, the budget against its floor, exclusions and caps."""
+        p, s = recipe.prune, recipe.search
+        sel = cls(gates, recipe, tuple(input_size))
+        budget = p.budget
+        needs_cost = budget is not None or s.cost.mu > 0 or p.exclude or p.max_pruned is not None
+        if needs_cost:
+            sel.cost_model = build_cost_model(gates, sel.input_size)
+        if budget is not None and budget.kind == "latency":
+            where = torch.device(budget.device) if budget.device not in (None, "auto") else device
+            sel.latency_model = build_latency_model(gates, sel.cost_model, device=where,
+                                                    batch_size=budget.batch_size, repeats=budget.repeats)
+        if p.exclude or p.max_pruned is not None:
+            sel.min_kept = min_kept(sel.cost_model, min_channels=p.min_channels, exclude=p.exclude,
+                                    max_pruned=p.max_pruned)
+        if budget is not None:
+            source = sel._source()
+            sel.floor, sel.dense = budget_floor(source, budget.kind, **sel._limits())
+            sel.target = parse_budget(budget.target, budget.kind, sel.dense)
+            if sel.target < sel.floor:
+                where = "+".join(p.scope)
+                wider = [x for x in ("coupled", "branch-input") if x not in p.scope]
+                raise ValueError(
+                    f"prune.budget: {budget.kind} target {format_cost(sel.target, budget.kind)} "
+                    f"({sel.target / sel.dense:.1%} of dense) is below the smallest reachable with scope {where}: "
+                    f"{format_cost(sel.floor, budget.kind)} ({sel.floor / sel.dense:.1%}), every gated group at "
+                    f"prune.min_channels={p.min_channels}. Raise the target"
+                    + (f", or add scope {' or '.join(wider)} to reach further" if wider else ""))
+        return sel
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+
+    def _source(self):
+        budget = self.recipe.prune.budget
+        return self.latency_model if budget is not None and budget.kind == "latency" else self.cost_model
+
+    def _limits(self) -> dict:
+        p = self.recipe.prune
+        round_to = p.round_to
+        if self.latency_model is not None and getattr(self.latency_model, "align", 1) > 1 and round_to is None:
+            round_to = self.latency_model.align  # multiples of 8 only when measured faster on this device
+        return dict(min_channels=p.min_channels, round_to=round_to, exclude=p.exclude, max_pruned=p.max_pruned,
+                    repeat=self.gates.repeats)
+
+    def _select_budget(self, scores, target: float) -> list[torch.Tensor]:
+        kind = self.recipe.prune.budget.kind
+        return select_budget(scores, self._source(), target, kind, **self._limits())
+
+    def cost(self, keep) -> dict:
+        """MACs and parameters the cost model predicts for `keep` (and seconds, with a latency model)."""
+        out = {}
+        if self.cost_model is not None:
+            out["macs"], out["params"] = self.cost_model(keep)
+        if self.latency_model is not None:
+            out["latency_s"] = self.latency_model(keep)
+        return out
+
+    # ---- during the search -------------------------------------------------------------------------------------
+
+    def penalty(self) -> Callable[[], torch.Tensor] | None:
+        """The search's cost term μ·Cost(α)/Cost_dense (None when `search.cost.mu` is 0)."""
+        c = self.recipe.search.cost
+        if c.mu <= 0:
+            return None
+        source = self.latency_model if c.kind == "latency" else self.cost_model
+        return cost_penalty(source.function(c.kind), self.gates.alphas, c.mu, c.tau)
+
+    def stopping_rule(self) -> Callback | None:
+        """In ℓ1 mode with a budget: end the search at the first epoch whose non-zero channels fit the budget."""
+        p = self.recipe.prune
+        if p.mode != "l1" or p.budget is None:
+            return None
+        selection = self
+
+        class _FitsBudget(Callback):
+            events = (Event.EPOCH_END,)
+
+            def apply(self, event: Event, state: LoopState) -> None:
+                keep = select_l1(selection.gates.alphas, **selection._ratio_limits())
+                value = selection._source().function(p.budget.kind).value(
+                    [int(k.sum()) for k in keep])
+                state.record["budget_cost"] = value
+                if value <= selection.target:
+                    logger.info("l1 search: the non-zero channels fit the %s budget after epoch %d; stopping",
+                                p.budget.kind, state.epoch)
+                    state.stop = True
+
+        return _FitsBudget()
+
+    # ---- the cut -----------------------------------------------------------------------------------------------
+
+    def _ratio_limits(self) -> dict:
+        p = self.recipe.prune
+        return dict(min_channels=p.min_channels, round_to=p.round_to, repeats=self.gates.repeats,
+                    min_kept=self.min_kept)
+
+    def select(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Keep masks for `scores` (one per α entry; higher survives) under the recipe's mode."""
+        p = self.recipe.prune
+        if p.mode == "ratio":
+            return select_ratio(scores, p.ratio, **self._ratio_limits())
+        if p.mode == "budget":
+            return self._select_budget(scores, self.target)
+        keep = select_l1(scores, **self._ratio_limits())
+        if p.budget is not None and self._source().function(p.budget.kind).value([int(k.sum()) for k in keep]) \
+                > self.target:  # the zeros alone do not reach the budget: cut further, zeros first
+            keep = self._select_budget([s * k.to(s.dtype) for s, k in zip(scores, keep, strict=True)], self.target)
+        return keep
+
+    def finish(self, scores, keep, x: torch.Tensor) -> list[torch.Tensor]:
+        """For a latency budget: time the real cut against the dense model and re-select under a lower model
+        target while it misses (`prune.budget.tighten_rounds` selections at most); other modes return `keep`."""
+        budget = self.recipe.prune.budget
+        if budget is None or budget.kind != "latency" or self.recipe.prune.mode != "budget":
+            return keep
+        scopes = self.recipe.prune.scope
+        device = torch.device(budget.device) if budget.device not in (None, "auto") else x.device
+
+        def cut(k):
+            slim = ungated_copy(self.gates)
+            remove_channels(attach_gates(slim, x[:2], scopes, warn=False), k)
+            return slim.to(device).eval()
+
+        dense = ungated_copy(self.gates).to(device).eval()
+        result = tighten(lambda t: self._select_budget(scores, t), cut, dense, self.target, self.input_size,
+                         predict=self.latency_model, max_rounds=budget.tighten_rounds, batch_size=budget.batch_size,
+                         device=device)
+        self.tightened = result
+        return result.keep
+
+    def report(self, keep, cost_after: tuple[int, int]) -> dict | None:
+        """The budget's part of the report: what was asked (what remains, not what is removed), the floor, the
+        prediction and what the cut achieved."""
+        budget = self.recipe.prune.budget
+        if budget is None:
+            return None
+        predicted = self.cost(keep)
+        out = {"kind": budget.kind, "target": budget.target, "target_abs": self.target,
+               "target_fraction": self.target / self.dense, "dense": self.dense, "floor": self.floor,
+               "floor_fraction": self.floor / self.dense,
+               "meaning": "the slim model keeps at most `target` of the dense model's cost",
+               "predicted": predicted.get("latency_s" if budget.kind == "latency" else budget.kind)}
+        if budget.kind in ("macs", "params"):
+            achieved = cost_after[0 if budget.kind == "macs" else 1]
+            out.update(achieved=achieved, achieved_fraction=achieved / self.dense, met=achieved <= self.target)
+        elif self.tightened is not None:
+            t = self.tightened
+            out.update(achieved=t.timing.median_s, achieved_fraction=t.timing.median_s / t.dense_timing.median_s,
+                       spread=t.timing.spread, dense_measured=t.dense_timing.median_s, met=t.met,
+                       tighten=t.history, device=str(budget.device or "run device"), batch_size=budget.batch_size)
+        return out
+
+
+def speed_report(dense: nn.Module, slim: nn.Module, input_size, cfg, device: torch.device, batch: int,
+                 macs: tuple[int, int]) -> dict:
+    """Measured latency of the dense and the slim model, interleaved, on `device` at batch 1 and `batch` (and on the
+    CPU at batch 1 when `device` is not the CPU): medians, run-to-run spread, speed-up, and the share of the MACs
+    reduction realised as speed-up (speed-up / MACs factor)."""
+    from .width import time_models
+
+    batches = cfg.batch_sizes or sorted({1, batch})
+    plan = [(device, b) for b in batches] + ([(torch.device("cpu"), 1)] if device.type != "cpu" else [])
+    factor = macs[0] / macs[1] if macs[1] else float("inf")
+    out = {"macs_factor": factor, "runs": []}
+    for where, b in plan:
+        d, s = (m.to(where).eval() for m in (dense, slim))
+        td, ts = time_models([d, s], input_size, batch_size=b, device=where, rounds=cfg.rounds, repeats=cfg.repeats)
+        speedup = td.median_s / ts.median_s
+        out["runs"].append({"device": str(where), "batch": b, "dense_s": td.median_s, "slim_s": ts.median_s,
+                            "dense_spread": td.spread, "slim_spread": ts.spread, "speedup": speedup,
+                            "realised": speedup / factor})
+    dense.to(device)
+    slim.to(device)
+    return out
