@@ -166,14 +166,14 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     gates, selection = _attach(model, x, recipe)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
                          penalty=selection.penalty())
-    stop = selection.stopping_rule()
+    callbacks = [cb for cb in (selection.stopping_rule(), selection.shrink_callback(problem)) if cb is not None]
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
                         loader_whole=loaders.train, channels_last=s.channels_last, run_dir=run_dir, resume=resume,
                         progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph,
-                        callbacks=[stop] if stop is not None else [])
+                        callbacks=callbacks)
     return WidthSearch(gates, state, result, selection)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "DistillConfig",
     "BudgetConfig",
     "CostTermConfig",
+    "ShrinkConfig",
     "ReportConfig",
     "ArchOptimConfig",
     "SearchConfig",
@@ -160,6 +161,19 @@ class CostTermConfig:
 
 
 @dataclasses.dataclass
+class ShrinkConfig:
+    """Make the channels that will lose small before the cut, so cutting them costs little (ratio/budget modes).
+
+    `on: all` applies the ℓ1 proximal step of `strength` to every α (as ℓ1 mode does, but the ratio or budget still
+    decides); `on: losers` applies it only to the channels the selection would prune now (recomputed at each
+    epoch's start), with a strength growing linearly to `strength` over the search.
+    """
+
+    on: Literal["none", "all", "losers"] = "none"
+    strength: float = field(0.0, **_non_negative)  # per unit of α learning rate, as prune.l1
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
 
@@ -178,6 +192,7 @@ class SearchConfig:
     sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
     taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
     cost: CostTermConfig = field(default_factory=CostTermConfig)
+    shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
     init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
@@ -278,6 +293,10 @@ class Recipe:
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")
+        if self.search.shrink.on != "none" and (not method.has_alpha or p.mode == "l1"):
+            raise ConfigError(f"search.shrink.on={self.search.shrink.on} shrinks α before a ratio or budget cut; it "
+                              f"needs a method with α and prune.mode ratio or budget (method {method.name!r}, mode "
+                              f"{p.mode}); set it to none")
         if self.search.cost.mu > 0 and not method.has_alpha:
             raise ConfigError(f"search.cost.mu={self.search.cost.mu} adds a cost term to the α-step, but "
                               f"{method.kind} {method.name!r} learns no α; set it to 0")

@@ -82,7 +82,11 @@ class Selection:
             sel.target = parse_budget(budget.target, budget.kind, sel.dense)
             if sel.target < sel.floor:
                 where = "+".join(p.scope)
-                wider = [x for x in ("coupled", "branch-input") if x not in p.scope]
+                wider = []
+                if "coupled" not in p.scope:
+                    wider.append("coupled" + (" (instead of branch-input)" if "branch-input" in p.scope else ""))
+                if "branch-input" not in p.scope and "coupled" not in p.scope:
+                    wider.append("branch-input")
                 raise ValueError(
                     f"prune.budget: {budget.kind} target {format_cost(sel.target, budget.kind)} "
                     f"({sel.target / sel.dense:.1%} of dense) is below the smallest reachable with scope {where}: "
@@ -142,13 +146,34 @@ class Selection:
                 keep = select_l1(selection.gates.alphas, **selection._ratio_limits())
                 value = selection._source().function(p.budget.kind).value(
                     [int(k.sum()) for k in keep])
-                state.record["budget_cost"] = value
                 if value <= selection.target:
                     logger.info("l1 search: the non-zero channels fit the %s budget after epoch %d; stopping",
                                 p.budget.kind, state.epoch)
                     state.stop = True
 
         return _FitsBudget()
+
+    def shrink_callback(self, problem) -> Callback | None:
+        """`search.shrink`: at each epoch's start, set the problem's per-entry ℓ1 strengths: every entry (`all`), or
+        the entries the selection would prune now, at a strength growing linearly over the search (`losers`)."""
+        cfg, epochs = self.recipe.search.shrink, self.recipe.search.epochs
+        if cfg.on == "none" or cfg.strength <= 0:
+            return None
+        selection = self
+
+        class _Shrink(Callback):
+            events = (Event.EPOCH_START,)
+
+            def apply(self, event: Event, state: LoopState) -> None:
+                alphas = selection.gates.alphas
+                if cfg.on == "all":
+                    problem.shrink = [torch.full_like(a, cfg.strength) for a in alphas]
+                    return
+                keep = selection.select([a.detach() for a in alphas])
+                ramp = cfg.strength * (state.epoch + 1) / epochs
+                problem.shrink = [(~k).to(a.device, a.dtype) * ramp for a, k in zip(alphas, keep, strict=True)]
+
+        return _Shrink()
 
     # ---- the cut -----------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class NetProblem:
         self.model, self.arch, self.amp, self.l1, self.penalty, self.loss_fn = model, arch, amp, l1, penalty, loss_fn
         self.device = next(model.parameters()).device
         self._meters: dict[str, list] = {}
+        self.shrink: list[torch.Tensor] | None = None  # per-entry ℓ1 strengths of `search.shrink`, set per epoch
 
     def loss(self, params, buffers, batch, track: str | None = None) -> torch.Tensor:
         x, target = batch
@@ -50,6 +51,8 @@ class NetProblem:
     def after_arch_step(self, lr: torch.Tensor) -> None:
         if self.l1:
             prox_l1_(self.arch, lr * self.l1)
+        if self.shrink is not None:  # a proximal step on the entries `search.shrink` targets (no host sync)
+            prox_l1_(self.arch, torch._foreach_mul(self.shrink, lr))
 
     def read(self) -> dict:
         """Mean loss/accuracy per tracked meter since the last read (one host sync), then reset."""
