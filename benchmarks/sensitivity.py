@@ -1,6 +1,12 @@
-"""λ, β and α-learning-rate sensitivity of RARTS width search, judged on held-out *training* images.
+"""λ, β, α-learning-rate and search-length sensitivity of RARTS width search, judged on held-out *training* images.
 
     python benchmarks/sensitivity.py --tier mini --configs "lam=1,beta=1e-4" "lam=1,beta=1e-3" ...
+    python benchmarks/sensitivity.py --tier cpu --set data.limit_per_class=2000 --holdout 500 \
+        --configs base lam=0.5 lam=2 beta=1e-4 beta=1e-2 alr=3e-3 alr=3e-2 epochs=2
+
+With `base` (the recipe as it is) among the configs, the rule is one knob at a time: each knob takes the value whose
+held-out accuracy after fine-tuning is highest (the recipe's own value unless another beats it), printed as the
+settings to use. A recipe with `model.weights` starts from those weights.
 
 Chooses the defaults without looking at the test set: the run trains and searches on `limit_per_class` images per
 class of CIFAR-10's training set and is scored on a disjoint held-out slice of the same training set (the next
@@ -36,13 +42,31 @@ def _holdout_loaders(recipe, holdout: int, device):
     held = train.subset(((ranks >= k) & (ranks < k + holdout)).nonzero().squeeze(1))
     idx_t, idx_v = split_halves(fit_set.labels, seed=recipe.data.split_seed)
     mean, std = stats_for(recipe.data.name)
-    kw = dict(device=device, mean=mean, std=std)
+    kw = dict(device=device, mean=mean, std=std, channels_last=recipe.search.channels_last)
     b = recipe.data.batch_size
     return Loaders(train=DeviceLoader(fit_set, b, train=True, seed=recipe.seed, **kw),
                    test=DeviceLoader(held, recipe.data.eval_batch_size, train=False, **kw),
                    search_t=DeviceLoader(fit_set, b, train=True, indices=idx_t, seed=recipe.seed + 1, **kw),
                    search_v=DeviceLoader(fit_set, b, train=True, indices=idx_v, seed=recipe.seed + 2, **kw),
                    num_classes=train.num_classes)
+
+
+def _rule(rows: list[dict]) -> str:
+    """With a `base` row: for each knob, the value with the best mean held-out accuracy (base's value on ties)."""
+    mean = {c: statistics.fmean(r["heldout_acc"] for r in rows if r["config"] == c)
+            for c in dict.fromkeys(r["config"] for r in rows)}
+    if "base" not in mean:
+        return ""
+    knobs: dict[str, list[tuple[str, float]]] = {}
+    for c, acc in mean.items():
+        if c != "base" and "," not in c:
+            k, _, v = c.partition("=")
+            knobs.setdefault(k, []).append((v, acc))
+    out = []
+    for k, options in knobs.items():
+        v, acc = max(options, key=lambda o: o[1])
+        out.append(f"{k}={v}" if acc > mean["base"] else f"{k}=recipe's")
+    return ", ".join(out)
 
 
 def main() -> None:
@@ -61,11 +85,16 @@ def main() -> None:
     from slimrarts.models import create_model
     from slimrarts.recipe import load_recipe
 
-    short = {"lam": "search.lam", "beta": "search.beta", "alr": "search.arch.lr", "method": "search.method"}
+    from slimrarts.commands.width import load_weights
+
+    short = {"lam": "search.lam", "beta": "search.beta", "alr": "search.arch.lr", "method": "search.method",
+             "epochs": "search.epochs"}
     rows = []
     for cfg in args.configs:
         over = []
         for item in cfg.split(","):
+            if item.strip() == "base":
+                continue
             k, _, v = item.partition("=")
             over.append(f"{short.get(k.strip(), k.strip())}={v.strip()}")
         for seed in args.seeds:
@@ -75,6 +104,8 @@ def main() -> None:
             loaders = _holdout_loaders(recipe, args.holdout, device)
             torch.manual_seed(seed)
             model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
+            if recipe.model.weights:
+                load_weights(model, ROOT / recipe.model.weights)
             rep = prune(model, loaders, config=recipe, progress=False).report
             rows.append({"config": cfg, "seed": seed, "heldout_acc": rep["accuracy"]["slim_after_finetune"],
                          "heldout_acc_before_finetune": rep["accuracy"]["slim_before_finetune"],
@@ -89,6 +120,9 @@ def main() -> None:
         sd = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         lines.append(f"| {cfg} | {statistics.fmean(acc):.2f}{sd} | {statistics.fmean(acc0):.2f} | {len(rs)} |")
     md = "\n".join(lines)
+    rule = _rule(rows)
+    if rule:
+        md += "\n\nOne knob at a time, best held-out accuracy after fine-tuning: " + rule
     path = write_result(f"sensitivity_{args.tier}", {"command": " ".join(sys.argv), "rows": rows, "table": md,
                                                      "machine": machine(resolve_device("cpu"))})
     print(md)
