@@ -45,7 +45,7 @@ MAIN = [
     ("random", "random", [], [0]),
 ]
 ABLATIONS = [
-    ("rarts + shrink losers", "rarts", ["search.shrink.on=losers", "search.shrink.strength=1.0"], [0]),
+    ("rarts + shrink losers", "rarts", ["search.shrink.which=losers", "search.shrink.strength=1.0"], [0]),
     ("rarts + cost term", "rarts", ["search.cost.mu=0.5"], [0]),
     ("rarts + distillation", "rarts", ["finetune.distill={weight: 0.5, temperature: 4.0}"], [0]),
     ("group-norm + distillation", "group-norm", ["finetune.epochs=4", "finetune.distill={weight: 0.5, temperature: 4.0}"],

@@ -164,12 +164,12 @@ class CostTermConfig:
 class ShrinkConfig:
     """Make the channels that will lose small before the cut, so cutting them costs little (ratio/budget modes).
 
-    `on: all` applies the ℓ1 proximal step of `strength` to every α (as ℓ1 mode does, but the ratio or budget still
-    decides); `on: losers` applies it only to the channels the selection would prune now (recomputed at each
+    `which: all` applies the ℓ1 proximal step of `strength` to every α (as ℓ1 mode does, but the ratio or budget
+    still decides); `which: losers` applies it only to the channels the selection would prune now (recomputed at each
     epoch's start), with a strength growing linearly to `strength` over the search.
     """
 
-    on: Literal["none", "all", "losers"] = "none"
+    which: Literal["none", "all", "losers"] = "none"  # (not `on`: YAML 1.1 reads the key `on` as true)
     strength: float = field(0.0, **_non_negative)  # per unit of α learning rate, as prune.l1
 
 
@@ -293,10 +293,10 @@ class Recipe:
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")
-        if self.search.shrink.on != "none" and (not method.has_alpha or p.mode == "l1"):
-            raise ConfigError(f"search.shrink.on={self.search.shrink.on} shrinks α before a ratio or budget cut; it "
-                              f"needs a method with α and prune.mode ratio or budget (method {method.name!r}, mode "
-                              f"{p.mode}); set it to none")
+        if self.search.shrink.which != "none" and (not method.has_alpha or p.mode == "l1"):
+            raise ConfigError(f"search.shrink.which={self.search.shrink.which} shrinks α before a ratio or budget "
+                              f"cut; it needs a method with α and prune.mode ratio or budget (method {method.name!r}, "
+                              f"mode {p.mode}); set it to none")
         if self.search.cost.mu > 0 and not method.has_alpha:
             raise ConfigError(f"search.cost.mu={self.search.cost.mu} adds a cost term to the α-step, but "
                               f"{method.kind} {method.name!r} learns no α; set it to 0")

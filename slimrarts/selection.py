@@ -157,7 +157,7 @@ class Selection:
         """`search.shrink`: at each epoch's start, set the problem's per-entry ℓ1 strengths: every entry (`all`), or
         the entries the selection would prune now, at a strength growing linearly over the search (`losers`)."""
         cfg, epochs = self.recipe.search.shrink, self.recipe.search.epochs
-        if cfg.on == "none" or cfg.strength <= 0:
+        if cfg.which == "none" or cfg.strength <= 0:
             return None
         selection = self
 
@@ -166,7 +166,7 @@ class Selection:
 
             def apply(self, event: Event, state: LoopState) -> None:
                 alphas = selection.gates.alphas
-                if cfg.on == "all":
+                if cfg.which == "all":
                     problem.shrink = [torch.full_like(a, cfg.strength) for a in alphas]
                     return
                 keep = selection.select([a.detach() for a in alphas])

@@ -71,14 +71,14 @@ def test_an_impossible_budget_names_the_floor_before_training(tiny_sets, tmp_pat
 
 
 def test_losers_shrink_to_zero_so_the_cut_costs_nothing(tiny_sets):
-    """`search.shrink.on: losers` drives exactly the α that the selection prunes to 0: the masked model equals the
+    """`search.shrink.which: losers` drives exactly the α that the selection prunes to 0: the masked model equals the
     searched one, so the accuracy right after the cut is the searched accuracy."""
-    cfg = _cfg(search={"epochs": 3, "shrink": {"on": "losers", "strength": 50.0}})
+    cfg = _cfg(search={"epochs": 3, "shrink": {"which": "losers", "strength": 50.0}})
     r = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), 0.4, config=cfg, progress=False).report
     assert r["accuracy"]["masked"] == r["accuracy"]["searched"]
     plain = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), 0.4, config=TINY,
                             progress=False).report
-    assert plain["settings"]["search"]["shrink"]["on"] == "none"
+    assert plain["settings"]["search"]["shrink"]["which"] == "none"
 
 
 def test_l1_with_a_budget_stops_the_search_once_the_budget_fits(tiny_sets, tmp_path):
