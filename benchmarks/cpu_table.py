@@ -5,7 +5,9 @@ Slimming, Torch-Pruning's criteria and random channels; same budget of training 
     python benchmarks/cpu_table.py --report            # the table from the finished runs, no training
     python benchmarks/cpu_table.py --latency           # time the slim models (on an otherwise idle machine)
 
-Every run is `slimrarts run recipes/width/cpu.yaml` with the method's overrides, in runs/cpu/<row>-s<seed>; a
+RARTS' λ, β, α learning rate and search length come from `benchmarks/sensitivity.py --tier cpu` (held-out training
+images, one knob at a time; its JSON's `chosen`) when that sweep has run. Every run is `slimrarts run
+recipes/width/cpu.yaml` with the method's overrides, in runs/cpu/<row>-s<seed>; a
 finished run is reused and an interrupted one resumed, so the table can be finished over several sittings.
 Training images per method: rarts and slimming spend 1 epoch searching (D_t + D_v = the training set once) and
 fine-tune 3; the one-shot criteria (l1, taylor, fpgm, group-norm) fine-tune 4; random trains 1 epoch, then keeps
@@ -51,6 +53,15 @@ ABLATIONS = [
     ("group-norm + distillation", "group-norm", ["finetune.epochs=4", "finetune.distill={weight: 0.5, temperature: 4.0}"],
      [0]),
 ]
+
+
+def _chosen() -> list[str]:
+    """RARTS' λ, β, α learning rate and search length as chosen on held-out training images by
+    `benchmarks/sensitivity.py --tier cpu` (its one-knob-at-a-time rule), if that sweep has run."""
+    import json
+
+    path = ROOT / "benchmarks" / "results" / "sensitivity_cpu.json"
+    return json.loads(path.read_text()).get("chosen", []) if path.is_file() else []
 
 
 def _slug(row: str) -> str:
@@ -176,6 +187,7 @@ def main() -> None:
     from slimrarts.recipe import load_recipe
 
     runs = Path(args.runs)
+    chosen = _chosen()
     plan = MAIN + ([] if args.no_ablations else ABLATIONS)
     if args.only:
         plan = [p for p in plan if p[0] in args.only]
@@ -192,7 +204,8 @@ def main() -> None:
             if args.report or args.latency:
                 if not (run / "report.json").is_file():
                     continue
-            over_all = [f"search.method={method}", f"seed={seed}", *over, *args.overrides]
+            over_all = [f"search.method={method}", f"seed={seed}", *(chosen if method == "rarts" else []), *over,
+                        *args.overrides]
             if method == "random":
                 ref = _run_dir(runs, "rarts", seed)
                 if not (ref / "width_spec.json").is_file():
@@ -227,7 +240,7 @@ def _write(rows: list[dict], args, previous: dict, latency: dict | None = None) 
     md = table(rows, tests, latency)
     clean = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
     write_result("cpu_tier", {"command": " ".join(sys.argv), "recipe": str(RECIPE.relative_to(ROOT)),
-                              "best_baseline": BEST_BASELINE, "rows": clean, "mcnemar_vs_rarts_seed0": tests,
+                              "rarts_settings_from_sweep": _chosen(), "best_baseline": BEST_BASELINE, "rows": clean, "mcnemar_vs_rarts_seed0": tests,
                               "latency": latency, "machine": machine(torch.device("cpu")), "table": md})
     print(md, flush=True)
 

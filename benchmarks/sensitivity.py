@@ -51,22 +51,31 @@ def _holdout_loaders(recipe, holdout: int, device):
                    num_classes=train.num_classes)
 
 
-def _rule(rows: list[dict]) -> str:
-    """With a `base` row: for each knob, the value with the best mean held-out accuracy (base's value on ties)."""
+SHORT = {"lam": "search.lam", "beta": "search.beta", "alr": "search.arch.lr", "method": "search.method",
+         "epochs": "search.epochs"}
+
+
+def _rule(rows: list[dict]) -> tuple[str, list[str]]:
+    """With a `base` row: for each knob, the value with the best mean held-out accuracy (base's value on ties).
+    Returns the rule's text and the chosen overrides (dotted keys) that differ from the recipe."""
     mean = {c: statistics.fmean(r["heldout_acc"] for r in rows if r["config"] == c)
             for c in dict.fromkeys(r["config"] for r in rows)}
     if "base" not in mean:
-        return ""
+        return "", []
     knobs: dict[str, list[tuple[str, float]]] = {}
     for c, acc in mean.items():
         if c != "base" and "," not in c:
             k, _, v = c.partition("=")
             knobs.setdefault(k, []).append((v, acc))
-    out = []
+    out, chosen = [], []
     for k, options in knobs.items():
         v, acc = max(options, key=lambda o: o[1])
-        out.append(f"{k}={v}" if acc > mean["base"] else f"{k}=recipe's")
-    return ", ".join(out)
+        if acc > mean["base"]:
+            out.append(f"{k}={v}")
+            chosen.append(f"{SHORT.get(k, k)}={v}")
+        else:
+            out.append(f"{k}=recipe's")
+    return ", ".join(out), chosen
 
 
 def main() -> None:
@@ -87,8 +96,7 @@ def main() -> None:
 
     from slimrarts.commands.width import load_weights
 
-    short = {"lam": "search.lam", "beta": "search.beta", "alr": "search.arch.lr", "method": "search.method",
-             "epochs": "search.epochs"}
+    short = SHORT
     rows = []
     for cfg in args.configs:
         over = []
@@ -120,10 +128,11 @@ def main() -> None:
         sd = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         lines.append(f"| {cfg} | {statistics.fmean(acc):.2f}{sd} | {statistics.fmean(acc0):.2f} | {len(rs)} |")
     md = "\n".join(lines)
-    rule = _rule(rows)
+    rule, chosen = _rule(rows)
     if rule:
         md += "\n\nOne knob at a time, best held-out accuracy after fine-tuning: " + rule
     path = write_result(f"sensitivity_{args.tier}", {"command": " ".join(sys.argv), "rows": rows, "table": md,
+                                                     "rule": rule, "chosen": chosen,
                                                      "machine": machine(resolve_device("cpu"))})
     print(md)
     print(f"wrote {path}")
