@@ -64,6 +64,22 @@ def _chosen() -> list[str]:
     return json.loads(path.read_text()).get("chosen", []) if path.is_file() else []
 
 
+SPECS = ROOT / "benchmarks" / "results" / "cpu_tier"  # each finished run's width spec (random reads rarts')
+
+
+def _to_hex(bits: torch.Tensor) -> str:
+    """Per-image correctness as hex (kept in the results JSON, so McNemar needs no run folder)."""
+    import numpy as np
+
+    return np.packbits(bits.numpy().astype(np.uint8)).tobytes().hex()
+
+
+def _from_hex(text: str, n: int = 10000) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool))
+
+
 def _slug(row: str) -> str:
     return row.replace(" + ", "+").replace(" ", "-")
 
@@ -152,18 +168,20 @@ def table(rows: list[dict], tests: dict, latency: dict) -> str:
 
 
 def _time_runs(runs: Path, rows: list[dict]) -> dict:
-    """Dense vs slim latency of each row's seed-0 model, batch 1 and 128, interleaved (on an idle machine)."""
-    import slimrarts
+    """Dense vs slim latency of each row's seed-0 architecture (rebuilt from its width spec: latency does not depend
+    on the weights), batch 1 and 128, interleaved, on the CPU (on an otherwise idle machine)."""
+    import json
+
     from slimrarts.models import create_model
-    from slimrarts.width import time_models
+    from slimrarts.width import apply_spec, time_models
 
     dense = create_model("resnet20", num_classes=10).eval()
     out = {}
     for row in dict.fromkeys(r["row"] for r in rows):
-        run = _run_dir(runs, row, 0)
-        if not (run / "slim.pt").is_file():
+        spec = SPECS / f"{_slug(row)}-s0.width_spec.json"
+        if not spec.is_file():
             continue
-        slim = slimrarts.load(run).eval()
+        slim = apply_spec(create_model("resnet20", num_classes=10), json.loads(spec.read_text())).eval()
         out[row] = {}
         for batch in (1, 128):
             td, ts = time_models([dense, slim], (3, 32, 32), batch_size=batch, device="cpu", rounds=5, repeats=20)
@@ -197,27 +215,33 @@ def main() -> None:
         import json
 
         previous = json.loads(result_file.read_text())
+    done = {(r["row"], r["seed"]): r for r in previous.get("rows", [])}
     rows = []
     for row, method, over, seeds in plan:
         for seed in seeds:
             run = _run_dir(runs, row, seed)
-            if args.report or args.latency:
-                if not (run / "report.json").is_file():
-                    continue
+            if not (run / "report.json").is_file() and (row, seed) in done and "correct_hex" in done[(row, seed)]:
+                rows.append(done[(row, seed)])  # finished in an earlier sitting (its run folder may be gone)
+                print(f"== {row} seed {seed}: from {result_file.name}", flush=True)
+                continue
+            if (args.report or args.latency) and not (run / "report.json").is_file():
+                continue
             over_all = [f"search.method={method}", f"seed={seed}", *(chosen if method == "rarts" else []), *over,
                         *args.overrides]
             if method == "random":
-                ref = _run_dir(runs, "rarts", seed)
-                if not (ref / "width_spec.json").is_file():
-                    print(f"skip {row} s{seed}: needs the rarts run {ref} first", flush=True)
+                ref = _run_dir(runs, "rarts", seed) / "width_spec.json"
+                ref = ref if ref.is_file() else SPECS / f"rarts-s{seed}.width_spec.json"
+                if not ref.is_file():
+                    print(f"skip {row} s{seed}: needs the rarts run of seed {seed} first", flush=True)
                     continue
                 over_all.append(f"prune.reference={ref}")
             recipe = load_recipe(RECIPE, over_all)
             print(f"== {row} seed {seed}: {run}", flush=True)
             report = run_prune(recipe, run, progress=False)
             r = _row(report, row, seed, run)
-            r["correct"] = run / "test_correct.pt"
-            _test_correct(run, torch.device("cpu"))
+            r["correct_hex"] = _to_hex(_test_correct(run, torch.device("cpu")))
+            SPECS.mkdir(parents=True, exist_ok=True)
+            (SPECS / f"{_slug(row)}-s{seed}.width_spec.json").write_text((run / "width_spec.json").read_text())
             rows.append(r)
             print(f"   acc {r['acc']:.4f} (right after the cut {r['acc_cut']:.4f}), MACs {r['macs'] / 1e6:.2f}M",
                   flush=True)
@@ -229,16 +253,16 @@ def _write(rows: list[dict], args, previous: dict, latency: dict | None = None) 
     tests = {}
     ref = next((r for r in rows if r["row"] == "rarts" and r["seed"] == 0), None)
     if ref is not None:
-        a = torch.load(ref["correct"], weights_only=True)
+        a = _from_hex(ref["correct_hex"])
         for name in dict.fromkeys(r["row"] for r in rows):
             if name == "rarts":
                 continue
             other = next((r for r in rows if r["row"] == name and r["seed"] == 0), None)
             if other is not None:
-                tests[name] = mcnemar(torch.load(other["correct"], weights_only=True), a)
+                tests[name] = mcnemar(_from_hex(other["correct_hex"]), a)
     latency = latency if latency is not None else previous.get("latency", {})
     md = table(rows, tests, latency)
-    clean = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+    clean = rows
     write_result("cpu_tier", {"command": " ".join(sys.argv), "recipe": str(RECIPE.relative_to(ROOT)),
                               "rarts_settings_from_sweep": _chosen(), "best_baseline": BEST_BASELINE, "rows": clean, "mcnemar_vs_rarts_seed0": tests,
                               "latency": latency, "machine": machine(torch.device("cpu")), "table": md})
