@@ -24,10 +24,10 @@ from .imageset import ImageSet as ImageSet
 from .loader import DeviceLoader as DeviceLoader
 from .loader import epoch_generator as epoch_generator
 from .split import limit_per_class as limit_per_class
+from .split import split_halves as split_halves
 from .stream import ImageFiles as ImageFiles
 from .stream import StreamLoader as StreamLoader
 from .stream import index_imagefolder as index_imagefolder
-from .split import split_halves as split_halves
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader",

@@ -252,7 +252,7 @@ class StreamLoader(_Batcher):
 
     def _batches(self, bounds, params, centres) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dev = self._device
-        for (s, e), (x, y) in zip(bounds, self._loader):
+        for (s, e), (x, y) in zip(bounds, self._loader, strict=True):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             yield self._finish(x, [p[s:e].to(dev) for p in params],
                                None if centres is None else centres[s:e].to(dev)), y

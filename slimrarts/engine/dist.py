@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,10 +24,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
-__all__ = ["BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "active", "all_reduce_", "any_true", "backend", "barrier",
-           "broadcast_object", "choose_backend", "describe", "from_main", "init", "is_main", "launched",
-           "local_main_first", "local_rank", "local_world_size", "rank", "shutdown", "sum_int", "sync_buffers_", "world_size",
-           "wrap_ddp"]
+__all__ = ["BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "PeerError", "RemoteError", "active", "all_reduce_", "any_true",
+           "backend", "barrier", "broadcast_object", "choose_backend", "convert_sync_bn", "describe", "from_main",
+           "init", "is_main", "launched", "local_main_first", "local_rank", "local_world_size", "peer_errors", "rank",
+           "revert_sync_bn", "shutdown", "sum_int", "sync_buffers_", "world_size", "wrap_ddp"]
 
 BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket: bounds the extra memory of the flat copies
 DEFAULT_TIMEOUT_S = 1800  # how long a collective waits for a silent partner before failing (gloo's default)
@@ -189,7 +190,8 @@ def all_reduce_(tensors: Iterable[torch.Tensor], op: str = "mean", *,
         work.wait()
         if op == "mean":
             flat.div_(n)
-        torch._foreach_copy_(bucket, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in bucket]), bucket)])
+        parts = flat.split([t.numel() for t in bucket])
+        torch._foreach_copy_(bucket, [v.view_as(t) for v, t in zip(parts, bucket, strict=True)])
 
 
 def sync_buffers_(buffers: Iterable[torch.Tensor]) -> None:
@@ -227,6 +229,28 @@ def broadcast_object(obj: _T, src: int = 0) -> _T:
     box = [obj if rank() == src else None]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class PeerError(RuntimeError):
+    """A collective failed: another process of the group died, was stopped, or stopped answering within the timeout."""
+
+
+_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "gloo/transport", "NCCL", "Timed out",
+                 "timed out", "timeout")
+
+
+@contextlib.contextmanager
+def peer_errors() -> Iterator[None]:
+    """Re-raise a failed collective as `PeerError` with what to do next (the run folder keeps its last checkpoint)."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not active() or not (isinstance(err, tdist.DistError) or any(m in text for m in _PEER_MARKERS)):
+            raise
+        raise PeerError(f"process {rank()} of {world_size()} lost its partners in a collective (another process "
+                        f"failed, was stopped or hangs; its own error is in its log): {text.splitlines()[0][:300]}. "
+                        "The run folder keeps the last complete epoch: continue with --resume") from err
 
 
 class RemoteError(RuntimeError):
@@ -267,6 +291,41 @@ def from_main(fn: Callable[[], _T]) -> _T:
     return value
 
 
+def convert_sync_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its batch norms as `SyncBatchNorm` (batch statistics over all ranks; CUDA only), sharing the
+    parameters and buffers; `revert_sync_bn` undoes it."""
+    kinds = {name: type(m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.SyncBatchNorm):
+            m._plain_class = kinds.get(name, torch.nn.BatchNorm2d)
+    return model
+
+
+def revert_sync_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """`SyncBatchNorm` layers back to the batch norms they were made from (same parameters and buffers), so the
+    model trains and loads without a process group."""
+    sync = torch.nn.SyncBatchNorm
+    if isinstance(model, sync):
+        return _plain(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, sync):
+                setattr(parent, name, _plain(child))
+    return model
+
+
+def _plain(m: torch.nn.SyncBatchNorm) -> torch.nn.Module:
+    cls = getattr(m, "_plain_class", torch.nn.BatchNorm2d)
+    out = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if m.affine:
+        out.weight, out.bias = m.weight, m.bias
+    out.running_mean, out.running_var, out.num_batches_tracked = m.running_mean, m.running_var, m.num_batches_tracked
+    out.train(m.training)
+    return out
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` inside `DistributedDataParallel` (gradients averaged during backward), or `model` itself without a
     group. Buffers are not broadcast from rank 0 at each forward: each rank normalises its own batch, and the
@@ -277,4 +336,6 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)
