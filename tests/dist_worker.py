@@ -3,10 +3,10 @@
 `python tests/dist_worker.py run <recipe> --out <dir>` is `slimrarts run ...` with three more zoo names: `test_plain`
 (three convolutions, no normalisation: no batch statistics), `test_bn` (the same with batch norms) and
 `test_bn_split2` (`test_bn` whose batch norms normalise each half of a batch on its own, as two processes each
-normalising their half do: the single-process reference for `test_bn` over two processes). `SLIMRARTS_TEST_DIE=<rank>:<phase>:<epoch>` makes that rank leave with
-`os._exit(1)` when that epoch of that phase starts (an injected crash). With `--cases <json>` instead of a command,
-it runs several width recipes one after another in one process group (`prune_recipe` for each), so one torchrun
-start serves several runs.
+normalising their half do: the single-process reference for `test_bn` over two processes).
+`SLIMRARTS_TEST_DIE=<rank>:<phase>:<epoch>` makes that rank leave with `os._exit(1)` when that epoch of that phase
+starts (an injected crash). With `--cases <json>` instead of a command, it runs several width recipes one after
+another in one process group (`prune_recipe` for each), so one torchrun start serves several runs.
 """
 
 from __future__ import annotations
