@@ -176,6 +176,17 @@ def test_a_crashed_rank_stops_every_rank_and_resume_finishes_the_run(tiny_archiv
                                                           ("finetune", 0)]
 
 
+@pytest.mark.slow
+def test_a_divergence_stops_every_rank_together(tiny_archive, tmp_path):
+    recipe = _recipe("test_plain", "rarts", tiny_archive)
+    recipe["search"]["optim"]["lr"] = 1e12
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    done = _torchrun(["run", "r.yaml", "--out", "run", "--no-progress"], tmp_path, timeout=180)
+    assert done.returncode != 0
+    assert done.stderr.count("slimrarts run: stopped: the search phase diverged in epoch 0") == 2  # both ranks
+    assert not (tmp_path / "run" / "checkpoints" / "search.pt").exists()
+
+
 # ---- the helpers and the shards, in this process ------------------------------------------------------------------
 
 def test_without_a_group_every_helper_is_a_no_op():
