@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 import pickle
@@ -118,8 +119,10 @@ def init(device: str | torch.device = "auto", *, backend: str = "auto",
 
 
 def shutdown() -> None:
-    """Leave the process group (after a barrier, so no rank leaves while another still needs it)."""
+    """Leave the process group (after a barrier, so no rank leaves while another still needs it). Objects that hold
+    the group (a finished phase's DistributedDataParallel) are collected first, while the group still exists."""
     if active():
+        gc.collect()
         tdist.barrier()
         tdist.destroy_process_group()
 
