@@ -17,6 +17,7 @@ import torch.nn as nn
 from .baselines import reference_counts
 from .config import to_dict
 from .data.factory import Loaders, as_loaders
+from .engine import dist
 from .engine.device import resolve_device
 from .engine.distill import Distiller
 from .engine.epochs import PhaseResult
@@ -104,10 +105,16 @@ def _budget_section(budget: dict) -> dict:
 
 
 def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.Tensor:
-    """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype)."""
-    for x, _ in batches_on(loaders.search_t, device):
-        return x[:n].contiguous()
-    raise ValueError("the search loader yields no batches")
+    """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype); in a process
+    group, rank 0's, so gates, checks and reports see the same input on every rank."""
+    def first() -> torch.Tensor:
+        for x, _ in batches_on(loaders.search_t, device):
+            return x[:n].contiguous()
+        raise ValueError("the search loader yields no batches")
+
+    if not dist.active():
+        return first()
+    return dist.from_main(lambda: first().cpu()).to(device)
 
 
 @torch.no_grad()
@@ -266,6 +273,10 @@ def prune(
             outside the model's outputs, too few training samples, nothing to prune, a run folder that cannot
             be used as asked; after the cut: a removal that would change the model's output.
         TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
+
+    In a process group (e.g. under torchrun, after `slimrarts.engine.dist.init()`), call it on every rank with the
+    same arguments: each trains on its shard of every batch, gradients are averaged across the ranks, the selection
+    is made once, rank 0 alone writes `run_dir`, and every rank returns the same report and slim model.
         DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved (no `slim.pt`,
             no report) and the last good checkpoint stays for `--resume`.
 
@@ -290,19 +301,22 @@ def prune(
                                       "finetune.epochs": finetune_epochs,
                                       "device": str(device) if device is not None else None})
     dev = resolve_device(recipe.device)
-    if run_dir is not None:
-        check_run_dir(run_dir, resume=resume, force=force)  # fail now; nothing is deleted before the checks below
+    if run_dir is not None:  # fail now; nothing is deleted before the checks below
+        dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders = as_loaders(loaders, seed=recipe.seed)
     info = get_method(recipe.search.method)
     t_total = time.perf_counter()
     model = copy.deepcopy(model).to(dev)
+    if recipe.dist.sync_bn and dist.world_size() > 1:
+        model = dist.convert_sync_bn(model)
     io_hooks = attach_io(model, input_fn, output_fn)
     x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
     loaders = check_data(loaders, model_outputs(model, x))
     x = x.float()
-    rd = RunDir.of(prepare_run_dir(run_dir, resume=resume, force=force)) if run_dir is not None else None
-    if rd is not None:
-        save_or_check_recipe(recipe, rd.path, resume)
+    rd = RunDir(run_dir) if run_dir is not None else None
+    if rd is not None:  # rank 0 alone makes the folder and writes; every rank gets its error, if any
+        dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
+                                save_or_check_recipe(recipe, rd.path, resume)))
     torch.manual_seed(recipe.seed)
     input_size = (1, *x.shape[1:])
     cost_before = macs_and_params(model, input_size)
@@ -313,7 +327,9 @@ def prune(
     gates, selection, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev,
                                                                     run_dir=rd, resume=resume, progress=progress)
     searched = evaluate(model, loaders.test, device=dev)
-    if keep is None:
+    if keep is None and dist.active():  # made once (a latency budget times the cut), the same on every rank
+        keep = dist.from_main(lambda: [k.cpu() for k in selection.finish(scores, selection.select(scores), x)])
+    elif keep is None:
         keep = selection.finish(scores, selection.select(scores), x)
     with gates.masked(keep):
         masked = evaluate(model, loaders.test, device=dev)
@@ -336,7 +352,9 @@ def prune(
     for handle in io_hooks:
         handle.remove()
     speed = None
-    if recipe.report.latency:
+    if recipe.dist.sync_bn and dist.world_size() > 1:
+        model = dist.revert_sync_bn(model)
+    if recipe.report.latency and dist.is_main():  # timed once; the report is rank 0's
         batch = getattr(loaders.train, "batch_size", None) or x.shape[0]
         speed = speed_report(dense_model, model, tuple(x.shape[1:]), recipe.report, dev, batch,
                              (cost_before[0], cost_after[0]))
@@ -349,8 +367,9 @@ def prune(
                           total_s=time.perf_counter() - t_total, device=dev, note=note,
                           data=getattr(loaders, "info", None), budget=selection.report(keep, cost_after),
                           latency=speed)
-    if rd is not None:
+    if rd is not None and dist.is_main():
         _write_run(rd, model, spec, report, info, scores, model_info)
+    report = dist.broadcast_object(report)  # every rank returns rank 0's report
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,
                 100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
                 100 * (accuracy["slim_after_finetune"] or 0.0), 100 * dense["acc"])

@@ -1,4 +1,8 @@
-"""`slimrarts` command line: run (prune), train, cell-search (DARTS cell), report, info."""
+"""`slimrarts` command line: run (prune), train, cell-search (DARTS cell), report, info.
+
+`run`, `train` and `cell-search` also run over several processes: `torchrun --nproc_per_node=N -m slimrarts run
+<recipe>` (every process runs the command on its share of each batch; rank 0 alone prints and writes).
+"""
 
 from __future__ import annotations
 
@@ -28,15 +32,18 @@ def _load(args):
     return load_recipe(args.recipe, args.overrides)
 
 
-def _run_dir(args, recipe) -> Path:
+def _run_dir(args, recipe, sections: tuple[str, ...]) -> Path:
     """The run folder, checked (not yet created or cleared: that happens once the recipe, model and data passed
-    their checks)."""
+    their checks). Under torchrun the processes join their group here; rank 0 names and checks the folder."""
+    from .commands.width import start_processes
+    from .engine import dist
     from .engine.rundir import check_run_dir, default_run_dir
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out: the run folder to continue")
-    out = Path(args.out) if args.out else default_run_dir(recipe.name)
-    return check_run_dir(out, resume=args.resume, force=args.force)
+    start_processes(recipe, sections)
+    return dist.from_main(lambda: check_run_dir(Path(args.out) if args.out else default_run_dir(recipe.name),
+                                                resume=args.resume, force=args.force))
 
 
 def _is_cell_recipe(path: str) -> bool:
@@ -87,7 +94,7 @@ def cmd_train(args) -> int:
     from .metrics import format_count
 
     recipe = _load(args)
-    run_dir = _run_dir(args, recipe)
+    run_dir = _run_dir(args, recipe, ("train",))
     console.print(f"[bold]run folder[/] {run_dir}")
     report = train_recipe(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     params, macs = report["params"], report["macs"]
@@ -107,7 +114,7 @@ def cmd_run(args) -> int:
     from .report import summary_table
 
     recipe = _load(args)
-    run_dir = _run_dir(args, recipe)
+    run_dir = _run_dir(args, recipe, ("search", "finetune"))
     console.print(f"[bold]run folder[/] {run_dir}")
     report = prune_recipe(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     console.print(summary_table(report))
@@ -178,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_info)
     args = parser.parse_args(argv)
     from .config import ConfigError
+    from .engine import dist
     from .engine.epochs import DivergenceError
 
     t0 = time.perf_counter()
+    fn = args.fn
+    if dist.launched():
+        fn = _as_rank(fn)
     try:
-        return args.fn(args)
+        code = fn(args)
+        dist.shutdown()  # all ranks finished: leave the group together
+        return code
     except DivergenceError as err:
         if os.environ.get("SLIMRARTS_DEBUG"):
             raise
@@ -197,6 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimrarts {args.command}: interrupted after {time.perf_counter() - t0:.0f} s; "
               "continue with --resume --out <run folder>", file=sys.stderr)
         return 130
+    except dist.PeerError as err:
+        if os.environ.get("SLIMRARTS_DEBUG"):
+            raise
+        print(f"slimrarts {args.command}: stopped: {err}", file=sys.stderr)
+        return 4
+
+
+def _as_rank(fn):
+    """`fn` as one rank of a torchrun group: only rank 0 prints, collective failures become `dist.PeerError`, and
+    an unexpected error is recorded for torchrun's failure summary (torch.distributed.elastic's `record`)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from .engine import console, dist
+
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True
+
+    def run(args) -> int:
+        with dist.peer_errors():
+            return fn(args)
+
+    return record(run)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckedLoader", "OutputError", "attach_io", "check_data", "check_model", "finite_model", "frozen_layers", "logits_of",
-           "model_outputs"]
+from .engine import dist
+
+__all__ = ["CheckedLoader", "OutputError", "attach_io", "check_data", "check_model", "check_processes", "finite_model",
+           "frozen_layers", "logits_of", "model_outputs"]
 
 
 class OutputError(TypeError):
@@ -183,3 +185,19 @@ def frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Convolutions and linear layers whose weight is frozen (left out of gating: they are not trained)."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not m.weight.requires_grad]
+
+
+def check_processes(recipe, device: torch.device, sections: tuple[str, ...] = ("search", "finetune", "train")) -> None:
+    """Settings a run over several processes cannot honour, refused before any work (nothing to check in one
+    process): `dist.sync_bn` off CUDA, and CUDA-graph capture in the recipe `sections` the command runs."""
+    if dist.world_size() <= 1:
+        return
+    if recipe.dist.sync_bn and device.type != "cuda":
+        raise ValueError(f"dist.sync_bn=true synchronises batch statistics with SyncBatchNorm, which needs CUDA "
+                         f"(NCCL); on {device.type} (gloo) there is none: set dist.sync_bn=false (each process then "
+                         "normalises its share of the batch)")
+    for name in sections:
+        cfg = getattr(recipe, name, None)
+        if cfg is not None and getattr(cfg, "cuda_graph", False) and device.type == "cuda":
+            raise ValueError(f"{name}.cuda_graph=true: capturing the step of several processes in a CUDA graph is not "
+                             "supported yet; set it to false under torchrun")

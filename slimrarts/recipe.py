@@ -20,6 +20,7 @@ from .methods import describe_methods, get_method, list_methods
 
 __all__ = [
     "DataConfig",
+    "DistConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -75,6 +76,12 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0],
                                     check=lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
                                     allowed="[min, max] with 0 < min <= max <= 1")
+    # imagefolder only: `memory` holds the decoded set on the training device; `stream` reads the image files with
+    # a DataLoader's worker processes each epoch (for sets that do not fit); `auto` streams above `memory_gb`
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    memory_gb: float = field(8.0, check=lambda v: v > 0, allowed="a number of GB > 0")  # per process, decoded
+    workers: int | None = field(None, check=lambda v: v >= 0,
+                                allowed="an integer >= 0 or null (null: CPU cores / processes on the node, at most 8)")
 
     def validate(self, where: str) -> None:
         if self.name != "imagefolder":
@@ -82,6 +89,25 @@ class DataConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"{where}.{key}: only used by data.name=imagefolder (CIFAR stays 32x32); "
                                       "remove it or set it to null")
+            if self.loader == "stream":
+                raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
+                                  f"{self.name} is held in memory (set it to auto or memory)")
+
+
+@dataclasses.dataclass
+class DistConfig:
+    """Runs over several processes (`torchrun --nproc_per_node=N -m slimrarts ...`); one process ignores this.
+
+    `batch: global` keeps `data.batch_size` (and `eval_batch_size`) the batch of one step over all processes, each
+    taking an equal share, so a run over N processes follows the single-process run except for the batch statistics
+    of norms (each process normalises its share) — unless `sync_bn`, which synchronises them (SyncBatchNorm; NCCL on
+    GPUs only). `batch: process` makes it each process's batch (the global batch grows with N).
+    """
+
+    batch: Literal["global", "process"] = "global"
+    sync_bn: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL when the run's device is a GPU, else gloo
+    timeout_s: int = field(1800, check=lambda v: v >= 10, allowed="an integer >= 10 (seconds)")
 
 
 @dataclasses.dataclass
@@ -284,6 +310,7 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=160))
     report: ReportConfig = field(default_factory=ReportConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self, where: str) -> None:
         """Checks across sections (those that need the model, such as channel counts, run in `prune()`)."""
@@ -377,7 +404,7 @@ def load_recipe(
     return build(schema, data)
 
 
-_RESUME_FREE = ("device", "log_every")  # keys that may change when a run is resumed, unrecorded
+_RESUME_FREE = ("device", "log_every", "timeout_s", "backend", "workers")  # may change on resume, unrecorded
 # keys a resume may change with --set (after a divergence stop, say); each change is recorded in the run folder
 RESUME_SAFE = ("search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search.lam", "search.beta",
                "search.grad_clip", "search.cost.mu", "cost.mu", "finetune.optim.lr", "train.optim.lr",

@@ -12,6 +12,7 @@ import torch
 from rich.table import Table
 
 from .config import to_dict
+from .engine import dist
 from .metrics import format_count
 from .version import __version__
 
@@ -19,11 +20,11 @@ __all__ = ["build_report", "machine_info", "markdown_table", "summary_table"]
 
 
 def machine_info(device: torch.device) -> dict:
-    """Device, its name, torch version and CPU threads."""
+    """Device, its name, torch version, CPU threads, and the processes the run used (world size, backend)."""
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "processes": dist.describe()}
 
 
 def _change(before: int, after: int) -> dict:

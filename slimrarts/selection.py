@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .engine import dist
 from .engine.callbacks import Callback, Event, LoopState
 from .width import (
     Gates,
@@ -39,6 +40,7 @@ from .width import (
     ungated_copy,
 )
 from .width.budget import format_cost
+from .width.latency import LatencyModel
 
 __all__ = ["Selection"]
 
@@ -71,8 +73,15 @@ class Selection:
             sel.cost_model = build_cost_model(gates, sel.input_size)
         if budget is not None and budget.kind == "latency":
             where = torch.device(budget.device) if budget.device not in (None, "auto") else device
-            sel.latency_model = build_latency_model(gates, sel.cost_model, device=where,
-                                                    batch_size=budget.batch_size, repeats=budget.repeats)
+
+            def measure() -> LatencyModel:
+                return build_latency_model(gates, sel.cost_model, device=where, batch_size=budget.batch_size,
+                                           repeats=budget.repeats)
+
+            if dist.active():  # timed once, on rank 0: every rank selects with the same tables
+                sel.latency_model = LatencyModel(dist.from_main(lambda: measure().table), sel.cost_model)
+            else:
+                sel.latency_model = measure()
         if p.exclude or p.max_pruned is not None:
             sel.min_kept = min_kept(sel.cost_model, min_channels=p.min_channels, exclude=p.exclude,
                                     max_pruned=p.max_pruned)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "slimrarts"
-CLI_MODULES = ("slimrarts.cli", "slimrarts.commands")
+CLI_MODULES = ("slimrarts.cli", "slimrarts.commands", "slimrarts.__main__")  # the command layer and its entry point
 
 
 def _module_name(path: Path) -> str:

@@ -34,6 +34,7 @@ import torch_pruning as tp
 from torch_pruning.dependency import Dependency, Group
 from torch_pruning.pruner import function as tpf
 
+from ..engine import dist
 from ..engine.step import batches_on, cross_entropy
 
 __all__ = ["NORMALIZER", "TAYLOR_BATCHES", "CriterionInfo", "OneShotScores", "criterion_info", "criterion_scores",
@@ -222,6 +223,7 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
         with torch.no_grad():
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_div_(grads, float(len(seen)))
+        dist.all_reduce_(grads, "mean")  # in a process group: over every rank's shard of the batches
         yield len(seen)
     finally:
         for p, (grad, flag) in zip(params, saved):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import make_loaders
-from ..engine import Callback, Event, console, fit, on, resolve_device, save_atomic
+from ..engine import Callback, Event, console, dist, fit, on, resolve_device, save_atomic
 from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
 from ..methods import get_method
 from ..metrics import count_params, format_count
@@ -31,6 +31,7 @@ from ..nas.genotypes import Genotype, count_skips, load_genotype
 from ..nas.recipe import NasRecipe
 from ..nas.search_net import SearchNetwork
 from ..nas.topology import search_topology
+from ..preflight import check_processes
 from ..recipe import load_recipe, save_or_check_recipe
 from ..version import __version__
 
@@ -46,8 +47,22 @@ def _run_dir(recipe: NasRecipe, out, resume: bool, force: bool, suffix: str) -> 
     """The run folder, checked but not touched (it is made or cleared once the data is loaded)."""
     if resume and not out:
         raise ValueError("resume needs out: the run folder to continue")
-    path = Path(out) if out else default_run_dir(f"{recipe.name}-{suffix}")
-    return check_run_dir(path, resume=resume, force=force)
+    path = Path(out) if out else dist.from_main(lambda: default_run_dir(f"{recipe.name}-{suffix}"))
+    return dist.from_main(lambda: check_run_dir(path, resume=resume, force=force))
+
+
+def _start(recipe: NasRecipe, section: str) -> torch.device:
+    """Join torchrun's process group when launched by it (a no-op otherwise); the device this process uses."""
+    dist.init(recipe.device, backend=recipe.dist.backend, timeout_s=recipe.dist.timeout_s)
+    device = resolve_device(recipe.device)
+    check_processes(recipe, device, (section,))
+    return device
+
+
+def _prepare(run_dir: Path, recipe: NasRecipe, resume: bool, force: bool) -> None:
+    """Make (or clear) the run folder and write or check its recipe: rank 0 alone, its error raised on every rank."""
+    dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
+                            save_or_check_recipe(recipe, run_dir, resume)))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -75,6 +90,8 @@ class _AlphaLog(Callback):
             self.epochs = {e["epoch"]: e for e in json.loads(path.read_text())["epochs"]}
 
     def apply(self, event: Event, state) -> None:
+        if not dist.is_main():  # rank 0 alone writes
+            return
         net: SearchNetwork = state.model
         epoch = state.epoch
         g = net.genotype()
@@ -89,16 +106,18 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
                    progress: bool = True) -> int:
     """Search a DARTS cell with the recipe's method and write the genotype and its record into a run folder."""
     recipe = load_nas_recipe(recipe_path, overrides)
-    device = resolve_device(recipe.device)
+    device = _start(recipe, "search")
     run_dir = _run_dir(recipe, out, resume, force, "search")
     t0 = time.perf_counter()
-    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
-    prepare_run_dir(run_dir, resume=resume, force=force)
-    save_or_check_recipe(recipe, run_dir, resume)
+    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last,
+                           per_process=recipe.dist.batch == "process")
+    _prepare(run_dir, recipe, resume, force)
     console.print(f"[bold]run folder[/] {run_dir}")
     result = search_topology(recipe, loaders, device=device, run_dir=run_dir, resume=resume, progress=progress,
                              callbacks=[_AlphaLog(run_dir / "alphas.json", resume)])
     g = result.genotype
+    if not dist.is_main():  # the genotype is the same on every rank; rank 0 writes it
+        return 0
     (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
     (run_dir / "genotype.txt").write_text(str(g) + "\n")
     method = get_method(recipe.search.method, "search")
@@ -115,6 +134,7 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
         "epochs": recipe.search.epochs, "final": result.history[-1] if result.history else {},
         "time_s": {"search": result.search_s, "wall": result.wall_s, "command": time.perf_counter() - t0},
         "seed": recipe.seed, "device": str(device), "threads": torch.get_num_threads(),
+        "processes": dist.describe(),
         "versions": {"slimrarts": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "data": loaders.info,
     }
@@ -177,7 +197,7 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
         raise ValueError("no genotype to train: set train.genotype to a genotype.json of a search run or to a known "
                          "name (darts_v2, darts_v1)")
     g = load_genotype(source)
-    device = resolve_device(recipe.device)
+    device = _start(recipe, "train")
     run_dir = _run_dir(recipe, out, resume, force, "train")
     notes = []
     data_cfg = dataclasses.replace(recipe.data, batch_size=tr.batch_size or recipe.data.batch_size)
@@ -188,15 +208,18 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
         notes.append(f"cutout {cutout} not applied: the data loader has no cutout yet")
         cutout = 0
     aux_weight = tr.auxiliary_weight
-    loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last)
-    prepare_run_dir(run_dir, resume=resume, force=force)
-    save_or_check_recipe(recipe, run_dir, resume)
-    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
+    loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last,
+                           per_process=recipe.dist.batch == "process")
+    _prepare(run_dir, recipe, resume, force)
+    if dist.is_main():
+        (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
     console.print(f"[bold]run folder[/] {run_dir}")
     num_classes = loaders.num_classes or 10
     torch.manual_seed(recipe.seed)
     model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,
                            drop_path=tr.drop_path).to(device)
+    if recipe.dist.sync_bn and dist.world_size() > 1:
+        model = dist.convert_sync_bn(model)
     callbacks = [on(Event.EPOCH_START, _drop_path_schedule(model, tr.drop_path, tr.epochs))]
     if tr.grad_clip is not None:
         params = list(model.parameters())
@@ -208,6 +231,10 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
                  progress=progress, eval_every=max(1, tr.epochs // 10), callbacks=callbacks,
                  loss_fn=AuxLoss(aux_weight))
     final = result.final
+    if not dist.is_main():  # rank 0 writes the model and the report
+        return 0
+    if recipe.dist.sync_bn and dist.world_size() > 1:
+        model = dist.revert_sync_bn(model)
     info = {"name": "darts_cifar", "num_classes": num_classes,
             "kwargs": {"genotype": g.to_dict(), "C": tr.C, "layers": tr.layers, "auxiliary": aux_weight > 0}}
     save_atomic({"state_dict": model.state_dict(), "model": json.dumps(info)}, run_dir / "model.pt")
@@ -215,7 +242,8 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
               "epochs": tr.epochs, "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
               "images_per_s": result.images_per_s, "auxiliary_weight": aux_weight, "drop_path": tr.drop_path,
-              "cutout": cutout, "notes": notes, "seed": recipe.seed, "device": str(device), "data": loaders.info}
+              "cutout": cutout, "notes": notes, "seed": recipe.seed, "device": str(device), "data": loaders.info,
+              "processes": dist.describe()}
     _write_json(run_dir / "report.json", report)
     console.print(f"test acc (final epoch) {100 * report['test_acc']:.2f}% · params {format_count(report['params'])}"
                   f" · {result.train_s:.0f} s")

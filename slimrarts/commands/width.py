@@ -10,15 +10,15 @@ import torch
 
 from ..api import prune
 from ..data import Loaders, make_loaders
-from ..engine import RunDir, fit, prepare_run_dir, resolve_device
+from ..engine import RunDir, dist, fit, prepare_run_dir, resolve_device
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import check_run_dir
 from ..metrics import macs_and_params
 from ..models import create_model
-from ..preflight import check_data, check_model, model_outputs
+from ..preflight import check_data, check_model, check_processes, model_outputs
 from ..recipe import Recipe, save_or_check_recipe
 
-__all__ = ["build_from_recipe", "load_weights", "model_info", "prune_recipe", "train_recipe"]
+__all__ = ["build_from_recipe", "load_weights", "model_info", "prune_recipe", "start_processes", "train_recipe"]
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -40,10 +40,21 @@ def model_info(recipe: Recipe, num_classes: int) -> dict:
     return {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "num_classes": num_classes}
 
 
+def start_processes(recipe: Recipe, sections: tuple[str, ...]) -> torch.device:
+    """Join torchrun's process group when this process was launched by it (nothing otherwise), check what the
+    recipe `sections` ask of several processes, and return this process's device."""
+    dist.init(recipe.device, backend=recipe.dist.backend, timeout_s=recipe.dist.timeout_s)
+    device = resolve_device(recipe.device)
+    check_processes(recipe, device, sections)
+    return device
+
+
 def build_from_recipe(recipe: Recipe, device: torch.device,
                       channels_last: bool = False) -> tuple[Loaders, torch.nn.Module]:
-    """The recipe's loaders and model (seeded; from `model.weights` when set)."""
-    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last)
+    """The recipe's loaders (this process's shards in a process group) and model (seeded; from `model.weights` when
+    set)."""
+    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last,
+                           per_process=recipe.dist.batch == "process")
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
     if recipe.model.weights:
@@ -54,8 +65,8 @@ def build_from_recipe(recipe: Recipe, device: torch.device,
 def prune_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
                  progress: bool = True) -> dict:
     """Run the pruning pipeline of `recipe` in `run_dir`; returns the report. The folder is created (or, with
-    `force`, cleared) only after the model and data passed their checks."""
-    device = resolve_device(recipe.device)
+    `force`, cleared) only after the model and data passed their checks. Under torchrun every process runs it."""
+    device = start_processes(recipe, ("search", "finetune"))
     cl = recipe.search.channels_last or recipe.finetune.channels_last
     loaders, model = build_from_recipe(recipe, device, channels_last=cl)
     result = prune(model, loaders, config=recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
@@ -66,24 +77,32 @@ def prune_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
 def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
                  progress: bool = True) -> dict:
     """Train the recipe's model with its `train` section in `run_dir`; writes `model.pt` and `report.json` and
-    returns the report. The folder is created (or, with `force`, cleared) once the model and data are built."""
-    device = resolve_device(recipe.device)
-    check_run_dir(run_dir, resume=resume, force=force)
+    returns the report. The folder is created (or, with `force`, cleared) once the model and data are built. Under
+    torchrun every process trains its shard and rank 0 writes."""
+    device = start_processes(recipe, ("train",))
+    dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders, model = build_from_recipe(recipe, device, channels_last=recipe.train.channels_last)
     check_model(model)
     check_data(loaders, model_outputs(model, next(iter(loaders.test))[0][:2].float()))
-    rd = RunDir(prepare_run_dir(run_dir, resume=resume, force=force))
-    save_or_check_recipe(recipe, rd.path, resume)
+    rd = RunDir(run_dir)
+    dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
+                            save_or_check_recipe(recipe, rd.path, resume)))
     macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
+    sync_bn = recipe.dist.sync_bn and dist.world_size() > 1
+    if sync_bn:
+        model = dist.convert_sync_bn(model.to(device))
     result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=rd.path,
                  resume=resume, progress=progress, eval_every=max(1, recipe.train.epochs // 10))
     final = result.final
     info = model_info(recipe, loaders.num_classes)
+    if sync_bn:
+        model = dist.revert_sync_bn(model)
     model = model.to(memory_format=torch.contiguous_format)
-    rd.save_tensors("model.pt", {"state_dict": model.state_dict(), "model": json.dumps(info)})
     report = {"model": info, "data": loaders.info, "params": params, "macs": macs, "epochs": recipe.train.epochs,
               "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
-              "images_per_s": result.images_per_s, "device": str(device)}
-    rd.write_json("report.json", report)
+              "images_per_s": result.images_per_s, "device": str(device), "processes": dist.describe()}
+    if dist.is_main():
+        rd.save_tensors("model.pt", {"state_dict": model.state_dict(), "model": json.dumps(info)})
+        rd.write_json("report.json", report)
     return report

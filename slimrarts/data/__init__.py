@@ -1,5 +1,5 @@
 """Image data: CIFAR and ImageFolder sources with caching, a device-resident loader with on-device augmentation,
-and index splits."""
+a streaming loader for sets that do not fit in memory, and index splits."""
 
 from .augment import augment_batch as augment_batch
 from .augment import cutout_batch as cutout_batch
@@ -25,10 +25,14 @@ from .loader import DeviceLoader as DeviceLoader
 from .loader import epoch_generator as epoch_generator
 from .split import limit_per_class as limit_per_class
 from .split import split_halves as split_halves
+from .stream import ImageFiles as ImageFiles
+from .stream import StreamLoader as StreamLoader
+from .stream import index_imagefolder as index_imagefolder
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader",
-    "IMAGENET_MEAN", "IMAGENET_STD", "ImageSet", "Loaders", "as_loaders", "make_loaders",
+    "IMAGENET_MEAN", "IMAGENET_STD", "ImageFiles", "ImageSet", "Loaders", "StreamLoader", "as_loaders",
+    "index_imagefolder", "make_loaders",
     "augment_batch", "cutout_batch", "default_cache_dir", "epoch_generator", "imagefolder_sizes", "limit_per_class",
     "load_cifar", "load_imagefolder", "random_resized_boxes", "resized_crop_batch", "split_halves", "stats_for",
 ]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from ..engine import dist
 from .cifar import load_cifar, stats_for
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
 from .imageset import ImageSet
 from .loader import DeviceLoader
 from .split import limit_per_class, split_halves
+from .stream import StreamLoader, decoded_bytes, default_workers, index_imagefolder, is_sharded, streamable
 
 __all__ = ["Loaders", "as_loaders", "imagefolder_sizes", "make_loaders"]
 
@@ -31,32 +34,83 @@ class Loaders:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, channels_last: bool = False) -> Loaders:
-    """Device-resident loaders for a `DataConfig` (subset, halves and shuffling all seeded).
+def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, channels_last: bool = False,
+                 shard: tuple[int, int] | None = None, per_process: bool = False) -> Loaders:
+    """Loaders for a `DataConfig` (subset, halves and shuffling all seeded): held on the device, or streamed from
+    the image files by DataLoader workers (`cfg.loader`; `auto` streams an ImageFolder set whose decoded images
+    would take more than `cfg.memory_gb`).
 
-    `info` records the data set, its source, the split sizes and `input_size` [3, H, W] of the batches (and, for
-    imagefolder, `image_size` and `resize`). `cfg.cutout` applies to the three training loaders, never to `test`.
+    `shard=(rank, world)` (default: this process's place in its process group, if any) makes every loader yield
+    this process's slice of each global batch; `cfg.batch_size` and `cfg.eval_batch_size` are the global batches,
+    or each process's with `per_process`. In a process group each node's local rank 0 decodes (and caches) the data
+    before the other processes read it.
+
+    `info` records the data set, its source, the split sizes, `input_size` [3, H, W] of the batches, the `loader`
+    (memory or stream) and, for imagefolder, `image_size` and `resize`. `cfg.cutout` applies to the three training
+    loaders, never to `test`.
     """
     if cfg.name not in _KINDS:
         raise ValueError(f"data.name must be one of {sorted(_KINDS)}, got {cfg.name!r}")
     if cfg.cutout and not cfg.augment:
         raise ValueError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
                          "false; set data.cutout=0 or data.augment=true")
-    train_set, test_set, loader_args, info = _KINDS[cfg.name](cfg)
+    if shard is None and dist.world_size() > 1:
+        shard = (dist.rank(), dist.world_size())
+    world = shard[1] if shard is not None else 1
+    batch, eval_batch = (cfg.batch_size * world, cfg.eval_batch_size * world) if per_process else \
+        (cfg.batch_size, cfg.eval_batch_size)
+    if world > 1 and batch % world:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch (dist.batch=global), split over "
+                         f"{world} processes: give a multiple of {world}, or set dist.batch=process to make it each "
+                         "process's batch")
+    stream = _streams(cfg)
+    with dist.local_main_first():  # decode (and cache) once per node
+        train_set, test_set, loader_args, info = (_stream_kind if stream else _KINDS[cfg.name])(cfg)
     if cfg.limit_per_class is not None:
         train_set = train_set.subset(limit_per_class(train_set.labels, cfg.limit_per_class, seed=cfg.split_seed))
     if cfg.test_limit_per_class is not None:
         test_set = test_set.subset(limit_per_class(test_set.labels, cfg.test_limit_per_class))
     idx_t, idx_v = split_halves(train_set.labels, seed=cfg.split_seed)
-    common = dict(device=device, channels_last=channels_last, **loader_args)
+    make = StreamLoader if stream else DeviceLoader
+    common = dict(device=device, channels_last=channels_last, shard=shard, **loader_args)
     fit = dict(augment=cfg.augment, cutout=cfg.cutout, **common)
-    train = DeviceLoader(train_set, cfg.batch_size, train=True, seed=seed, **fit)
-    test = DeviceLoader(test_set, cfg.eval_batch_size, train=False, **common)
-    half_t = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_t, seed=seed + 1, **fit)
-    half_v = DeviceLoader(train_set, cfg.batch_size, train=True, indices=idx_v, seed=seed + 2, **fit)
+    train = make(train_set, batch, train=True, seed=seed, **fit)
+    test = make(test_set, eval_batch, train=False, **common)
+    half_t = make(train_set, batch, train=True, indices=idx_t, seed=seed + 1, **fit)
+    half_v = make(train_set, batch, train=True, indices=idx_v, seed=seed + 2, **fit)
     info = {"dataset": cfg.name, "source": train_set.source, "train": len(train_set), "test": len(test_set),
-            "search_t": len(idx_t), "search_v": len(idx_v), "input_size": list(test.sample_shape), **info}
+            "search_t": len(idx_t), "search_v": len(idx_v), "input_size": list(test.sample_shape), **info,
+            "loader": "stream" if stream else "memory"}
+    if stream:
+        info["workers"] = loader_args["workers"]
+    if world > 1:
+        info.update(world_size=world, global_batch_size=batch)
     return Loaders(train, test, half_t, half_v, num_classes=train_set.num_classes, info=info)
+
+
+def _streams(cfg) -> bool:
+    """Whether the recipe's data is streamed from its files: asked for, or (auto) an ImageFolder set whose decoded
+    images would not fit in `cfg.memory_gb`."""
+    if cfg.loader == "memory" or cfg.name != "imagefolder":
+        if cfg.loader == "stream":
+            raise ValueError(f"data.loader=stream reads image files; data.name={cfg.name} is held in memory (set "
+                             "data.loader to auto or memory)")
+        return False
+    if cfg.root is None:
+        return False  # the imagefolder kind names what is missing
+    if cfg.loader == "stream":
+        if not streamable(cfg.root):
+            raise ValueError(f"data.loader=stream: {cfg.root!r} cannot be streamed: give an ImageFolder folder, an "
+                             "uncompressed .tar of one, or a folder of .tar shards (a .tar.gz has no random access: "
+                             "decompress or extract it)")
+        return True
+    if not streamable(cfg.root):
+        return False  # e.g. a .tar.gz: only the in-memory path reads it
+    if is_sharded(cfg.root):
+        return True  # only the streaming path reads tar shards
+    _, resize = imagefolder_sizes(cfg.image_size, cfg.resize)
+    train, test = index_imagefolder(cfg.root)
+    return decoded_bytes(len(train) + len(test), resize) > cfg.memory_gb * 1e9
 
 
 # A data kind reads `cfg` into (train set, test set, DeviceLoader arguments, entries for `Loaders.info`).
@@ -95,6 +149,16 @@ def _imagefolder(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     return train_set, test_set, args, {"image_size": image_size, "resize": resize}
 
 
+def _stream_kind(cfg) -> tuple:
+    """The image files of an ImageFolder set and the StreamLoader arguments (images decoded by workers)."""
+    image_size, resize = imagefolder_sizes(cfg.image_size, cfg.resize)
+    train_files, test_files = index_imagefolder(cfg.root)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    args = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": "rrc", "image_size": image_size,
+            "crop_scale": tuple(cfg.crop_scale), "resize": resize, "workers": workers}
+    return train_files, test_files, args, {"image_size": image_size, "resize": resize}
+
+
 def imagefolder_sizes(image_size: int | None, resize: int | None) -> tuple[int, int]:
     """(image_size, resize) with the ImageNet ratio 224:256 filling in what is None (224 and 256 when both are)."""
     for what, value in (("image_size", image_size), ("resize", resize)):
@@ -131,11 +195,28 @@ def _halve(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
         idx_t, idx_v = order[: (len(order) + 1) // 2].sort().values, order[(len(order) + 1) // 2:].sort().values
     out = []
     for idx in (idx_t, idx_v):
-        out.append(DataLoader(Subset(dataset, idx.tolist()), batch_size=loader.batch_size, shuffle=True,
+        half = Subset(dataset, idx.tolist())
+        if dist.world_size() > 1:  # each process its share, reshuffled per epoch (set_epoch) from the seed
+            sampler = DistributedSampler(half, shuffle=True, seed=seed, drop_last=loader.drop_last)
+            out.append(DataLoader(half, batch_size=loader.batch_size, sampler=sampler,
+                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                  pin_memory=loader.pin_memory, drop_last=loader.drop_last))
+            continue
+        out.append(DataLoader(half, batch_size=loader.batch_size, shuffle=True,
                               num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                               pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                               generator=torch.Generator().manual_seed(seed)))
     return out[0], out[1]
+
+
+def _warn_unsharded(train) -> None:
+    """A user's training DataLoader in a process group without a DistributedSampler trains every process on the
+    same batches: correct (the averaged gradient is the same), but no faster than one process."""
+    sampler = getattr(train, "sampler", None)
+    if dist.world_size() > 1 and isinstance(train, DataLoader) and not isinstance(sampler, DistributedSampler):
+        warnings.warn(f"the training DataLoader has no DistributedSampler, so each of the {dist.world_size()} "
+                      "processes trains on the same batches; give it sampler=DistributedSampler(dataset) (batch_size "
+                      "is then per process) to split the data", RuntimeWarning, stacklevel=3)
 
 
 def as_loaders(loaders: Any, *, seed: int = 0) -> Loaders:
@@ -143,6 +224,9 @@ def as_loaders(loaders: Any, *, seed: int = 0) -> Loaders:
 
     Without given halves, the training DataLoader's dataset is split into two disjoint halves (stratified when the
     dataset has `targets`), each served by a DataLoader with the same batch size, workers and collate function.
+
+    In a process group, user DataLoaders are used as given (batches per process: shard them with a
+    `DistributedSampler`); the halves made here get one, each process its share.
     """
     if isinstance(loaders, Loaders):
         return loaders
@@ -160,6 +244,7 @@ def as_loaders(loaders: Any, *, seed: int = 0) -> Loaders:
                         f"'train' and 'test'; got {type(loaders).__name__}")
     if (half_t is None) != (half_v is None):
         raise ValueError("give both search_t and search_v, or neither")
+    _warn_unsharded(train)
     if half_t is None:
         if not isinstance(train, DataLoader):
             raise TypeError("to split the training set into D_t/D_v, the train loader must be a "

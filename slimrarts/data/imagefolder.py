@@ -122,8 +122,9 @@ def _read_archive(path: Path) -> dict[Key, bytes]:
     return {k: v for k, v in images.items() if k[0] in (_TRAIN, eval_split)}
 
 
-def _decode_splits(entries: dict[Key, Path | bytes], resize: int, where: str) -> dict:
-    """Class names, uint8 images [N, 3, resize, resize] and labels of both splits, in (class, file name) order."""
+def _ordered(entries: dict[Key, object], where: str) -> tuple[list[str], str, list[Key], list[Key]]:
+    """Class names, the evaluation split, and the train and evaluation keys in (class, file name) order (the order
+    of the samples in both the in-memory and the streaming loader)."""
     splits = {split for split, _, _ in entries}
     eval_split = next((split for split in _EVAL_SPLITS if split in splits), _EVAL_SPLITS[0])
     keys = {split: sorted(k for k in entries if k[0] == split) for split in (_TRAIN, eval_split)}
@@ -137,6 +138,14 @@ def _decode_splits(entries: dict[Key, Path | bytes], resize: int, where: str) ->
         only_eval = sorted(set(classes[eval_split]) - set(classes[_TRAIN]))
         raise ValueError(f"load_imagefolder: {where}: train/ and {eval_split}/ must have the same classes (class "
                          f"folders with images); only in train/: {only_train}, only in {eval_split}/: {only_eval}")
+    return classes[_TRAIN], eval_split, keys[_TRAIN], keys[eval_split]
+
+
+def _decode_splits(entries: dict[Key, Path | bytes], resize: int, where: str) -> dict:
+    """Class names, uint8 images [N, 3, resize, resize] and labels of both splits, in (class, file name) order."""
+    class_names, eval_split, train_keys, eval_keys = _ordered(entries, where)
+    classes = {_TRAIN: class_names}
+    keys = {_TRAIN: train_keys, eval_split: eval_keys}
     index = {cls: i for i, cls in enumerate(classes[_TRAIN])}
     order = keys[_TRAIN] + keys[eval_split]
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -12,7 +12,7 @@ from .augment import augment_batch, cutout_batch, random_resized_boxes, resized_
 from .cifar import CIFAR10_MEAN, CIFAR10_STD
 from .imageset import ImageSet, _as_index
 
-__all__ = ["DeviceLoader", "epoch_generator"]
+__all__ = ["DeviceLoader", "epoch_generator", "shard_bounds"]
 
 DEFAULT_CROP_SCALE = (0.08, 1.0)
 
@@ -88,48 +88,58 @@ class _ResizedCrop:
 _CROPS = {"pad": _PadCrop, "rrc": _ResizedCrop}
 
 
-class DeviceLoader:
-    """Batches (x, y) of an ImageSet held on `device`: x normalised float [B, 3, H, W], y int64 [B].
+def shard_bounds(start: int, end: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """The part of the global batch [start, end) that rank `shard[0]` of `shard[1]` takes: consecutive slices in
+    rank order whose sizes differ by at most one, so the ranks' slices make up the batch exactly."""
+    if shard is None:
+        return start, end
+    r, world = shard
+    n = end - start
+    return start + r * n // world, start + (r + 1) * n // world
 
-    The uint8 images (those at `indices`, if given) move to `device` once. `augment`, `shuffle` and `drop_last`
-    default to `train`. Each `iter()` runs the epoch set by `set_epoch` (0 at first) and then advances it by one;
-    its order and augmentation draws are made up front on the CPU from (seed, epoch), so a resumed run sees the
-    same batches and no batch waits on the host.
 
-    `crop` picks the augmentation: "pad" (CIFAR: pad by `pad` (4) with zeros, crop back at random, flip; the images
-    as they are to evaluate) or "rrc" (a random-resized crop of `crop_scale` (0.08 to 1) of the area and aspect
-    ratio 3/4 to 4/3, resized to `image_size` (the stored side) and flipped; the centre `image_size` crop to
-    evaluate). `cutout` > 0 zeroes one square of that side per training sample after normalising, centred
-    uniformly at random and clipped at the borders (needs augmentation).
-    """
+def _check_shard(shard: object, batch_size: int, drop_last: bool, who: str) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise ValueError(f"{who}: shard must be (rank, world size) with 0 <= rank < world size, got {shard!r}")
+    if shard[1] == 1:
+        return None
+    if drop_last and batch_size % shard[1]:
+        raise ValueError(f"{who}: batch_size={batch_size} is the global batch, split over {shard[1]} processes; it "
+                         f"must be a multiple of {shard[1]} (or give each process its own batch: dist.batch=process)")
+    return shard
 
-    def __init__(self, data: ImageSet, batch_size: int, *, train: bool, device: torch.device | str = "cpu",
-                 indices: torch.Tensor | Sequence[int] | None = None, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD, augment: bool | None = None, shuffle: bool | None = None,
-                 drop_last: bool | None = None, seed: int = 0, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, crop: str = "pad", pad: int | None = None,
-                 image_size: int | None = None, crop_scale: Sequence[float] | None = None, cutout: int = 0) -> None:
-        if not isinstance(data, ImageSet):
-            raise TypeError(f"DeviceLoader: data must be an ImageSet, got {type(data).__name__}")
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("cutout", cutout, 0)
+
+class _Batcher:
+    """What the device-resident and the streaming loader share: options, the epoch's order and augmentation draws
+    (a pure function of seed and epoch), the rank's slice of each global batch, and augmenting and normalising a
+    uint8 batch on the device."""
+
+    def _setup(self, who: str, stored_hw: Sequence[int], classes: tuple[str, ...], batch_size: int, *, train: bool,
+               device, mean, std, augment, shuffle, drop_last, seed, channels_last, dtype, crop, pad, image_size,
+               crop_scale, cutout) -> None:
+        _check_int("batch_size", batch_size, 1, who)
+        _check_int("seed", seed, 0, who)
+        _check_int("cutout", cutout, 0, who)
         for flag, value in (("train", train), ("augment", augment), ("shuffle", shuffle), ("drop_last", drop_last),
                             ("channels_last", channels_last)):
             if not isinstance(value, bool) and not (value is None and flag in ("augment", "shuffle", "drop_last")):
-                raise TypeError(f"DeviceLoader: {flag} must be a bool{'' if flag == 'train' else ' or None'}, "
+                raise TypeError(f"{who}: {flag} must be a bool{'' if flag == 'train' else ' or None'}, "
                                 f"got {value!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"DeviceLoader: dtype must be a floating torch.dtype, got {dtype!r}")
+            raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
         if not isinstance(crop, str) or crop not in _CROPS:
-            raise ValueError(f"DeviceLoader: crop must be one of {sorted(_CROPS)}, got {crop!r}")
-        mean_t, std_t = _channel_stats("mean", mean), _channel_stats("std", std)
+            raise ValueError(f"{who}: crop must be one of {sorted(_CROPS)}, got {crop!r}")
+        mean_t, std_t = _channel_stats("mean", mean, who), _channel_stats("std", std, who)
         if bool((std_t <= 0).any()):
-            raise ValueError(f"DeviceLoader: std must be > 0 per channel, got {tuple(std)}")
-        self._crop = _CROPS[crop](*data.images.shape[2:], pad, image_size, crop_scale)
+            raise ValueError(f"{who}: std must be > 0 per channel, got {tuple(std)}")
+        self._crop = _CROPS[crop](*stored_hw, pad, image_size, crop_scale)
 
         self._device = torch.device(device)
-        self._classes = data.classes
+        self._classes = classes
         self._batch_size = batch_size
         self.train = train
         self.augment = train if augment is None else augment
@@ -141,30 +151,32 @@ class DeviceLoader:
         self.dtype = dtype
         self.epoch = 0
         if cutout and not self.augment:
-            raise ValueError(f"DeviceLoader: cutout={cutout} is applied only to augmented batches, but augment=False; "
+            raise ValueError(f"{who}: cutout={cutout} is applied only to augmented batches, but augment=False; "
                              "set cutout=0 or augment=True")
-
-        images, labels = data.images, data.labels
-        if indices is not None:
-            idx = _as_index(indices, len(data), "DeviceLoader: indices")
-            images, labels = images.index_select(0, idx), labels.index_select(0, idx)
-        if len(labels) == 0 or (self.drop_last and len(labels) < batch_size):
-            raise ValueError(f"DeviceLoader: {len(labels)} samples make no batch of batch_size={batch_size} "
-                             f"(drop_last={self.drop_last})")
-        self._images = self._crop.stored(images, self.augment).to(self._device)
-        self._labels = labels.to(self._device)
         # (x / 255 - mean) / std as one multiply-add, computed in float32 (float64 if asked) and cast after.
         self._math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).to(self._device, self._math_dtype)
         self._shift = (mean_t / std_t).view(1, 3, 1, 1).to(self._device, self._math_dtype)
 
+    def _check_size(self, n: int, shard, who: str) -> None:
+        if n == 0 or (self.drop_last and n < self._batch_size):
+            raise ValueError(f"{who}: {n} samples make no batch of batch_size={self._batch_size} "
+                             f"(drop_last={self.drop_last})")
+        self.shard = _check_shard(shard, self._batch_size, self.drop_last, who)
+
     @property
     def batch_size(self) -> int:
+        """Samples per batch this loader yields (this process's share of the global batch when sharded)."""
+        return self._batch_size if self.shard is None else -(-self._batch_size // self.shard[1])
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per batch over all processes (= `batch_size` unsharded)."""
         return self._batch_size
 
     @property
     def num_samples(self) -> int:
-        return len(self._labels)
+        raise NotImplementedError
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -183,11 +195,6 @@ class DeviceLoader:
         """(C, H, W) of every x this loader yields."""
         return (3, *self._crop.size)
 
-    def label_range(self) -> tuple[int, int]:
-        """The smallest and largest label this loader holds (one host sync: for checks before training)."""
-        lo, hi = torch.aminmax(self._labels)
-        return int(lo), int(hi)
-
     @property
     def pad(self) -> int | None:
         return getattr(self._crop, "pad", None)
@@ -198,36 +205,43 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next `iter()` run epoch `epoch` (its order and augmentation depend only on seed and epoch)."""
-        _check_int("epoch", epoch, 0)
+        _check_int("epoch", epoch, 0, type(self).__name__)
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _next_epoch(self) -> int:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        return self._batches(epoch)
+        return epoch
 
-    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, b = self.num_samples, self._batch_size
+    def _plan(self, epoch: int) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
+        """The epoch's sample order (None: in order), per-sample augmentation parameters and cutout centres, drawn
+        on the CPU from (seed, epoch) for the whole set, in this order."""
+        n = self.num_samples
         generator = epoch_generator(self.seed, epoch)
-        order = torch.randperm(n, generator=generator).to(self._device) if self.shuffle else None
+        order = torch.randperm(n, generator=generator) if self.shuffle else None
         params: list[torch.Tensor] = []
         centres = None
         if self.augment:
-            params = [p.to(self._device) for p in self._crop.draw(n, generator)]
+            params = list(self._crop.draw(n, generator))
             if self.cutout:
                 h, w = self._crop.size
                 centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
-                                       torch.randint(0, w, (n,), generator=generator)], 1).to(self._device)
+                                       torch.randint(0, w, (n,), generator=generator)], 1)
+        return order, params, centres
+
+    def _bounds(self) -> Iterator[tuple[int, int]]:
+        """[start, end) in the epoch's order of each batch this rank takes."""
+        n, b = self.num_samples, self._batch_size
         stop = n - n % b if self.drop_last else n
-        for start in range(0, stop, b):
-            end = min(start + b, n)
-            if order is None:
-                x, y = self._images[start:end], self._labels[start:end]
-            else:
-                idx = order[start:end]
-                x, y = self._images.index_select(0, idx), self._labels.index_select(0, idx)
-            if self.augment:
-                x = self._crop.apply(x, [p[start:end] for p in params], self._math_dtype)
-            yield self._normalise(x, None if centres is None else centres[start:end]), y
+        for first in range(0, stop, b):
+            start, end = shard_bounds(first, min(first + b, n), self.shard)
+            if start < end:  # (a last partial batch smaller than the number of processes leaves some ranks none)
+                yield start, end
+
+    def _finish(self, x: torch.Tensor, params: Sequence[torch.Tensor], centres: torch.Tensor | None) -> torch.Tensor:
+        """Augment (with this batch's parameters) and normalise a uint8 batch on the device."""
+        if self.augment:
+            x = self._crop.apply(x, params, self._math_dtype)
+        return self._normalise(x, centres)
 
     def _normalise(self, x: torch.Tensor, centres: torch.Tensor | None) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -236,23 +250,96 @@ class DeviceLoader:
             x = cutout_batch(x, centres, self.cutout)
         return x.to(self.dtype)
 
-    def __repr__(self) -> str:
+    def _describe(self) -> str:
         cut = f", cutout={self.cutout}" if self.cutout else ""
-        return (f"DeviceLoader(n={self.num_samples}, batch_size={self._batch_size}, device={self._device}, "
+        shard = f", shard={self.shard}" if self.shard is not None else ""
+        return (f"n={self.num_samples}, batch_size={self._batch_size}, device={self._device}, "
                 f"augment={self.augment}, {self._crop!r}{cut}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}{shard}")
 
 
-def _check_int(what: str, value: object, low: int) -> None:
+class DeviceLoader(_Batcher):
+    """Batches (x, y) of an ImageSet held on `device`: x normalised float [B, 3, H, W], y int64 [B].
+
+    The uint8 images (those at `indices`, if given) move to `device` once. `augment`, `shuffle` and `drop_last`
+    default to `train`. Each `iter()` runs the epoch set by `set_epoch` (0 at first) and then advances it by one;
+    its order and augmentation draws are made up front on the CPU from (seed, epoch), so a resumed run sees the
+    same batches and no batch waits on the host.
+
+    `crop` picks the augmentation: "pad" (CIFAR: pad by `pad` (4) with zeros, crop back at random, flip; the images
+    as they are to evaluate) or "rrc" (a random-resized crop of `crop_scale` (0.08 to 1) of the area and aspect
+    ratio 3/4 to 4/3, resized to `image_size` (the stored side) and flipped; the centre `image_size` crop to
+    evaluate). `cutout` > 0 zeroes one square of that side per training sample after normalising, centred
+    uniformly at random and clipped at the borders (needs augmentation).
+
+    `shard=(rank, world)` makes this loader one process's part of a run over `world` processes: `batch_size` is
+    then the global batch, and each batch is the rank's consecutive slice of the global batch the unsharded loader
+    yields (same order, same augmentation draws), so the ranks' slices make up that batch exactly.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, *, train: bool, device: torch.device | str = "cpu",
+                 indices: torch.Tensor | Sequence[int] | None = None, mean: Sequence[float] = CIFAR10_MEAN,
+                 std: Sequence[float] = CIFAR10_STD, augment: bool | None = None, shuffle: bool | None = None,
+                 drop_last: bool | None = None, seed: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32, crop: str = "pad", pad: int | None = None,
+                 image_size: int | None = None, crop_scale: Sequence[float] | None = None, cutout: int = 0,
+                 shard: tuple[int, int] | None = None) -> None:
+        if not isinstance(data, ImageSet):
+            raise TypeError(f"DeviceLoader: data must be an ImageSet, got {type(data).__name__}")
+        self._setup("DeviceLoader", data.images.shape[2:], data.classes, batch_size, train=train, device=device,
+                    mean=mean, std=std, augment=augment, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                    channels_last=channels_last, dtype=dtype, crop=crop, pad=pad, image_size=image_size,
+                    crop_scale=crop_scale, cutout=cutout)
+        images, labels = data.images, data.labels
+        if indices is not None:
+            idx = _as_index(indices, len(data), "DeviceLoader: indices")
+            images, labels = images.index_select(0, idx), labels.index_select(0, idx)
+        self._n = len(labels)
+        self._check_size(self._n, shard, "DeviceLoader")
+        self._images = self._crop.stored(images, self.augment).to(self._device)
+        self._labels = labels.to(self._device)
+
+    @property
+    def num_samples(self) -> int:
+        return self._n
+
+    def label_range(self) -> tuple[int, int]:
+        """The smallest and largest label this loader holds (one host sync: for checks before training)."""
+        lo, hi = torch.aminmax(self._labels)
+        return int(lo), int(hi)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(self._next_epoch())
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, params, centres = self._plan(epoch)
+        if order is not None:
+            order = order.to(self._device)
+        params = [p.to(self._device) for p in params]
+        if centres is not None:
+            centres = centres.to(self._device)
+        for start, end in self._bounds():
+            if order is None:
+                x, y = self._images[start:end], self._labels[start:end]
+            else:
+                idx = order[start:end]
+                x, y = self._images.index_select(0, idx), self._labels.index_select(0, idx)
+            yield self._finish(x, [p[start:end] for p in params], None if centres is None else centres[start:end]), y
+
+    def __repr__(self) -> str:
+        return f"DeviceLoader({self._describe()})"
+
+
+def _check_int(what: str, value: object, low: int, who: str = "DeviceLoader") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"DeviceLoader: {what} must be an int >= {low}, got {value!r}")
+        raise ValueError(f"{who}: {what} must be an int >= {low}, got {value!r}")
 
 
-def _channel_stats(what: str, values: Sequence[float]) -> torch.Tensor:
+def _channel_stats(what: str, values: Sequence[float], who: str = "DeviceLoader") -> torch.Tensor:
     try:
         t = torch.as_tensor([float(v) for v in values], dtype=torch.float64)
     except (TypeError, ValueError):
         t = None
     if t is None or t.shape != (3,) or not bool(torch.isfinite(t).all()):
-        raise ValueError(f"DeviceLoader: {what} must be 3 finite numbers (one per channel), got {values!r}")
+        raise ValueError(f"{who}: {what} must be 3 finite numbers (one per channel), got {values!r}")
     return t

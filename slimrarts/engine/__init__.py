@@ -1,6 +1,7 @@
 """Training engine: the one epoch loop, fit/evaluate, callbacks, the capturable step, optimizers, schedules, run
 folders, checkpoints, progress."""
 
+from . import dist as dist
 from .callbacks import Callback as Callback
 from .callbacks import Event as Event
 from .callbacks import LoopState as LoopState
@@ -32,7 +33,8 @@ from .step import batches_on as batches_on
 
 __all__ = [
     "SGD", "Adam", "Callback", "DivergenceError", "Event", "FitResult", "LoopState", "PhaseResult", "RunDir",
-    "TrainStep", "autocast", "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "evaluate",
+    "TrainStep", "autocast", "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "dist",
+    "evaluate",
     "fit", "load_checkpoint", "lr_at", "make_progress", "on", "prepare_run_dir", "resolve_device", "run_epochs",
     "save_atomic", "schedule_fn", "set_loader_epoch",
 ]

@@ -7,6 +7,10 @@ what a checkpoint must restore. `run_epochs` owns everything else, so resume, me
 same in every phase: with a run folder, each epoch appends its line to `metrics.jsonl` first and then writes the
 checkpoint atomically; `resume=True` restores the last checkpoint (weights, optimizer state, RNG, history) and
 runs only the remaining epochs, so the result equals an uninterrupted run.
+
+In a process group (torchrun) every rank runs the loop; rank 0 alone shows progress and writes the metrics line and
+the checkpoint, every rank resumes from the checkpoint rank 0 reads, and a divergence or a stopping rule found on
+any rank ends the phase on all of them in the same epoch.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Protocol
 
 import torch
 
+from . import dist
 from .callbacks import Callback, Event, LoopState, fire
-from .checkpoint import rng_state
+from .checkpoint import rng_state, set_rng_state
 from .progress import make_progress
 from .rundir import RunDir
 
@@ -46,17 +51,26 @@ _LOSSES = ("train_loss", "t_loss", "v_loss", "loss")
 
 def _check_finite(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str) -> None:
     """Raise `DivergenceError` when the epoch's losses or the watched tensors are not finite (one host sync, at the
-    epoch's end, where the metrics are read anyway)."""
+    epoch's end, where the metrics are read anyway); in a process group, on every rank when on any."""
+    err = _divergence(name, epoch, fields, watched, key)
+    if dist.any_true(err is not None) and err is None:  # another rank diverged: stop here too, together
+        err = DivergenceError(name, epoch, "a loss or weight on another process", f"{key}.optim.lr (the weights' "
+                              f"learning rate; or set {key}.grad_clip)")
+    if err is not None:
+        raise err
+
+
+def _divergence(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str) -> DivergenceError | None:
     bad_loss = [k for k in _LOSSES if k in fields and not math.isfinite(fields[k])]
     bad_alpha = "alpha_mean" in fields and not math.isfinite(fields["alpha_mean"])
     bad_weights = bool(watched) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(watched))).all())
     if not (bad_loss or bad_alpha or bad_weights):
-        return
+        return None
     if bad_alpha and not bad_loss:
-        raise DivergenceError(name, epoch, "α", f"{key}.arch.lr (the α learning rate)")
+        return DivergenceError(name, epoch, "α", f"{key}.arch.lr (the α learning rate)")
     what = f"the {bad_loss[0].replace('_', ' ')}" if bad_loss else "a weight"
-    raise DivergenceError(name, epoch, what, f"{key}.optim.lr (the weights' learning rate; or set "
-                                             f"{key}.grad_clip)")
+    return DivergenceError(name, epoch, what, f"{key}.optim.lr (the weights' learning rate; or set "
+                                              f"{key}.grad_clip)")
 
 
 class Phase(Protocol):
@@ -131,6 +145,28 @@ def _summary(record: dict) -> str:
     return " ".join(parts) + f" {record['images_per_s']:.0f} img/s"
 
 
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _resume(rd: RunDir, name: str, device: torch.device) -> dict | None:
+    """The phase's checkpoint to continue from (RNG restored); in a process group rank 0 reads it and every rank
+    continues from that same checkpoint."""
+    if not dist.active():
+        return rd.resume_checkpoint(name, device)
+    ckpt = dist.from_main(lambda: rd.resume_checkpoint(name, torch.device("cpu")))
+    if ckpt is None:
+        return None
+    set_rng_state(ckpt["rng"])
+    return _to_device(ckpt, device)
+
+
 def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, device: torch.device,
                loaders: Sequence = (), run_dir=None, resume: bool = False, progress: bool = True,
                description: str | None = None, log_every: int = 50, callbacks: Iterable[Callback] = (),
@@ -150,7 +186,10 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
     state = state if state is not None else LoopState(phase=name)
     history: list[dict] = []
     start, prior_wall, train_s = 0, 0.0, 0.0
-    ckpt = rd.resume_checkpoint(name, device) if (resume and rd is not None) else None
+    ckpt = _resume(rd, name, device) if (resume and rd is not None) else None
+    writer = rd if dist.is_main() else None  # rank 0 alone writes
+    progress = progress and dist.is_main()
+    world = dist.world_size()
     if ckpt is not None:
         phase.load_state_dict(ckpt)
         history = json.loads(ckpt["history"])
@@ -178,21 +217,25 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
             train_s += dt
             record = {"phase": name, "epoch": epoch, **fields, "epoch_s": dt,
                       "images_per_s": fields.get("images", 0) / dt if dt > 0 else float("nan")}
+            if world > 1:
+                record["world_size"] = world
             evaluate = getattr(phase, "evaluate", None)
             if evaluate is not None:
                 record.update(evaluate(epoch))
             history.append(record)
-            if rd is not None:  # the line first: a resume drops lines whose checkpoint never landed
-                rd.append_metrics(record)
-                rd.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
-                                          "history": json.dumps(history),
-                                          "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": train_s})
+            if writer is not None:  # the line first: a resume drops lines whose checkpoint never landed
+                writer.append_metrics(record)
+                writer.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
+                                              "history": json.dumps(history),
+                                              "wall_s": prior_wall + time.perf_counter() - t_start,
+                                              "train_s": train_s})
             ticker.show(_summary(record))
             state.record = record
             fire(callbacks, Event.EPOCH_END, state)
+            state.stop = dist.any_true(state.stop)  # a stopping rule ends the phase on every rank together
             if state.stop:
-                if rd is not None:  # record the stop, so a resume does not run the remaining epochs
-                    rd.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
+                if writer is not None:  # record the stop, so a resume does not run the remaining epochs
+                    writer.save_checkpoint(name, {"epoch": epoch, **phase.state_dict(), "rng": rng_state(),
                                               "history": json.dumps(history), "stopped": True,
                                               "wall_s": prior_wall + time.perf_counter() - t_start,
                                               "train_s": train_s})

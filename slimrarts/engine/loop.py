@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from .callbacks import Callback, Event, LoopState, fire, on
 from .device import resolve_device
 from .epochs import PhaseResult, run_epochs, set_loader_epoch
@@ -36,7 +37,10 @@ def build_sgd(params, optim_cfg) -> SGD:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
              amp: str = "none", channels_last: bool = False) -> dict:
-    """Mean cross-entropy and top-1 accuracy of `model` over `loader` (eval mode; one host sync)."""
+    """Mean cross-entropy and top-1 accuracy of `model` over `loader` (eval mode; one host sync).
+
+    In a process group each rank evaluates its shard of the loader and the sums are added up (one all-reduce), so
+    every rank returns the figures of the whole set."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -50,6 +54,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device |
         correct += (out.argmax(1) == y).sum()
         n += y.shape[0]
     model.train(was_training)
+    if dist.active():
+        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=device,
+                                                                             dtype=torch.float64)])
+        dist.all_reduce_([sums], "sum")
+        total, hits, count = sums.tolist()
+        if count == 0:
+            raise ValueError("evaluate() got an empty loader")
+        return {"loss": total / count, "acc": hits / count, "n": int(count)}
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
@@ -71,6 +83,7 @@ class _Training:
             self.opt.set_lr(self.lr(epoch * self.steps_per_epoch + i))
             self.step(x, y)
             ticker.step(i, peek)
+        dist.sync_buffers_(self.model.buffers())  # every rank ends the epoch with the same running statistics
         train = self.step.read()  # one sync per epoch
         out = {"lr": self.opt.param_groups[0]["lr"], "train_loss": train["loss"], "train_acc": train["acc"],
                "train_n": train["n"], "images": train["n"], "cuda_graph": self.step.captured}
@@ -160,8 +173,12 @@ def fit(
         A `PhaseResult` (`FitResult`): `history` (one metrics record per epoch), `final`, `train_s`, `wall_s`,
         `images_per_s`.
 
+    In a process group (torchrun) the model trains inside `DistributedDataParallel`: each rank steps on its shard
+    of every batch, gradients are averaged during backward (before `AFTER_BACKWARD` callbacks), running statistics
+    are averaged at each epoch's end, and rank 0 alone writes.
+
     Raises:
-        ValueError: the training loader yields no batches.
+        ValueError: the training loader yields no batches; `cfg.cuda_graph` on CUDA in a process group.
         DivergenceError: a loss or weight became non-finite (the epoch is not saved; the last checkpoint stays).
 
     Example:
@@ -180,8 +197,11 @@ def fit(
     state = LoopState(phase=phase, model=model)
     backward_hooks = [cb for cb in callbacks if cb.match(Event.AFTER_BACKWARD, state)]
     after = (lambda: fire(backward_hooks, Event.AFTER_BACKWARD, state)) if backward_hooks else None
-    step = TrainStep(model, opt, device=device, amp=cfg.amp, after_backward=after, cuda_graph=cfg.cuda_graph,
-                     loss_fn=loss_fn)
+    if dist.active() and cfg.cuda_graph and device.type == "cuda":
+        raise ValueError(f"{config_key or phase}.cuda_graph: capturing the training step of several processes in a "
+                         "CUDA graph is not supported yet; set it to false under torchrun")
+    step = TrainStep(dist.wrap_ddp(model, device), opt, device=device, amp=cfg.amp, after_backward=after,
+                     cuda_graph=cfg.cuda_graph, loss_fn=loss_fn)
     training = _Training(model, opt, step, train_loader, test_loader, cfg, device, eval_every, steps_per_epoch)
     return run_epochs(training, name=phase, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, device=device,
                       loaders=[train_loader], run_dir=run_dir, resume=resume, progress=progress,

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from .graph import GraphedStep
 
 __all__ = ["TrainStep", "autocast", "batches_on", "cross_entropy"]
@@ -108,10 +109,23 @@ class TrainStep:
         return self._loss_sum.item() / n, self._correct.item() / n
 
     def read(self) -> dict:
-        """Mean loss, accuracy and sample count since the last `read`, then reset (one host sync)."""
+        """Mean loss, accuracy and sample count since the last `read`, then reset (one host sync); in a process
+        group, over every rank's samples (one all-reduce)."""
+        if dist.active():
+            return self._read_all()
         loss, acc = self.peek()
         out = {"loss": loss, "acc": acc, "n": self._count}
         self._loss_sum.zero_()
         self._correct.zero_()
         self._count = 0
         return out
+
+    def _read_all(self) -> dict:
+        sums = torch.stack([self._loss_sum.double(), self._correct.double(),
+                            torch.tensor(float(self._count), device=self.device, dtype=torch.float64)])
+        dist.all_reduce_([sums], "sum")
+        loss_sum, correct, n = sums.tolist()
+        self._loss_sum.zero_()
+        self._correct.zero_()
+        self._count = 0
+        return {"loss": loss_sum / max(1.0, n), "acc": correct / max(1.0, n), "n": int(n)}

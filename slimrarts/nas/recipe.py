@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..config import field
 from ..methods import describe_methods, list_methods
-from ..recipe import DEVICE_FIELD, ArchOptimConfig, DataConfig, OptimConfig, TrainConfig
+from ..recipe import DEVICE_FIELD, ArchOptimConfig, DataConfig, DistConfig, OptimConfig, TrainConfig
 
 __all__ = ["NasNetConfig", "CostConfig", "NasSearchConfig", "NasTrainConfig", "NasRecipe"]
 
@@ -95,3 +95,4 @@ class NasRecipe:
     net: NasNetConfig = field(default_factory=NasNetConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     train: NasTrainConfig = field(default_factory=NasTrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

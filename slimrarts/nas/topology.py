@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine import dist
 from ..engine.callbacks import Callback, Event, on
 from ..search import get_search
 from ..search.loop import run_search
@@ -48,17 +49,24 @@ def _costs_from(data: dict) -> OpCosts:
 
 def search_costs(net: SearchNetwork, recipe: NasRecipe, run_dir: Path | None = None,
                  resume: bool = False) -> OpCosts | None:
-    """The cost tables of the recipe's `cost.mode` (None for `none`); a resumed run reuses its own `costs.json`."""
+    """The cost tables of the recipe's `cost.mode` (None for `none`); a resumed run reuses its own `costs.json`. In
+    a process group rank 0 measures (or reads) them and every rank uses its tables."""
     c = recipe.cost
     if c.mode == "none":
         return None
     path = Path(run_dir) / "costs.json" if run_dir is not None else None
-    if resume and path is not None and path.is_file():
-        return _costs_from(json.loads(path.read_text()))
-    costs = op_costs(net, c.mode, batch=c.batch, warmup=c.warmup, repeats=c.repeats)
-    if path is not None:
-        path.write_text(json.dumps(costs.to_dict(), indent=1))
-    return costs
+
+    def tables() -> OpCosts:
+        if resume and path is not None and path.is_file():
+            return _costs_from(json.loads(path.read_text()))
+        costs = op_costs(net, c.mode, batch=c.batch, warmup=c.warmup, repeats=c.repeats)
+        if path is not None:
+            path.write_text(json.dumps(costs.to_dict(), indent=1))
+        return costs
+
+    if not dist.active():
+        return tables()
+    return _costs_from(dist.from_main(lambda: tables().to_dict()))
 
 
 def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir: str | Path | None = None,
@@ -70,6 +78,8 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
     s = recipe.search
     method = get_search(s.method)
     net = build_search_net(recipe, loaders.num_classes or 10, device)
+    if recipe.dist.sync_bn and dist.world_size() > 1:
+        net = dist.convert_sync_bn(net)
     if s.channels_last:
         net.to(memory_format=torch.channels_last)
     costs = search_costs(net, recipe, run_dir, resume)

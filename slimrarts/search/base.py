@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..engine import dist
 from ..methods import MethodInfo, get_method, list_methods, register_method
 
 __all__ = ["Problem", "SearchState", "SearchMethod", "register_search", "get_search", "list_searches",
@@ -75,10 +76,19 @@ class SearchState:
         return list(self.y.values())
 
 
-def grads_of(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d loss / d tensors, zeros for tensors the loss does not use (nothing else accumulates gradients)."""
+def grads_of(loss: torch.Tensor, tensors: list[torch.Tensor], *, sync: bool = True) -> list[torch.Tensor]:
+    """d loss / d tensors, zeros for tensors the loss does not use (nothing else accumulates gradients).
+
+    In a process group the gradients of each rank's batch shard are averaged across the ranks (bucketed
+    all-reduce) before they are returned, so every step of every method uses the gradient of the whole batch and
+    w, y and α stay identical on all ranks; `sync=False` for a loss that does not depend on the data (a penalty in α
+    alone, the same on every rank).
+    """
     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    if sync:
+        dist.all_reduce_(grads, "mean")
+    return grads
 
 
 def set_grads(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -90,7 +100,7 @@ def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -
     """Update α with `grads` (+ the penalty's gradient), then the problem's post-step (e.g. proximal ℓ1)."""
     penalty = problem.arch_penalty()
     if penalty is not None:
-        extra = grads_of(penalty, problem.arch)
+        extra = grads_of(penalty, problem.arch, sync=False)  # α is the same on every rank
         with torch.no_grad():
             torch._foreach_add_(grads, extra)
     set_grads(problem.arch, grads)

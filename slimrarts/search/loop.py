@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..engine import dist
 from ..engine.callbacks import Callback, Event, LoopState, on
 from ..engine.epochs import PhaseResult, run_epochs
 from ..engine.graph import GraphedStep
@@ -69,6 +70,9 @@ class _Search:
             self.graphed(*batch_t, *(batch_v if batch_v is not None else ()))
             images += batch_t[1].shape[0] + (batch_v[1].shape[0] if batch_v is not None else 0)
             ticker.step(i)
+        if dist.active():  # the same running statistics and image count on every rank
+            dist.sync_buffers_([*state.w_buffers.values(), *(state.y_buffers or {}).values()])
+            images = dist.sum_int(images)
         metrics = problem.read()  # one sync per epoch
         alphas = torch.cat([a.detach().abs().flatten() for a in problem.arch])
         out = {"method": self.method.name, "lr": state.opt_w.param_groups[0]["lr"],
@@ -155,6 +159,10 @@ def run_search(
         ValueError: an unknown method, a missing loader, or loaders without batches.
         DivergenceError: a loss, weight or α became non-finite (the epoch is not saved; the last checkpoint stays).
 
+    In a process group (torchrun) each rank steps on its shard of every batch; every gradient a method takes of a
+    data loss is averaged across the ranks before its step (`search.base.grads_of`), so w, y and α stay the same on
+    every rank; running statistics are averaged at each epoch's end.
+
     Example:
         >>> problem = NetProblem(model, gates.alphas)  # doctest: +SKIP
         >>> state = make_state(model, gates.alphas, "rarts", optim_w=OptimConfig(), arch_optim=ArchOptimConfig())
@@ -172,6 +180,9 @@ def run_search(
         warnings.warn("run_search(on_epoch_end=fn) is deprecated; pass callbacks=[on(Event.EPOCH_END, ...)]",
                       DeprecationWarning, stacklevel=2)
         callbacks.append(on(Event.EPOCH_END, lambda s: on_epoch_end(s.epoch, s.record)))
+    if cuda_graph and dist.active() and problem.device.type == "cuda":
+        raise ValueError("search.cuda_graph: capturing the search step of several processes in a CUDA graph is not "
+                         "supported yet; set it to false under torchrun")
     n_iter = len(loader_whole) if info.data == "whole" else min(len(loader_t), len(loader_v))
     if n_iter == 0:
         raise ValueError("the search loaders yield no batches (batch size larger than a half of the data?)")

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..engine import dist
 from ..engine.optim import build_optimizer
 from ..engine.step import autocast
 from ..width.select import prox_l1_
@@ -55,7 +56,10 @@ class NetProblem:
             prox_l1_(self.arch, torch._foreach_mul(self.shrink, lr))
 
     def read(self) -> dict:
-        """Mean loss/accuracy per tracked meter since the last read (one host sync), then reset."""
+        """Mean loss/accuracy per tracked meter since the last read (one host sync), then reset; in a process group,
+        over every rank's samples (one all-reduce)."""
+        if dist.active():
+            return self._read_all()
         out = {}
         for name, meter in self._meters.items():
             loss_sum, correct, n = (m.item() for m in meter)
@@ -63,6 +67,22 @@ class NetProblem:
                 out[f"{name}_loss"] = loss_sum / n
                 out[f"{name}_acc"] = correct / n
             for m in meter:
+                m.zero_()
+        return out
+
+    def _read_all(self) -> dict:
+        names = list(self._meters)
+        if not names:
+            return {}
+        sums = torch.stack([m.double() for name in names for m in self._meters[name]])
+        dist.all_reduce_([sums], "sum")
+        out = {}
+        for i, name in enumerate(names):
+            loss_sum, correct, n = sums[3 * i: 3 * i + 3].tolist()
+            if n:
+                out[f"{name}_loss"] = loss_sum / n
+                out[f"{name}_acc"] = correct / n
+            for m in self._meters[name]:
                 m.zero_()
         return out
 
