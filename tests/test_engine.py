@@ -98,27 +98,6 @@ def test_fit_learns_and_writes_metrics(tiny_sets, tmp_path):
     assert lines[-1]["lr"] == pytest.approx(0.005)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_sets, tmp_path):
-    model, train, test, cfg = _setup(tiny_sets)
-    fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path / "a", progress=False)
-    model2, train2, test2, _ = _setup(tiny_sets)
-
-    def stop_after_epoch_1(epoch, record):
-        if epoch == 1:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        fit(model2, train2, test2, cfg=cfg, device="cpu", run_dir=tmp_path / "b", progress=False,
-            callbacks=[stop_after_epoch_1])
-    model3, train3, test3, _ = _setup(tiny_sets)  # a fresh process: new model, new loaders
-    result = fit(model3, train3, test3, cfg=cfg, device="cpu", run_dir=tmp_path / "b", resume=True, progress=False)
-    for (k, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1, 2]
-
-
 def test_plain_dataloader_works(tiny_sets):
     train, test = tiny_sets
     ds = torch.utils.data.TensorDataset(train.images.float() / 255, train.labels)
