@@ -42,7 +42,6 @@ def _reference_counts(path: str, gates) -> list[int]:
     return [kept[g.name] for g in gates.groups]
 
 
-@register_baseline("random")
 def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
                    progress=True) -> BaselineResult:
     """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
@@ -59,3 +58,6 @@ def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resum
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(grp.size, generator=g) for grp in gates.groups]
     return BaselineResult(scores=scores, keep=None, fit=result, note="random channels at a global ratio")
+
+
+register_baseline("random")(random_pruning)

@@ -39,21 +39,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-@torch.no_grad()
 def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
     """Multiply each gate's α into the layer it sits on (norm affine, or producer output rows)."""
-    modules = dict(gates.model.named_modules())
-    for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
-        alpha = alpha.detach()
-        for site in group.sites:
-            m = modules[site.module]
-            a = alpha.to(m.weight.dtype)
-            if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
-                m.weight.mul_(a.view((1, -1) + (1,) * (m.weight.dim() - 2)))
-            else:
-                m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
-            if getattr(m, "bias", None) is not None:
-                m.bias.mul_(a)
+    with torch.no_grad():
+        modules = dict(gates.model.named_modules())
+        for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
+            alpha = alpha.detach()
+            for site in group.sites:
+                m = modules[site.module]
+                a = alpha.to(m.weight.dtype)
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
+                    m.weight.mul_(a.view((1, -1) + (1,) * (m.weight.dim() - 2)))
+                else:
+                    m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.mul_(a)
 
 
 def layer_widths(model: nn.Module) -> dict[str, list[int]]:
@@ -93,7 +93,6 @@ def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[lis
             _set_module(model, group.root, nn.Sequential(ChannelSelect(index), norm))
 
 
-@torch.no_grad()
 def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.Tensor | None = None) -> dict:
     """Fold α, remove the channels not kept, and return the width spec (with the check's max abs difference).
 
@@ -101,36 +100,37 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`.
     The model is changed in place and its hooks are removed.
     """
-    model = gates.model
-    if len(keep) != len(gates.groups):
-        raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
-    was_training = model.training
-    model.eval()
-    reference = None
-    if check_input is not None:
-        with gates.masked(keep):
-            reference = model(check_input).float()
-    before = layer_widths(model)
-    kept = [torch.nonzero(k, as_tuple=False).flatten().tolist() for k in keep]
-    removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
-    gates.remove()
-    fold_gates(gates)
-    for group, rem in zip(gates.groups, removed):
-        _prune_group(model, gates.dg, group, rem)
-    _insert_selects(model, gates.groups, kept)
-    spec: dict[str, Any] = {
-        "format": SPEC_FORMAT,
-        "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
-        "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "kept": k}
-                   for g, k in zip(gates.groups, kept)],
-        "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
-    }
-    if reference is not None:
-        out = model(check_input).float()
-        spec["max_abs_diff"] = (out - reference).abs().max().item()
-        spec["max_abs_ref"] = reference.abs().max().item()
-    model.train(was_training)
-    return spec
+    with torch.no_grad():
+        model = gates.model
+        if len(keep) != len(gates.groups):
+            raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+        was_training = model.training
+        model.eval()
+        reference = None
+        if check_input is not None:
+            with gates.masked(keep):
+                reference = model(check_input).float()
+        before = layer_widths(model)
+        kept = [torch.nonzero(k, as_tuple=False).flatten().tolist() for k in keep]
+        removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
+        gates.remove()
+        fold_gates(gates)
+        for group, rem in zip(gates.groups, removed):
+            _prune_group(model, gates.dg, group, rem)
+        _insert_selects(model, gates.groups, kept)
+        spec: dict[str, Any] = {
+            "format": SPEC_FORMAT,
+            "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
+            "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "kept": k}
+                       for g, k in zip(gates.groups, kept)],
+            "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
+        }
+        if reference is not None:
+            out = model(check_input).float()
+            spec["max_abs_diff"] = (out - reference).abs().max().item()
+            spec["max_abs_ref"] = reference.abs().max().item()
+        model.train(was_training)
+        return spec
 
 
 def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None = None) -> nn.Module:
