@@ -1,10 +1,12 @@
-"""Mutation score per module from a finished `mutmut run` (the `mutants/` folder), with the equivalent mutants of
+"""Mutation score per module from a finished `mutmut run` (the `mutants/` folder), with the mutants listed in
 `benchmarks/mutation_equivalent.txt` taken out.
 
     python benchmarks/mutation_score.py [--survivors] [--json out.json]
 
-score = (killed + timeout) / (all − equivalent − not checked − skipped); "no tests" mutants (in functions no selected
-test calls) count against the score. `--survivors` lists the survivors not marked equivalent.
+The list has one mutant per line: its name, then `equivalent: <why no test can tell it apart>` or
+`import-time: <why>` (code that runs when the module is imported, before mutmut switches a mutant on, so no test run
+can see the mutant). score = (killed + timeout) / (all − equivalent − import-time − not checked − skipped); "no tests"
+mutants (in functions no selected test calls) count against it. `--survivors` lists the survivors not in the list.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def equivalent_mutants(path: Path) -> dict[str, str]:
-    """`mutant-name  reason` per line ('#' starts a comment line)."""
+    """{mutant name: category} from `name  category: reason` lines ('#' starts a comment line)."""
     out = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 name, _, reason = line.strip().partition(" ")
-                out[name] = reason.strip()
+                category = reason.strip().partition(":")[0]
+                if category not in ("equivalent", "import-time"):
+                    raise SystemExit(f"{path}: {name}: the reason must start with 'equivalent:' or 'import-time:'")
+                out[name] = category
     return out
 
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             status = STATUS.get(code, "suspicious")
             if name in equivalent:
                 seen.add(name)
-                status = "equivalent" if status in ("survived", "no tests") else status
+                status = equivalent[name] if status in ("survived", "no tests") else status
             c[status] += 1
             if status in ("survived", "no tests", "suspicious"):
                 survivors.append((name, status))
@@ -65,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     stale = sorted(set(equivalent) - seen)
 
     def score(c: Counter) -> float:
-        tested = c["all"] - c["equivalent"] - c["not checked"] - c["skipped"]
+        tested = c["all"] - c["equivalent"] - c["import-time"] - c["not checked"] - c["skipped"]
         return 100.0 * (c["killed"] + c["timeout"]) / tested if tested else float("nan")
 
-    cols = ("all", "killed", "timeout", "survived", "no tests", "suspicious", "equivalent", "not checked")
+    cols = ("all", "killed", "timeout", "survived", "no tests", "suspicious", "equivalent", "import-time",
+            "not checked")
     print(f"| module | {' | '.join(cols)} | score |")
     print("|" + " --- |" * (len(cols) + 2))
     for module, c in rows.items():

@@ -200,19 +200,23 @@ def _exact_unrolled_grad(w, a, xi, weight_decay=0.0, momentum_buf=None, momentum
     return grad_a
 
 
+@pytest.mark.parametrize("alpha0", [A0, [0.3, -0.2]], ids=["norm>1", "norm<1"])
 @pytest.mark.parametrize("xi", [None, 0.375], ids=["xi=lr", "xi=0.375"])
-def test_darts2_alpha_gradient_is_the_unrolled_gradient(xi):
+def test_darts2_alpha_gradient_is_the_unrolled_gradient(xi, alpha0):
     """The α-step of darts2 follows the exact second-order gradient (autograd through w' = w − ξ∇_wL_t) to O(ε²),
-    and the hand finite difference with ε = 0.01/‖∇_{w'}L_v‖ exactly; with momentum and weight decay in the virtual
-    step as in the weights' own SGD (the momentum buffer exists from the second iteration on)."""
+    and the hand finite difference with ε = 0.01/‖∇_{w'}L_v‖ exactly (for ‖∇_{w'}L_v‖ above and below 1); with
+    momentum and weight decay in the virtual step as in the weights' own SGD (the momentum buffer exists from the
+    second iteration on)."""
     momentum, wd = 0.5, 0.125
-    problem = TwoParam(A0)
+    problem = TwoParam(alpha0)
     state = _state("darts2", problem, momentum=momentum, weight_decay=wd, xi=xi)
     xi_value = LR_W if xi is None else xi
-    w, a, buf = torch.tensor(W0, dtype=F64), torch.tensor(A0, dtype=F64), None
+    w, a, buf = torch.tensor(W0, dtype=F64), torch.tensor(alpha0, dtype=F64), None
     for it in range(2):
         unrolled = gt_w(w, a) + wd * w + (momentum * buf if buf is not None else 0.0)
         fd = _darts2_arch_grad(w, a, xi_value, unrolled)
+        norm = torch.linalg.vector_norm(gv_w(w - xi_value * unrolled, a)).item()
+        assert (norm > 1) == (alpha0 == A0), norm
         exact = _exact_unrolled_grad(w, a, xi_value, wd, buf, momentum)
         get_search("darts2").step(problem, state, "t", "v")
         got = (a - problem.arch[0].detach()) / LR_A
@@ -304,3 +308,35 @@ def test_l1_proximal_step_is_the_exact_soft_threshold_with_sgd(tiny_sets, method
     zero = (got == 0).float().mean().item()
     assert 0.3 < zero < 0.7, zero
     assert math.isclose(threshold, torch.tensor(arch.lr) * gamma, rel_tol=1e-6)
+
+
+# ---- what a step records: the losses of its weight-step passes ----------------------------------------------------
+
+@pytest.mark.parametrize("method", list_searches())
+def test_a_step_records_the_losses_of_its_weight_passes(tiny_sets, method):
+    """NetProblem.read() after one step: t_* from the pass that trains w on D_t (the whole set for joint), v_* from
+    the pass on D_v (y's for the two-net methods, the α-pass for darts1/darts2/milenas); nothing else is recorded.
+    Where the recorded pass runs at the starting weights and α, its loss is that of a plain train-mode forward."""
+    from torch.func import functional_call
+
+    model, gates, problem, state, (bt, bv, bw) = _net_setup(tiny_sets, method)
+    spec = get_search(method)
+    w0 = {k: v.detach().clone() for k, v in state.w.items()}
+    buffers = {k: v.clone() for k, v in state.w_buffers.items()}
+
+    def loss_at_start(batch):
+        with torch.no_grad():
+            out = functional_call(model, (w0, {k: v.clone() for k, v in buffers.items()}), (batch[0],), strict=False)
+        return torch.nn.functional.cross_entropy(out, batch[1]).item()
+
+    expected = {"t": loss_at_start(bw if spec.data == "whole" else bt)}
+    if spec.two_nets:
+        expected["v"] = loss_at_start(bv)  # y starts as a copy of w
+    spec.step(problem, state, *((bw, None) if spec.data == "whole" else (bt, bv)))
+    record = problem.read()
+    keys = {"t_loss", "t_acc"} | ({"v_loss", "v_acc"} if spec.data == "split" else set())
+    assert set(record) == keys
+    if method != "darts2":  # darts2's tracked passes run at the unrolled w' and at the new α
+        for name, value in expected.items():
+            assert record[f"{name}_loss"] == pytest.approx(value, rel=1e-5), name
+    assert problem.read() == {}  # read() resets the meters

@@ -152,6 +152,32 @@ def test_ratio_selection_prunes_smallest_magnitudes_and_breaks_ties_in_order():
     assert select_ratio([torch.ones(4), torch.ones(4)], 0.25)[0].tolist() == [False, False, True, True]
 
 
+def test_ties_are_broken_by_position_in_large_groups_too():
+    """Ties go by group order, then channel order, also past the sizes where an unstable sort would reorder them."""
+    keep = select_ratio([torch.ones(150), torch.ones(150)], 0.25)
+    assert torch.equal(keep[0], torch.arange(150) >= 75) and bool(keep[1].all())
+    keep = select_ratio([torch.ones(200)], 0.5, round_to=8)  # 100 kept, rounded up to 104; tied channels come back
+    assert torch.equal(keep[0], (torch.arange(200) < 4) | (torch.arange(200) >= 100))  # in channel order
+    keep = select_l1([torch.zeros(200), torch.zeros(3)], min_channels=5)  # an all-zero group keeps its first channels
+    assert torch.equal(keep[0], torch.arange(200) < 5) and bool(keep[1].all())
+
+
+def test_selection_defaults_and_bad_settings():
+    zeros = [torch.zeros(6), torch.tensor([0.0, 0.5, 0.0])]
+    assert [k.tolist() for k in select_l1(zeros)] == [[True] + [False] * 5, [False, True, False]]  # min_channels=1
+    assert [int(k.sum()) for k in select_ratio([torch.arange(1.0, 7.0)], 0.9)] == [1]  # 5 of 6 pruned, 1 kept
+    for select in (lambda a, **kw: select_ratio(a, 0.5, **kw), select_l1):
+        with pytest.raises(ValueError, match="round_to"):
+            select(zeros, round_to=0)
+        with pytest.raises(ValueError, match="min_channels"):
+            select(zeros, min_channels=0)
+        with pytest.raises(ValueError, match="no gated channels"):
+            select([])
+    for ratio in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ratio must be in"):
+            select_ratio(zeros, ratio)
+
+
 def test_round_to_rounds_kept_counts_up():
     keep = select_ratio([torch.arange(1.0, 17.0), torch.arange(1.0, 17.0)], 0.3, round_to=4)
     assert all(int(k.sum()) % 4 == 0 for k in keep)
