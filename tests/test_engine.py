@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from slimrarts.data import DeviceLoader
 from slimrarts.engine import SGD, Adam, evaluate, fit, load_checkpoint, lr_at, save_atomic
+from slimrarts.engine.loop import append_metrics, resolve_device, resume_checkpoint, set_loader_epoch
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
 
@@ -83,10 +84,6 @@ def _setup(tiny_sets):
     return model, DeviceLoader(train, 32, train=True, seed=3), DeviceLoader(test, 50, train=False), cfg
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_fit_learns_and_writes_metrics(tiny_sets, tmp_path):
     model, train, test, cfg = _setup(tiny_sets)
     before = evaluate(model, test)
@@ -106,3 +103,82 @@ def test_plain_dataloader_works(tiny_sets):
                           nn.Linear(8, 10))
     result = fit(model, dl, dl, cfg=TrainConfig(epochs=2, optim=OptimConfig(lr=0.1)), device="cpu", progress=False)
     assert result.final["train_n"] == len(ds)
+
+
+def test_fit_records_each_epoch_and_evaluates_every_k(tiny_sets, tmp_path):
+    """Per epoch: phase, epoch, lr at its end, the training meters over the images seen, and the test figures only
+    every `eval_every` epochs and at the last; hooks run once per epoch/step; the checkpoint holds the history."""
+    model, train, test, cfg = _setup(tiny_sets)
+    starts, backward = [], []
+    result = fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path, phase="tune", progress=False,
+                 eval_every=2, on_epoch_start=starts.append, after_backward=lambda: backward.append(1))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history and result.final == lines[-1]
+    assert [(r["phase"], r["epoch"], r["train_n"], r["cuda_graph"]) for r in lines] == [("tune", e, 192, False)
+                                                                                       for e in range(3)]
+    assert [("test_acc" in r, "test_loss" in r) for r in lines] == [(False, False), (True, True), (True, True)]
+    assert lines[-1]["test_acc"] == evaluate(model, test)["acc"]
+    assert [r["lr"] for r in lines] == pytest.approx([0.05, 0.005, 0.005])
+    assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 for r in lines)
+    assert lines[0]["train_loss"] > lines[-1]["train_loss"]
+    assert all(r["images_per_s"] == pytest.approx(r["train_n"] / r["epoch_s"]) for r in lines)
+    assert starts == [0, 1, 2] and len(backward) == 3 * len(train)
+    assert result.wall_s >= result.train_s == pytest.approx(sum(r["epoch_s"] for r in lines), rel=1e-6)
+    assert result.images_per_s == pytest.approx(3 * 192 / result.train_s)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "tune.pt")
+    assert ckpt["epoch"] == 2 and json.loads(ckpt["history"]) == lines
+    assert ckpt["train_s"] == pytest.approx(result.train_s) and 0 < ckpt["wall_s"] <= result.wall_s
+    with pytest.raises(ValueError, match="yields no batches"):
+        fit(model, [], None, cfg=cfg, device="cpu", progress=False)
+
+
+def test_resume_without_a_checkpoint_drops_that_phases_lines(tmp_path):
+    """Lines of an epoch whose checkpoint never landed are dropped on resume; other phases' lines stay."""
+    for rec in ({"phase": "search", "epoch": 0}, {"phase": "finetune", "epoch": 0}, {"phase": "finetune", "epoch": 1}):
+        append_metrics(tmp_path, rec)
+    append_metrics(None, {"phase": "x"})  # no run folder: nothing written
+    assert resume_checkpoint(tmp_path, "finetune", torch.device("cpu"), resume=False) is None
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # not resuming: nothing dropped
+    assert resume_checkpoint(tmp_path, "finetune", torch.device("cpu"), resume=True) is None
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"phase": "search", "epoch": 0}]
+    save_atomic({"epoch": 0, "rng": {"cpu": torch.get_rng_state()}}, tmp_path / "checkpoints" / "search.pt")
+    append_metrics(tmp_path, {"phase": "search", "epoch": 1})
+    assert resume_checkpoint(tmp_path, "search", torch.device("cpu"), resume=True)["epoch"] == 0
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert resume_checkpoint(None, "search", torch.device("cpu"), resume=True) is None
+
+
+def test_set_loader_epoch_reaches_the_loader_or_its_sampler():
+    class Seen:
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, e):
+            self.epochs.append(e)
+
+    ds = torch.utils.data.TensorDataset(torch.arange(8))
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler)
+    set_loader_epoch(dl, 5)
+    assert sampler.epoch == 5
+    own = Seen()
+    own.sampler = Seen()
+    set_loader_epoch(own, 3)  # the loader's own set_epoch, and only that
+    assert own.epochs == [3] and own.sampler.epochs == []
+    holder = type("Holder", (), {})()
+    holder.batch_sampler = Seen()
+    set_loader_epoch(holder, 2)
+    assert holder.batch_sampler.epochs == [2]
+    set_loader_epoch([1, 2], 1)  # nothing to tell: no error
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu", 0)) == torch.device("cpu", 0)
+    expected = "cuda" if torch.cuda.is_available() else (
+        "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")

@@ -3,6 +3,8 @@ against the hand update: test_search_steps.py; resume: test_resume.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -169,3 +171,53 @@ def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
         seen[schedule] = lrs
     assert seen["constant"] == pytest.approx([0.01, 0.01])
     assert seen["step"] == pytest.approx([0.01, 0.001])
+
+
+@pytest.mark.parametrize("method", ["rarts", "joint"])
+def test_search_records_each_epoch(tiny_sets, tmp_path, method):
+    """Each epoch's record: phase, method, epoch, the weights' learning rate at its end, the pass meters, images seen
+    (both batches of a pair for split methods), the mean |α| and the fraction of α at exactly 0; the result's times."""
+    model, gates, problem, state, (lt, lv, lw) = _setup(tiny_sets, method, arch_lr=0.05)
+    problem.l1 = 2.0  # some α reach exactly 0
+    optim = OptimConfig(lr=0.05, milestones=[0.5])
+    optim_y = OptimConfig(lr=0.02, milestones=[0.5])
+    result = run_search(problem, state, method, epochs=2, optim_w=optim, optim_y=optim_y, loader_t=lt, loader_v=lv,
+                        loader_whole=lw, run_dir=str(tmp_path), progress=False)
+    per_epoch = 8 * 25 if method == "joint" else 4 * (25 + 25)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    meters = {"t_loss", "t_acc"} | ({"v_loss", "v_acc"} if method == "rarts" else set())
+    for epoch, r in enumerate(result.history):
+        assert (r["phase"], r["method"], r["epoch"], r["images"], r["cuda_graph"]) == (
+            "search", method, epoch, per_epoch, False)
+        assert meters <= set(r) and all(0 <= r[k] <= 1 for k in meters if k.endswith("acc"))
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["epoch_s"])
+    assert [r["lr"] for r in result.history] == pytest.approx([0.05, 0.005])
+    assert state.opt_w.lr_tensor().item() == pytest.approx(0.005)
+    if state.opt_y is not None:
+        assert state.opt_y.lr_tensor().item() == pytest.approx(0.002)  # y follows its own schedule
+    alphas = torch.cat([a.detach().abs().flatten() for a in gates.alphas])
+    last = result.history[-1]
+    assert last["alpha_mean"] == pytest.approx(alphas.mean().item())
+    assert last["alpha_zero"] == pytest.approx((alphas == 0).float().mean().item()) and 0 < last["alpha_zero"] < 1, last
+    assert result.wall_s >= result.search_s >= sum(r["epoch_s"] for r in result.history) * 0.999 > 0
+    assert result.images_per_s == pytest.approx(2 * per_epoch / result.search_s)
+    ckpt = torch.load(tmp_path / "checkpoints" / "search.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and json.loads(ckpt["history"]) == result.history
+    assert ckpt["search_s"] == pytest.approx(result.search_s) and 0 < ckpt["wall_s"] <= result.wall_s
+
+
+def test_search_loop_rejects_missing_or_empty_loaders(tiny_sets):
+    _, _, problem, state, (lt, lv, lw) = _setup(tiny_sets, "rarts")
+    optim = OptimConfig(lr=0.05)
+    with pytest.raises(ValueError, match="needs both halves"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_t=lt, progress=False)
+    with pytest.raises(ValueError, match="needs both halves"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_v=lv, progress=False)
+    with pytest.raises(ValueError, match="yield no batches"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_t=lt, loader_v=[], progress=False)
+    _, _, problem, state, _ = _setup(tiny_sets, "joint")
+    with pytest.raises(ValueError, match="whole training set"):
+        run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_t=lt, loader_v=lv, progress=False)
+    with pytest.raises(ValueError, match="yield no batches"):
+        run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_whole=[], progress=False)
