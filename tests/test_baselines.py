@@ -141,3 +141,22 @@ def test_l1_mode_needs_alpha(tiny_sets):
     with pytest.raises(ValueError, match="mode=l1"):
         slimrarts.prune(create_model("tiny_resnet"), _loaders(tiny_sets), None,
                         config=_config("slimming", epochs=1, mode="l1"), progress=False)
+
+
+def test_register_baseline():
+    from slimrarts.baselines import base
+
+    def fn(*args, **kwargs):
+        return None
+
+    try:
+        assert base.register_baseline("tmp-test")(fn) is fn
+        assert base.get_baseline("tmp-test") is fn and base.is_baseline("tmp-test")
+        assert "tmp-test" in base.list_baselines() and base.list_baselines() == sorted(base.list_baselines())
+        with pytest.raises(ValueError, match="already registered"):
+            base.register_baseline("tmp-test")(fn)
+    finally:
+        base._REGISTRY.pop("tmp-test", None)
+    assert not base.is_baseline("tmp-test")
+    with pytest.raises(ValueError, match="choose one of"):
+        base.get_baseline("tmp-test")

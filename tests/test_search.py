@@ -221,3 +221,24 @@ def test_search_loop_rejects_missing_or_empty_loaders(tiny_sets):
         run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_t=lt, loader_v=lv, progress=False)
     with pytest.raises(ValueError, match="yield no batches"):
         run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_whole=[], progress=False)
+
+
+def test_register_search_records_what_a_method_needs():
+    from slimrarts.search import base
+
+    def step(problem, state, batch_t, batch_v):
+        return None
+
+    try:
+        assert base.register_search("tmp-test", two_nets=True, data="whole", passes=3, paper="p",
+                                    description="d")(step) is step
+        assert get_search("tmp-test") == base.SearchMethod("tmp-test", step, True, "whole", 3, "p", "d")
+        assert "tmp-test" in list_searches() and list_searches() == sorted(list_searches())
+        with pytest.raises(ValueError, match="already registered"):
+            base.register_search("tmp-test", two_nets=False, data="split", passes=1, paper="", description="")(step)
+    finally:
+        base._REGISTRY.pop("tmp-test", None)
+    with pytest.raises(ValueError, match="data must be"):
+        base.register_search("tmp-test", two_nets=False, data="half", passes=1, paper="", description="")
+    with pytest.raises(ValueError, match="choose one of"):
+        get_search("tmp-test")
