@@ -342,3 +342,27 @@ def test_slim_model_with_input_selection_exports_with_torch_export():
     assert any(isinstance(m, ChannelSelect) for m in model.modules())
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_load_slim_traces_at_the_input_size_of_the_spec(tmp_path):
+    """A net that only runs at its own input size (a linear layer on flattened 16x16 maps) is rebuilt from its spec;
+    a spec without an input size falls back to CIFAR's 3x32x32."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                             nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)).eval()
+
+    model = net()
+    x = torch.randn(2, 3, 16, 16)
+    spec = _remove_with_random_alphas(attach_gates(model, x, "internal"), x)[2]
+    assert spec["input_shape"] == [2, 3, 16, 16]
+    save_slim(tmp_path / "slim.pt", model, spec)
+    torch.testing.assert_close(load_slim(tmp_path / "slim.pt", model=net())(x), model(x))
+    cifar = _calibrated("tiny_resnet")
+    x = torch.randn(2, 3, 32, 32)
+    spec = _remove_with_random_alphas(attach_gates(cifar, x, "internal"), x)[2]
+    from slimrarts.width import apply_spec
+
+    rebuilt = apply_spec(_calibrated("tiny_resnet"), dict(spec, input_shape=None))
+    rebuilt.load_state_dict(cifar.state_dict())
+    torch.testing.assert_close(rebuilt(x), cifar(x))
