@@ -134,18 +134,19 @@ def test_fit_records_each_epoch_and_evaluates_every_k(tiny_sets, tmp_path):
 
 def test_resume_without_a_checkpoint_drops_that_phases_lines(tmp_path):
     """Lines of an epoch whose checkpoint never landed are dropped on resume; other phases' lines stay."""
-    for rec in ({"phase": "search", "epoch": 0}, {"phase": "finetune", "epoch": 0}, {"phase": "finetune", "epoch": 1}):
+    for rec in ({"phase": "search", "epoch": 0}, {"phase": "finetune", "epoch": 0}, {"phase": "finetune", "epoch": 1},
+                {"phase": "search", "note": "a line without an epoch stays"}):
         append_metrics(tmp_path, rec)
     append_metrics(None, {"phase": "x"})  # no run folder: nothing written
     assert resume_checkpoint(tmp_path, "finetune", torch.device("cpu"), resume=False) is None
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # not resuming: nothing dropped
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # not resuming: nothing dropped
     assert resume_checkpoint(tmp_path, "finetune", torch.device("cpu"), resume=True) is None
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
-        {"phase": "search", "epoch": 0}]
+        {"phase": "search", "epoch": 0}, {"phase": "search", "note": "a line without an epoch stays"}]
     save_atomic({"epoch": 0, "rng": {"cpu": torch.get_rng_state()}}, tmp_path / "checkpoints" / "search.pt")
     append_metrics(tmp_path, {"phase": "search", "epoch": 1})
     assert resume_checkpoint(tmp_path, "search", torch.device("cpu"), resume=True)["epoch"] == 0
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(x).get("epoch") for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, None]
     assert resume_checkpoint(None, "search", torch.device("cpu"), resume=True) is None
 
 

@@ -207,6 +207,7 @@ CLI_CASES = {
     "rarts-search": ("rarts", "search_v", [("search", 0)]),
     "rarts-finetune": ("rarts", "train", [("search", 0), ("search", 1), ("finetune", 0)]),
     "slimming-search": ("slimming", "train", [("search", 0)]),
+    "random-search": ("random", "train", [("search", 0)]),
 }
 
 
@@ -219,7 +220,7 @@ def test_cli_resume_runs_only_the_remaining_epochs(tmp_path, tiny_archive, monke
     extra = ["--set", f"search.method={method}"]
     per_epoch = {"train": 8, "search_t": 4, "search_v": 4}  # 200 training images in batches of 25; halves of 100
     reads = {("search", "rarts"): ("search_t", "search_v"), ("search", "slimming"): ("train",),
-             ("finetune", "rarts"): ("train",), ("finetune", "slimming"): ("train",)}
+             ("search", "random"): ("train",), ("finetune", "rarts"): ("train",)}
 
     rc, full_served = _cli_run(monkeypatch, recipe, tmp_path / "a", extra)
     assert rc == 0

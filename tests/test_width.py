@@ -210,6 +210,29 @@ def test_save_and_load_rebuild_the_slim_model(tmp_path):
         load_slim(tmp_path / "slim.pt", model=create_model("tiny_resnet"))
 
 
+def test_load_slim_rebuilds_class_count_and_arguments_and_refuses_pickles(tmp_path):
+    """The factory gets the saved class count (10 when the info has none) and model arguments; a file whose model
+    is not recorded needs model=; a payload holding a pickled object is refused (saved models are data)."""
+    import argparse
+
+    x = torch.randn(2, 3, 32, 32)
+    for info, kwargs in (({"name": "tiny_resnet", "num_classes": 7, "kwargs": {"widths": (4, 8, 12)}},
+                          {"num_classes": 7, "widths": (4, 8, 12)}), ({"name": "tiny_resnet"}, {})):
+        torch.manual_seed(0)
+        model = create_model("tiny_resnet", **kwargs).eval()
+        spec = _remove_with_random_alphas(attach_gates(model, x, "internal"), x)[2]
+        save_slim(tmp_path / "slim.pt", model, spec, info)
+        torch.testing.assert_close(load_slim(tmp_path / "slim.pt")(x), model(x))
+    for info in (None, {"num_classes": 10}):
+        save_slim(tmp_path / "anon.pt", model, spec, info)
+        with pytest.raises(ValueError, match="does not record which model"):
+            load_slim(tmp_path / "anon.pt")
+    payload = torch.load(tmp_path / "slim.pt", weights_only=True)
+    torch.save(dict(payload, extra=argparse.Namespace(a=1)), tmp_path / "pickled.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_slim(tmp_path / "pickled.pt")
+
+
 def test_round_to_with_ties_keeps_multiples():
     keep = select_ratio([torch.ones(6)], 0.5, round_to=2)
     assert int(keep[0].sum()) == 4
