@@ -160,3 +160,14 @@ def test_register_baseline():
     assert not base.is_baseline("tmp-test")
     with pytest.raises(ValueError, match="choose one of"):
         base.get_baseline("tmp-test")
+
+
+def test_baselines_train_with_the_search_section():
+    from slimrarts.baselines.base import search_like
+    from slimrarts.recipe import load_recipe
+
+    recipe = load_recipe({"search": {"epochs": 7, "optim": {"lr": 0.3}, "amp": "bf16", "channels_last": True,
+                                     "cuda_graph": True, "log_every": 3}})
+    cfg = search_like(recipe)
+    assert (cfg.epochs, cfg.optim, cfg.amp, cfg.channels_last, cfg.cuda_graph, cfg.log_every) == (
+        7, recipe.search.optim, "bf16", True, True, 3)

@@ -183,3 +183,39 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_the_loops_schedule_and_sgd_follow_their_config():
+    """_lr_fn passes every schedule setting to lr_at; build_sgd every optimizer setting to SGD."""
+    from slimrarts.engine.loop import _lr_fn, build_sgd
+
+    cfg = OptimConfig(lr=0.4, momentum=0.7, weight_decay=3e-4, nesterov=True, schedule="cosine", warmup_epochs=2,
+                      min_lr=0.01, milestones=[0.3], gamma=0.2)
+    fn = _lr_fn(cfg, 5, 10)
+    for step in (0, 3, 9, 10, 27, 49):
+        assert fn(step) == lr_at(step, base_lr=0.4, steps_per_epoch=5, epochs=10, schedule="cosine",
+                                 milestones=[0.3], gamma=0.2, warmup_epochs=2, min_lr=0.01)
+    assert fn(0) < fn(9) and fn(49) > 0.01 - 1e-12
+    step_fn = _lr_fn(OptimConfig(lr=0.4, milestones=[0.3], gamma=0.2), 5, 10)
+    assert (step_fn(14), step_fn(15)) == (pytest.approx(0.4), pytest.approx(0.08))
+    opt = build_sgd([torch.zeros(2, requires_grad=True)], cfg)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.4, 0.7, 3e-4, True)
+
+
+def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"n": 1}, path)
+    with pytest.raises(Exception):
+        save_atomic({"n": 2, "bad": lambda: 0}, path)  # cannot be pickled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"] and load_checkpoint(path)["n"] == 1
+    save_atomic({"n": 3}, tmp_path / "new" / "d.pt")  # creates the folder
+    assert load_checkpoint(tmp_path / "new" / "d.pt")["n"] == 3
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    import argparse
+
+    torch.save({"epoch": 0, "x": argparse.Namespace(a=1)}, tmp_path / "c.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_checkpoint(tmp_path / "c.pt")

@@ -136,7 +136,7 @@ def test_search_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
 def _fit(tiny_sets, run_dir, *, stop_after=None, resume=False):
     train, test = tiny_sets
     torch.manual_seed(0)
-    model = create_model("tiny_resnet")
+    model = torch.nn.Sequential(create_model("tiny_resnet"), torch.nn.Dropout(0.3))  # draws from the global RNG
     loader = Interrupt(DeviceLoader(train, 32, train=True, seed=3), stop_after)
     cfg = TrainConfig(epochs=3, optim=OptimConfig(lr=0.05, milestones=[0.5]), log_every=1)
     try:
@@ -149,6 +149,7 @@ def _fit(tiny_sets, run_dir, *, stop_after=None, resume=False):
 
 
 def test_fit_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
+    """As for the search; the model has dropout, so the same weights also need the RNG state restored."""
     n = 6  # 200 images in batches of 32, the partial last one dropped
     model, served, _ = _fit(tiny_sets, tmp_path / "a")
     assert served == 3 * n

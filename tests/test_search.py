@@ -242,3 +242,81 @@ def test_register_search_records_what_a_method_needs():
         base.register_search("tmp-test", two_nets=False, data="half", passes=1, paper="", description="")
     with pytest.raises(ValueError, match="choose one of"):
         get_search("tmp-test")
+
+
+def test_make_state_builds_w_y_and_their_optimizers():
+    """w is the model's own parameters; y an independent copy with its own BN statistics; each optimizer as its
+    config says (optim_y defaulting to optim_w); the α optimizer Adam or SGD; the coefficients stored."""
+    from slimrarts.search.problem import make_arch_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    arch = [torch.ones(4, requires_grad=True)]
+    ow = OptimConfig(lr=0.3, momentum=0.8, weight_decay=1e-3, nesterov=True)
+    oy = OptimConfig(lr=0.2, momentum=0.7, weight_decay=2e-3)
+    state = make_state(model, arch, "rarts", optim_w=ow, optim_y=oy, arch_optim=ArchOptimConfig(lr=0.04),
+                       lam=2.0, beta=0.3, xi=0.05, grad_clip=5.0)
+    assert (state.lam, state.beta, state.xi, state.grad_clip) == (2.0, 0.3, 0.05, 5.0)
+    assert all(state.w[k] is p for k, p in model.named_parameters())
+    assert all(state.w_buffers[k] is b for k, b in model.named_buffers())
+    for k, p in model.named_parameters():
+        assert torch.equal(state.y[k], p) and state.y[k].data_ptr() != p.data_ptr() and state.y[k].requires_grad
+    for group in (state.y_buffers, state.scratch_buffers):
+        for k, b in model.named_buffers():
+            assert torch.equal(group[k], b) and group[k].data_ptr() != b.data_ptr()
+    for opt, cfg, params in ((state.opt_w, ow, state.w_list), (state.opt_y, oy, state.y_list)):
+        g = opt.param_groups[0]
+        assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (cfg.lr, cfg.momentum,
+                                                                             cfg.weight_decay, cfg.nesterov)
+        assert [p.data_ptr() for p in g["params"]] == [p.data_ptr() for p in params]
+    a = state.opt_arch.param_groups[0]
+    assert isinstance(state.opt_arch, torch.optim.Optimizer) and type(state.opt_arch).__name__ == "Adam"
+    assert (a["lr"], a["betas"], a["weight_decay"], a["params"][0] is arch[0]) == (0.04, (0.5, 0.999), 0.0, True)
+    same = make_state(model, arch, "rarts", optim_w=ow, arch_optim=ArchOptimConfig())
+    assert same.opt_y.param_groups[0]["lr"] == 0.3 and same.opt_y.param_groups[0]["nesterov"]
+    one = make_state(model, arch, "darts1", optim_w=ow, arch_optim=ArchOptimConfig())
+    assert one.y is None and one.y_buffers is None and one.opt_y is None
+    sgd = make_arch_optimizer(arch, ArchOptimConfig(optimizer="sgd", lr=0.1, momentum=0.5, weight_decay=0.01))
+    assert type(sgd).__name__ == "SGD"
+    assert (sgd.param_groups[0]["momentum"], sgd.param_groups[0]["weight_decay"]) == (0.5, 0.01)
+    adam = make_arch_optimizer(arch, ArchOptimConfig(betas=[0.9, 0.99], weight_decay=0.02))
+    assert (adam.param_groups[0]["betas"], adam.param_groups[0]["weight_decay"]) == ((0.9, 0.99), 0.02)
+
+
+def test_net_problem_meters_and_amp(tiny_sets):
+    """Tracked passes accumulate sample-weighted loss and accuracy per meter until read(); bf16 autocast runs the
+    forward in bf16 (a different loss, computed in fp32); untracked passes record nothing."""
+    train, _ = tiny_sets
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet")
+    x = train.images[:30].float() / 255
+    y = train.labels[:30]
+    problem = NetProblem(model, [])
+    params, buffers = dict(model.named_parameters()), {k: v.clone() for k, v in model.named_buffers()}
+    assert problem.device == torch.device("cpu")
+    l1 = problem.loss(params, buffers, (x[:10], y[:10]), track="a")
+    l2 = problem.loss(params, buffers, (x[10:], y[10:]), track="a")
+    problem.loss(params, buffers, (x, y))  # untracked
+    out = [torch.func.functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), (x[s],))
+           for s in (slice(0, 10), slice(10, 30))]
+    correct = sum(int((o.argmax(1) == y[s]).sum()) for o, s in zip(out, (slice(0, 10), slice(10, 30))))
+    read = problem.read()
+    assert set(read) == {"a_loss", "a_acc"}
+    assert read["a_loss"] == pytest.approx((10 * l1.item() + 20 * l2.item()) / 30, rel=1e-6)
+    assert read["a_acc"] == pytest.approx(correct / 30)
+    assert problem.read() == {}
+    bf16 = NetProblem(model, [], amp="bf16").loss(params, buffers, (x, y))
+    fp32 = problem.loss(params, buffers, (x, y))
+    assert bf16.dtype == torch.float32 and bf16.item() != fp32.item()
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+    custom = NetProblem(model, [], loss_fn=lambda out, target: out.sum() * 0 + 7.0)
+    assert custom.loss(params, buffers, (x, y)).item() == 7.0
+
+
+def test_grads_of_gives_zeros_for_unused_tensors():
+    from slimrarts.search.base import grads_of, set_grads
+
+    a, b = torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    g = grads_of((a * a).sum(), [a, b])
+    assert torch.equal(g[0], torch.tensor([2.0, 4.0])) and torch.equal(g[1], torch.zeros(1))
+    set_grads([a, b], g)
+    assert a.grad is g[0] and b.grad is g[1]

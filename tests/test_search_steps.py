@@ -340,3 +340,25 @@ def test_a_step_records_the_losses_of_its_weight_passes(tiny_sets, method):
         for name, value in expected.items():
             assert record[f"{name}_loss"] == pytest.approx(value, rel=1e-5), name
     assert problem.read() == {}  # read() resets the meters
+
+
+def test_grad_clip_scales_the_coupled_weight_gradients():
+    """With grad_clip, w's and y's gradients (the β-terms included) are clipped to that norm before their steps."""
+    clip = 0.25
+    problem = TwoParam(A0)
+    state = _state("rarts", problem)
+    state.grad_clip = clip
+    get_search("rarts").step(problem, state, "t", "v")
+    w, y, a = (torch.tensor(v, dtype=F64) for v in (W0, Y0, A0))
+
+    def clipped(g):
+        return g * min(1.0, clip / (torch.linalg.vector_norm(g).item() + 1e-6))
+
+    gw = LAM * gt_w(w, a) + BETA * (w - y)
+    w = w - LR_W * clipped(gw)
+    y = y - LR_Y * clipped(gv_w(y, a) + BETA * (y - w))
+    a = a - LR_A * (LAM * gt_a(w, a) + gv_a(y, a))  # α is not clipped
+    assert torch.linalg.vector_norm(gw) > clip  # the clip acts
+    torch.testing.assert_close(state.w["w"].detach(), w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.y["w"].detach(), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(problem.arch[0].detach(), a, rtol=1e-12, atol=1e-12)
