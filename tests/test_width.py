@@ -389,3 +389,40 @@ def test_load_slim_traces_at_the_input_size_of_the_spec(tmp_path):
     rebuilt = apply_spec(_calibrated("tiny_resnet"), dict(spec, input_shape=None))
     rebuilt.load_state_dict(cifar.state_dict())
     torch.testing.assert_close(rebuilt(x), cifar(x))
+
+
+def test_remove_channels_spec_and_training_flag():
+    """The spec names each group (scope, root, size, kept indices), every layer's widths before and after, the input
+    shape and the check's figures; the model comes back in the mode it was in, without hooks."""
+    model = _calibrated("tiny_preresnet").train()
+    x = torch.randn(3, 3, 32, 32)
+    gates = attach_gates(model, x[:2], ["internal", "branch-input"])
+    groups = list(gates.groups)
+    keep = select_ratio([torch.rand(a.shape, generator=torch.Generator().manual_seed(2)) for a in gates.alphas], 0.5)
+    with torch.no_grad(), gates.masked(keep):
+        model.eval()
+        reference = model(x)
+        model.train()
+    spec = remove_channels(gates, keep, check_input=x)
+    assert model.training
+    assert spec["format"] == 1 and spec["input_shape"] == [2, 3, 32, 32]
+    assert [(g["name"], g["scope"], g["root"], g["size"]) for g in spec["groups"]] == [
+        (g.name, g.scope, g.root, g.size) for g in groups]
+    assert [g["kept"] for g in spec["groups"]] == [torch.nonzero(k).flatten().tolist() for k in keep]
+    modules = dict(model.named_modules())
+    for name, w in spec["layers"].items():
+        m = modules[name]
+        if isinstance(m, nn.Sequential):  # a pruned branch entrance is now (ChannelSelect, norm)
+            assert isinstance(m[0], ChannelSelect)
+            m = m[1]
+        after = [m.in_channels, m.out_channels] if isinstance(m, nn.Conv2d) else (
+            [m.in_features, m.out_features] if isinstance(m, nn.Linear) else [m.num_features] * 2)
+        assert w["after"] == after, name
+    assert any(w["before"] != w["after"] for w in spec["layers"].values())
+    assert spec["max_abs_ref"] == pytest.approx(reference.abs().max().item())
+    assert spec["max_abs_diff"] <= 1e-4 * spec["max_abs_ref"]
+    with pytest.raises(ValueError, match="masks for"):
+        remove_channels(attach_gates(_calibrated("tiny_resnet"), x[:2]), [])
+    other = ChannelSelect(torch.tensor([2, 0]))
+    assert torch.equal(other(torch.arange(12.0).view(1, 3, 2, 2)), torch.arange(12.0).view(1, 3, 2, 2)[:, [2, 0]])
+    assert other.extra_repr() == "2 channels"

@@ -118,12 +118,15 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         for group, rem in zip(gates.groups, removed):
             _prune_group(model, gates.dg, group, rem)
         _insert_selects(model, gates.groups, kept)
+        after = layer_widths(model)
         spec: dict[str, Any] = {
             "format": SPEC_FORMAT,
             "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
             "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "kept": k}
                        for g, k in zip(gates.groups, kept)],
-            "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
+            # a pruned branch entrance `name` is now Sequential(ChannelSelect, norm): its norm is `name.1`
+            "layers": {name: {"before": w, "after": after.get(name, after.get(f"{name}.1", w))}
+                       for name, w in before.items()},
         }
         if reference is not None:
             out = model(check_input).float()
