@@ -203,7 +203,7 @@ def _cli_run(monkeypatch, recipe, out, extra, *, stop=None, resume=False):
     return rc, {k: v.served for k, v in wrapped.items()}
 
 
-# (method, the loader to interrupt, what ran before the interruption, batches each epoch takes from each loader)
+# method, the loader to interrupt (in the second epoch of the phase), the (phase, epoch) lines written before that
 CLI_CASES = {
     "rarts-search": ("rarts", "search_v", [("search", 0)]),
     "rarts-finetune": ("rarts", "train", [("search", 0), ("search", 1), ("finetune", 0)]),
