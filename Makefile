@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SLIMRARTS_DATA ?= $(wildcard $(CURDIR)/../shared/data)
 export SLIMRARTS_DATA
 
-.PHONY: demo test test-slow env clean-env
+.PHONY: demo test test-slow mutation env clean-env
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(BIN)/.installed
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+# Mutation testing of the modules that decide correctness ([tool.mutmut] in pyproject.toml), then the score per
+# module. Slow (hours on 2 cores), so not part of `test`; results are cached in mutants/ (delete it to start afresh).
+MUTATION_JOBS ?= 2
+mutation: $(BIN)/.installed
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/python benchmarks/mutation_score.py --survivors
 
 clean-env:
 	rm -rf $(VENV)

@@ -98,13 +98,77 @@ def test_random_keeps_the_reference_counts(tiny_sets, tmp_path):
 
 
 def test_random_keep_counts_and_errors():
-    masks = random_keep([5, 8], [2, 8], seed=0)
-    assert [int(m.sum()) for m in masks] == [2, 8]
-    with pytest.raises(ValueError, match="cannot keep"):
-        random_keep([4], [0], seed=0)
+    masks = random_keep([5, 8, 3], [2, 8, 1], seed=0)
+    assert [int(m.sum()) for m in masks] == [2, 8, 1]
+    assert [m.tolist() for m in random_keep([5, 8, 3], [2, 8, 1], seed=0)] == [m.tolist() for m in masks]  # seeded
+    assert [m.tolist() for m in random_keep([50], [25], seed=1)] != [m.tolist() for m in random_keep([50], [25], 0)]
+    for count in (0, 5):
+        with pytest.raises(ValueError, match="cannot keep"):
+            random_keep([4], [count], seed=0)
+
+
+def test_random_at_a_global_ratio_is_seeded_and_trains_no_alpha(tiny_sets, tmp_path):
+    """Without a reference: plain training on the whole set (checkpointed as the search phase, α untouched), then
+    random scores drawn from the recipe's seed, cut at one global threshold."""
+    loaders = _loaders(tiny_sets)
+    specs = []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        r = slimrarts.prune(create_model("tiny_preresnet"), loaders, 0.4, config=dict(_config("random", epochs=1),
+                            seed=seed), run_dir=tmp_path / run, progress=False)
+        specs.append([g["kept"] for g in r.spec["groups"]])
+        assert r.report["prc"] == pytest.approx(0.4, abs=1 / r.report["gated_channels"])
+        assert r.report["method"] == "random" and "global ratio" in r.report["method_note"]
+    assert specs[0] == specs[1] and specs[0] != specs[2]
+    phases = [json.loads(x)["phase"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert phases == ["search", "finetune"] and (tmp_path / "a" / "checkpoints" / "search.pt").exists()
+    scores = json.loads((tmp_path / "a" / "alphas.json").read_text())
+    assert scores["score"] == "random" and all(0 <= v < 1 for g in scores["alphas"] for v in g)
+
+
+def test_random_reference_of_another_model_is_refused(tiny_sets, tmp_path):
+    loaders = _loaders(tiny_sets)
+    slimrarts.prune(create_model("tiny_resnet"), loaders, 0.5, config=_config("rarts", epochs=1),
+                    run_dir=tmp_path / "ref", progress=False)
+    with pytest.raises(ValueError, match="has no group"):
+        slimrarts.prune(create_model("tiny_preresnet"), loaders, None,
+                        config=_config("random", epochs=1, reference=str(tmp_path / "ref")), progress=False)
+    with pytest.raises(FileNotFoundError, match="prune.reference"):
+        slimrarts.prune(create_model("tiny_preresnet"), loaders, None,
+                        config=_config("random", epochs=1, reference=str(tmp_path / "nowhere")), progress=False)
 
 
 def test_l1_mode_needs_alpha(tiny_sets):
     with pytest.raises(ValueError, match="mode=l1"):
         slimrarts.prune(create_model("tiny_resnet"), _loaders(tiny_sets), None,
                         config=_config("slimming", epochs=1, mode="l1"), progress=False)
+
+
+def test_register_baseline():
+    from slimrarts import methods
+    from slimrarts.baselines import base
+
+    def fn(*args, **kwargs):
+        return None
+
+    try:
+        assert base.register_baseline("tmp-test")(fn) is fn
+        assert base.get_baseline("tmp-test") is fn and base.is_baseline("tmp-test")
+        assert "tmp-test" in base.list_baselines() and base.list_baselines() == sorted(base.list_baselines())
+        with pytest.raises(ValueError, match="already registered"):
+            base.register_baseline("tmp-test")(fn)
+    finally:
+        methods._REGISTRY.pop("tmp-test", None)
+    assert not base.is_baseline("tmp-test")
+    with pytest.raises(ValueError, match="choose one of"):
+        base.get_baseline("tmp-test")
+
+
+def test_baselines_train_with_the_search_section():
+    from slimrarts.baselines.base import search_like
+    from slimrarts.recipe import load_recipe
+
+    recipe = load_recipe({"search": {"epochs": 7, "optim": {"lr": 0.3}, "amp": "bf16", "channels_last": True,
+                                     "cuda_graph": True, "log_every": 3}})
+    cfg = search_like(recipe)
+    assert (cfg.epochs, cfg.optim, cfg.amp, cfg.channels_last, cfg.cuda_graph, cfg.log_every) == (
+        7, recipe.search.optim, "bf16", True, True, 3)

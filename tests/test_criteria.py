@@ -7,8 +7,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimrarts.baselines.criteria import (NORMALIZER, TAYLOR_BATCHES, criterion_info, criterion_scores, list_criteria,
-                                          score_channels)
+from slimrarts.baselines.criteria import (
+    NORMALIZER,
+    TAYLOR_BATCHES,
+    criterion_info,
+    criterion_scores,
+    list_criteria,
+    score_channels,
+)
 from slimrarts.models import create_model
 from slimrarts.width import attach_gates, remove_channels, select_ratio
 

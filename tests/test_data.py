@@ -15,8 +15,20 @@ import torch.nn.functional as F
 from torchvision.io import encode_png
 
 from slimrarts.data import (
-    CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, ImageSet, augment_batch,
-    cutout_batch, default_cache_dir, limit_per_class, load_cifar, split_halves, stats_for,
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DeviceLoader,
+    ImageSet,
+    augment_batch,
+    cutout_batch,
+    default_cache_dir,
+    limit_per_class,
+    load_cifar,
+    split_halves,
+    stats_for,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -481,6 +493,42 @@ def test_split_halves():
         split_halves(labels.float())
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         split_halves(labels, seed=-1)
+
+
+@pytest.mark.parametrize("targets", [True, False], ids=["stratified", "no-targets"])
+def test_a_plain_dataloader_is_split_into_disjoint_halves(targets):
+    """`as_loaders((train, test))` serves D_t and D_v from two disjoint halves of the training DataLoader's dataset
+    that cover it (stratified when the dataset has `targets`), with its batch size, reproducibly for a seed."""
+    from slimrarts.data import as_loaders
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 1, 6]))
+    ids = torch.arange(len(labels))
+    ds = torch.utils.data.TensorDataset(ids, labels)
+    if targets:
+        ds.targets = labels
+    train = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, drop_last=False)
+    test = torch.utils.data.DataLoader(ds, batch_size=8)
+    loaders = as_loaders((train, test), seed=3)
+    assert loaders.train is train and loaders.test is test
+    seen = []
+    for half in (loaders.search_t, loaders.search_v):
+        assert isinstance(half, torch.utils.data.DataLoader) and half.batch_size == 4
+        batches = list(half)
+        assert all(len(b[0]) <= 4 for b in batches)
+        got = torch.cat([b[0] for b in batches])
+        assert len(set(got.tolist())) == len(got)
+        assert torch.equal(torch.cat([b[1] for b in batches]), labels[got])  # (sample, label) pairs intact
+        seen.append(set(got.tolist()))
+    first, second = seen
+    assert not first & second and first | second == set(range(len(labels)))
+    assert abs(len(first) - len(second)) <= 1
+    if targets:
+        per_class = (torch.bincount(labels[sorted(first)], minlength=5)
+                     - torch.bincount(labels[sorted(second)], minlength=5))
+        assert per_class.abs().max() <= 1
+    again = as_loaders((train, test), seed=3)
+    assert {int(i) for b in again.search_t for i in b[0]} == first
+    assert {int(i) for b in as_loaders((train, test), seed=4).search_t for i in b[0]} != first
 
 
 def test_limit_per_class():

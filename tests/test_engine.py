@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from slimrarts.data import DeviceLoader
 from slimrarts.engine import SGD, Adam, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
+from slimrarts.engine.loop import append_metrics, resolve_device, set_loader_epoch
+from slimrarts.engine.rundir import RunDir
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
 
@@ -83,10 +85,6 @@ def _setup(tiny_sets):
     return model, DeviceLoader(train, 32, train=True, seed=3), DeviceLoader(test, 50, train=False), cfg
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_fit_learns_and_writes_metrics(tiny_sets, tmp_path):
     model, train, test, cfg = _setup(tiny_sets)
     before = evaluate(model, test)
@@ -98,27 +96,6 @@ def test_fit_learns_and_writes_metrics(tiny_sets, tmp_path):
     assert lines[-1]["lr"] == pytest.approx(0.005)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_sets, tmp_path):
-    model, train, test, cfg = _setup(tiny_sets)
-    fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path / "a", progress=False)
-    model2, train2, test2, _ = _setup(tiny_sets)
-
-    def stop_after_epoch_1(state):
-        if state.epoch == 1:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        fit(model2, train2, test2, cfg=cfg, device="cpu", run_dir=tmp_path / "b", progress=False,
-            callbacks=[on(Event.EPOCH_END, stop_after_epoch_1)])
-    model3, train3, test3, _ = _setup(tiny_sets)  # a fresh process: new model, new loaders
-    result = fit(model3, train3, test3, cfg=cfg, device="cpu", run_dir=tmp_path / "b", resume=True, progress=False)
-    for (k, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1, 2]
-
-
 def test_plain_dataloader_works(tiny_sets):
     train, test = tiny_sets
     ds = torch.utils.data.TensorDataset(train.images.float() / 255, train.labels)
@@ -127,3 +104,120 @@ def test_plain_dataloader_works(tiny_sets):
                           nn.Linear(8, 10))
     result = fit(model, dl, dl, cfg=TrainConfig(epochs=2, optim=OptimConfig(lr=0.1)), device="cpu", progress=False)
     assert result.final["train_n"] == len(ds)
+
+
+def test_fit_records_each_epoch_and_evaluates_every_k(tiny_sets, tmp_path):
+    """Per epoch: phase, epoch, lr at its end, the training meters over the images seen, and the test figures only
+    every `eval_every` epochs and at the last; hooks run once per epoch/step; the checkpoint holds the history."""
+    model, train, test, cfg = _setup(tiny_sets)
+    starts, backward = [], []
+    result = fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path, phase="tune", progress=False,
+                 eval_every=2, callbacks=[on(Event.EPOCH_START, lambda state: starts.append(state.epoch)),
+                                          on(Event.AFTER_BACKWARD, lambda state: backward.append(1))])
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history and result.final == lines[-1]
+    assert [(r["phase"], r["epoch"], r["train_n"], r["cuda_graph"]) for r in lines] == [("tune", e, 192, False)
+                                                                                       for e in range(3)]
+    assert [("test_acc" in r, "test_loss" in r) for r in lines] == [(False, False), (True, True), (True, True)]
+    assert lines[-1]["test_acc"] == evaluate(model, test)["acc"]
+    assert [r["lr"] for r in lines] == pytest.approx([0.05, 0.005, 0.005])
+    assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 for r in lines)
+    assert lines[0]["train_loss"] > lines[-1]["train_loss"]
+    assert all(r["images_per_s"] == pytest.approx(r["train_n"] / r["epoch_s"]) for r in lines)
+    assert starts == [0, 1, 2] and len(backward) == 3 * len(train)
+    assert result.wall_s >= result.train_s == pytest.approx(sum(r["epoch_s"] for r in lines), rel=1e-6)
+    assert result.images_per_s == pytest.approx(3 * 192 / result.train_s)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "tune.pt")
+    assert ckpt["epoch"] == 2 and json.loads(ckpt["history"]) == lines
+    assert ckpt["train_s"] == pytest.approx(result.train_s) and 0 < ckpt["wall_s"] <= result.wall_s
+    with pytest.raises(ValueError, match="yields no batches"):
+        fit(model, [], None, cfg=cfg, device="cpu", progress=False)
+
+
+def test_resume_without_a_checkpoint_drops_that_phases_lines(tmp_path):
+    """Lines of an epoch whose checkpoint never landed are dropped on resume; other phases' lines stay."""
+    for rec in ({"phase": "search", "epoch": 0}, {"phase": "finetune", "epoch": 0}, {"phase": "finetune", "epoch": 1},
+                {"phase": "search", "note": "a line without an epoch stays"}):
+        append_metrics(tmp_path, rec)
+    append_metrics(None, {"phase": "x"})  # no run folder: nothing written
+    run = RunDir(tmp_path)
+    assert len(run.metrics()) == 4
+    assert run.resume_checkpoint("finetune", torch.device("cpu")) is None
+    assert run.metrics() == [{"phase": "search", "epoch": 0}, {"phase": "search", "note": "a line without an epoch stays"}]
+    save_atomic({"epoch": 0, "rng": {"cpu": torch.get_rng_state()}, "history": [], "wall_s": 0.0},
+                tmp_path / "checkpoints" / "search.pt")
+    append_metrics(tmp_path, {"phase": "search", "epoch": 1})
+    assert run.resume_checkpoint("search", torch.device("cpu"))["epoch"] == 0
+    assert [r.get("epoch") for r in run.metrics()] == [0, None]
+
+
+def test_set_loader_epoch_reaches_the_loader_or_its_sampler():
+    class Seen:
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, e):
+            self.epochs.append(e)
+
+    ds = torch.utils.data.TensorDataset(torch.arange(8))
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler)
+    set_loader_epoch(dl, 5)
+    assert sampler.epoch == 5
+    own = Seen()
+    own.sampler = Seen()
+    set_loader_epoch(own, 3)  # the loader's own set_epoch, and only that
+    assert own.epochs == [3] and own.sampler.epochs == []
+    holder = type("Holder", (), {})()
+    holder.batch_sampler = Seen()
+    set_loader_epoch(holder, 2)
+    assert holder.batch_sampler.epochs == [2]
+    set_loader_epoch([1, 2], 1)  # nothing to tell: no error
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu", 0)) == torch.device("cpu", 0)
+    expected = "cuda" if torch.cuda.is_available() else (
+        "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_the_loops_schedule_and_sgd_follow_their_config():
+    """schedule_fn passes every schedule setting to lr_at; build_sgd every optimizer setting to SGD."""
+    from slimrarts.engine.loop import build_sgd
+    from slimrarts.engine.schedule import schedule_fn as _lr_fn
+
+    cfg = OptimConfig(lr=0.4, momentum=0.7, weight_decay=3e-4, nesterov=True, schedule="cosine", warmup_epochs=2,
+                      min_lr=0.01, milestones=[0.3], gamma=0.2)
+    fn = _lr_fn(cfg, 5, 10)
+    for step in (0, 3, 9, 10, 27, 49):
+        assert fn(step) == lr_at(step, base_lr=0.4, steps_per_epoch=5, epochs=10, schedule="cosine",
+                                 milestones=[0.3], gamma=0.2, warmup_epochs=2, min_lr=0.01)
+    assert fn(0) < fn(9) and fn(49) > 0.01 - 1e-12
+    step_fn = _lr_fn(OptimConfig(lr=0.4, milestones=[0.3], gamma=0.2), 5, 10)
+    assert (step_fn(14), step_fn(15)) == (pytest.approx(0.4), pytest.approx(0.08))
+    opt = build_sgd([torch.zeros(2, requires_grad=True)], cfg)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.4, 0.7, 3e-4, True)
+
+
+def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"n": 1}, path)
+    with pytest.raises(Exception):
+        save_atomic({"n": 2, "bad": lambda: 0}, path)  # cannot be pickled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"] and load_checkpoint(path)["n"] == 1
+    save_atomic({"n": 3}, tmp_path / "new" / "d.pt")  # creates the folder
+    assert load_checkpoint(tmp_path / "new" / "d.pt")["n"] == 3
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    import argparse
+
+    torch.save({"epoch": 0, "x": argparse.Namespace(a=1)}, tmp_path / "c.pt")
+    with pytest.raises(Exception, match="cannot be read .UnpicklingError"):
+        load_checkpoint(tmp_path / "c.pt")

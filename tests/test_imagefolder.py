@@ -14,8 +14,16 @@ from PIL import Image
 from torchvision.io import encode_jpeg, encode_png
 
 from slimrarts.data import (
-    IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, ImageSet, default_cache_dir, imagefolder_sizes, load_imagefolder,
-    make_loaders, random_resized_boxes, resized_crop_batch,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceLoader,
+    ImageSet,
+    default_cache_dir,
+    imagefolder_sizes,
+    load_imagefolder,
+    make_loaders,
+    random_resized_boxes,
+    resized_crop_batch,
 )
 from slimrarts.recipe import DataConfig
 

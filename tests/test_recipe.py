@@ -82,9 +82,8 @@ def test_every_recipe_loads_and_its_model_builds(path):
     from slimrarts.models import create_model
 
     if path.stem.startswith("darts"):
-        from slimrarts.nas.recipe import NasRecipe
-
         from slimrarts.nas import DARTS_V2, SearchNetwork, build_eval_net
+        from slimrarts.nas.recipe import NasRecipe
 
         r = load_recipe(path, schema=NasRecipe)
         assert r.name and r.search.epochs >= 1

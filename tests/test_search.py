@@ -1,6 +1,9 @@
-"""Search algorithms: the solvable model, RARTS ↔ MiLeNAS, what one iteration touches, every method, resume."""
+"""Search algorithms: the solvable model, RARTS ↔ MiLeNAS, what one iteration touches, every method (one step of each
+against the hand update: test_search_steps.py; resume: test_resume.py)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -14,7 +17,6 @@ from slimrarts.search.loop import run_search
 from slimrarts.search.problem import NetProblem, make_state
 from slimrarts.toy import rarts_equilibrium, solve
 from slimrarts.width import attach_gates
-
 
 # ---- the solvable bilevel model (paper §III-D) -------------------------------------------------------------------
 
@@ -69,9 +71,7 @@ def _batch(loader):
     return next(iter(loader))
 
 
-def test_one_rarts_iteration_changes_w_y_and_alpha_and_not_the_test_set(tiny_sets):
-    _, test = tiny_sets
-    test_before = test.images.clone()
+def test_one_rarts_iteration_changes_w_y_and_alpha(tiny_sets):
     model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts")
     w0 = {k: v.detach().clone() for k, v in state.w.items()}
     y0 = {k: v.detach().clone() for k, v in state.y.items()}
@@ -82,7 +82,6 @@ def test_one_rarts_iteration_changes_w_y_and_alpha_and_not_the_test_set(tiny_set
     assert all(not torch.equal(y0[k], state.y[k]) for k in y0 if k.endswith("conv1.weight"))
     assert not any(torch.equal(w0[k], state.y[k]) for k in w0 if k.endswith("conv1.weight"))  # y ≠ w after
     assert all(not torch.equal(a, b) for a, b in zip(a0, gates.alphas))
-    assert torch.equal(test.images, test_before)
     # each net's BN statistics were updated once (its weight-step pass), not by the α-step passes
     for buffers in (state.w_buffers, state.y_buffers):
         counts = {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
@@ -158,32 +157,6 @@ def test_l1_mode_drives_alphas_to_exact_zero(tiny_sets):
     assert (flat == 0).float().mean() > 0.3
 
 
-def test_search_resume_is_exact(tiny_sets, tmp_path):
-    def run(run_dir, epochs, resume=False, stop=None):
-        model, gates, problem, state, (lt, lv, _) = _setup(tiny_sets, "rarts")
-
-        def cb(state):
-            if stop is not None and state.epoch == stop:
-                raise KeyboardInterrupt
-
-        try:
-            run_search(problem, state, "rarts", epochs=epochs, optim_w=OptimConfig(lr=0.05), loader_t=lt,
-                       loader_v=lv, run_dir=str(run_dir), resume=resume, progress=False,
-                       callbacks=[on(Event.EPOCH_END, cb)])
-        except KeyboardInterrupt:
-            pass
-        return state, gates
-
-    full, gates_full = run(tmp_path / "a", 3)
-    run(tmp_path / "b", 3, stop=0)
-    resumed, gates_res = run(tmp_path / "b", 3, resume=True)
-    for k in full.w:
-        assert torch.equal(full.w[k], resumed.w[k]), k
-        assert torch.equal(full.y[k], resumed.y[k]), k
-    for a, b in zip(gates_full.alphas, gates_res.alphas):
-        assert torch.equal(a, b)
-
-
 def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
     """search.arch.schedule=step drops α's learning rate at the milestones; the default keeps it constant."""
     seen = {}
@@ -197,3 +170,156 @@ def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
         seen[schedule] = lrs
     assert seen["constant"] == pytest.approx([0.01, 0.01])
     assert seen["step"] == pytest.approx([0.01, 0.001])
+
+
+@pytest.mark.parametrize("method", ["rarts", "joint"])
+def test_search_records_each_epoch(tiny_sets, tmp_path, method):
+    """Each epoch's record: phase, method, epoch, the weights' learning rate at its end, the pass meters, images seen
+    (both batches of a pair for split methods), the mean |α| and the fraction of α at exactly 0; the result's times."""
+    model, gates, problem, state, (lt, lv, lw) = _setup(tiny_sets, method, arch_lr=0.05)
+    problem.l1 = 2.0  # some α reach exactly 0
+    optim = OptimConfig(lr=0.05, milestones=[0.5])
+    optim_y = OptimConfig(lr=0.02, milestones=[0.5])
+    result = run_search(problem, state, method, epochs=2, optim_w=optim, optim_y=optim_y, loader_t=lt, loader_v=lv,
+                        loader_whole=lw, run_dir=str(tmp_path), progress=False)
+    per_epoch = 8 * 25 if method == "joint" else 4 * (25 + 25)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    meters = {"t_loss", "t_acc"} | ({"v_loss", "v_acc"} if method == "rarts" else set())
+    for epoch, r in enumerate(result.history):
+        assert (r["phase"], r["method"], r["epoch"], r["images"], r["cuda_graph"]) == (
+            "search", method, epoch, per_epoch, False)
+        assert meters <= set(r) and all(0 <= r[k] <= 1 for k in meters if k.endswith("acc"))
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["epoch_s"])
+    assert [r["lr"] for r in result.history] == pytest.approx([0.05, 0.005])
+    assert state.opt_w.lr_tensor().item() == pytest.approx(0.005)
+    if state.opt_y is not None:
+        assert state.opt_y.lr_tensor().item() == pytest.approx(0.002)  # y follows its own schedule
+    alphas = torch.cat([a.detach().abs().flatten() for a in gates.alphas])
+    last = result.history[-1]
+    assert last["alpha_mean"] == pytest.approx(alphas.mean().item())
+    assert last["alpha_zero"] == pytest.approx((alphas == 0).float().mean().item()) and 0 < last["alpha_zero"] < 1, last
+    assert result.wall_s >= result.search_s >= sum(r["epoch_s"] for r in result.history) * 0.999 > 0
+    assert result.images_per_s == pytest.approx(2 * per_epoch / result.search_s)
+    ckpt = torch.load(tmp_path / "checkpoints" / "search.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and json.loads(ckpt["history"]) == result.history
+    assert ckpt["train_s"] == pytest.approx(result.search_s) and 0 < ckpt["wall_s"] <= result.wall_s
+
+
+def test_search_loop_rejects_missing_or_empty_loaders(tiny_sets):
+    _, _, problem, state, (lt, lv, lw) = _setup(tiny_sets, "rarts")
+    optim = OptimConfig(lr=0.05)
+    with pytest.raises(ValueError, match="needs both halves"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_t=lt, progress=False)
+    with pytest.raises(ValueError, match="needs both halves"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_v=lv, progress=False)
+    with pytest.raises(ValueError, match="yield no batches"):
+        run_search(problem, state, "rarts", epochs=1, optim_w=optim, loader_t=lt, loader_v=[], progress=False)
+    _, _, problem, state, _ = _setup(tiny_sets, "joint")
+    with pytest.raises(ValueError, match="whole training set"):
+        run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_t=lt, loader_v=lv, progress=False)
+    with pytest.raises(ValueError, match="yield no batches"):
+        run_search(problem, state, "joint", epochs=1, optim_w=optim, loader_whole=[], progress=False)
+
+
+def test_register_search_records_what_a_method_needs():
+    from slimrarts import methods
+    from slimrarts.search import base
+
+    def step(problem, state, batch_t, batch_v):
+        return None
+
+    try:
+        assert base.register_search("tmp-test", two_nets=True, data="whole", passes=3, paper="p",
+                                    description="d")(step) is step
+        info = get_search("tmp-test")
+        assert (info.name, info.step, info.two_nets, info.data, info.passes, info.paper, info.description) == (
+            "tmp-test", step, True, "whole", 3, "p", "d")
+        assert info.kind == "search" and info.has_alpha
+        assert "tmp-test" in list_searches() and list_searches() == sorted(list_searches())
+        with pytest.raises(ValueError, match="already registered"):
+            base.register_search("tmp-test", two_nets=False, data="split", passes=1, paper="", description="")(step)
+    finally:
+        methods._REGISTRY.pop("tmp-test", None)
+    with pytest.raises(ValueError, match="data must be"):
+        base.register_search("tmp-test", two_nets=False, data="half", passes=1, paper="", description="")
+    with pytest.raises(ValueError, match="choose one of"):
+        get_search("tmp-test")
+
+
+def test_make_state_builds_w_y_and_their_optimizers():
+    """w is the model's own parameters; y an independent copy with its own BN statistics; each optimizer as its
+    config says (optim_y defaulting to optim_w); the α optimizer Adam or SGD; the coefficients stored."""
+    from slimrarts.search.problem import make_arch_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    arch = [torch.ones(4, requires_grad=True)]
+    ow = OptimConfig(lr=0.3, momentum=0.8, weight_decay=1e-3, nesterov=True)
+    oy = OptimConfig(lr=0.2, momentum=0.7, weight_decay=2e-3)
+    state = make_state(model, arch, "rarts", optim_w=ow, optim_y=oy, arch_optim=ArchOptimConfig(lr=0.04),
+                       lam=2.0, beta=0.3, xi=0.05, grad_clip=5.0)
+    assert (state.lam, state.beta, state.xi, state.grad_clip) == (2.0, 0.3, 0.05, 5.0)
+    assert all(state.w[k] is p for k, p in model.named_parameters())
+    assert all(state.w_buffers[k] is b for k, b in model.named_buffers())
+    for k, p in model.named_parameters():
+        assert torch.equal(state.y[k], p) and state.y[k].data_ptr() != p.data_ptr() and state.y[k].requires_grad
+    for group in (state.y_buffers, state.scratch_buffers):
+        for k, b in model.named_buffers():
+            assert torch.equal(group[k], b) and group[k].data_ptr() != b.data_ptr()
+    for opt, cfg, params in ((state.opt_w, ow, state.w_list), (state.opt_y, oy, state.y_list)):
+        g = opt.param_groups[0]
+        assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (cfg.lr, cfg.momentum,
+                                                                             cfg.weight_decay, cfg.nesterov)
+        assert [p.data_ptr() for p in g["params"]] == [p.data_ptr() for p in params]
+    a = state.opt_arch.param_groups[0]
+    assert isinstance(state.opt_arch, torch.optim.Optimizer) and type(state.opt_arch).__name__ == "Adam"
+    assert (a["lr"], a["betas"], a["weight_decay"], a["params"][0] is arch[0]) == (0.04, (0.5, 0.999), 0.0, True)
+    same = make_state(model, arch, "rarts", optim_w=ow, arch_optim=ArchOptimConfig())
+    assert same.opt_y.param_groups[0]["lr"] == 0.3 and same.opt_y.param_groups[0]["nesterov"]
+    one = make_state(model, arch, "darts1", optim_w=ow, arch_optim=ArchOptimConfig())
+    assert one.y is None and one.y_buffers is None and one.opt_y is None
+    sgd = make_arch_optimizer(arch, ArchOptimConfig(optimizer="sgd", lr=0.1, momentum=0.5, weight_decay=0.01))
+    assert type(sgd).__name__ == "SGD"
+    assert (sgd.param_groups[0]["momentum"], sgd.param_groups[0]["weight_decay"]) == (0.5, 0.01)
+    adam = make_arch_optimizer(arch, ArchOptimConfig(betas=[0.9, 0.99], weight_decay=0.02))
+    assert (adam.param_groups[0]["betas"], adam.param_groups[0]["weight_decay"]) == ((0.9, 0.99), 0.02)
+
+
+def test_net_problem_meters_and_amp(tiny_sets):
+    """Tracked passes accumulate sample-weighted loss and accuracy per meter until read(); bf16 autocast runs the
+    forward in bf16 (a different loss, computed in fp32); untracked passes record nothing."""
+    train, _ = tiny_sets
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet")
+    x = train.images[:30].float() / 255
+    y = train.labels[:30]
+    problem = NetProblem(model, [])
+    params, buffers = dict(model.named_parameters()), {k: v.clone() for k, v in model.named_buffers()}
+    assert problem.device == torch.device("cpu")
+    l1 = problem.loss(params, buffers, (x[:10], y[:10]), track="a")
+    l2 = problem.loss(params, buffers, (x[10:], y[10:]), track="a")
+    problem.loss(params, buffers, (x, y))  # untracked
+    out = [torch.func.functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), (x[s],))
+           for s in (slice(0, 10), slice(10, 30))]
+    correct = sum(int((o.argmax(1) == y[s]).sum()) for o, s in zip(out, (slice(0, 10), slice(10, 30))))
+    read = problem.read()
+    assert set(read) == {"a_loss", "a_acc"}
+    assert read["a_loss"] == pytest.approx((10 * l1.item() + 20 * l2.item()) / 30, rel=1e-6)
+    assert read["a_acc"] == pytest.approx(correct / 30)
+    assert problem.read() == {}
+    bf16 = NetProblem(model, [], amp="bf16").loss(params, buffers, (x, y))
+    fp32 = problem.loss(params, buffers, (x, y))
+    assert bf16.dtype == torch.float32 and bf16.item() != fp32.item()
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+    custom = NetProblem(model, [], loss_fn=lambda out, target: out.sum() * 0 + 7.0)
+    assert custom.loss(params, buffers, (x, y)).item() == 7.0
+
+
+def test_grads_of_gives_zeros_for_unused_tensors():
+    from slimrarts.search.base import grads_of, set_grads
+
+    a, b = torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    g = grads_of((a * a).sum(), [a, b])
+    assert torch.equal(g[0], torch.tensor([2.0, 4.0])) and torch.equal(g[1], torch.zeros(1))
+    set_grads([a, b], g)
+    assert a.grad is g[0] and b.grad is g[1]

@@ -10,9 +10,21 @@ import torch
 import torch.nn as nn
 
 from slimrarts.models import create_model
-from slimrarts.width import (ChannelGroup, ChannelSelect, CoverageWarning, attach_gates, load_slim, prox_l1_,
-                             prunable_channels, pruned_ratio, remove_channels, require_groups, save_slim, select_l1,
-                             select_ratio)
+from slimrarts.width import (
+    ChannelGroup,
+    ChannelSelect,
+    CoverageWarning,
+    attach_gates,
+    load_slim,
+    prox_l1_,
+    prunable_channels,
+    pruned_ratio,
+    remove_channels,
+    require_groups,
+    save_slim,
+    select_l1,
+    select_ratio,
+)
 
 
 def _calibrated(name: str, size: int = 32) -> nn.Module:
@@ -154,6 +166,32 @@ def test_ratio_selection_prunes_smallest_magnitudes_and_breaks_ties_in_order():
     assert select_ratio([torch.ones(4), torch.ones(4)], 0.25)[0].tolist() == [False, False, True, True]
 
 
+def test_ties_are_broken_by_position_in_large_groups_too():
+    """Ties go by group order, then channel order, also past the sizes where an unstable sort would reorder them."""
+    keep = select_ratio([torch.ones(150), torch.ones(150)], 0.25)
+    assert torch.equal(keep[0], torch.arange(150) >= 75) and bool(keep[1].all())
+    keep = select_ratio([torch.ones(200)], 0.5, round_to=8)  # 100 kept, rounded up to 104; tied channels come back
+    assert torch.equal(keep[0], (torch.arange(200) < 4) | (torch.arange(200) >= 100))  # in channel order
+    keep = select_l1([torch.zeros(200), torch.zeros(3)], min_channels=5)  # an all-zero group keeps its first channels
+    assert torch.equal(keep[0], torch.arange(200) < 5) and bool(keep[1].all())
+
+
+def test_selection_defaults_and_bad_settings():
+    zeros = [torch.zeros(6), torch.tensor([0.0, 0.5, 0.0])]
+    assert [k.tolist() for k in select_l1(zeros)] == [[True] + [False] * 5, [False, True, False]]  # min_channels=1
+    assert [int(k.sum()) for k in select_ratio([torch.arange(1.0, 7.0)], 0.9)] == [1]  # 5 of 6 pruned, 1 kept
+    for select in (lambda a, **kw: select_ratio(a, 0.5, **kw), select_l1):
+        with pytest.raises(ValueError, match="round_to"):
+            select(zeros, round_to=0)
+        with pytest.raises(ValueError, match="min_channels"):
+            select(zeros, min_channels=0)
+        with pytest.raises(ValueError, match="no gated channels"):
+            select([])
+    for ratio in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ratio must be in"):
+            select_ratio(zeros, ratio)
+
+
 def test_round_to_rounds_kept_counts_up():
     keep = select_ratio([torch.arange(1.0, 17.0), torch.arange(1.0, 17.0)], 0.3, round_to=4)
     assert all(int(k.sum()) % 4 == 0 for k in keep)
@@ -186,6 +224,29 @@ def test_save_and_load_rebuild_the_slim_model(tmp_path):
     torch.testing.assert_close(other(x), model(x))
     with pytest.raises(ValueError, match="does not exist in this model"):
         load_slim(tmp_path / "slim.pt", model=create_model("tiny_resnet"))
+
+
+def test_load_slim_rebuilds_class_count_and_arguments_and_refuses_pickles(tmp_path):
+    """The factory gets the saved class count (10 when the info has none) and model arguments; a file whose model
+    is not recorded needs model=; a payload holding a pickled object is refused (saved models are data)."""
+    import argparse
+
+    x = torch.randn(2, 3, 32, 32)
+    for info, kwargs in (({"name": "tiny_resnet", "num_classes": 7, "kwargs": {"widths": (4, 8, 12)}},
+                          {"num_classes": 7, "widths": (4, 8, 12)}), ({"name": "tiny_resnet"}, {})):
+        torch.manual_seed(0)
+        model = create_model("tiny_resnet", **kwargs).eval()
+        spec = _remove_with_random_alphas(attach_gates(model, x, "internal"), x)[2]
+        save_slim(tmp_path / "slim.pt", model, spec, info)
+        torch.testing.assert_close(load_slim(tmp_path / "slim.pt", build=create_model)(x), model(x))
+    for info in (None, {"num_classes": 10}):
+        save_slim(tmp_path / "anon.pt", model, spec, info)
+        with pytest.raises(ValueError, match="does not record which model"):
+            load_slim(tmp_path / "anon.pt", build=create_model)
+    payload = torch.load(tmp_path / "slim.pt", weights_only=True)
+    torch.save(dict(payload, extra=argparse.Namespace(a=1)), tmp_path / "pickled.pt")
+    with pytest.raises(Exception, match="cannot be read .UnpicklingError"):
+        load_slim(tmp_path / "pickled.pt", build=create_model)
 
 
 def test_round_to_with_ties_keeps_multiples():
@@ -363,3 +424,64 @@ def test_ratio_selection_with_repeats_stops_closest_to_the_target():
 def test_l1_selection_with_repeats_keeps_min_channels():
     keep = select_l1([torch.zeros(4), torch.tensor([0.0, 1.0])], min_channels=9, repeats=[4, 1])
     assert [int(k.sum()) for k in keep] == [3, 2]  # ceil(9/4) = 3 entries = 12 channels; group 1 has only 2
+
+
+def test_load_slim_traces_at_the_input_size_of_the_spec(tmp_path):
+    """A net that only runs at its own input size (a linear layer on flattened 16x16 maps) is rebuilt from its spec;
+    a spec without an input size falls back to CIFAR's 3x32x32."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                             nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)).eval()
+
+    model = net()
+    x = torch.randn(2, 3, 16, 16)
+    spec = _remove_with_random_alphas(attach_gates(model, x, "internal"), x)[2]
+    assert spec["input_shape"] == [2, 3, 16, 16]
+    save_slim(tmp_path / "slim.pt", model, spec)
+    torch.testing.assert_close(load_slim(tmp_path / "slim.pt", model=net())(x), model(x))
+    cifar = _calibrated("tiny_resnet")
+    x = torch.randn(2, 3, 32, 32)
+    spec = _remove_with_random_alphas(attach_gates(cifar, x, "internal"), x)[2]
+    from slimrarts.width import apply_spec
+
+    rebuilt = apply_spec(_calibrated("tiny_resnet"), dict(spec, input_shape=None))
+    rebuilt.load_state_dict(cifar.state_dict())
+    torch.testing.assert_close(rebuilt(x), cifar(x))
+
+
+def test_remove_channels_spec_and_training_flag():
+    """The spec names each group (scope, root, size, kept indices), every layer's widths before and after, the input
+    shape and the check's figures; the model comes back in the mode it was in, without hooks."""
+    model = _calibrated("tiny_preresnet").train()
+    x = torch.randn(3, 3, 32, 32)
+    gates = attach_gates(model, x[:2], ["internal", "branch-input"])
+    groups = list(gates.groups)
+    keep = select_ratio([torch.rand(a.shape, generator=torch.Generator().manual_seed(2)) for a in gates.alphas], 0.5)
+    with torch.no_grad(), gates.masked(keep):
+        model.eval()
+        reference = model(x)
+        model.train()
+    spec = remove_channels(gates, keep, check_input=x)
+    assert model.training
+    assert spec["format"] == 1 and spec["input_shape"] == [2, 3, 32, 32]
+    assert [(g["name"], g["scope"], g["root"], g["size"]) for g in spec["groups"]] == [
+        (g.name, g.scope, g.root, g.size) for g in groups]
+    assert [g["kept"] for g in spec["groups"]] == [torch.nonzero(k).flatten().tolist() for k in keep]
+    modules = dict(model.named_modules())
+    for name, w in spec["layers"].items():
+        m = modules[name]
+        if isinstance(m, nn.Sequential):  # a pruned branch entrance is now (ChannelSelect, norm)
+            assert isinstance(m[0], ChannelSelect)
+            m = m[1]
+        after = [m.in_channels, m.out_channels] if isinstance(m, nn.Conv2d) else (
+            [m.in_features, m.out_features] if isinstance(m, nn.Linear) else [m.num_features] * 2)
+        assert w["after"] == after, name
+    assert any(w["before"] != w["after"] for w in spec["layers"].values())
+    assert spec["max_abs_ref"] == pytest.approx(reference.abs().max().item())
+    assert spec["max_abs_diff"] <= 1e-4 * spec["max_abs_ref"]
+    with pytest.raises(ValueError, match="masks for"):
+        remove_channels(attach_gates(_calibrated("tiny_resnet"), x[:2]), [])
+    other = ChannelSelect(torch.tensor([2, 0]))
+    assert torch.equal(other(torch.arange(12.0).view(1, 3, 2, 2)), torch.arange(12.0).view(1, 3, 2, 2)[:, [2, 0]])
+    assert other.extra_repr() == "2 channels"

@@ -11,8 +11,18 @@ import torch
 import torch.nn as nn
 
 from slimrarts.models import create_model
-from slimrarts.width import (CoverageWarning, apply_spec, attach_gates, coverage, load_slim, pruned_ratio,
-                             remove_channels, require_groups, save_slim, select_ratio)
+from slimrarts.width import (
+    CoverageWarning,
+    apply_spec,
+    attach_gates,
+    coverage,
+    load_slim,
+    pruned_ratio,
+    remove_channels,
+    require_groups,
+    save_slim,
+    select_ratio,
+)
 
 
 def _calibrate(model: nn.Module, size: int, seed: int = 0) -> nn.Module:

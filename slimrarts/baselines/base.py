@@ -48,7 +48,7 @@ def is_baseline(name: str) -> bool:
 
 
 def list_baselines() -> list[str]:
-    return list_methods("baseline")
+    return sorted(list_methods("baseline"))
 
 
 def search_like(recipe):

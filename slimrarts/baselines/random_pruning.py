@@ -49,9 +49,6 @@ def reference_counts(path: str, gates) -> list[int]:
     return [kept[g.name] for g in gates.groups]
 
 
-@register_baseline("random", source="random pruning (RARTS paper, Table 6)",
-                   description="train on the whole set; keep random channels at a global ratio or at a reference "
-                               "run's per-group counts")
 def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
                    progress=True) -> BaselineResult:
     """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
@@ -69,3 +66,8 @@ def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resum
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(grp.num_alphas, generator=g) for grp in gates.groups]
     return BaselineResult(scores=scores, keep=None, fit=result, note="random channels at a global ratio")
+
+
+register_baseline("random", source="random pruning (RARTS paper, Table 6)",
+                  description="train on the whole set; keep random channels at a global ratio or at a reference "
+                              "run's per-group counts")(random_pruning)

@@ -21,10 +21,10 @@ __all__ = ["bn_l1_subgradient", "slimming"]
 def bn_l1_subgradient(weights: list[torch.Tensor], s: float):
     """A callable adding s·sign(γ) to each γ's gradient (foreach; no host sync)."""
 
-    @torch.no_grad()
     def add():
-        grads = [w.grad for w in weights]
-        torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=s)
+        with torch.no_grad():
+            grads = [w.grad for w in weights]
+            torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=s)
 
     return add
 
@@ -43,8 +43,6 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
     return out
 
 
-@register_baseline("slimming", source="Network Slimming (Liu et al., ICCV 2017)",
-                   description="sparsity training with s·‖γ‖₁ on BN γ (γ initialised to 0.5); one global |γ| threshold")
 def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
     """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
     s = recipe.search
@@ -65,3 +63,8 @@ def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=Fals
     scores = [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in norms]
     return BaselineResult(scores=scores, keep=None, fit=result,
                           note=f"Network Slimming: BN-γ ℓ1 (s={s.sparsity}), whole training set")
+
+
+register_baseline("slimming", source="Network Slimming (Liu et al., ICCV 2017)",
+                  description="sparsity training with s·‖γ‖₁ on BN γ (γ initialised to 0.5); one global |γ| threshold"
+                  )(slimming)

@@ -125,4 +125,4 @@ def get_search(name: str) -> MethodInfo:
 
 
 def list_searches() -> list[str]:
-    return list_methods("search")
+    return sorted(list_methods("search"))

@@ -7,14 +7,16 @@ import torch
 from .base import Problem, SearchState, arch_step, grads_of, register_search, set_grads
 
 
-@register_search("darts1", two_nets=False, data="split", passes=2, paper="DARTS, first order",
-                 description="w ← w − η∇_wL_t(w); α ← α − η_α∇_αL_v(w) at the new w")
 def darts1_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w = state.w_list
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
     state.step_weights("w")
     loss_v = problem.loss(state.w, state.scratch_buffers, batch_v, track="v")
     arch_step(problem, state, grads_of(loss_v, problem.arch))
+
+
+register_search("darts1", two_nets=False, data="split", passes=2, paper="DARTS, first order",
+                description="w ← w − η∇_wL_t(w); α ← α − η_α∇_αL_v(w) at the new w")(darts1_step)
 
 
 def _unrolled(state: SearchState, grads: list[torch.Tensor], xi: torch.Tensor) -> list[torch.Tensor]:
@@ -32,9 +34,6 @@ def _unrolled(state: SearchState, grads: list[torch.Tensor], xi: torch.Tensor) -
     return [v.requires_grad_() for v in virtual]
 
 
-@register_search("darts2", two_nets=False, data="split", passes=5, paper="DARTS, second order (unrolled)",
-                 description="α-gradient at w' = w − ξ∇_wL_t(w): ∇_αL_v(w') − ξ·∇²_{α,w}L_t·∇_{w'}L_v(w'), the "
-                             "Hessian product by finite differences with ε = 0.01/‖∇_{w'}L_v‖; then the w-step")
 def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     names, w, arch = list(state.w), state.w_list, problem.arch
     xi = state.opt_w.lr_tensor() if state.xi is None else torch.full((), state.xi, device=w[0].device)
@@ -58,3 +57,9 @@ def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     arch_step(problem, state, grads_arch)
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
     state.step_weights("w")
+
+
+register_search("darts2", two_nets=False, data="split", passes=5, paper="DARTS, second order (unrolled)",
+                description="α-gradient at w' = w − ξ∇_wL_t(w): ∇_αL_v(w') − ξ·∇²_{α,w}L_t·∇_{w'}L_v(w'), the "
+                            "Hessian product by finite differences with ε = 0.01/‖∇_{w'}L_v‖; then the w-step"
+                )(darts2_step)

@@ -7,8 +7,6 @@ import torch
 from .base import Problem, SearchState, arch_step, grads_of, register_search, set_grads
 
 
-@register_search("milenas", two_nets=False, data="split", passes=3, paper="MiLeNAS, first order",
-                 description="w ← w − η∇_wL_t(w); α ← α − η_α(∇_αL_t(w) + λ∇_αL_v(w)) at the new w")
 def milenas_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w = state.w_list
     set_grads(w, grads_of(problem.loss(state.w, state.w_buffers, batch_t, track="t"), w))
@@ -18,3 +16,7 @@ def milenas_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None
     with torch.no_grad():
         torch._foreach_add_(grads, g_v, alpha=state.lam)
     arch_step(problem, state, grads)
+
+
+register_search("milenas", two_nets=False, data="split", passes=3, paper="MiLeNAS, first order",
+                description="w ← w − η∇_wL_t(w); α ← α − η_α(∇_αL_t(w) + λ∇_αL_v(w)) at the new w")(milenas_step)

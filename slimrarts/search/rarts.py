@@ -7,29 +7,26 @@ import torch
 from .base import Problem, SearchState, arch_step, grads_of, register_search, set_grads
 
 
-@torch.no_grad()
 def _coupled(grads: list[torch.Tensor], scale: float, mine: list[torch.Tensor], other: list[torch.Tensor],
              beta: float) -> list[torch.Tensor]:
     """scale·grads + β·(mine − other), with foreach ops; the β-term is explicit, never built in the graph."""
-    if scale != 1.0:
-        torch._foreach_mul_(grads, scale)
-    if beta:
-        torch._foreach_add_(grads, torch._foreach_sub(mine, other), alpha=beta)
+    with torch.no_grad():
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        if beta:
+            torch._foreach_add_(grads, torch._foreach_sub(mine, other), alpha=beta)
     return grads
 
 
-@torch.no_grad()
 def _combine(grads_t: list[torch.Tensor], lam: float, grads_v: list[torch.Tensor]) -> list[torch.Tensor]:
     """λ·grads_t + grads_v."""
-    if lam != 1.0:
-        torch._foreach_mul_(grads_t, lam)
-    torch._foreach_add_(grads_t, grads_v)
+    with torch.no_grad():
+        if lam != 1.0:
+            torch._foreach_mul_(grads_t, lam)
+        torch._foreach_add_(grads_t, grads_v)
     return grads_t
 
 
-@register_search("rarts", two_nets=True, data="split", passes=4, paper="RARTS eq. (7)",
-                 description="w ← w − η(λ∇L_t(w) + β(w−y)); y ← y − η(∇L_v(y) + β(y−w)); "
-                             "α ← α − η(λ∇_αL_t(w) + ∇_αL_v(y)), each step at the values just updated")
 def rarts_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w, y = state.w_list, state.y_list
     loss_t = problem.loss(state.w, state.w_buffers, batch_t, track="t")
@@ -44,10 +41,11 @@ def rarts_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     arch_step(problem, state, _combine(grads, state.lam, grads_v))
 
 
-@register_search("rarts-jacobi", two_nets=True, data="split", passes=2,
-                 paper="not the paper's method: a speed option",
-                 description="as rarts, but the α-gradient comes from the same two passes as the w- and y-steps "
-                             "(at the old w and y)")
+register_search("rarts", two_nets=True, data="split", passes=4, paper="RARTS eq. (7)",
+                description="w ← w − η(λ∇L_t(w) + β(w−y)); y ← y − η(∇L_v(y) + β(y−w)); "
+                            "α ← α − η(λ∇_αL_t(w) + ∇_αL_v(y)), each step at the values just updated")(rarts_step)
+
+
 def rarts_jacobi_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     w, y, arch = state.w_list, state.y_list, problem.arch
     n = len(w)
@@ -61,3 +59,9 @@ def rarts_jacobi_step(problem: Problem, state: SearchState, batch_t, batch_v) ->
     set_grads(y, _coupled(g[:n], 1.0, y, w, state.beta))
     state.step_weights("y")
     arch_step(problem, state, _combine(grads_arch, state.lam, g[n:]))
+
+
+register_search("rarts-jacobi", two_nets=True, data="split", passes=2,
+                paper="not the paper's method: a speed option",
+                description="as rarts, but the α-gradient comes from the same two passes as the w- and y-steps "
+                            "(at the old w and y)")(rarts_jacobi_step)

@@ -42,21 +42,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-@torch.no_grad()
 def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
     """Multiply each gate's α into the layer it sits on (norm affine, or producer output rows)."""
-    modules = dict(gates.model.named_modules())
-    for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
-        alpha = alpha.detach().flatten().repeat(group.repeat)  # one value per channel
-        for site in group.sites:
-            m = modules[site.module]
-            a = alpha.to(m.weight.dtype)
-            if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
-                m.weight.mul_(a.view((1, -1) + (1,) * (m.weight.dim() - 2)))
-            else:
-                m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
-            if getattr(m, "bias", None) is not None:
-                m.bias.mul_(a)
+    with torch.no_grad():
+        modules = dict(gates.model.named_modules())
+        for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
+            alpha = alpha.detach().flatten().repeat(group.repeat)  # one value per channel
+            for site in group.sites:
+                m = modules[site.module]
+                a = alpha.to(m.weight.dtype)
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
+                    m.weight.mul_(a.view((1, -1) + (1,) * (m.weight.dim() - 2)))
+                else:
+                    m.weight.mul_(a.view((-1,) + (1,) * (m.weight.dim() - 1)))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.mul_(a)
 
 
 def layer_widths(model: nn.Module) -> dict[str, list[int]]:
@@ -105,7 +105,6 @@ def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[lis
             _set_module(model, group.root, nn.Sequential(ChannelSelect(index), norm))
 
 
-@torch.no_grad()
 def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.Tensor | None = None) -> dict:
     """Fold α, remove the channels not kept, and return the width spec (with the check's max abs difference).
 
@@ -113,42 +112,46 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`.
     The model is changed in place and its hooks are removed.
     """
-    model = gates.model
-    if len(keep) != len(gates.groups):
-        raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
-    for group, k in zip(gates.groups, keep):
-        if k.numel() != group.num_alphas:
-            raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has {group.num_alphas} "
-                             f"({group.size} channels, {group.repeat} per entry: reduce per-channel scores with "
-                             "Gates.entry_scores before selecting)")
-    was_training = model.training
-    model.eval()
-    reference = None
-    if check_input is not None:
-        with gates.masked(keep):
-            reference = model(check_input).float()
-    before = layer_widths(model)
-    kept = [torch.nonzero(g.channel_mask(k.cpu().bool()), as_tuple=False).flatten().tolist()
-            for g, k in zip(gates.groups, keep)]
-    removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
-    gates.remove()
-    fold_gates(gates)
-    for group, rem in zip(gates.groups, removed):
-        _prune_group(model, gates.dg, group, rem)
-    _insert_selects(model, gates.groups, kept)
-    spec: dict[str, Any] = {
-        "format": SPEC_FORMAT,
-        "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
-        "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "repeat": g.repeat, "kept": k}
-                   for g, k in zip(gates.groups, kept)],
-        "layers": {name: {"before": w, "after": layer_widths(model).get(name, w)} for name, w in before.items()},
-    }
-    if reference is not None:
-        out = model(check_input).float()
-        spec["max_abs_diff"] = (out - reference).abs().max().item()
-        spec["max_abs_ref"] = reference.abs().max().item()
-    model.train(was_training)
-    return spec
+    with torch.no_grad():
+        model = gates.model
+        if len(keep) != len(gates.groups):
+            raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+        for group, k in zip(gates.groups, keep):
+            if k.numel() != group.num_alphas:
+                raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has {group.num_alphas} "
+                                 f"({group.size} channels, {group.repeat} per entry: reduce per-channel scores with "
+                                 "Gates.entry_scores before selecting)")
+        was_training = model.training
+        model.eval()
+        reference = None
+        if check_input is not None:
+            with gates.masked(keep):
+                reference = model(check_input).float()
+        before = layer_widths(model)
+        kept = [torch.nonzero(g.channel_mask(k.cpu().bool()), as_tuple=False).flatten().tolist()
+                for g, k in zip(gates.groups, keep)]
+        removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
+        gates.remove()
+        fold_gates(gates)
+        for group, rem in zip(gates.groups, removed):
+            _prune_group(model, gates.dg, group, rem)
+        _insert_selects(model, gates.groups, kept)
+        after = layer_widths(model)
+        spec: dict[str, Any] = {
+            "format": SPEC_FORMAT,
+            "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
+            "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "repeat": g.repeat, "kept": k}
+                       for g, k in zip(gates.groups, kept)],
+            # a pruned branch entrance `name` is now Sequential(ChannelSelect, norm): its norm is `name.1`
+            "layers": {name: {"before": w, "after": after.get(name, after.get(f"{name}.1", w))}
+                       for name, w in before.items()},
+        }
+        if reference is not None:
+            out = model(check_input).float()
+            spec["max_abs_diff"] = (out - reference).abs().max().item()
+            spec["max_abs_ref"] = reference.abs().max().item()
+        model.train(was_training)
+        return spec
 
 
 def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None = None) -> nn.Module:
