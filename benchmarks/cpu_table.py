@@ -217,35 +217,37 @@ def main() -> None:
         previous = json.loads(result_file.read_text())
     done = {(r["row"], r["seed"]): r for r in previous.get("rows", [])}
     rows = []
-    for row, method, over, seeds in plan:
-        for seed in seeds:
-            run = _run_dir(runs, row, seed)
-            if not (run / "report.json").is_file() and (row, seed) in done and "correct_hex" in done[(row, seed)]:
-                rows.append(done[(row, seed)])  # finished in an earlier sitting (its run folder may be gone)
-                print(f"== {row} seed {seed}: from {result_file.name}", flush=True)
+    # seed-major: every row's first seed before any second seed, so an unfinished sitting still covers every method
+    jobs = sorted(((seed, i, row, method, over) for i, (row, method, over, seeds) in enumerate(plan) for seed in seeds),
+                  key=lambda j: (j[0], j[1]))
+    for seed, _, row, method, over in jobs:
+        run = _run_dir(runs, row, seed)
+        if not (run / "report.json").is_file() and (row, seed) in done and "correct_hex" in done[(row, seed)]:
+            rows.append(done[(row, seed)])  # finished in an earlier sitting (its run folder may be gone)
+            print(f"== {row} seed {seed}: from {result_file.name}", flush=True)
+            continue
+        if (args.report or args.latency) and not (run / "report.json").is_file():
+            continue
+        over_all = [f"search.method={method}", f"seed={seed}", *(chosen if method == "rarts" else []), *over,
+                    *args.overrides]
+        if method == "random":
+            ref = _run_dir(runs, "rarts", seed) / "width_spec.json"
+            ref = ref if ref.is_file() else SPECS / f"rarts-s{seed}.width_spec.json"
+            if not ref.is_file():
+                print(f"skip {row} s{seed}: needs the rarts run of seed {seed} first", flush=True)
                 continue
-            if (args.report or args.latency) and not (run / "report.json").is_file():
-                continue
-            over_all = [f"search.method={method}", f"seed={seed}", *(chosen if method == "rarts" else []), *over,
-                        *args.overrides]
-            if method == "random":
-                ref = _run_dir(runs, "rarts", seed) / "width_spec.json"
-                ref = ref if ref.is_file() else SPECS / f"rarts-s{seed}.width_spec.json"
-                if not ref.is_file():
-                    print(f"skip {row} s{seed}: needs the rarts run of seed {seed} first", flush=True)
-                    continue
-                over_all.append(f"prune.reference={ref}")
-            recipe = load_recipe(RECIPE, over_all)
-            print(f"== {row} seed {seed}: {run}", flush=True)
-            report = run_prune(recipe, run, progress=False)
-            r = _row(report, row, seed, run)
-            r["correct_hex"] = _to_hex(_test_correct(run, torch.device("cpu")))
-            SPECS.mkdir(parents=True, exist_ok=True)
-            (SPECS / f"{_slug(row)}-s{seed}.width_spec.json").write_text((run / "width_spec.json").read_text())
-            rows.append(r)
-            print(f"   acc {r['acc']:.4f} (right after the cut {r['acc_cut']:.4f}), MACs {r['macs'] / 1e6:.2f}M",
-                  flush=True)
-            _write(rows, args, previous)
+            over_all.append(f"prune.reference={ref}")
+        recipe = load_recipe(RECIPE, over_all)
+        print(f"== {row} seed {seed}: {run}", flush=True)
+        report = run_prune(recipe, run, progress=False)
+        r = _row(report, row, seed, run)
+        r["correct_hex"] = _to_hex(_test_correct(run, torch.device("cpu")))
+        SPECS.mkdir(parents=True, exist_ok=True)
+        (SPECS / f"{_slug(row)}-s{seed}.width_spec.json").write_text((run / "width_spec.json").read_text())
+        rows.append(r)
+        print(f"   acc {r['acc']:.4f} (right after the cut {r['acc_cut']:.4f}), MACs {r['macs'] / 1e6:.2f}M",
+              flush=True)
+        _write(rows, args, previous)
     _write(rows, args, previous, latency=_time_runs(runs, rows) if args.latency else None)
 
 

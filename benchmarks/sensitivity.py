@@ -10,13 +10,15 @@ settings to use. A recipe with `model.weights` starts from those weights.
 
 Chooses the defaults without looking at the test set: the run trains and searches on `limit_per_class` images per
 class of CIFAR-10's training set and is scored on a disjoint held-out slice of the same training set (the next
-`--holdout` images per class). Each config is one `slimrarts.prune` run of recipes/width/<tier>.yaml at ratio 0.4.
-Writes benchmarks/results/sensitivity_<tier>.json and prints a Markdown table.
+`--holdout` images per class). Each config is one `slimrarts.prune` run of recipes/width/<tier>.yaml (its own
+selection: ratio or budget). Writes benchmarks/results/sensitivity_<tier>.json after every config; run again with the
+same settings, it skips the configs already there, so a long sweep can be finished over several sittings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -97,6 +99,10 @@ def main() -> None:
     from slimrarts.commands.width import load_weights
 
     short = SHORT
+    settings = {"tier": args.tier, "holdout": args.holdout, "overrides": args.overrides}
+    result_file = ROOT / "benchmarks" / "results" / f"sensitivity_{args.tier}.json"
+    previous = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    done = {(r["config"], r["seed"]): r for r in previous.get("rows", [])} if previous.get("settings") == settings else {}
     rows = []
     for cfg in args.configs:
         over = []
@@ -106,6 +112,10 @@ def main() -> None:
             k, _, v = item.partition("=")
             over.append(f"{short.get(k.strip(), k.strip())}={v.strip()}")
         for seed in args.seeds:
+            if (cfg, seed) in done:
+                rows.append(done[cfg, seed])
+                print(f"{cfg} seed {seed}: done in an earlier sitting ({result_file.name})", flush=True)
+                continue
             recipe = load_recipe(ROOT / "recipes" / "width" / f"{args.tier}.yaml", [*args.overrides, *over,
                                                                                    f"seed={seed}"])
             device = resolve_device(recipe.device)
@@ -120,6 +130,9 @@ def main() -> None:
                          "search_s": rep["time_s"]["search"]})
             print(f"{cfg} seed {seed}: held-out acc {rows[-1]['heldout_acc']:.4f} "
                   f"(before fine-tune {rows[-1]['heldout_acc_before_finetune']:.4f})", flush=True)
+            write_result(f"sensitivity_{args.tier}", {"command": " ".join(sys.argv), "settings": settings,
+                                                      "rows": rows, "finished": False,
+                                                      "machine": machine(resolve_device("cpu"))})
     lines = ["| config | held-out acc % (after fine-tune) | before fine-tune % | seeds |", "|---|---|---|---|"]
     for cfg in args.configs:
         rs = [r for r in rows if r["config"] == cfg]
@@ -131,7 +144,8 @@ def main() -> None:
     rule, chosen = _rule(rows)
     if rule:
         md += "\n\nOne knob at a time, best held-out accuracy after fine-tuning: " + rule
-    path = write_result(f"sensitivity_{args.tier}", {"command": " ".join(sys.argv), "rows": rows, "table": md,
+    path = write_result(f"sensitivity_{args.tier}", {"command": " ".join(sys.argv), "settings": settings,
+                                                     "rows": rows, "finished": True, "table": md,
                                                      "rule": rule, "chosen": chosen,
                                                      "machine": machine(resolve_device("cpu"))})
     print(md)
