@@ -21,6 +21,7 @@ demo: $(BIN)/.installed
 	$(BIN)/slimrarts run recipes/demo.yaml
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check slimrarts tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/.installed

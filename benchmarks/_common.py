@@ -15,7 +15,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine(device: torch.device) -> dict:
     """What ran the benchmark."""
     info = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "device": str(device), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

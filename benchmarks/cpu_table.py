@@ -50,8 +50,8 @@ ABLATIONS = [
     ("rarts + shrink losers", "rarts", ["search.shrink.which=losers", "search.shrink.strength=1.0"], [0]),
     ("rarts + cost term", "rarts", ["search.cost.mu=0.5"], [0]),
     ("rarts + distillation", "rarts", ["finetune.distill={weight: 0.5, temperature: 4.0}"], [0]),
-    ("group-norm + distillation", "group-norm", ["finetune.epochs=4", "finetune.distill={weight: 0.5, temperature: 4.0}"],
-     [0]),
+    ("group-norm + distillation", "group-norm",
+     ["finetune.epochs=4", "finetune.distill={weight: 0.5, temperature: 4.0}"], [0]),
 ]
 
 
@@ -130,7 +130,8 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
 
 def _row(report: dict, row: str, seed: int, run: Path) -> dict:
     a, t = report["accuracy"], report["time_s"]
-    return {"row": row, "method": report["method"], "seed": seed, "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
+    where = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
+    return {"row": row, "method": report["method"], "seed": seed, "run": str(where),
             "acc": a["slim_after_finetune"], "acc_cut": a["masked"], "acc_dense": a["dense"],
             "acc_searched": a["searched"], "macs": report["macs"]["after"], "macs_dense": report["macs"]["before"],
             "params": report["params"]["after"], "params_dense": report["params"]["before"],
@@ -163,7 +164,8 @@ def table(rows: list[dict], tests: dict, latency: dict) -> str:
             b1, b128 = lat["1"], lat["128"]
             lines.append(f"| {name} | {1e3 * b1['dense_s']:.2f} → {1e3 * b1['slim_s']:.2f} (spread "
                          f"{100 * b1['slim_spread']:.0f}%) | ×{b1['speedup']:.2f} | {1e3 * b128['dense_s']:.1f} → "
-                         f"{1e3 * b128['slim_s']:.1f} (spread {100 * b128['slim_spread']:.0f}%) | ×{b128['speedup']:.2f} |")
+                         f"{1e3 * b128['slim_s']:.1f} (spread {100 * b128['slim_spread']:.0f}%) | "
+                         f"×{b128['speedup']:.2f} |")
     return "\n".join(lines)
 
 
@@ -264,9 +266,9 @@ def _write(rows: list[dict], args, previous: dict, latency: dict | None = None) 
                 tests[name] = mcnemar(_from_hex(other["correct_hex"]), a)
     latency = latency if latency is not None else previous.get("latency", {})
     md = table(rows, tests, latency)
-    clean = rows
     write_result("cpu_tier", {"command": " ".join(sys.argv), "recipe": str(RECIPE.relative_to(ROOT)),
-                              "rarts_settings_from_sweep": _chosen(), "best_baseline": BEST_BASELINE, "rows": clean, "mcnemar_vs_rarts_seed0": tests,
+                              "rarts_settings_from_sweep": _chosen(), "best_baseline": BEST_BASELINE, "rows": rows,
+                              "mcnemar_vs_rarts_seed0": tests,
                               "latency": latency, "machine": machine(torch.device("cpu")), "table": md})
     print(md, flush=True)
 

@@ -50,7 +50,7 @@ def main() -> None:
                   progress=False)
         finals.append((model.state_dict(), res.history[-1]))
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(finals[0][0].values(),
-                                                                         finals[1][0].values()))
+                                                                         finals[1][0].values(), strict=True))
     out["train"] = {"max_param_diff": diff, "captured": finals[1][1]["cuda_graph"],
                     "loss_eager": finals[0][1]["train_loss"], "loss_graph": finals[1][1]["train_loss"]}
     idx_t, idx_v = split_halves(data.labels)
@@ -68,7 +68,7 @@ def main() -> None:
                          cuda_graph=graph)
         finals.append(([a.detach().clone() for a in gates.alphas], {k: v.detach().clone() for k, v in state.y.items()},
                        res.history[-1]))
-    a_diff = max((a - b).abs().max().item() for a, b in zip(finals[0][0], finals[1][0]))
+    a_diff = max((a - b).abs().max().item() for a, b in zip(finals[0][0], finals[1][0], strict=True))
     y_diff = max((finals[0][1][k] - finals[1][1][k]).abs().max().item() for k in finals[0][1])
     out["search_rarts"] = {"max_alpha_diff": a_diff, "max_y_diff": y_diff, "captured": finals[1][2]["cuda_graph"],
                            "t_loss_eager": finals[0][2].get("t_loss"), "t_loss_graph": finals[1][2].get("t_loss")}

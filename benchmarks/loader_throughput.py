@@ -29,7 +29,7 @@ from slimrarts.recipe import OptimConfig, TrainConfig  # noqa: E402
 def bare(model, x, y, batch, steps, device) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True)
     model.train()
-    for epoch in range(2):
+    for _epoch in range(2):
         sync(device)
         t0 = time.perf_counter()
         perm = torch.randperm(len(y), device=device)

@@ -92,17 +92,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from slimrarts import prune
+    from slimrarts.commands.width import load_weights
     from slimrarts.engine import resolve_device
     from slimrarts.models import create_model
     from slimrarts.recipe import load_recipe
-
-    from slimrarts.commands.width import load_weights
 
     short = SHORT
     settings = {"tier": args.tier, "holdout": args.holdout, "overrides": args.overrides}
     result_file = ROOT / "benchmarks" / "results" / f"sensitivity_{args.tier}.json"
     previous = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    done = {(r["config"], r["seed"]): r for r in previous.get("rows", [])} if previous.get("settings") == settings else {}
+    same = previous.get("settings") == settings
+    done = {(r["config"], r["seed"]): r for r in previous.get("rows", [])} if same else {}
     rows = []
     for cfg in args.configs:
         over = []

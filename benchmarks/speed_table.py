@@ -106,8 +106,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
 
-    from slimrarts.width import (build_cost_model, build_latency_model, budget_floor, select_budget, select_ratio,
-                                 tighten, ungated_copy)
+    from slimrarts.width import (
+        budget_floor,
+        build_cost_model,
+        build_latency_model,
+        select_budget,
+        select_ratio,
+        tighten,
+        ungated_copy,
+    )
     from slimrarts.width.budget import format_cost
 
     rows = []
@@ -133,8 +140,14 @@ def main() -> None:
                 print(f"   {label}: unreachable (floor {1e3 * floor:.3f} ms > target {1e3 * target:.3f} ms)",
                       flush=True)
                 continue
-            result = tighten(lambda t, lm=lm: select_budget(gates.alphas, lm, t, "latency", **limits),
-                             lambda k: _cut(gates, scope, k), dense, target, X, predict=lm, max_rounds=3,
+
+            def select(t, lm=lm, gates=gates, limits=limits):
+                return select_budget(gates.alphas, lm, t, "latency", **limits)
+
+            def cut(k, gates=gates, scope=scope):
+                return _cut(gates, scope, k)
+
+            result = tighten(select, cut, dense, target, X, predict=lm, max_rounds=3,
                              batch_size=b, device="cpu", rounds=args.rounds, repeats=args.repeats)
             modes.append((label, result.keep, {"target_s": target, "predicted_s": lm(result.keep),
                                                "tighten": result.history, "met": result.met, "batch": b}))

@@ -51,7 +51,7 @@ def main() -> None:
     png = RESULTS / "toy_trajectories.png"
     fig.savefig(png, dpi=120)
     finals = {name: {"alpha": r.alpha, "w": r.w, "y": r.y} for name, r in {**runs, **sweep}.items()}
-    eq = {f"lam={lam:g},beta={beta:g}": dict(zip(("alpha", "w", "y"), rarts_equilibrium(lam, beta)))
+    eq = {f"lam={lam:g},beta={beta:g}": dict(zip(("alpha", "w", "y"), rarts_equilibrium(lam, beta), strict=True))
           for lam, beta in [(10, 2), (10, 5), (10, 10), (15, 15), (2, 10)]}
     path = write_result("toy", {"command": " ".join(sys.argv), "steps": STEPS, "init": INIT, "lr": 0.01,
                                 "final": finals, "equilibrium_eq13_15": eq})

@@ -13,7 +13,6 @@ Results go to benchmarks/results/width_<tier>_<dataset>.json; the Markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path

@@ -105,12 +105,12 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[floa
                 starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
                 ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
                 torch.cuda.synchronize()
-                for start, end in zip(starts, ends):
+                for start, end in zip(starts, ends, strict=True):
                     start.record()
                     fn()
                     end.record()
                 torch.cuda.synchronize()
-                return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+                return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)]
 
         return _cuda
     backend = getattr(torch, device.type, None)
@@ -183,8 +183,8 @@ def measure_latency(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if warmup:
-                    timer(lambda: run_model(x), warmup)
-                times = np.asarray(timer(lambda: run_model(x), repeats))
+                    timer(lambda x=x: run_model(x), warmup)
+                times = np.asarray(timer(lambda x=x: run_model(x), repeats))
                 median = float(np.median(times))
                 results[batch] = {
                     "median_s": median,

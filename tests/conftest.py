@@ -37,8 +37,8 @@ def tiny_archive(tmp_path_factory, tiny_sets) -> str:
     """A .tar.gz in the CIFAR ImageFolder layout holding `tiny_sets` as PNG files."""
     path = tmp_path_factory.mktemp("data") / "cifar10-tiny.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
-        for split, data in zip(("train", "test"), tiny_sets):
-            for i, (img, label) in enumerate(zip(data.images, data.labels.tolist())):
+        for split, data in zip(("train", "test"), tiny_sets, strict=True):
+            for i, (img, label) in enumerate(zip(data.images, data.labels.tolist(), strict=True)):
                 raw = torchvision.io.encode_png(img).numpy().tobytes()
                 info = tarfile.TarInfo(f"{split}/{CIFAR10_CLASSES[label]}/{i:04d}.png")
                 info.size = len(raw)

@@ -137,8 +137,8 @@ def _search_weights(run_dir, keep):
 
 @pytest.mark.parametrize("keep", ["y", "w", "mean"])
 def test_search_final_weights_chooses_the_weights_of_the_slim_model(tiny_sets, tmp_path, keep):
-    """search.final_weights: the slim model's convolutions are y's, w's or their mean (fine-tuning at a learning rate too
-    small to move a float32 weight, so what reaches the slim model is what was kept)."""
+    """search.final_weights: the slim model's convolutions are y's, w's or their mean (fine-tuning at a learning rate
+    too small to move a float32 weight, so what reaches the slim model is what was kept)."""
     config = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}, "final_weights": keep,
                          "beta": 1e-3},
               "finetune": {"epochs": 1, "optim": {"lr": 1e-30, "weight_decay": 0.0}}, "prune": {"scope": ["internal"]}}
@@ -202,11 +202,12 @@ def test_l1_mode_prunes_exactly_the_zero_alphas(tiny_sets, tmp_path):
     alphas = json.loads((tmp_path / "run" / "alphas.json").read_text())["alphas"]
     flat = [v for a in alphas for v in a]
     assert 0.2 < sum(v == 0 for v in flat) / len(flat) < 0.8  # some channels reached zero, some did not
-    for a, g in zip(alphas, result.spec["groups"]):
+    for a, g in zip(alphas, result.spec["groups"], strict=True):
         nonzero = [i for i, v in enumerate(a) if v != 0]
         assert g["kept"] == (nonzero or [0]), g["name"]
     assert r["mode"] == "l1" and r["ratio_requested"] is None
-    assert r["pruned_channels"] == sum(len(a) - len(g["kept"]) for a, g in zip(alphas, result.spec["groups"]))
+    assert r["pruned_channels"] == sum(len(a) - len(g["kept"])
+                                       for a, g in zip(alphas, result.spec["groups"], strict=True))
     assert r["prc"] == pytest.approx(r["pruned_channels"] / r["gated_channels"])
 
 

@@ -65,7 +65,7 @@ def test_half_budget_lands_in_49_to_50_percent_of_the_cut_model(name, scopes, ki
 def _add_back_costs(fn, kept, step_of):
     """The cost each group would add by growing one allowed step (None: at full width)."""
     out = []
-    for g, (k, n) in enumerate(zip(kept, fn.sizes)):
+    for g, (k, n) in enumerate(zip(kept, fn.sizes, strict=True)):
         new = min(n, (k // step_of(g) + 1) * step_of(g)) if k < n else None
         if new is None:
             continue
@@ -82,8 +82,8 @@ def test_min_channels_and_round_to_are_honoured_under_a_budget():
     target = parse_budget("40%", "macs", cm.dense[0])
     keep = select_budget(gates.alphas, cm, target, "macs", min_channels=10, round_to=8)
     kept = [int(k.sum()) for k in keep]
-    assert all(k == n or (k % 8 == 0 and k >= 16) for k, n in zip(kept, cm.sizes))
-    assert any(k < n for k, n in zip(kept, cm.sizes))
+    assert all(k == n or (k % 8 == 0 and k >= 16) for k, n in zip(kept, cm.sizes, strict=True))
+    assert any(k < n for k, n in zip(kept, cm.sizes, strict=True))
     fn = cm.function("macs")
     assert fn.value(kept) <= target
     assert all(c > target - fn.value(kept) for c in _add_back_costs(fn, kept, lambda g: 8))
@@ -97,7 +97,7 @@ def test_round_to_counts_channels_when_an_alpha_gates_several():
     repeat = [2] * len(cm.sizes)
     keep = select_budget(gates.alphas, cm, "60%", "macs", round_to=4, min_channels=5, repeat=repeat)
     kept = [int(k.sum()) for k in keep]
-    assert all(k == n or (2 * k % 4 == 0 and 2 * k >= 8) for k, n in zip(kept, cm.sizes))
+    assert all(k == n or (2 * k % 4 == 0 and 2 * k >= 8) for k, n in zip(kept, cm.sizes, strict=True))
     assert min_kept(cm, min_channels=5, repeat=repeat) == [3] * len(cm.sizes)
 
 
@@ -106,7 +106,7 @@ def test_budget_keeps_the_best_scores_within_each_group():
     with torch.no_grad():
         gates.alphas[0][:5] = 0.0  # dead channels go first
     keep = select_budget(gates.alphas, cm, "50%", "macs")
-    for a, k in zip(gates.alphas, keep):
+    for a, k in zip(gates.alphas, keep, strict=True):
         if 0 < int(k.sum()) < k.numel():
             assert a.detach().abs()[k].min() >= a.detach().abs()[~k].max()
     assert not keep[0][:5].any()
@@ -140,14 +140,14 @@ def test_exclude_and_max_pruned_are_honoured():
     _, gates, cm = _gated("resnet20", ("internal", "coupled"))
     names = [g.name for g in cm.groups]
     keep = select_budget(gates.alphas, cm, "45%", "macs", exclude=["layer3.*"])
-    for g, k in zip(cm.groups, keep):
+    for g, k in zip(cm.groups, keep, strict=True):
         if any(n.startswith("layer3.") and role != "in" for n, role in cm.layers[names.index(g.name)].items()):
             assert k.all(), g.name
     assert not all(k.all() for k in keep)
     keep = select_budget(gates.alphas, cm, "55%", "macs", max_pruned=0.5)
     assert all(int(k.sum()) >= k.numel() - math.floor(0.5 * k.numel()) for k in keep)
     lows = min_kept(cm, max_pruned={"layer1.*": 0.0, "layer2.*": 0.25})
-    for g, lo in zip(cm.groups, lows):
+    for g, lo in zip(cm.groups, lows, strict=True):
         roles = cm.layers[names.index(g.name)]
         if any(n.startswith("layer1.") and r != "in" for n, r in roles.items()):
             assert lo == g.size

@@ -133,7 +133,8 @@ def test_group_norm_sums_squared_weights_over_every_coupled_layer():
     model = _randomise(Residual())
     gates = _gates(model, "coupled")
     i = [g.scope for g in gates.groups].index("coupled")
-    sq = lambda w, dims: w.detach().pow(2).sum(dims)
+    def sq(w, dims):
+        return w.detach().pow(2).sum(dims)
     raw = (sq(model.stem.weight, (1, 2, 3)) + model.bn0.weight.detach() ** 2 + sq(model.conv1.weight, (0, 2, 3))
            + sq(model.conv1.weight, (1, 2, 3)) + model.bn1.weight.detach() ** 2 + sq(model.head.weight, (0, 2, 3)))
     torch.testing.assert_close(criterion_scores("group-norm", gates)[i], _norm(raw / 6))

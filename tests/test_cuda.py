@@ -28,5 +28,5 @@ def test_graphed_train_step_matches_eager(tiny_sets):
                   progress=False)
         results.append((model.state_dict(), res.history[-1]))
     assert results[1][1]["cuda_graph"] is True
-    for (k, a), b in zip(results[0][0].items(), results[1][0].values()):
+    for (k, a), b in zip(results[0][0].items(), results[1][0].values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)

@@ -75,7 +75,7 @@ def _png_members(classes, train, test) -> dict[str, bytes]:
     members = {}
     for split, (images, labels) in (("train", train), ("test", test)):
         counts = [0] * len(classes)
-        for image, label in zip(images, labels.tolist()):
+        for image, label in zip(images, labels.tolist(), strict=True):
             members[f"{split}/{classes[label]}/{counts[label]:04d}.png"] = encode_png(image).numpy().tobytes()
             counts[label] += 1
     return members
@@ -436,15 +436,15 @@ def test_epochs_are_reproducible_and_differ(data):
     a = DeviceLoader(data, 8, train=True, drop_last=False, seed=3)
     b = DeviceLoader(data, 8, train=True, drop_last=False, seed=3)
     first, again, other = epoch(a, 2), epoch(b, 2), epoch(a, 5)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again))
-    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again, strict=True))
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other, strict=True))
     seeded = epoch(DeviceLoader(data, 8, train=True, drop_last=False, seed=4), 2)
-    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, seeded))
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, seeded, strict=True))
     # Each iter() advances the epoch; set_epoch makes an epoch's batches replayable.
     assert a.epoch == 6
     b.set_epoch(0)
     list(b)
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(epoch(b, 1), epoch(a, 1)))
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(epoch(b, 1), epoch(a, 1), strict=True))
 
 
 def test_shuffle_covers_every_sample_once(data):

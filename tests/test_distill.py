@@ -101,7 +101,7 @@ def test_train_step_with_distillation_updates_only_the_student(amp):
     step(x, y)
     metrics = step.read()
     assert math.isfinite(metrics["loss"]) and metrics["n"] == 8
-    changed = [not torch.equal(p, q) for p, q in zip(student.parameters(), before_s)]
+    changed = [not torch.equal(p, q) for p, q in zip(student.parameters(), before_s, strict=True)]
     assert all(changed[i] for i in (0, 2, 3, 4, 5))  # all but the conv bias, which BN cancels
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before_t[k]), k

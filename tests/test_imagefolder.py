@@ -217,7 +217,7 @@ def test_train_batches_are_crops_of_the_stored_image():
         up, down = (step > 1e-4).flatten(1).any(1), (step < -1e-4).flatten(1).any(1)
         assert not bool((up & down).any())
         torch.testing.assert_close(x, x[:, :, :1].expand_as(x), rtol=0, atol=1e-5)  # every row alike
-        orders |= {"up" if u else "down" if d else "flat" for u, d in zip(up.tolist(), down.tolist())}
+        orders |= {"up" if u else "down" if d else "flat" for u, d in zip(up.tolist(), down.tolist(), strict=True)}
     assert {"up", "down"} <= orders
     assert float(x.amin()) == pytest.approx(float(_normalise(halves).amin()), abs=1e-5)
 
@@ -242,7 +242,7 @@ def test_same_seed_and_epoch_give_the_same_batches():
 
     first = epoch(1, 3)
     assert len(first) == 2 and all(x.shape == (4, 3, 12, 12) for x in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, epoch(1, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(1, 3), strict=True))
     assert not torch.equal(first[0], epoch(1, 4)[0]) and not torch.equal(first[0], epoch(2, 3)[0])
 
 

@@ -241,7 +241,7 @@ def test_cost_penalty_gradient_pushes_alpha_away_from_expensive_ops():
     assert g[OP["sep_conv_5x5"]] > g[OP["sep_conv_3x3"]] > 0 > g[OP["skip_connect"]]
     p0 = torch.softmax(net.arch[0].detach(), -1)[0]
     with torch.no_grad():
-        for a, ga in zip(net.arch, grads):
+        for a, ga in zip(net.arch, grads, strict=True):
             a -= 100.0 * ga
     p1 = torch.softmax(net.arch[0].detach(), -1)[0]
     assert p1[OP["sep_conv_5x5"]] < p0[OP["sep_conv_5x5"]] and p1[OP["skip_connect"]] > p0[OP["skip_connect"]]

@@ -44,16 +44,19 @@ def test_ratio_selection_invariants(raw, setting):
     assert [k.tolist() for k in keep] == [k.tolist() for k in again]  # deterministic
     assert [k.dtype for k in keep] == [torch.bool] * len(sizes) and [k.numel() for k in keep] == sizes
     kept = [int(k.sum()) for k in keep]
-    assert all(c >= min(min_channels, n) for c, n in zip(kept, sizes))  # minimums
+    assert all(c >= min(min_channels, n) for c, n in zip(kept, sizes, strict=True))  # minimums
     if round_to is None:
         assert total - sum(kept) == target  # exactly round(ratio·N) pruned
         base = keep
     else:
-        assert all(c % round_to == 0 or c == n for c, n in zip(kept, sizes))  # multiples, capped at the size
+        # multiples, capped at the size
+        assert all(c % round_to == 0 or c == n for c, n in zip(kept, sizes, strict=True))
         assert total - sum(kept) <= target  # rounding only adds channels back
         base = select_ratio(alphas, ratio, min_channels=min_channels)
-        assert all(bool(b[i]) <= bool(k[i]) for b, k in zip(base, keep) for i in range(len(b)))  # a superset
-        assert all(c == min(n, -(-int(b.sum()) // round_to) * round_to) for c, b, n in zip(kept, base, sizes))
+        # a superset
+        assert all(bool(b[i]) <= bool(k[i]) for b, k in zip(base, keep, strict=True) for i in range(len(b)))
+        assert all(c == min(n, -(-int(b.sum()) // round_to) * round_to)
+                   for c, b, n in zip(kept, base, sizes, strict=True))
     # the threshold: a pruned channel never outranks a kept one, unless the kept one's group is at its minimum
     # (ties broken by group order, then channel order)
     floor = [min(min_channels, n) for n in sizes]
@@ -73,7 +76,7 @@ def test_l1_selection_keeps_the_nonzeros_and_the_minimums(raw, min_channels, rou
     keep = select_l1(alphas, min_channels=min_channels, round_to=round_to)
     assert [k.tolist() for k in keep] == [k.tolist() for k in select_l1(alphas, min_channels=min_channels,
                                                                           round_to=round_to)]
-    for a, k in zip(alphas, keep):
+    for a, k in zip(alphas, keep, strict=True):
         nonzero = a != 0
         n, c = a.numel(), int(k.sum())
         assert bool((k | ~nonzero).all())  # every nonzero α is kept

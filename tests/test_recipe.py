@@ -89,7 +89,8 @@ def test_every_recipe_loads_and_its_model_builds(path):
         assert r.name and r.search.epochs >= 1
         net = SearchNetwork(C=r.net.C, num_classes=10, layers=r.net.layers, steps=r.net.steps)
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-        evaluation = build_eval_net(DARTS_V2, C=r.train.C, layers=r.train.layers, auxiliary=r.train.auxiliary_weight > 0)
+        evaluation = build_eval_net(DARTS_V2, C=r.train.C, layers=r.train.layers,
+                                    auxiliary=r.train.auxiliary_weight > 0)
         assert sum(p.numel() for p in evaluation.parameters()) > 0
         return
     r = load_recipe(path)

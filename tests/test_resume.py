@@ -121,7 +121,7 @@ def test_search_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
     for k in full.w_buffers:
         assert torch.equal(full.w_buffers[k], resumed.w_buffers[k]), k
         assert torch.equal(full.y_buffers[k], resumed.y_buffers[k]), k
-    for a, b in zip(gates_full.alphas, gates_res.alphas):
+    for a, b in zip(gates_full.alphas, gates_res.alphas, strict=True):
         assert torch.equal(a, b)
     # the optimizers continued too (momentum buffers, Adam moments and step counts)
     for opt in ("opt_w", "opt_y", "opt_arch"):
@@ -163,7 +163,7 @@ def test_fit_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
     assert not interrupted and served == n  # epoch 2 only
     assert _ckpt_epoch(tmp_path / "b", "train") == 2
     _check_continued(before, _lines(tmp_path / "b"), full_lines)
-    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 

@@ -81,7 +81,7 @@ def test_one_rarts_iteration_changes_w_y_and_alpha(tiny_sets):
     assert all(not torch.equal(w0[k], state.w[k]) for k in w0 if k.endswith("conv1.weight"))
     assert all(not torch.equal(y0[k], state.y[k]) for k in y0 if k.endswith("conv1.weight"))
     assert not any(torch.equal(w0[k], state.y[k]) for k in w0 if k.endswith("conv1.weight"))  # y ≠ w after
-    assert all(not torch.equal(a, b) for a, b in zip(a0, gates.alphas))
+    assert all(not torch.equal(a, b) for a, b in zip(a0, gates.alphas, strict=True))
     # each net's BN statistics were updated once (its weight-step pass), not by the α-step passes
     for buffers in (state.w_buffers, state.y_buffers):
         counts = {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
@@ -122,7 +122,7 @@ def test_rarts_with_large_beta_matches_milenas(tiny_sets):
     for k in sa.w:
         torch.testing.assert_close(sa.w[k], sb.w[k], rtol=0, atol=0)
         torch.testing.assert_close(sa.y[k], sa.w[k], rtol=1e-5, atol=1e-6)
-    for a, b in zip(ga.alphas, gb.alphas):
+    for a, b in zip(ga.alphas, gb.alphas, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     moved = max((a - 1).abs().max().item() for a in ga.alphas)
     assert moved > 1e-3  # α did move, so the agreement is not trivial
@@ -130,7 +130,7 @@ def test_rarts_with_large_beta_matches_milenas(tiny_sets):
     _, gc, pc, sc, _ = _setup(tiny_sets, "rarts", beta=1e-3, **arch)
     sc.opt_arch = SGD(sc.opt_arch.param_groups[0]["params"], lr=0.5)
     get_search("rarts").step(pc, sc, bt, bv)
-    assert any(not torch.allclose(a, c, rtol=1e-4, atol=1e-6) for a, c in zip(ga.alphas, gc.alphas))
+    assert any(not torch.allclose(a, c, rtol=1e-4, atol=1e-6) for a, c in zip(ga.alphas, gc.alphas, strict=True))
 
 
 @pytest.mark.parametrize("method", list_searches())
@@ -143,7 +143,7 @@ def test_every_method_runs_a_step_and_moves_alpha(tiny_sets, method):
         spec.step(problem, state, _batch(lw), None)
     else:
         spec.step(problem, state, _batch(lt), _batch(lv))
-    assert any(not torch.equal(a, b) for a, b in zip(a0, gates.alphas))
+    assert any(not torch.equal(a, b) for a, b in zip(a0, gates.alphas, strict=True))
     assert not torch.equal(w0, state.w_list[0])
     assert (state.y is not None) == spec.two_nets
 
@@ -166,7 +166,8 @@ def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
         lrs = []
         run_search(problem, state, "rarts", epochs=2, optim_w=OptimConfig(lr=0.05), optim_arch=arch, loader_t=lt,
                    loader_v=lv, progress=False,
-                   callbacks=[on(Event.EPOCH_END, lambda _: lrs.append(state.opt_arch.lr_tensor().item()))])
+                   callbacks=[on(Event.EPOCH_END,
+                                 lambda _, lrs=lrs, state=state: lrs.append(state.opt_arch.lr_tensor().item()))])
         seen[schedule] = lrs
     assert seen["constant"] == pytest.approx([0.01, 0.01])
     assert seen["step"] == pytest.approx([0.01, 0.001])
@@ -301,7 +302,7 @@ def test_net_problem_meters_and_amp(tiny_sets):
     problem.loss(params, buffers, (x, y))  # untracked
     out = [torch.func.functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), (x[s],))
            for s in (slice(0, 10), slice(10, 30))]
-    correct = sum(int((o.argmax(1) == y[s]).sum()) for o, s in zip(out, (slice(0, 10), slice(10, 30))))
+    correct = sum(int((o.argmax(1) == y[s]).sum()) for o, s in zip(out, (slice(0, 10), slice(10, 30)), strict=True))
     read = problem.read()
     assert set(read) == {"a_loss", "a_acc"}
     assert read["a_loss"] == pytest.approx((10 * l1.item() + 20 * l2.item()) / 30, rel=1e-6)

@@ -212,7 +212,7 @@ def test_darts2_alpha_gradient_is_the_unrolled_gradient(xi, alpha0):
     state = _state("darts2", problem, momentum=momentum, weight_decay=wd, xi=xi)
     xi_value = LR_W if xi is None else xi
     w, a, buf = torch.tensor(W0, dtype=F64), torch.tensor(alpha0, dtype=F64), None
-    for it in range(2):
+    for _it in range(2):
         unrolled = gt_w(w, a) + wd * w + (momentum * buf if buf is not None else 0.0)
         fd = _darts2_arch_grad(w, a, xi_value, unrolled)
         norm = torch.linalg.vector_norm(gv_w(w - xi_value * unrolled, a)).item()

@@ -84,7 +84,7 @@ def test_tiny_grouped_conv_is_cut_exactly_with_equal_widths_per_group():
     reference = {n: p.detach().clone() for n, p in model.state_dict().items()}
     x = torch.randn(4, 3, 16, 16)
     gates = attach_gates(model, x[:2], "internal")
-    assert [(g.root, g.size, g.repeat, len(a)) for g, a in zip(gates.groups, gates.alphas)] == [
+    assert [(g.root, g.size, g.repeat, len(a)) for g, a in zip(gates.groups, gates.alphas, strict=True)] == [
         ("a.0", 16, 4, 4), ("b.0", 32, 4, 8)]  # conv groups of 4 inputs / 8 outputs: one α per position
     assert not gates.skipped and gates.num_channels == 48
     keep, spec = _cut(gates, x)
@@ -117,7 +117,7 @@ def test_channels_read_by_grouped_convs_of_different_group_counts_share_position
     model = _calibrate(TwoGroupings(), 8)
     x = torch.randn(3, 3, 8, 8)
     gates = attach_gates(model, x[:1], "internal", warn=False)
-    assert [(g.root, g.repeat, len(a)) for g, a in zip(gates.groups, gates.alphas)] == [("a.0", 12, 2)]
+    assert [(g.root, g.repeat, len(a)) for g, a in zip(gates.groups, gates.alphas, strict=True)] == [("a.0", 12, 2)]
     _, spec = _cut(gates, x, ratio=0.5)
     assert _exact(spec) and model.b4.in_channels == model.b6.in_channels == 12
     _grouped_convs_are_whole(model)
@@ -153,7 +153,7 @@ def _bottleneck_channels(model: nn.Module, first: str, second: str) -> dict[str,
     for name, m in model.named_modules():
         convs = [_submodule(m, child) for child in (first, second)]
         if all(isinstance(c, nn.Conv2d) for c in convs):
-            out.update({f"{name}.{child}": c.out_channels for child, c in zip((first, second), convs)})
+            out.update({f"{name}.{child}": c.out_channels for child, c in zip((first, second), convs, strict=True)})
     return out
 
 

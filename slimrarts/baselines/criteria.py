@@ -226,7 +226,7 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
         dist.all_reduce_(grads, "mean")  # in a process group: over every rank's shard of the batches
         yield len(seen)
     finally:
-        for p, (grad, flag) in zip(params, saved):
+        for p, (grad, flag) in zip(params, saved, strict=True):
             p.grad = grad
             p.requires_grad_(flag)
         model.train(was_training)

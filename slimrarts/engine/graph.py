@@ -10,7 +10,7 @@ the process (seen on an H200 with torch 2.11), so carrying on eagerly would only
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +42,7 @@ class GraphedStep:
             return
         if self.graph is not None:
             if self._signature(tensors) == self._signature(self.static):
-                for s, t in zip(self.static, tensors):
+                for s, t in zip(self.static, tensors, strict=True):
                     s.copy_(t, non_blocking=True)
                 self.graph.replay()
             else:

@@ -8,7 +8,7 @@ into a captured CUDA graph). These keep the rate in a 0-d tensor on the paramete
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -8,7 +8,7 @@ epoch (or every `log_every` steps by the progress display). On CUDA it can be ca
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

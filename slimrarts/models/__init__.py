@@ -1,7 +1,6 @@
 """Model factory: the CIFAR zoo, ``timm:<name>`` and ``torchvision:<name>``."""
 
 from . import darts_cifar as _darts_cifar  # noqa: F401  (registers darts_cifar)
-
 from .mobilenetv2_cifar import MobileNetV2Cifar as MobileNetV2Cifar
 from .preresnet import PreResNet as PreResNet
 from .registry import create_model as create_model

@@ -6,8 +6,9 @@ import ast
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class Genotype:
                 "reduce": [list(e) for e in self.reduce], "reduce_concat": list(self.reduce_concat)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Genotype":
+    def from_dict(cls, data: dict[str, Any]) -> Genotype:
         missing = [k for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k not in data]
         if missing:
             raise ValueError(f"genotype: missing key(s) {missing}")
@@ -76,7 +77,7 @@ class Genotype:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -92,7 +93,7 @@ class Genotype:
                 f"reduce={cell(self.reduce)}, reduce_concat={list(self.reduce_concat)})")
 
     @classmethod
-    def parse(cls, text: str) -> "Genotype":
+    def parse(cls, text: str) -> Genotype:
         return parse_genotype(text)
 
 

@@ -20,8 +20,8 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -178,16 +178,16 @@ def cost_penalty(arch: list[torch.Tensor], costs: list[torch.Tensor], mu: float)
     """μ·Σ_cells Σ_e ⟨softmax(α_e), Lat_e⟩ as a callable for `NetProblem(penalty=...)` (α and costs paired in order)."""
     if len(arch) != len(costs):
         raise ValueError(f"cost_penalty: {len(arch)} α tensors but {len(costs)} cost tables")
-    for a, c in zip(arch, costs):
+    for a, c in zip(arch, costs, strict=True):
         if a.shape != c.shape:
             raise ValueError(f"cost_penalty: α of shape {tuple(a.shape)} paired with costs of shape {tuple(c.shape)}")
     if mu < 0:
         raise ValueError(f"cost_penalty: mu must be >= 0, got {mu}")
-    tables = [c.detach().to(a.device, torch.float32) for a, c in zip(arch, costs)]
+    tables = [c.detach().to(a.device, torch.float32) for a, c in zip(arch, costs, strict=True)]
 
     def penalty() -> torch.Tensor:
         total = None
-        for a, c in zip(arch, tables):
+        for a, c in zip(arch, tables, strict=True):
             term = (torch.softmax(a.float(), dim=-1) * c).sum()
             total = term if total is None else total + term
         return mu * total

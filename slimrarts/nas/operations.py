@@ -6,7 +6,7 @@ learnable scale/shift, so the mixed-op weights α are the only scale), `affine=T
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

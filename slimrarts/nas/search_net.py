@@ -8,7 +8,7 @@ while every pass reads the same α, which is what the search algorithms in `slim
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

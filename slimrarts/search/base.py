@@ -85,14 +85,14 @@ def grads_of(loss: torch.Tensor, tensors: list[torch.Tensor], *, sync: bool = Tr
     alone, the same on every rank).
     """
     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
     if sync:
         dist.all_reduce_(grads, "mean")
     return grads
 
 
 def set_grads(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    for t, g in zip(tensors, grads):
+    for t, g in zip(tensors, grads, strict=True):
         t.grad = g
 
 

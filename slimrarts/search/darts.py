@@ -40,7 +40,7 @@ def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     scratch = state.scratch_buffers
     g_t = grads_of(problem.loss(state.w, scratch, batch_t), w)
     w_virtual = _unrolled(state, g_t, xi)
-    loss_v = problem.loss(dict(zip(names, w_virtual)), scratch, batch_v, track="v")
+    loss_v = problem.loss(dict(zip(names, w_virtual, strict=True)), scratch, batch_v, track="v")
     g = grads_of(loss_v, arch + w_virtual)
     grads_arch, dw = g[: len(arch)], g[len(arch):]
     with torch.no_grad():
@@ -48,8 +48,8 @@ def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     with torch.no_grad():
         step = torch._foreach_mul(dw, eps)
         w_plus, w_minus = torch._foreach_add(w, step), torch._foreach_sub(w, step)
-    g_plus = grads_of(problem.loss(dict(zip(names, w_plus)), scratch, batch_t), arch)
-    g_minus = grads_of(problem.loss(dict(zip(names, w_minus)), scratch, batch_t), arch)
+    g_plus = grads_of(problem.loss(dict(zip(names, w_plus, strict=True)), scratch, batch_t), arch)
+    g_minus = grads_of(problem.loss(dict(zip(names, w_minus, strict=True)), scratch, batch_t), arch)
     with torch.no_grad():
         hvp = torch._foreach_sub(g_plus, g_minus)
         torch._foreach_mul_(hvp, xi / (2 * eps))

@@ -166,7 +166,7 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
             raise ValueError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
     reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(groups))
     for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
-        if not any(_group_matches(p, g, r) for g, r in zip(groups, layers)):
+        if not any(_group_matches(p, g, r) for g, r in zip(groups, layers, strict=True)):
             warnings.warn(f"{arg} pattern {p!r} matches no layer whose channels a gated group prunes; it changes "
                           "nothing (inputs of a layer are pruned with the layer before it)", UserWarning, stacklevel=3)
     out = []
@@ -216,7 +216,7 @@ def _setup(cost_model, kind, min_channels, round_to, exclude, max_pruned, repeat
     groups = _structure(cost_model)[0]
     reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(lows))
     grids = [_Grid(n, lo, (round_to // math.gcd(round_to, r)) if round_to else 1)
-             for n, lo, r in zip(fn.sizes, lows, reps)]
+             for n, lo, r in zip(fn.sizes, lows, reps, strict=True)]
     return fn, grids
 
 
@@ -269,7 +269,7 @@ def select_budget(scores: Sequence[torch.Tensor], cost_model, target: float | st
         target = parse_budget(target, kind, fn.dense)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
         raise ValueError(f"target must be a positive cost or a budget string ('50%', '20M', '3.5ms'), got {target!r}")
-    if len(scores) != len(fn.sizes) or any(s.numel() != n for s, n in zip(scores, fn.sizes)):
+    if len(scores) != len(fn.sizes) or any(s.numel() != n for s, n in zip(scores, fn.sizes, strict=True)):
         raise ValueError(f"scores must hold one tensor per group with the group's size ({len(fn.sizes)} groups)")
     floor = fn.value([g.lo for g in grids])
     if floor > target:
@@ -279,7 +279,7 @@ def select_budget(scores: Sequence[torch.Tensor], cost_model, target: float | st
 
     mags = [s.detach().abs().double().cpu().flatten() for s in scores]
     order = [torch.argsort(m, stable=True) for m in mags]  # weakest first; ties: lower index pruned first
-    prefix = [[0.0] + torch.cumsum(m[o], 0).tolist() for m, o in zip(mags, order)]
+    prefix = [[0.0] + torch.cumsum(m[o], 0).tolist() for m, o in zip(mags, order, strict=True)]
     kept = list(fn.sizes)
     tiny = 1e-12 * max(fn.dense, 1e-30)
 

@@ -148,7 +148,7 @@ def kept_counts(kept: Sequence[int] | Sequence[torch.Tensor], sizes: Sequence[in
     if len(kept) != len(sizes):
         raise ValueError(f"got {len(kept)} kept counts for {len(sizes)} groups")
     out = [int(k.sum()) if isinstance(k, torch.Tensor) else int(k) for k in kept]
-    for g, (k, n) in enumerate(zip(out, sizes)):
+    for g, (k, n) in enumerate(zip(out, sizes, strict=True)):
         if not 0 <= k <= n:
             raise ValueError(f"group {g} keeps {k} of {n} channels; allowed 0..{n}")
     return out
@@ -310,7 +310,7 @@ def _layer_costs(module, pruner, calls, tied: bool, has_in: bool, has_out: bool)
                 pruner.prune_out_channels(m, list(range(ro)))
             key = ((n_in - ri) / n_in, (n_out - ro) / n_out)
         params[key] = float(sum(p.numel() for p in m.parameters(recurse=False)))
-        for call, table in zip(calls, macs):
+        for call, table in zip(calls, macs, strict=True):
             inp = _with_channels(call.in_shape, dim, pruner.get_in_channels(m))
             out = _with_channels(call.out_shape, dim, pruner.get_out_channels(m))
             table[key] = _hook_count(m, inp, out)

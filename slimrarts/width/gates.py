@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -111,7 +111,8 @@ class Gates:
 
     def masked(self, keep: list[torch.Tensor]):
         """`using` the current α with the channels not kept set to zero."""
-        return self.using([a.detach() * k.to(device=a.device, dtype=a.dtype) for a, k in zip(self.alphas, keep)])
+        return self.using([a.detach() * k.to(device=a.device, dtype=a.dtype)
+                           for a, k in zip(self.alphas, keep, strict=True)])
 
     def remove(self) -> None:
         """Remove every hook: the model computes as if ungated again."""
@@ -124,7 +125,7 @@ class Gates:
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            for a, s in zip(self.alphas, state["alphas"]):
+            for a, s in zip(self.alphas, state["alphas"], strict=True):
                 a.copy_(s)
 
     def summary(self) -> list[dict]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -313,7 +314,8 @@ def _check_unsupported(view: _GroupView, failed: dict) -> str | None:
         kind = view.kind(node)
         m = node.module
         if kind == "joint_norm":
-            return f"{view.name(node)} normalises these channels jointly (GroupNorm/LayerNorm); removal would change the rest"
+            return (f"{view.name(node)} normalises these channels jointly (GroupNorm/LayerNorm); removal would change "
+                    "the rest")
         if kind == "reshape" and (problem := reshape_problem(node)):
             return f"{view.name(node)}: {problem}"
         if node in failed:

@@ -4,10 +4,10 @@
 its real input shape (batch `batch_size`), at a few widths per changing side (by default 1, ¼, ½, ¾ and all of
 the group's channels), cut with torch-pruning's pruning function like the real removal. Between grid points the
 time is interpolated (piecewise bilinear); each table is made non-decreasing in every width (a narrower layer is
-never predicted slower, which noise can otherwise suggest: slow outliers at small widths are clipped). The network's time is the sum over layers plus a
-constant, measured as the dense network's time minus the sum of its layers at full width (launch gaps, layers
-no group changes). Tables are cached as JSON per device, torch version, model shapes, batch, dtype and timer in
-`$SLIMRARTS_CACHE/latency` (else `~/.cache/slimrarts/latency`).
+never predicted slower, which noise can otherwise suggest: slow outliers at small widths are clipped). The network's
+time is the sum over layers plus a constant, measured as the dense network's time minus the sum of its layers at full
+width (launch gaps, layers no group changes). Tables are cached as JSON per device, torch version, model shapes,
+batch, dtype and timer in `$SLIMRARTS_CACHE/latency` (else `~/.cache/slimrarts/latency`).
 
 On CUDA (or with `probe_align=True`) the model also checks whether widths that are multiples of 8 run faster than
 one channel less; `LatencyModel.align` is 8 only when measured so, to be passed as `round_to`.
@@ -99,7 +99,7 @@ class _Table:
         keep = [k for k, col in enumerate(basis.T) if np.ptp(col) > 0 or k == 3]
         sol, *_ = np.linalg.lstsq(basis[:, keep], self.values.reshape(-1), rcond=None)
         coef = [0.0] * 4
-        for k, c in zip(keep, sol):
+        for k, c in zip(keep, sol, strict=True):
             coef[k] = float(c)
         return Bilinear(*coef)
 
@@ -381,7 +381,7 @@ def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch
                 if warmup:
                     timer(lambda model=model: model(x), warmup)
             for _ in range(rounds):
-                for model, out in zip(models, per_model):
+                for model, out in zip(models, per_model, strict=True):
                     out.append(float(statistics.median(timer(lambda model=model: model(x), repeats))))
     finally:
         for m, training in modes:

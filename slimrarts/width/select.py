@@ -41,7 +41,7 @@ def _round_keep(keep: list[torch.Tensor], scores: list[torch.Tensor], round_to: 
     if not round_to or round_to == 1:
         return keep
     out = []
-    for k, s, r in zip(keep, scores, repeats):
+    for k, s, r in zip(keep, scores, repeats, strict=True):
         step = round_to // math.gcd(round_to, r)  # entries per multiple of round_to channels
         extra = min(k.numel(), math.ceil(int(k.sum()) / step) * step) - int(k.sum())
         k = k.clone()
@@ -83,7 +83,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     scores = [a.detach().abs().float().cpu().flatten() for a in alphas]
     sizes = [s.numel() for s in scores]
-    total = sum(n * r for n, r in zip(sizes, repeats))
+    total = sum(n * r for n, r in zip(sizes, repeats, strict=True))
     target = round(ratio * total)
     flat = torch.cat(scores)
     owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)]).tolist()
@@ -113,7 +113,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
     keep_flat = torch.ones(len(owner), dtype=torch.bool)
     for idx, _ in walk[:stop]:
         keep_flat[idx] = False
-    keep = [keep_flat[o:o + n].clone() for o, n in zip(offsets, sizes)]
+    keep = [keep_flat[o:o + n].clone() for o, n in zip(offsets, sizes, strict=True)]
     return _round_keep(keep, scores, round_to, repeats)
 
 
@@ -160,8 +160,8 @@ def prox_l1_(alphas: list[torch.Tensor], threshold: torch.Tensor | float | list[
 def pruned_ratio(keep: list[torch.Tensor], repeats: list[int] | None = None) -> float:
     """PRC: pruned gated channels / all gated channels (an entry of group i counts `repeats[i]` channels)."""
     repeats = _repeats(len(keep), repeats)
-    total = sum(k.numel() * r for k, r in zip(keep, repeats))
-    return 1.0 - sum(int(k.sum()) * r for k, r in zip(keep, repeats)) / total if total else 0.0
+    total = sum(k.numel() * r for k, r in zip(keep, repeats, strict=True))
+    return 1.0 - sum(int(k.sum()) * r for k, r in zip(keep, repeats, strict=True)) / total if total else 0.0
 
 
 def prunable_channels(groups, min_channels: int = 1) -> int:

@@ -46,7 +46,7 @@ def fold_gates(gates: Gates, alphas: list[torch.Tensor] | None = None) -> None:
     """Multiply each gate's α into the layer it sits on (norm affine, or producer output rows)."""
     with torch.no_grad():
         modules = dict(gates.model.named_modules())
-        for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas):
+        for group, alpha in zip(gates.groups, alphas if alphas is not None else gates.alphas, strict=True):
             alpha = alpha.detach().flatten().repeat(group.repeat)  # one value per channel
             for site in group.sites:
                 m = modules[site.module]
@@ -98,7 +98,7 @@ def _check_tiled(group: ChannelGroup, kept: list[int]) -> None:
 
 
 def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[list[int]]) -> None:
-    for group, keep in zip(groups, kept):
+    for group, keep in zip(groups, kept, strict=True):
         if group.scope == "branch-input" and len(keep) < group.size:
             norm = model.get_submodule(group.root)
             index = torch.tensor(keep, device=norm.weight.device)
@@ -116,11 +116,11 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         model = gates.model
         if len(keep) != len(gates.groups):
             raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
-        for group, k in zip(gates.groups, keep):
+        for group, k in zip(gates.groups, keep, strict=True):
             if k.numel() != group.num_alphas:
-                raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has {group.num_alphas} "
-                                 f"({group.size} channels, {group.repeat} per entry: reduce per-channel scores with "
-                                 "Gates.entry_scores before selecting)")
+                raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has "
+                                 f"{group.num_alphas} ({group.size} channels, {group.repeat} per entry: reduce "
+                                 "per-channel scores with Gates.entry_scores before selecting)")
         was_training = model.training
         model.eval()
         reference = None
@@ -129,11 +129,11 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
                 reference = model(check_input).float()
         before = layer_widths(model)
         kept = [torch.nonzero(g.channel_mask(k.cpu().bool()), as_tuple=False).flatten().tolist()
-                for g, k in zip(gates.groups, keep)]
-        removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept)]
+                for g, k in zip(gates.groups, keep, strict=True)]
+        removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept, strict=True)]
         gates.remove()
         fold_gates(gates)
-        for group, rem in zip(gates.groups, removed):
+        for group, rem in zip(gates.groups, removed, strict=True):
             _prune_group(model, gates.dg, group, rem)
         _insert_selects(model, gates.groups, kept)
         after = layer_widths(model)
@@ -141,7 +141,7 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
             "format": SPEC_FORMAT,
             "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
             "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "repeat": g.repeat, "kept": k}
-                       for g, k in zip(gates.groups, kept)],
+                       for g, k in zip(gates.groups, kept, strict=True)],
             # a pruned branch entrance `name` is now Sequential(ChannelSelect, norm): its norm is `name.1`
             "layers": {name: {"before": w, "after": after.get(name, after.get(f"{name}.1", w))}
                        for name, w in before.items()},
@@ -173,7 +173,7 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
         _check_tiled(group, entry["kept"])
         ordered.append(group)
         kept.append(entry["kept"])
-    for group, keep in zip(ordered, kept):
+    for group, keep in zip(ordered, kept, strict=True):
         _prune_group(model, dg, group, sorted(set(range(group.size)) - set(keep)))
     _insert_selects(model, ordered, kept)
     return model

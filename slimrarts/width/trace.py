@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
