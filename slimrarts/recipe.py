@@ -324,6 +324,11 @@ class Recipe:
             raise ConfigError(f"search.shrink.which={self.search.shrink.which} shrinks α before a ratio or budget "
                               f"cut; it needs a method with α and prune.mode ratio or budget (method {method.name!r}, "
                               f"mode {p.mode}); set it to none")
+        if self.search.shrink.which == "losers" and self.search.epochs < 2:
+            warnings.warn(f"search.shrink.which=losers re-chooses the losers at each epoch's start; with search.epochs="
+                          f"{self.search.epochs} it pulls down the channels that lose at the initial scores (all α "
+                          "equal: ties broken by layer order), not those the search finds. Search for 2 or more "
+                          "epochs, or use which=all", UserWarning, stacklevel=2)
         if self.search.cost.mu > 0 and not method.has_alpha:
             raise ConfigError(f"search.cost.mu={self.search.cost.mu} adds a cost term to the α-step, but "
                               f"{method.kind} {method.name!r} learns no α; set it to 0")

@@ -40,7 +40,7 @@ from .width import (
     ungated_copy,
 )
 from .width.budget import format_cost
-from .width.latency import LatencyModel
+from .width.latency import LatencyModel, time_models
 
 __all__ = ["Selection"]
 
@@ -61,6 +61,7 @@ class Selection:
     dense: float | None = None
     min_kept: list[int] | None = None
     tightened: object | None = None  # the latency tighten result, after `finish`
+    measured_floor: float | None = None  # latency: the measured time of the smallest reachable network
 
     @classmethod
     def prepare(cls, gates: Gates, recipe, input_size, device: torch.device) -> Selection:
@@ -102,7 +103,39 @@ class Selection:
                     f"{format_cost(sel.floor, budget.kind)} ({sel.floor / sel.dense:.1%}), every gated group at "
                     f"prune.min_channels={p.min_channels}. Raise the target"
                     + (f", or add scope {' or '.join(wider)} to reach further" if wider else ""))
+            if budget.kind == "latency":
+                sel._check_measured_floor(torch.device(budget.device) if budget.device not in (None, "auto")
+                                          else device)
         return sel
+
+    def _check_measured_floor(self, where: torch.device) -> None:
+        """Time the smallest network the scopes reach (every group at its minimum) against the target: the per-layer
+        model can under-predict overhead-bound networks (small CIFAR nets at batch 1), and a target below the real
+        floor can never be met, so it fails here, before training, naming the measured floor."""
+        budget = self.recipe.prune.budget
+        x = self.gates.example_input
+        if x is None:
+            return
+        scopes = self.recipe.prune.scope
+        lowest = self._select_budget([torch.ones_like(a) for a in self.gates.alphas], self.floor)
+
+        def measure() -> tuple[float, float]:
+            slim = ungated_copy(self.gates)
+            remove_channels(attach_gates(slim, x[:2], scopes, warn=False), lowest)
+            dense = ungated_copy(self.gates)
+            _, t = time_models([dense.to(where), slim.to(where)], self.input_size, batch_size=budget.batch_size,
+                               device=where, repeats=budget.repeats)
+            return t.median_s, t.spread
+
+        floor_s, spread = dist.from_main(measure) if dist.active() else measure()
+        self.measured_floor = floor_s
+        if floor_s > self.target * (1 + max(0.05, spread)):
+            raise ValueError(
+                f"prune.budget: latency target {format_cost(self.target, 'latency')} is below the measured time of "
+                f"the smallest network scope {'+'.join(scopes)} reaches on {where} at batch {budget.batch_size}: "
+                f"{format_cost(floor_s, 'latency')} (run-to-run spread {spread:.0%}; the per-layer model predicted "
+                f"{format_cost(self.floor, 'latency')}: this network's time is dominated by per-layer overheads). "
+                "Raise the target, time at a larger prune.budget.batch_size, or use a MACs budget")
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -244,7 +277,8 @@ class Selection:
             t = self.tightened
             out.update(achieved=t.timing.median_s, achieved_fraction=t.timing.median_s / t.dense_timing.median_s,
                        spread=t.timing.spread, dense_measured=t.dense_timing.median_s, met=t.met,
-                       tighten=t.history, device=str(budget.device or "run device"), batch_size=budget.batch_size)
+                       tighten=t.history, device=str(budget.device or "run device"), batch_size=budget.batch_size,
+                       measured_floor=self.measured_floor)
         return out
 
 

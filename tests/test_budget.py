@@ -134,6 +134,11 @@ def test_an_impossible_budget_names_the_smallest_reachable_cost():
     _, _, wide = _gated("resnet20", ("internal", "coupled"))
     assert budget_floor(wide, "macs")[0] < floor  # wider scopes reach further
     assert budget_floor(cm, "macs", min_channels=4)[0] > floor
+    # a target of exactly the floor is reachable (the running sum of savings must not round it away)
+    for model_cm, scores in ((cm, gates.alphas), (wide, _gated("resnet20", ("internal", "coupled"))[1].alphas)):
+        low = budget_floor(model_cm, "macs")[0]
+        keep = select_budget([torch.rand(a.shape) for a in scores], model_cm, low, "macs")
+        assert [int(k.sum()) for k in keep] == [1] * len(keep)
 
 
 def test_exclude_and_max_pruned_are_honoured():

@@ -5,6 +5,7 @@ fast the slim model is, impossible budgets fail before training, and the search 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,18 @@ def test_losers_shrink_to_zero_so_the_cut_costs_nothing(tiny_sets):
     assert plain["settings"]["search"]["shrink"]["which"] == "none"
 
 
+def test_losers_shrink_with_a_one_epoch_search_warns():
+    """Losers are re-chosen at each epoch's start: one search epoch would shrink the losers of the initial ties."""
+    from slimrarts.recipe import load_recipe
+
+    with pytest.warns(UserWarning, match="search.epochs=1 it pulls down"):
+        load_recipe({"search": {"epochs": 1, "shrink": {"which": "losers", "strength": 1.0}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_recipe({"search": {"epochs": 2, "shrink": {"which": "losers", "strength": 1.0}}})
+        load_recipe({"search": {"epochs": 1, "shrink": {"which": "all", "strength": 1.0}}})
+
+
 def test_l1_with_a_budget_stops_the_search_once_the_budget_fits(tiny_sets, tmp_path):
     cfg = _cfg(search={"epochs": 6, "arch": {"lr": 0.2}}, prune={"mode": "l1", "l1": 5.0,
                                                                   "budget": {"kind": "macs", "target": "90%"}})
@@ -114,3 +127,36 @@ def test_the_cost_term_pulls_alpha_down(tiny_sets):
                              device=torch.device("cpu"), progress=False)
         means[mu] = torch.cat([a.detach().abs() for a in found.gates.alphas]).mean().item()
     assert means[5.0] < means[0.0] - 0.01
+
+
+def _timed(slim_s: float):
+    """A stand-in for `time_models` (dense, smallest network): the smallest network takes `slim_s` seconds."""
+    from slimrarts.width.latency import Timing
+
+    def time_models(models, input_size, **kwargs):
+        return [Timing(1.0, 0.01, [1.0]), Timing(slim_s, 0.01, [slim_s])]
+
+    return time_models
+
+
+def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_sets, tmp_path, monkeypatch):
+    """The per-layer model can under-predict an overhead-bound network; the smallest network is timed before
+    training and a target below its time fails there, naming the measured floor."""
+    import slimrarts.selection as selection
+
+    monkeypatch.setattr(selection, "time_models", _timed(0.9))
+    with pytest.raises(ValueError, match=r"below the measured time of the smallest network.*batch 1"):
+        slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), budget={"latency": "95%"},
+                        config=TINY, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch of anything ran
+
+
+def test_a_latency_target_above_the_measured_floor_goes_on_and_reports_it(tiny_sets, monkeypatch):
+    import slimrarts.selection as selection
+
+    monkeypatch.setattr(selection, "time_models", _timed(1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the real re-timing after the cut may miss on a tiny net
+        r = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), budget={"latency": "95%"},
+                            config=TINY, progress=False).report
+    assert r["budget"]["kind"] == "latency" and r["budget"]["measured_floor"] == 1e-6

@@ -320,6 +320,7 @@ def select_budget(scores: Sequence[torch.Tensor], cost_model, target: float | st
         cost += neg_gain
         if cost <= target:
             cost = fn.value(kept)  # exact, not the running sum
+    cost = fn.value(kept)  # exact: the running sum can sit a rounding error above a target equal to the floor
     if cost > target:  # cannot happen: the floor is within the target
         raise AssertionError(f"budget selection ended above the target ({cost} > {target})")
     _fill(fn, grids, kept, prefix, target)
