@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["count_macs", "count_params", "format_count", "macs_and_params", "measure_latency"]
+__all__ = ["count_macs", "count_params", "device_timer", "format_count", "macs_and_params", "measure_latency"]
 
 _COUNTER_ATTRS = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost")
 
@@ -96,7 +96,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32), *, 
     return macs_and_params(model, input_size, example_inputs=example_inputs)[0]
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[float]]:
+def device_timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[float]]:
     """A function that runs a callable n times and returns the seconds each run took on ``device``."""
     if device.type == "cuda":
 
@@ -174,7 +174,7 @@ def measure_latency(
             run_model = run_model.to(memory_format=torch.channels_last)
     modes = [(m, m.training) for m in run_model.modules()]
     run_model.eval()
-    timer = _timer(target)
+    timer = device_timer(target)
     results: dict[int, dict[str, float]] = {}
     try:
         with torch.inference_mode():

@@ -106,6 +106,29 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(".")[:2])
 
 
+def test_every_module_imports_on_its_own():
+    """Each module imported first, with no other slimrarts module loaded before it (a fresh slate per module in one
+    interpreter; torch and the other dependencies stay loaded): an order-dependent import or a cycle through the
+    package fails here with the module's name."""
+    names = sorted(n for n in _modules() if n != "slimrarts.__main__")
+    code = (
+        "import importlib, sys, traceback\n"
+        f"names = {names!r}\n"
+        "bad = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m == 'slimrarts' or m.startswith('slimrarts.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception:\n"
+        "        bad.append(name + ': ' + traceback.format_exc().strip().splitlines()[-1])\n"
+        "print('\\n'.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
 def test_torch_pruning_version_is_in_the_declared_range():
     """The declared range has a floor and a ceiling (the code patches torch-pruning internals) and admits the
     installed version."""

@@ -70,3 +70,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_archiv
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
     a, b = _slim(tmp_path / "whole"), _slim(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_divergence_stop_then_resume(tmp_path, tiny_archive):
+    """A run stopped by divergence (exit 3), resumed with a safe learning rate, killed again, resumed again: the
+    slim weights of a run made with that learning rate from the start."""
+    recipe = _recipe(tmp_path, tiny_archive)
+    whole = _cli(recipe, tmp_path / "whole")
+    diverged = _cli(recipe, tmp_path / "run", "--set", "search.optim.lr=1e6")
+    assert diverged.wait(timeout=300) == 3, diverged.stderr.read().decode()
+    assert not (tmp_path / "run" / "checkpoints" / "search.pt").exists()
+    resumed = _cli(recipe, tmp_path / "run", "--resume", "--set", "search.optim.lr=0.05")
+    _kill_during_training(resumed, tmp_path / "run", random.Random(3))
+    assert resumed.returncode == -signal.SIGKILL and not (tmp_path / "run" / "slim.pt").exists()
+    again = _cli(recipe, tmp_path / "run", "--resume", "--set", "search.optim.lr=0.05")
+    assert again.wait(timeout=300) == 0, again.stderr.read().decode()
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()
+    a, b = _slim(tmp_path / "whole"), _slim(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

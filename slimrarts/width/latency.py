@@ -149,9 +149,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def _default_timer(device: torch.device) -> Timer:
-    from ..metrics import _timer
+    from ..metrics import device_timer
 
-    return _timer(device)
+    return device_timer(device)
 
 
 def _median_time(timer: Timer, fn: Callable[[], Any], warmup: int, repeats: int) -> float:
