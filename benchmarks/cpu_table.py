@@ -48,9 +48,8 @@ MAIN = [
     ("fpgm", "fpgm", ["finetune.epochs=4"], [0]),
     ("random", "random", [], [0]),
 ]
-# (search.shrink.which=losers is left out: it re-chooses its losers at each epoch's start, so with the tier's 1-epoch
-# search it would pull down the channels that lose at the initial, all-equal α)
 ABLATIONS = [
+    ("rarts + shrink losers", "rarts", ["search.shrink.which=losers", "search.shrink.strength=1.0"], [0]),
     ("rarts, swept settings", "rarts", ["<sweep>"], [0]),
     ("rarts + cost term", "rarts", ["search.cost.mu=0.5"], [0]),
     ("rarts + distillation", "rarts", ["finetune.distill={weight: 0.5, temperature: 4.0}"], [0]),

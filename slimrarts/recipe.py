@@ -191,12 +191,13 @@ class ShrinkConfig:
     """Make the channels that will lose small before the cut, so cutting them costs little (ratio/budget modes).
 
     `which: all` applies the ℓ1 proximal step of `strength` to every α (as ℓ1 mode does, but the ratio or budget
-    still decides); `which: losers` applies it only to the channels the selection would prune now (recomputed at each
-    epoch's start), with a strength growing linearly to `strength` over the search.
+    still decides); `which: losers` applies it only to the channels the selection would prune now (re-chosen at each
+    epoch's start and every `every` steps), with a strength growing linearly to `strength` over the search.
     """
 
     which: Literal["none", "all", "losers"] = "none"  # (not `on`: YAML 1.1 reads the key `on` as true)
     strength: float = field(0.0, **_non_negative)  # per unit of α learning rate, as prune.l1
+    every: int = field(20, check=lambda v: v >= 1, allowed="an integer >= 1 (steps)")  # losers: re-chosen this often
 
 
 @dataclasses.dataclass
@@ -324,11 +325,6 @@ class Recipe:
             raise ConfigError(f"search.shrink.which={self.search.shrink.which} shrinks α before a ratio or budget "
                               f"cut; it needs a method with α and prune.mode ratio or budget (method {method.name!r}, "
                               f"mode {p.mode}); set it to none")
-        if self.search.shrink.which == "losers" and self.search.epochs < 2:
-            warnings.warn(f"search.shrink.which=losers re-chooses the losers at each epoch's start; with search.epochs="
-                          f"{self.search.epochs} it pulls down the channels that lose at the initial scores (all α "
-                          "equal: ties broken by layer order), not those the search finds. Search for 2 or more "
-                          "epochs, or use which=all", UserWarning, stacklevel=2)
         if self.search.cost.mu > 0 and not method.has_alpha:
             raise ConfigError(f"search.cost.mu={self.search.cost.mu} adds a cost term to the α-step, but "
                               f"{method.kind} {method.name!r} learns no α; set it to 0")

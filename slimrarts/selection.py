@@ -196,24 +196,40 @@ class Selection:
         return _FitsBudget()
 
     def shrink_callback(self, problem) -> Callback | None:
-        """`search.shrink`: at each epoch's start, set the problem's per-entry ℓ1 strengths: every entry (`all`), or
-        the entries the selection would prune now, at a strength growing linearly over the search (`losers`)."""
+        """`search.shrink`: set the problem's per-entry ℓ1 strengths: every entry (`all`, at each epoch's start), or
+        the entries the selection would prune now (`losers`: re-chosen at each epoch's start and every
+        `search.shrink.every` steps, one host sync each time), at a strength growing linearly over the search."""
         cfg, epochs = self.recipe.search.shrink, self.recipe.search.epochs
         if cfg.which == "none" or cfg.strength <= 0:
             return None
         selection = self
 
         class _Shrink(Callback):
-            events = (Event.EPOCH_START,)
+            events = (Event.EPOCH_START, Event.STEP_END)
+
+            def match(self, event: Event, state: LoopState) -> bool:
+                if event == Event.STEP_END:  # losers only, every `every` steps (not after the epoch's last)
+                    return cfg.which == "losers" and (state.step + 1) % cfg.every == 0
+                return event in self.events
 
             def apply(self, event: Event, state: LoopState) -> None:
                 alphas = selection.gates.alphas
                 if cfg.which == "all":
                     problem.shrink = [torch.full_like(a, cfg.strength) for a in alphas]
                     return
-                keep = selection.select([a.detach() for a in alphas])
-                ramp = cfg.strength * (state.epoch + 1) / epochs
-                problem.shrink = [(~k).to(a.device, a.dtype) * ramp for a, k in zip(alphas, keep, strict=True)]
+                if event == Event.EPOCH_START and state.epoch == 0:
+                    # α are still all equal (ties): no losers yet; the first are chosen after `every` steps
+                    strengths = [torch.zeros_like(a) for a in alphas]
+                else:
+                    self.refreshes = getattr(self, "refreshes", 0) + 1
+                    keep = selection.select([a.detach() for a in alphas])
+                    ramp = cfg.strength * (state.epoch + 1) / epochs
+                    strengths = [(~k).to(a.device, a.dtype) * ramp for a, k in zip(alphas, keep, strict=True)]
+                if problem.shrink is None:
+                    problem.shrink = strengths
+                else:  # in place: a captured step keeps reading the same tensors
+                    with torch.no_grad():
+                        torch._foreach_copy_(problem.shrink, strengths)
 
         return _Shrink()
 

@@ -82,16 +82,28 @@ def test_losers_shrink_to_zero_so_the_cut_costs_nothing(tiny_sets):
     assert plain["settings"]["search"]["shrink"]["which"] == "none"
 
 
-def test_losers_shrink_with_a_one_epoch_search_warns():
-    """Losers are re-chosen at each epoch's start: one search epoch would shrink the losers of the initial ties."""
-    from slimrarts.recipe import load_recipe
+def test_losers_are_rechosen_every_few_steps_within_an_epoch(tiny_sets, monkeypatch):
+    """`search.shrink.every`: the losers are re-chosen between steps (not only at epoch starts), so a one-epoch
+    search shrinks the channels the search finds, not the initial ties; the first epoch starts with no losers."""
+    import slimrarts.selection as selection
 
-    with pytest.warns(UserWarning, match="search.epochs=1 it pulls down"):
-        load_recipe({"search": {"epochs": 1, "shrink": {"which": "losers", "strength": 1.0}}})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_recipe({"search": {"epochs": 2, "shrink": {"which": "losers", "strength": 1.0}}})
-        load_recipe({"search": {"epochs": 1, "shrink": {"which": "all", "strength": 1.0}}})
+    chosen = []
+    real = selection.Selection.select
+
+    def counting(self, scores):
+        chosen.append([s.clone() for s in scores])
+        return real(self, scores)
+
+    monkeypatch.setattr(selection.Selection, "select", counting)
+    cfg = _cfg(search={"epochs": 1, "shrink": {"which": "losers", "strength": 5.0, "every": 2}})
+    loaders = _loaders(tiny_sets)
+    steps = len(loaders.search_t)
+    r = slimrarts.prune(create_model("tiny_preresnet"), loaders, 0.4, config=cfg, progress=False).report
+    refreshes = len(chosen) - 1  # the last call is the cut itself
+    assert refreshes == steps // 2
+    assert not all(torch.equal(a, b) for a, b in zip(chosen[0], chosen[-2], strict=True))  # α moved between them
+    assert any(float(a.min()) != float(a.max()) for a in chosen[0])  # the first refresh sees learned α
+    assert r["settings"]["search"]["shrink"]["every"] == 2
 
 
 def test_l1_with_a_budget_stops_the_search_once_the_budget_fits(tiny_sets, tmp_path):

@@ -1,10 +1,12 @@
 """One callback protocol for every loop: events, the state a callback sees, and `on(event, fn)`.
 
 As in Composer's `Algorithm.match/apply`: a callback says which events it wants (`match`) and acts on them
-(`apply`). Training and search phases fire `PHASE_START`, `EPOCH_START`, `EPOCH_END` (after the epoch's metrics
-line and checkpoint are written) and `PHASE_END`; the training step also fires `AFTER_BACKWARD` between backward
-and the optimizer step (e.g. a sparsity subgradient or gradient clipping). `AFTER_BACKWARD` runs inside the step:
-it must only do device work (no host sync) so the step stays capturable in a CUDA graph.
+(`apply`). Training and search phases fire `PHASE_START`, `EPOCH_START`, `STEP_END` (after each step, on the host,
+outside the step: `state.step` is the step's index in the epoch), `EPOCH_END` (after the epoch's metrics line and
+checkpoint are written) and `PHASE_END`; the training step also fires `AFTER_BACKWARD` between backward and the
+optimizer step (e.g. a sparsity subgradient or gradient clipping). `AFTER_BACKWARD` runs inside the step: it must
+only do device work (no host sync) so the step stays capturable in a CUDA graph. A `STEP_END` callback that reads
+device values syncs the host: do it every so many steps, not every step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Event(str, enum.Enum):
     PHASE_START = "phase_start"
     EPOCH_START = "epoch_start"
     AFTER_BACKWARD = "after_backward"
+    STEP_END = "step_end"
     EPOCH_END = "epoch_end"
     PHASE_END = "phase_end"
 
@@ -34,6 +37,7 @@ class LoopState:
 
     phase: str
     epoch: int = 0
+    step: int = 0  # the step's index within the epoch (at STEP_END)
     record: dict | None = None
     model: Any = None
     extra: dict = dataclasses.field(default_factory=dict)

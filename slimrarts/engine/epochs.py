@@ -114,15 +114,18 @@ class PhaseResult:
 class Ticker:
     """Advances the phase's progress bar by one step; `info` text is shown beside it."""
 
-    def __init__(self, bar, task, enabled: bool, log_every: int):
-        self.bar, self.task, self.enabled, self.log_every = bar, task, enabled, log_every
+    def __init__(self, bar, task, enabled: bool, log_every: int, on_step=None):
+        self.bar, self.task, self.enabled, self.log_every, self.on_step = bar, task, enabled, log_every, on_step
 
     def step(self, i: int, info=None) -> None:
         """Count step `i` of the epoch (0-based); every `log_every` steps, show `info()` (a callable, so the host
-        sync of reading a running metric happens only then, and only with progress on)."""
+        sync of reading a running metric happens only then, and only with progress on); then the STEP_END
+        callbacks, if any."""
         self.bar.advance(self.task)
         if self.enabled and info is not None and (i + 1) % self.log_every == 0:
             self.bar.update(self.task, info=info())
+        if self.on_step is not None:
+            self.on_step(i)
 
     def show(self, info: str) -> None:
         self.bar.update(self.task, info=info)
@@ -202,7 +205,13 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
     with make_progress(progress) as bar:
         task = bar.add_task(description or name, total=epochs * steps_per_epoch, completed=start * steps_per_epoch,
                             info="")
-        ticker = Ticker(bar, task, progress, log_every)
+        stepped = [c for c in callbacks if Event.STEP_END in getattr(c, "events", (Event.STEP_END,))]
+
+        def on_step(i: int) -> None:
+            state.step = i
+            fire(stepped, Event.STEP_END, state)
+
+        ticker = Ticker(bar, task, progress, log_every, on_step if stepped else None)
         for epoch in range(start, epochs):
             for loader in loaders:
                 if loader is not None:

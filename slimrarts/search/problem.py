@@ -29,7 +29,7 @@ class NetProblem:
         self.model, self.arch, self.amp, self.l1, self.penalty, self.loss_fn = model, arch, amp, l1, penalty, loss_fn
         self.device = next(model.parameters()).device
         self._meters: dict[str, list] = {}
-        self.shrink: list[torch.Tensor] | None = None  # per-entry ℓ1 strengths of `search.shrink`, set per epoch
+        self.shrink: list[torch.Tensor] | None = None  # per-entry ℓ1 strengths of `search.shrink` (set between steps)
 
     def loss(self, params, buffers, batch, track: str | None = None) -> torch.Tensor:
         x, target = batch
