@@ -51,3 +51,19 @@ def _private_cache(monkeypatch, tmp_path):
     """Every test gets its own data cache and no inherited data path."""
     monkeypatch.setenv("SLIMRARTS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SLIMRARTS_DATA", raising=False)
+
+
+def write_tiny_recipe(tmp_path, archive) -> str:
+    """A recipe file for the command line over `tiny_archive`: a few steps of every phase on tiny_preresnet."""
+    text = f"""
+name: tiny
+data: {{root: {archive}, batch_size: 25, eval_batch_size: 40}}
+model: {{name: tiny_preresnet}}
+train: {{epochs: 2, optim: {{lr: 0.05}}}}
+search: {{epochs: 2, optim: {{lr: 0.05}}, arch: {{lr: 0.01}}}}
+prune: {{scope: [internal, branch-input], ratio: 0.4}}
+finetune: {{epochs: 2, optim: {{lr: 0.05}}}}
+"""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return str(path)

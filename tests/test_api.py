@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_tiny_recipe
 
 import slimrarts
 from slimrarts.cli import main
@@ -236,18 +237,7 @@ def test_prune_rejects_bad_input(tiny_sets):
 
 
 def _recipe(tmp_path, archive) -> str:
-    text = f"""
-name: tiny
-data: {{root: {archive}, batch_size: 25, eval_batch_size: 40}}
-model: {{name: tiny_preresnet}}
-train: {{epochs: 2, optim: {{lr: 0.05}}}}
-search: {{epochs: 2, optim: {{lr: 0.05}}, arch: {{lr: 0.01}}}}
-prune: {{scope: [internal, branch-input], ratio: 0.4}}
-finetune: {{epochs: 2, optim: {{lr: 0.05}}}}
-"""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(text)
-    return str(path)
+    return write_tiny_recipe(tmp_path, archive)
 
 
 def test_cli_run_writes_every_artefact_and_refuses_to_overwrite(tmp_path, tiny_archive, capsys):

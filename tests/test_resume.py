@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_recipe
 
 from slimrarts.cli import main
 from slimrarts.data import DeviceLoader, split_halves
@@ -170,17 +171,7 @@ def test_fit_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
 # ---- the whole pipeline, through the command line ------------------------------------------------------------------
 
 def _recipe(tmp_path, archive) -> str:
-    text = f"""
-name: tiny
-data: {{root: {archive}, batch_size: 25, eval_batch_size: 40}}
-model: {{name: tiny_preresnet}}
-search: {{epochs: 2, optim: {{lr: 0.05}}, arch: {{lr: 0.01}}}}
-prune: {{scope: [internal, branch-input], ratio: 0.4}}
-finetune: {{epochs: 2, optim: {{lr: 0.05}}}}
-"""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(text)
-    return str(path)
+    return write_tiny_recipe(tmp_path, archive)
 
 
 def _cli_run(monkeypatch, recipe, out, extra, *, stop=None, resume=False):
