@@ -263,6 +263,10 @@ def main() -> None:
 
 
 def _write(rows: list[dict], args, previous: dict, latency: dict | None = None) -> None:
+    done = {(r["row"], r["seed"]) for r in rows}
+    rows = rows + [r for r in previous.get("rows", []) if (r["row"], r["seed"]) not in done]  # rows of other plans
+    order = {name: i for i, (name, *_) in enumerate(MAIN + ABLATIONS)}
+    rows.sort(key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
     tests = {}
     ref = next((r for r in rows if r["row"] == "rarts" and r["seed"] == 0), None)
     if ref is not None:
