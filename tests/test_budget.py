@@ -271,6 +271,32 @@ def test_tighten_lowers_the_target_until_the_real_network_meets_it():
     assert not missed.met
 
 
+def test_tighten_loosens_a_cut_that_is_much_faster_than_needed():
+    """A timer convex in MACs makes the per-layer model over-predict slim networks: the first cut meets the target
+    with a wide margin (it pruned more than needed); tighten raises the model target and ends with the met cut
+    closest to the target, within `slack` of it."""
+    _, gates, cm = _gated("resnet20", ("internal", "coupled"))
+    dense = ungated_copy(gates)
+    timer = ConvTimer(power=1.2)
+    lm = build_latency_model(gates, cm, timer=timer, warmup=0, repeats=1, cache=False, grid=(0.5,))
+    scores = [a.detach().clone() for a in gates.alphas]
+
+    def cut(keep):
+        slim = ungated_copy(gates)
+        remove_channels(attach_gates(slim, torch.randn(1, *X), ("internal", "coupled")), keep)
+        return slim
+
+    target = 0.6 * lm.dense_s
+    result = tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
+                     max_rounds=4, timer=timer, rounds=2, repeats=1, warmup=0, slack=0.05)
+    first = result.history[0]
+    assert first["met"] and first["measured_s"] < 0.9 * target  # the model over-predicted: far past the target
+    assert result.met and 0.95 * target <= result.timing.median_s <= target
+    assert result.history[1]["model_target_s"] > target  # loosened
+    assert sum(int(k.sum()) for k in result.keep) > sum(
+        int(k.sum()) for k in select_budget(scores, lm, target, "latency"))  # keeps more channels than round 0
+
+
 def test_latency_table_interpolates_and_clips_slow_outliers():
     """Piecewise bilinear between grid points; an outlier slower than a wider layer is clipped to it; the
     least-squares bilinear fit used by the search's cost term is exact on a bilinear table."""
