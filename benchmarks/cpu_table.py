@@ -50,6 +50,7 @@ MAIN = [
 ]
 ABLATIONS = [
     ("rarts + shrink losers", "rarts", ["search.shrink.which=losers", "search.shrink.strength=1.0"], [0]),
+    ("rarts, final weights mean of w and y", "rarts", ["search.final_weights=mean"], [0]),
     ("rarts, swept settings", "rarts", ["<sweep>"], [0]),
     ("rarts + cost term", "rarts", ["search.cost.mu=0.5"], [0]),
     ("rarts + distillation", "rarts", ["finetune.distill={weight: 0.5, temperature: 4.0}"], [0]),
