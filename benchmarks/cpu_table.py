@@ -86,7 +86,7 @@ def _from_hex(text: str, n: int = 10000) -> torch.Tensor:
 
 
 def _slug(row: str) -> str:
-    return row.replace(" + ", "+").replace(" ", "-")
+    return row.replace(" + ", "+").replace(",", "").replace(" ", "-")
 
 
 def _run_dir(runs: Path, row: str, seed: int) -> Path:
