@@ -242,12 +242,11 @@ def test_alignment_to_8_is_set_only_when_measured_faster():
     assert all(int(k.sum()) % 8 == 0 for k in keep)
 
 
-def test_tighten_lowers_the_target_until_the_real_network_meets_it():
-    """A timer whose cost is concave in MACs makes the per-layer sum under-predict slim networks: the first cut
-    misses, tighten selects again under lower targets and meets the target within the bounded rounds."""
+def _tighten_setup(timer):
+    """`run(max_rounds, **kw)` tightens a resnet20 cut (scored by the gates' α) to 60% of the dense time
+    under a deterministic timer; also the latency model, the scores and the target."""
     _, gates, cm = _gated("resnet20", ("internal", "coupled"))
     dense = ungated_copy(gates)
-    timer = ConvTimer(power=0.95)
     lm = build_latency_model(gates, cm, timer=timer, warmup=0, repeats=1, cache=False, grid=(0.5,))
     scores = [a.detach().clone() for a in gates.alphas]
 
@@ -257,8 +256,19 @@ def test_tighten_lowers_the_target_until_the_real_network_meets_it():
         return slim
 
     target = 0.6 * lm.dense_s
-    result = tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
-                     max_rounds=4, timer=timer, rounds=2, repeats=1, warmup=0)
+
+    def run(max_rounds, rounds=2, **kw):
+        return tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
+                       max_rounds=max_rounds, timer=timer, rounds=rounds, repeats=1, warmup=0, **kw)
+
+    return run, lm, scores, target
+
+
+def test_tighten_lowers_the_target_until_the_real_network_meets_it():
+    """A timer whose cost is concave in MACs makes the per-layer sum under-predict slim networks: the first cut
+    misses, tighten selects again under lower targets and meets the target within the bounded rounds."""
+    run, lm, scores, target = _tighten_setup(ConvTimer(power=0.95))
+    result = run(4)
     history = result.history
     assert not history[0]["met"] and result.met and len(history) >= 2
     assert result.timing.median_s <= target
@@ -266,8 +276,7 @@ def test_tighten_lowers_the_target_until_the_real_network_meets_it():
     assert targets == sorted(targets, reverse=True) and targets[0] == pytest.approx(target)
     assert result.dense_timing.median_s == pytest.approx(lm.dense_s)
     with pytest.warns(RuntimeWarning, match="not met after 1"):
-        missed = tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
-                         max_rounds=1, timer=timer, rounds=1, repeats=1, warmup=0)
+        missed = run(1, rounds=1)
     assert not missed.met
 
 
@@ -275,20 +284,8 @@ def test_tighten_loosens_a_cut_that_is_much_faster_than_needed():
     """A timer convex in MACs makes the per-layer model over-predict slim networks: the first cut meets the target
     with a wide margin (it pruned more than needed); tighten raises the model target and ends with the met cut
     closest to the target, within `slack` of it."""
-    _, gates, cm = _gated("resnet20", ("internal", "coupled"))
-    dense = ungated_copy(gates)
-    timer = ConvTimer(power=1.2)
-    lm = build_latency_model(gates, cm, timer=timer, warmup=0, repeats=1, cache=False, grid=(0.5,))
-    scores = [a.detach().clone() for a in gates.alphas]
-
-    def cut(keep):
-        slim = ungated_copy(gates)
-        remove_channels(attach_gates(slim, torch.randn(1, *X), ("internal", "coupled")), keep)
-        return slim
-
-    target = 0.6 * lm.dense_s
-    result = tighten(lambda t: select_budget(scores, lm, t, "latency"), cut, dense, target, X, predict=lm,
-                     max_rounds=4, timer=timer, rounds=2, repeats=1, warmup=0, slack=0.05)
+    run, lm, scores, target = _tighten_setup(ConvTimer(power=1.2))
+    result = run(4, slack=0.05)
     first = result.history[0]
     assert first["met"] and first["measured_s"] < 0.9 * target  # the model over-predicted: far past the target
     assert result.met and 0.95 * target <= result.timing.median_s <= target
