@@ -141,6 +141,20 @@ def test_the_cost_term_pulls_alpha_down(tiny_sets):
     assert means[5.0] < means[0.0] - 0.01
 
 
+def _deterministic_latency_model(monkeypatch):
+    """The per-layer latency model built with a timer that counts MACs, so its floor does not depend on the load."""
+    from test_budget import ConvTimer
+
+    import slimrarts.selection as selection
+
+    real = selection.build_latency_model
+
+    def build(*args, **kwargs):
+        return real(*args, **{**kwargs, "timer": ConvTimer(), "cache": False, "warmup": 0, "repeats": 1})
+
+    monkeypatch.setattr(selection, "build_latency_model", build)
+
+
 def _timed(slim_s: float):
     """A stand-in for `time_models` (dense, smallest network): the smallest network takes `slim_s` seconds."""
     from slimrarts.width.latency import Timing
@@ -156,6 +170,7 @@ def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_se
     training and a target below its time fails there, naming the measured floor."""
     import slimrarts.selection as selection
 
+    _deterministic_latency_model(monkeypatch)
     monkeypatch.setattr(selection, "time_models", _timed(0.9))
     with pytest.raises(ValueError, match=r"below the measured time of the smallest network.*batch 1"):
         slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), budget={"latency": "95%"},
@@ -166,6 +181,7 @@ def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_se
 def test_a_latency_target_above_the_measured_floor_goes_on_and_reports_it(tiny_sets, monkeypatch):
     import slimrarts.selection as selection
 
+    _deterministic_latency_model(monkeypatch)
     monkeypatch.setattr(selection, "time_models", _timed(1e-6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the real re-timing after the cut may miss on a tiny net
