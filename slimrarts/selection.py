@@ -117,7 +117,9 @@ class Selection:
         if x is None:
             return
         scopes = self.recipe.prune.scope
-        lowest = self._select_budget([torch.ones_like(a) for a in self.gates.alphas], self.floor)
+        # every group at its minimum (a noisy latency table can put the model's floor at or below zero)
+        lowest = self._select_budget([torch.ones_like(a) for a in self.gates.alphas],
+                                     max(self.floor, 1e-9 * self.dense))
 
         def measure() -> tuple[float, float]:
             slim = ungated_copy(self.gates)
