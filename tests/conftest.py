@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 from slimrarts.data import CIFAR10_CLASSES, ImageSet
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make mutation` (mutmut sets MUTANT_UNDER_TEST and runs in mutants/, next to its timing stats), run a
+    mutant's tests fastest first: with pytest's -x the mutant is then killed by its quickest failing test."""
+    if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "list_all_tests", "fail"):
+        return
+    stats = Path("mutmut-stats.json")
+    if stats.is_file():
+        seconds = json.loads(stats.read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))
 
 
 def tiny_images(per_class: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,6 +177,7 @@ def test_resume_over_a_damaged_checkpoint_names_the_file(tmp_path, tiny_archive,
     assert main(["train", recipe, "--out", str(out), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and "cannot be read" in err and "--force" in err
+    assert "this 'train' checkpoint cannot be read" in err  # which phase's checkpoint
     assert "weights_only=False" not in err  # torch's unsafe advice is not passed on
 
 

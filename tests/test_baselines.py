@@ -105,6 +105,8 @@ def test_random_keep_counts_and_errors():
     for count in (0, 5):
         with pytest.raises(ValueError, match="cannot keep"):
             random_keep([4], [count], seed=0)
+    with pytest.raises(ValueError):  # a count per group: a short list is an error, not a silently shorter result
+        random_keep([4, 4], [2], seed=0)
 
 
 def test_random_at_a_global_ratio_is_seeded_and_trains_no_alpha(tiny_sets, tmp_path):
@@ -161,6 +163,57 @@ def test_register_baseline():
     assert not base.is_baseline("tmp-test")
     with pytest.raises(ValueError, match="choose one of"):
         base.get_baseline("tmp-test")
+
+
+def test_register_baseline_records_what_it_is_told(monkeypatch):
+    from slimrarts import methods
+    from slimrarts.baselines import base
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # the registrations vanish after the test
+
+    def fn(*args, **kwargs):
+        return None
+
+    base.register_baseline("tmp-default")(fn)
+    info = methods.get_method("tmp-default")
+    assert (info.kind, info.source, info.description, info.data, info.passes) == ("baseline", "", "", "whole", 1)
+    assert (info.has_alpha, info.supports_l1, info.two_nets) == (False, False, False)
+    assert info.run is fn and info.step is None
+    base.register_baseline("tmp-two", source="S", description="D", data="whole", passes=2)(fn)
+    info = methods.get_method("tmp-two")
+    assert (info.source, info.description, info.data, info.passes, info.trains) == ("S", "D", "whole", 2, True)
+    base.register_baseline("tmp-none", data="none", passes=3)(fn)
+    info = methods.get_method("tmp-none")
+    assert (info.data, info.passes, info.trains) == ("none", 0, False)  # no training phase: no passes
+
+
+def test_search_methods_are_not_baselines():
+    from slimrarts.baselines import base
+    from slimrarts.search import get_search
+
+    assert not base.is_baseline("rarts") and base.is_baseline("slimming")
+    assert "rarts" not in base.list_baselines()
+    with pytest.raises(ValueError, match="baseline method 'rarts' is unknown"):
+        base.get_baseline("rarts")
+    info = get_search("rarts")
+    assert info.supports_l1 and info.has_alpha and info.two_nets and info.data == "split"
+
+
+def test_register_search_records_what_it_is_told(monkeypatch):
+    from slimrarts import methods
+    from slimrarts.search.base import register_search
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+
+    def step(*args):
+        return None
+
+    register_search("tmp-search", two_nets=True, data="split", passes=3, paper="P", description="D")(step)
+    info = methods.get_method("tmp-search", "search")
+    assert (info.source, info.description, info.two_nets, info.data, info.passes) == ("P", "D", True, "split", 3)
+    assert info.supports_l1 is True and info.has_alpha is True and info.step is step and info.run is None
+    with pytest.raises(ValueError, match="data must be 'split' or 'whole'"):
+        register_search("tmp-bad", two_nets=False, data="none", passes=1, paper="", description="")
 
 
 def test_baselines_train_with_the_search_section():

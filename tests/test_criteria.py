@@ -262,3 +262,37 @@ def test_bad_input_is_named():
         criterion_scores("taylor", gates, _batches(1), batches=0)
     with pytest.raises(ValueError, match="yielded none"):
         criterion_scores("taylor", gates, [])
+
+
+@pytest.mark.parametrize("name", ["l1", "taylor"])
+def test_the_registered_one_shot_baseline_returns_the_criterion_scores_and_freezes_alpha(name):
+    from types import SimpleNamespace
+
+    from slimrarts.baselines import get_baseline
+    from slimrarts.recipe import load_recipe
+
+    model = _randomise(Chain())
+    gates = _gates(model)
+    recipe = load_recipe({"search": {"taylor_batches": 2}})
+    batches = _batches(3)
+    result = get_baseline(name)(model, gates, SimpleNamespace(train=batches), recipe, device=torch.device("cpu"))
+    assert all(not a.requires_grad for a in gates.alphas)  # one-shot: nothing trains before the cut
+    assert result.keep is None and result.fit is None and "s to score" in result.note
+    expected = score_channels(name, gates, batches, batches=2).scores
+    assert len(result.scores) == len(expected)
+    for got, want in zip(result.scores, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_score_channels_records_the_criterion_its_batches_and_its_time():
+    model = _randomise(Chain(bn=False))
+    gates = _gates(model)
+    batches = _batches(3)
+    taylor = score_channels("taylor", gates, batches, batches=1)  # one batch is allowed, and only one is read
+    assert taylor.batches == 1 and taylor.criterion == "taylor" and taylor.note == criterion_info("taylor").note
+    assert 0 <= taylor.seconds < 60
+    l1 = score_channels("l1", gates)  # needs no data: reads no batch
+    assert l1.batches == 0 and l1.criterion == "l1" and l1.note == criterion_info("l1").note
+    assert 0 <= l1.seconds < 60
+    with pytest.raises(ValueError, match="batches must be >= 1, got 0"):
+        score_channels("taylor", gates, batches, batches=0)

@@ -1,9 +1,12 @@
-"""Engine: optimizers match torch.optim, schedules, fit with checkpoints, and exact resume."""
+"""Engine: optimizers match torch.optim, schedules, fit with checkpoints, exact resume, and run folders."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,9 @@ import torch.nn as nn
 
 from slimrarts.data import DeviceLoader
 from slimrarts.engine import SGD, Adam, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
+from slimrarts.engine.epochs import _to_device
 from slimrarts.engine.loop import append_metrics, resolve_device, set_loader_epoch
-from slimrarts.engine.rundir import RunDir
+from slimrarts.engine.rundir import MARKER, RunDir, _check_deletable, _is_temp, default_run_dir, foreign_entries
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
 
@@ -143,6 +147,7 @@ def test_resume_without_a_checkpoint_drops_that_phases_lines(tmp_path):
     append_metrics(None, {"phase": "x"})  # no run folder: nothing written
     run = RunDir(tmp_path)
     assert len(run.metrics()) == 4
+    assert [r.get("epoch") for r in run.metrics("finetune")] == [0, 1] and run.metrics("other") == []
     assert run.resume_checkpoint("finetune", torch.device("cpu")) is None
     assert run.metrics() == [{"phase": "search", "epoch": 0},
                              {"phase": "search", "note": "a line without an epoch stays"}]
@@ -223,3 +228,136 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     torch.save({"epoch": 0, "x": argparse.Namespace(a=1)}, tmp_path / "c.pt")
     with pytest.raises(Exception, match="cannot be read .UnpicklingError"):
         load_checkpoint(tmp_path / "c.pt")
+
+
+# ---- run folders: default place, what --force may delete, reading back ----------------------------------------
+
+def test_default_run_dir_is_a_timestamped_folder_under_runs(tmp_path):
+    path = default_run_dir("width", tmp_path)
+    assert path.parent == tmp_path / "width" and not path.exists()
+    stamp = dt.datetime.strptime(path.name, "%Y%m%d-%H%M%S")
+    assert abs((dt.datetime.now() - stamp).total_seconds()) < 120
+    assert default_run_dir("x").parts[:2] == ("runs", "x")  # relative to the working folder by default
+
+
+def test_default_run_dir_counts_up_from_one(tmp_path, monkeypatch):
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 29, 21, 5, 7)
+
+    monkeypatch.setattr("slimrarts.engine.rundir._dt.datetime", Frozen)
+    assert default_run_dir("w", tmp_path) == tmp_path / "w" / "20261129-210507"
+    (tmp_path / "w" / "20261129-210507").mkdir(parents=True)
+    assert default_run_dir("w", tmp_path) == tmp_path / "w" / "20261129-210507-1"
+    (tmp_path / "w" / "20261129-210507-1").mkdir()
+    assert default_run_dir("w", tmp_path) == tmp_path / "w" / "20261129-210507-2"
+
+
+def test_only_interrupted_atomic_writes_count_as_temporary():
+    assert _is_temp(".report.json.123.tmp")
+    assert not _is_temp("report.json.tmp")  # not hidden: a user's file
+    assert not _is_temp(".hidden")  # hidden, but not ours
+    assert not _is_temp(".notes.TMP")
+
+
+def _run_folder(path):
+    path.mkdir()
+    (path / MARKER).write_text("{}")
+    for name in ("recipe.yaml", "metrics.jsonl", ".report.json.9.tmp"):
+        (path / name).write_text("x")
+    (path / "checkpoints").mkdir()
+    (path / "checkpoints" / "search.pt").write_text("x")
+    (path / "checkpoints" / ".search.pt.7.tmp").write_text("x")
+    return path
+
+
+def test_foreign_entries_are_what_slimrarts_did_not_write(tmp_path):
+    run = _run_folder(tmp_path / "run")
+    assert foreign_entries(run) == []
+    (run / "notes.txt").write_text("mine")
+    (run / "a-notes.txt").write_text("mine")  # sorted before checkpoints/: must not be lost when that is read
+    (run / "checkpoints" / "best.ckpt").write_text("mine")  # a suffix slimrarts never writes there
+    (run / "checkpoints" / "sub").mkdir()  # a folder inside checkpoints/
+    (run / "data").mkdir()  # a folder slimrarts does not make
+    os.symlink(tmp_path, run / "link")
+    assert foreign_entries(run) == [run / "a-notes.txt", run / "checkpoints" / "best.ckpt", run / "checkpoints" / "sub",
+                                    run / "data", run / "link", run / "notes.txt"]
+    os.symlink(run / "checkpoints" / "search.pt", run / "checkpoints" / "other.pt")  # a link, even named .pt
+    assert run / "checkpoints" / "other.pt" in foreign_entries(run)
+
+
+def test_force_names_the_first_five_foreign_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _run_folder(tmp_path / "run")
+    for i in range(6):
+        (run / f"user{i}.txt").write_text("mine")
+    with pytest.raises(FileExistsError) as err:
+        _check_deletable(run)
+    msg = str(err.value)
+    assert "(user0.txt, user1.txt, user2.txt, user3.txt, user4.txt …)" in msg and "user5" not in msg
+
+
+def test_run_dir_reads_as_a_path_and_writes_text_atomically(tmp_path):
+    rd = RunDir(tmp_path)
+    assert os.fspath(rd) == str(tmp_path) and repr(rd) == f"RunDir({str(tmp_path)!r})"
+    path = rd.write_text("genotype.txt", "normal: sep_conv_3x3\n")
+    assert path == tmp_path / "genotype.txt" and path.read_text() == "normal: sep_conv_3x3\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["genotype.txt"]  # no temporary file left behind
+    saved = rd.save_tensors("alphas.pt", {"a": torch.arange(3.0)})
+    assert saved == tmp_path / "alphas.pt" and torch.equal(torch.load(saved)["a"], torch.arange(3.0))
+
+
+def test_a_checkpoint_moves_to_the_device_through_dicts_lists_and_tuples():
+    meta = torch.device("meta")
+    ckpt = {"w": torch.ones(2), "opt": [torch.zeros(1), (torch.ones(3), "sgd")], "epoch": 4}
+    moved = _to_device(ckpt, meta)
+    assert moved["w"].device == meta and moved["epoch"] == 4
+    assert isinstance(moved["opt"], list) and moved["opt"][0].device == meta
+    assert isinstance(moved["opt"][1], tuple) and moved["opt"][1][0].device == meta and moved["opt"][1][1] == "sgd"
+    assert ckpt["w"].device == torch.device("cpu")  # the original stays where it was
+
+
+def test_in_a_process_group_rank_zero_reads_the_checkpoint_for_every_rank(tmp_path):
+    """`_resume` inside a (one-process gloo) group: the checkpoint comes through `dist.from_main`, the RNG is
+    restored from it, and its tensors land on the asked device."""
+    import torch.distributed as tdist
+
+    from slimrarts.engine.epochs import _resume
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    save_atomic({"epoch": 2, "rng": {"cpu": state}, "history": [], "wall_s": 1.5, "w": torch.ones(3)},
+                tmp_path / "checkpoints" / "search.pt")
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(9)
+        ckpt = _resume(RunDir(tmp_path), "search", torch.device("meta"))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert ckpt["epoch"] == 2 and ckpt["wall_s"] == 1.5 and ckpt["w"].device == torch.device("meta")
+        assert _resume(RunDir(tmp_path), "finetune", torch.device("cpu")) is None  # no checkpoint of that phase
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "text"])
+def test_atomic_writes_go_through_a_temporary_file_that_a_run_folder_recognises(tmp_path, monkeypatch, writer):
+    """The file appears only by a rename from a hidden `.<name>.*.tmp` beside it (which --force may delete when an
+    interrupted write leaves it); missing parent folders are made."""
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((src, dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "new" / "deeper" / "file.out"
+    if writer == "checkpoint":
+        save_atomic({"x": torch.ones(2)}, target)
+    else:
+        RunDir(tmp_path / "new" / "deeper").write_text("file.out", "hello\n")
+    [(src, dst)] = renames
+    assert Path(dst) == target and Path(src).parent == target.parent
+    assert Path(src).name.startswith(".file.out.") and _is_temp(Path(src).name)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.out"]

@@ -101,6 +101,10 @@ def test_prox_l1_is_the_soft_threshold(vals, t):
         prox_l1_(got, threshold)
         torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-6)
         assert bool((got[0][a.abs() <= t] == 0).all())  # exactly zero, not tiny
+    per_entry = torch.linspace(0, 2 * t, a.numel())  # one threshold per entry (search.shrink's losers)
+    got = [a.clone()]
+    prox_l1_(got, [per_entry])
+    torch.testing.assert_close(got[0], torch.sign(a) * torch.clamp(a.abs() - per_entry, min=0), rtol=0, atol=1e-6)
 
 
 class _Net(nn.Module):

@@ -362,3 +362,16 @@ def test_grad_clip_scales_the_coupled_weight_gradients():
     torch.testing.assert_close(state.w["w"].detach(), w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.y["w"].detach(), y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(problem.arch[0].detach(), a, rtol=1e-12, atol=1e-12)
+
+
+def test_step_weights_steps_the_named_copy_only():
+    state = _state("rarts", TwoParam(A0))
+    for copy in (state.w["w"], state.y["w"]):
+        copy.grad = torch.ones_like(copy)
+    w0, y0 = state.w["w"].detach().clone(), state.y["w"].detach().clone()
+    state.step_weights("y")
+    assert torch.equal(state.w["w"], w0) and torch.allclose(state.y["w"], y0 - LR_Y)
+    state.step_weights("w")
+    assert torch.allclose(state.w["w"], w0 - LR_W)
+    with pytest.raises(ValueError, match="which must be 'w' or 'y', got 'v'"):
+        state.step_weights("v")

@@ -402,6 +402,7 @@ def test_ratio_selection_counts_channels_of_tied_entries():
     assert keep[0].tolist() == [False, True, True, True] and keep[1].tolist() == [True, True]
     assert pruned_ratio(keep, [8, 1]) == pytest.approx(8 / 34)
     assert pruned_ratio(keep) == pytest.approx(1 / 6)  # counted per entry without repeats
+    assert pruned_ratio([]) == 0.0 and pruned_ratio([torch.ones(0, dtype=torch.bool)]) == 0.0  # nothing gated
     ordered = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.9, 0.8])]
     keep = select_ratio(ordered, 0.5, repeats=[8, 1], min_channels=16)  # target 17: group 0 keeps 2 entries = 16
     assert [int(k.sum()) for k in keep] == [2, 2]
@@ -485,3 +486,56 @@ def test_remove_channels_spec_and_training_flag():
     other = ChannelSelect(torch.tensor([2, 0]))
     assert torch.equal(other(torch.arange(12.0).view(1, 3, 2, 2)), torch.arange(12.0).view(1, 3, 2, 2)[:, [2, 0]])
     assert other.extra_repr() == "2 channels"
+
+
+def test_grouped_conv_keeps_must_repeat_in_every_block():
+    from slimrarts.width.surgery import _check_tiled
+
+    tiled = ChannelGroup("g", "internal", 8, [], "g", [], repeat=2)  # 2 blocks of 4 channels, α of 4 entries
+    _check_tiled(tiled, [0, 2, 4, 6])  # positions 0 and 2 of each block
+    _check_tiled(tiled, [6, 2, 4, 0])  # in any order
+    for bad in ([0, 2, 4, 7], [0, 2, 4], [1, 5, 6]):
+        with pytest.raises(ValueError, match="same positions in each of its 2 blocks of 4 channels"):
+            _check_tiled(tiled, bad)
+    _check_tiled(ChannelGroup("p", "internal", 8, [], "p", []), [0, 3, 7])  # repeat 1: any channels
+
+
+def test_l1_selection_keeps_at_least_min_kept_entries():
+    alphas = [torch.tensor([0.0, 0.4, 0.0, 0.0, 0.9, 0.0]), torch.tensor([0.0, 0.2, 0.3])]
+    keep = select_l1(alphas, min_kept=[3, 1])
+    assert keep[0].tolist() == [True, True, False, False, True, False]  # the zero at 0 wins the tie by position
+    assert keep[1].tolist() == [False, True, True]
+    assert [k.tolist() for k in select_l1(alphas)] == [[False, True, False, False, True, False], [False, True, True]]
+
+
+def test_load_slim_says_which_weights_do_not_fit(tmp_path):
+    model = _calibrated("tiny_preresnet")
+    x = torch.randn(3, 3, 32, 32)
+    gates = attach_gates(model, x[:2], ["internal"])
+    spec = remove_channels(gates, select_ratio([torch.rand(a.shape) for a in gates.alphas], 0.5), check_input=x)
+    save_slim(tmp_path / "slim.pt", model, spec, {"name": "tiny_preresnet", "num_classes": 10})
+    payload = torch.load(tmp_path / "slim.pt", weights_only=True)
+    weights = payload["state_dict"]
+    dropped = list(weights)[:6]
+    torch.save(dict(payload, state_dict={k: v for k, v in weights.items() if k not in dropped}), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="do not fit the model cut to its width spec") as err:
+        load_slim(tmp_path / "m.pt", build=create_model)
+    assert f"(missing {dropped[:5]}, unexpected [])" in str(err.value)  # the first five, by name
+    key = next(k for k in weights if k.endswith("conv1.weight"))
+    torch.save(dict(payload, state_dict=dict(weights, **{key: torch.zeros(1, 1, 1, 1)})), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match=f"size mismatch for {key}") as err:
+        load_slim(tmp_path / "s.pt", build=create_model)
+    assert "Error(s) in loading" not in str(err.value)  # torch's first line is dropped, the mismatch is kept
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(Exception, match="this slim model cannot be read .* re-run the pruning that wrote it"):
+        load_slim(tmp_path / "bad.pt", build=create_model)
+
+
+def test_ratio_selection_drops_an_overshooting_entry_when_that_is_closer():
+    """With repeats the walk can overshoot the target by a whole entry; the last entry is dropped when stopping
+    before it lands closer (or as close) to the target."""
+    alphas = [torch.tensor([0.5, 0.9]), torch.tensor([0.01, 0.02, 0.03, 0.04])]  # 2 entries x 8 channels, 4 x 1
+    keep = select_ratio(alphas, 4 / 20, repeats=[8, 1])  # target 4: 3 (group 1 keeps its 1) beats 3 + 8 = 11
+    assert keep[0].tolist() == [True, True] and keep[1].tolist() == [False, False, False, True]
+    keep = select_ratio(alphas, 8 / 20, repeats=[8, 1])  # target 8: 11 overshoots by 3, 3 falls short by 5
+    assert keep[0].tolist() == [False, True] and keep[1].tolist() == [False, False, False, True]

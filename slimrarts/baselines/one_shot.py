@@ -7,25 +7,27 @@ difference between the rows of a comparison is the scores.
 
 from __future__ import annotations
 
+import functools
+
 from .base import BaselineResult, register_baseline
 from .criteria import criterion_info, list_criteria, score_channels
 
-__all__: list[str] = []
+__all__ = ["score_one_shot"]
 
 
-def _one_shot(name: str):
-    def run(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
-        for a in gates.alphas:
-            a.requires_grad_(False)
-        scored = score_channels(name, gates, loaders.train, batches=recipe.search.taylor_batches, device=device)
-        return BaselineResult(scores=scored.scores, keep=None, fit=None,
-                              note=f"{scored.note} ({scored.seconds:.1f} s to score)")
-
-    run.__name__ = f"one_shot_{name.replace('-', '_')}"
-    return run
+def score_one_shot(name: str, model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
+                   progress=True) -> BaselineResult:
+    """The run function of one-shot baseline `name` (registered with the name bound by `functools.partial`, so the
+    work happens in this module-level function at call time): criterion `name`'s scores of the gated channels of the
+    dense model, α frozen (nothing is trained)."""
+    for a in gates.alphas:
+        a.requires_grad_(False)
+    scored = score_channels(name, gates, loaders.train, batches=recipe.search.taylor_batches, device=device)
+    return BaselineResult(scores=scored.scores, keep=None, fit=None,
+                          note=f"{scored.note} ({scored.seconds:.1f} s to score)")
 
 
 for _name in list_criteria():
     _info = criterion_info(_name)
     register_baseline(_name, source=_info.paper, description=f"one-shot {_info.importance} scores on the dense "
-                      "model (no training before the cut)", data="none")(_one_shot(_name))
+                      "model (no training before the cut)", data="none")(functools.partial(score_one_shot, _name))

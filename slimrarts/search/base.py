@@ -58,8 +58,10 @@ class SearchState:
     xi: float | None = None  # darts2 unrolling step; None: the current w learning rate
     grad_clip: float | None = None  # clip the w (and y) gradient norm before their steps (DARTS: 5)
 
-    def step_weights(self, which: str = "w") -> None:
+    def step_weights(self, which: str) -> None:
         """Optimizer step of w or y, after clipping their gradient norm when `grad_clip` is set (no host sync)."""
+        if which not in ("w", "y"):
+            raise ValueError(f"which must be 'w' or 'y', got {which!r}")
         params, opt = (self.w_list, self.opt_w) if which == "w" else (self.y_list, self.opt_y)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)

@@ -91,7 +91,7 @@ def _check_tiled(group: ChannelGroup, kept: list[int]) -> None:
     if group.repeat == 1:
         return
     n = group.num_alphas
-    first = [c for c in kept if c < n]
+    first = sorted(c for c in kept if c < n)
     if sorted(kept) != [r * n + c for r in range(group.repeat) for c in first]:
         raise ValueError(f"group {group.name!r}: kept channels must be the same positions in each of its "
                          f"{group.repeat} blocks of {n} channels (grouped convolutions)")
