@@ -195,12 +195,17 @@ def sampled_estimate(metas, path: Path, equivalent: dict[str, str]) -> dict | No
     if not t_s:
         return None
     tested_b = len(population) * t_s / checked_in_sample  # the population's tested mutants, estimated
-    p = k_s / t_s
-    score = (k_a + tested_b * p) / (t_a + tested_b)
-    se = tested_b / (t_a + tested_b) * math.sqrt(p * (1 - p) / t_s * (1 - checked_in_sample / len(population)))
+
+    def overall(p: float) -> float:
+        return 100 * (k_a + tested_b * p) / (t_a + tested_b)
+
+    # Wilson's 95% interval for the sample's killed share (it stays honest at 0 or 100%, where p ± 1.96·SE collapses)
+    z, p = 1.96, k_s / t_s
+    centre = (p + z * z / (2 * t_s)) / (1 + z * z / t_s)
+    half = z / (1 + z * z / t_s) * math.sqrt(p * (1 - p) / t_s + z * z / (4 * t_s * t_s))
     return {"exact_killed": k_a, "exact_tested": t_a, "sample_killed": k_s, "sample_tested": t_s,
             "sample_size": len(drawn), "sample_unchecked": unchecked_in_sample, "population": len(population),
-            "score": 100 * score, "low": 100 * (score - 1.96 * se), "high": 100 * (score + 1.96 * se)}
+            "score": overall(p), "low": overall(centre - half), "high": overall(min(1.0, centre + half))}
 
 
 if __name__ == "__main__":

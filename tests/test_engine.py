@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimrarts.data import DeviceLoader
-from slimrarts.engine import SGD, Adam, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
+from slimrarts.engine import SGD, Adam, Callback, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
 from slimrarts.engine.epochs import _to_device
 from slimrarts.engine.loop import append_metrics, resolve_device, set_loader_epoch
 from slimrarts.engine.rundir import MARKER, RunDir, _check_deletable, _is_temp, default_run_dir, foreign_entries
@@ -304,8 +305,12 @@ def test_run_dir_reads_as_a_path_and_writes_text_atomically(tmp_path):
     path = rd.write_text("genotype.txt", "normal: sep_conv_3x3\n")
     assert path == tmp_path / "genotype.txt" and path.read_text() == "normal: sep_conv_3x3\n"
     assert [p.name for p in tmp_path.iterdir()] == ["genotype.txt"]  # no temporary file left behind
-    saved = rd.save_tensors("alphas.pt", {"a": torch.arange(3.0)})
+
+
+def test_run_dir_saves_tensors_atomically(tmp_path):
+    saved = RunDir(tmp_path).save_tensors("alphas.pt", {"a": torch.arange(3.0)})
     assert saved == tmp_path / "alphas.pt" and torch.equal(torch.load(saved)["a"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["alphas.pt"]
 
 
 def test_a_checkpoint_moves_to_the_device_through_dicts_lists_and_tuples():
@@ -361,3 +366,54 @@ def test_atomic_writes_go_through_a_temporary_file_that_a_run_folder_recognises(
     assert Path(dst) == target and Path(src).parent == target.parent
     assert Path(src).name.startswith(".file.out.") and _is_temp(Path(src).name)
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.out"]
+
+
+def test_resume_adds_the_training_time_of_a_checkpoint_written_before_train_s(tiny_sets, tmp_path):
+    """Checkpoints of earlier versions called the steps' seconds `search_s`; a resume from one keeps counting them."""
+    model, train, test, cfg = _setup(tiny_sets)
+    fit(model, train, test, cfg=dataclasses.replace(cfg, epochs=1), device="cpu", run_dir=tmp_path, progress=False)
+    path = tmp_path / "checkpoints" / "train.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["search_s"] = 1000.0 + ckpt.pop("train_s")
+    save_atomic(ckpt, path)
+    result = fit(model, train, test, cfg=dataclasses.replace(cfg, epochs=2), device="cpu", run_dir=tmp_path,
+                 resume=True, progress=False)
+    assert 1000.0 < result.train_s < 1000.0 + 600
+
+
+def test_a_callback_that_does_not_listen_to_step_end_is_not_asked_every_step(tiny_sets):
+    """Per-step dispatch is only set up for callbacks that declare STEP_END (no Python call per step otherwise)."""
+    model, train, test, cfg = _setup(tiny_sets)
+    asked = []
+
+    class EpochOnly(Callback):
+        events = (Event.EPOCH_END,)
+
+        def match(self, event, state):
+            asked.append(event)
+            return super().match(event, state)
+
+        def apply(self, event, state):
+            records.append(state.record)
+
+    records = []
+    result = fit(model, train, test, cfg=dataclasses.replace(cfg, epochs=1), device="cpu", progress=False,
+                 callbacks=[EpochOnly()])
+    assert Event.EPOCH_END in asked and Event.STEP_END not in asked
+    assert records == result.history  # at EPOCH_END a callback reads the epoch's record
+
+
+def test_a_stopping_rule_is_kept_across_a_resume(tiny_sets, tmp_path):
+    """A callback that stops the phase after epoch 0 of 3: the checkpoint records the stop, so a resume runs no more
+    epochs and keeps the time spent."""
+    model, train, test, cfg = _setup(tiny_sets)
+
+    def stop(state):
+        state.stop = True
+
+    first = fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path, progress=False,
+                callbacks=[on(Event.EPOCH_END, stop)])
+    assert [r["epoch"] for r in first.history] == [0]
+    again = fit(model, train, test, cfg=cfg, device="cpu", run_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in again.history] == [0] and again.train_s == pytest.approx(first.train_s)
+    assert len(RunDir(tmp_path).metrics()) == 1
