@@ -17,9 +17,10 @@ __all__ = ["score_one_shot"]
 
 def score_one_shot(name: str, model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
                    progress=True) -> BaselineResult:
-    """The run function of one-shot baseline `name` (registered with the name bound by `functools.partial`, so the
-    work happens in this module-level function at call time): criterion `name`'s scores of the gated channels of the
-    dense model, α frozen (nothing is trained)."""
+    """Run one-shot baseline `name`: the criterion's scores of the dense model's gated channels, α frozen.
+
+    Registered as `functools.partial(score_one_shot, name)`; `run_dir`, `resume` and `progress` are part of the
+    baseline signature and unused (nothing trains)."""
     for a in gates.alphas:
         a.requires_grad_(False)
     scored = score_channels(name, gates, loaders.train, batches=recipe.search.taylor_batches, device=device)
