@@ -1,19 +1,27 @@
-"""Cut quality at several MACs budgets: the trained ResNet-20's test accuracy right after the cut, no fine-tuning.
+"""Cut quality at several MACs budgets, with and without BN recalibration: the trained ResNet-20 right after the cut.
 
     SLIMRARTS_DATA=../shared/data python benchmarks/cut_quality.py
 
-Which channels a method picks is seen most directly right after the cut (issue 13, item 5). For each budget (90%,
-75%, 50%, 35% of the dense MACs, scope internal as in the CPU tier) every method's scores go through the same
-`select_budget`, α folding and removal, and the slim model is evaluated on the 10,000 test images without any
-training: the one-shot criteria (l1, taylor, fpgm, group-norm) and random scores on the trained dense model; rarts
-with the α and the weights (y, the recipe's `final_weights`) of the CPU tier's rarts run, seed 0
-(`runs/cpu/rarts-s0/checkpoints/search.pt`, made by `benchmarks/cpu_table.py`), whose search trained the weights for
-one epoch with the gates on. Results: benchmarks/results/cut_quality.json and the Markdown table it holds.
+Which channels a method picks is seen most directly right after the cut, before any fine-tuning (issue 13, item 5).
+Stale BatchNorm statistics hide it (issue 20): so each cell gives the accuracy on the 10,000 test images with the
+statistics the model had ("cut") and after `prune.recalibrate`'s recalibration (40 training batches of 128, train
+mode, no gradients; "recal"). For each budget (90%, 75%, 50%, 35%, 25% of the dense MACs, scope internal as in the
+CPU tier) every score goes through the same `select_budget`, α folding and removal:
+
+- the one-shot criteria (l1, taylor, fpgm, group-norm), the dense BN |γ| (per group mean-normalised) and random
+  scores, on the trained dense model;
+- RARTS after `recipes/width/cpu.yaml`'s one search epoch (weights y, the recipe's `final_weights`), ranked by
+  |α| (the paper), |α·γ| and Σ|α ⊙ ∇_α| (`search.score`), and the same with `search.init: magnitude`.
+
+The searches run here once (run folders under runs/cut_quality/, resumed if interrupted). Results:
+benchmarks/results/cut_quality.json (written after every row, finished rows skipped on a rerun) with the Markdown
+table it holds.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -23,78 +31,122 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGETS = ["90%", "75%", "50%", "35%"]
-METHODS = ["rarts", "group-norm", "taylor", "l1", "fpgm", "random"]
+BUDGETS = ["90%", "75%", "50%", "35%", "25%"]
+CRITERIA = ["group-norm", "taylor", "l1", "fpgm"]
+SEARCHES = {"rarts": [], "rarts, magnitude start": ["search.init=magnitude"]}  # each also accumulates the grad score
+SCORES = {"alpha": "|α|", "alpha_gamma": "|α·γ|", "grad": "Σ|α ⊙ ∇α|"}
+RECAL_BATCHES = 40
+OUT = ROOT / "benchmarks" / "results" / "cut_quality.json"
+
+
+def _search(name: str, overrides: list[str], loaders, device):
+    """The model after `name`'s search (y in it) and its gates (α, importance), from runs/cut_quality/<name>."""
+    from slimrarts.api import _take_final_weights, search_width
+    from slimrarts.commands.width import load_weights
+    from slimrarts.engine.rundir import RunDir, prepare_run_dir
+    from slimrarts.models import create_model
+    from slimrarts.recipe import load_recipe, save_or_check_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "width" / "cpu.yaml", [*overrides, "search.score=grad"])
+    folder = ROOT / "runs" / "cut_quality" / name.replace(", ", "-").replace(" ", "-")
+    resume = (folder / "recipe.yaml").is_file()
+    prepare_run_dir(folder, resume=resume)
+    save_or_check_recipe(recipe, folder, resume)
+    torch.manual_seed(recipe.seed)
+    model = create_model("resnet20", num_classes=10).to(device)
+    load_weights(model, ROOT / recipe.model.weights)
+    found = search_width(model, loaders, recipe, device=device, run_dir=RunDir(folder), resume=resume,
+                         progress=False)
+    _take_final_weights(model, found.state, recipe.search.final_weights)
+    return model, found
 
 
 def main() -> None:
     from slimrarts.baselines.criteria import score_channels
     from slimrarts.commands.width import load_weights
-    from slimrarts.data import DeviceLoader, load_cifar, stats_for
+    from slimrarts.data import make_loaders
     from slimrarts.engine import evaluate
+    from slimrarts.engine.recalibrate import recalibrate_bn
     from slimrarts.models import create_model
     from slimrarts.recipe import load_recipe
     from slimrarts.width import attach_gates, build_cost_model, remove_channels, select_budget
+    from slimrarts.width.scores import normalise_per_group, site_magnitude
 
     recipe = load_recipe(ROOT / "recipes" / "width" / "cpu.yaml")
+    device = torch.device("cpu")
+    loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last)
     torch.manual_seed(0)
     dense = create_model("resnet20", num_classes=10)
     load_weights(dense, ROOT / recipe.model.weights)
     dense.eval()
-    train, test = load_cifar("cifar10", None)
-    mean, std = stats_for("cifar10")
-    train_loader = DeviceLoader(train, recipe.data.batch_size, train=True, mean=mean, std=std, seed=0)
-    test_loader = DeviceLoader(test, 1000, train=False, mean=mean, std=std)
     example = torch.randn(2, 3, 32, 32)
-    search = ROOT / "runs" / "cpu" / "rarts-s0" / "checkpoints" / "search.pt"
-
-    def start(method: str):
-        """The model the method cuts, its gates (α set) and its scores."""
-        model = copy.deepcopy(dense)
-        if method == "rarts":
-            ckpt = torch.load(search, weights_only=True, map_location="cpu")
-            params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-            with torch.no_grad():
-                for k, v in ckpt["y"].items():
-                    params[k].copy_(v)
-                for k, v in ckpt["y_buffers"].items():
-                    buffers[k].copy_(v)
-        gates = attach_gates(model, example, recipe.prune.scope, warn=False)
-        if method == "rarts":
-            with torch.no_grad():
-                for a, v in zip(gates.alphas, ckpt["arch"], strict=True):
-                    a.copy_(v)
-            scores = [a.detach().abs() for a in gates.alphas]
-        elif method == "random":
-            g = torch.Generator().manual_seed(0)
-            scores = [torch.rand(a.shape, generator=g) for a in gates.alphas]
-        else:
-            scores = score_channels(method, gates, train_loader, batches=recipe.search.taylor_batches).scores
-        return gates, scores
-
-    rows = {}
-    base = evaluate(dense, test_loader)["acc"]
+    done = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    rows = done.get("rows", {}) if done.get("recal_batches") == RECAL_BATCHES else {}
+    base = evaluate(dense, loaders.test)["acc"]
     print(f"dense: {100 * base:.2f}%", flush=True)
-    for method in METHODS:
-        if method == "rarts" and not search.is_file():
-            print(f"skip rarts: {search} is missing (run benchmarks/cpu_table.py first)", flush=True)
-            continue
-        rows[method] = {}
+
+    def cut_row(name: str, start: torch.nn.Module, scores_of) -> None:
+        if name in rows and all(b in rows[name] for b in BUDGETS):
+            print(f"{name}: done", flush=True)
+            return
+        rows[name] = {}
         for budget in BUDGETS:
-            gates, scores = start(method)
-            cost = build_cost_model(gates)
-            keep = select_budget(scores, cost, budget, "macs", min_channels=recipe.prune.min_channels)
+            model = copy.deepcopy(start)
+            gates = attach_gates(model, example, recipe.prune.scope, warn=False)
+            scores = scores_of(gates)
+            keep = select_budget(scores, build_cost_model(gates), budget, "macs",
+                                 min_channels=recipe.prune.min_channels)
             remove_channels(gates, keep)
-            acc = evaluate(gates.model.eval(), test_loader)["acc"]
-            rows[method][budget] = acc
-            print(f"{method} at {budget} of the MACs: {100 * acc:.2f}%", flush=True)
-    head = "| method | " + " | ".join(f"{b} of the MACs" for b in BUDGETS) + " |"
+            model.eval()
+            cut = evaluate(model, loaders.test)["acc"]
+            recalibrate_bn(model, loaders.train, RECAL_BATCHES)
+            recal = evaluate(model, loaders.test)["acc"]
+            rows[name][budget] = {"cut": cut, "recal": recal}
+            print(f"{name} at {budget} of the MACs: cut {100 * cut:.2f}% → recal {100 * recal:.2f}%", flush=True)
+        _write(rows, base)
+
+    g = torch.Generator().manual_seed(0)
+    for method in CRITERIA:
+        cut_row(method, dense, lambda gates, m=method: score_channels(
+            m, gates, loaders.train, batches=recipe.search.taylor_batches).scores)
+    cut_row("dense |γ|", dense, lambda gates: normalise_per_group(site_magnitude(gates)))
+    cut_row("random", dense, lambda gates: [torch.rand(a.shape, generator=g) for a in gates.alphas])
+    for name, overrides in SEARCHES.items():
+        if all(f"{name} {label}" in rows for label in SCORES.values()) and all(
+                b in rows[f"{name} {label}"] for label in SCORES.values() for b in BUDGETS):
+            continue
+        model, found = _search(name, overrides, loaders, device)
+        alphas = [a.detach().clone() for a in found.gates.alphas]
+        importance = [t.detach().clone() for t in found.importance]
+        found.gates.remove()
+        model.eval()
+
+        for kind, label in SCORES.items():
+            cut_row(f"{name} {label}", model, lambda gates, k=kind, a=alphas, i=importance: _loaded_scores(
+                gates, k, a, i))
+
+
+def _loaded_scores(gates, kind: str, alphas: list[torch.Tensor], importance: list[torch.Tensor]):
+    """`search.score` = `kind` of fresh gates set to a search's α (and its accumulated importance)."""
+    from slimrarts.width.scores import search_scores
+
+    with torch.no_grad():
+        for a, v in zip(gates.alphas, alphas, strict=True):
+            a.copy_(v)
+    return search_scores(gates, kind, importance)
+
+
+def _write(rows: dict, base: float) -> None:
+    head = "| scores | " + " | ".join(f"{b} of the MACs: cut → recal" for b in BUDGETS) + " |"
     lines = [head, "|" + "---|" * (len(BUDGETS) + 1)]
-    lines += [f"| {m} | " + " | ".join(f"{100 * r[b]:.2f}" for b in BUDGETS) + " |" for m, r in rows.items()]
+    for m, r in rows.items():
+        cells = [f"{100 * r[b]['cut']:.1f} → {100 * r[b]['recal']:.1f}" if b in r else "" for b in BUDGETS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    print(table)
+    print(table, flush=True)
     write_result("cut_quality", {"command": " ".join(sys.argv), "dense_acc": base, "budgets": BUDGETS,
-                                 "rows": rows, "table": table, "machine": machine(torch.device("cpu"))})
+                                 "recal_batches": RECAL_BATCHES, "rows": rows, "table": table,
+                                 "machine": machine(torch.device("cpu"))})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .engine.device import resolve_device
 from .engine.distill import Distiller
 from .engine.epochs import PhaseResult
 from .engine.loop import evaluate, fit
+from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
 from .engine.step import batches_on
 from .methods import MethodInfo, get_method
@@ -44,6 +45,7 @@ from .width import (
     require_groups,
     save_slim,
 )
+from .width.scores import init_from_magnitude, search_scores
 
 __all__ = ["PruneResult", "WidthSearch", "load", "prune", "search_width"]
 
@@ -73,6 +75,7 @@ class WidthSearch:
     state: SearchState
     result: PhaseResult
     selection: Selection | None = None  # cost model, budget and limits prepared before the search
+    importance: list[torch.Tensor] | None = None  # Σ |α ⊙ ∇_α| over the α-steps (`search.score: grad`)
 
     def __iter__(self):  # `gates, state, result = search_width(...)` as in slimrarts 0.1
         return iter((self.gates, self.state, self.result))
@@ -171,8 +174,12 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device).float()
     gates, selection = _attach(model, x, recipe)
+    if s.init == "magnitude":  # before the copy y is made: both nets start from the same rescaled weights
+        init_from_magnitude(gates)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
                          penalty=selection.penalty())
+    if s.score == "grad":
+        problem.importance = [torch.zeros_like(a, requires_grad=False) for a in gates.alphas]
     callbacks = [cb for cb in (selection.stopping_rule(), selection.shrink_callback(problem)) if cb is not None]
     state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
                        lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
@@ -181,7 +188,18 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
                         loader_whole=loaders.train, channels_last=s.channels_last, run_dir=run_dir, resume=resume,
                         progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph,
                         callbacks=callbacks)
-    return WidthSearch(gates, state, result, selection)
+    return WidthSearch(gates, state, result, selection, problem.importance)
+
+
+def _search_note(method: MethodInfo, recipe: Recipe) -> str:
+    """The method's source, and what this run changed in it (a magnitude start makes it a hybrid)."""
+    s = recipe.search
+    parts = []
+    if s.init == "magnitude":
+        parts.append("hybrid: α started from the per-group normalised magnitude (|γ|), layers rescaled")
+    if s.score != "alpha":
+        parts.append({"alpha_gamma": "channels ranked by |α·γ|", "grad": "channels ranked by Σ|α ⊙ ∇_α|"}[s.score])
+    return "; ".join([method.source, *parts]) if parts else ""
 
 
 def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, device, run_dir, resume, progress):
@@ -191,7 +209,8 @@ def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, d
         found = search_width(model, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
                              progress=progress, example_input=x)
         _take_final_weights(model, found.state, recipe.search.final_weights)
-        return found.gates, found.selection, found.gates.alphas, None, found.result, ""
+        scores = search_scores(found.gates, recipe.search.score, found.importance)
+        return found.gates, found.selection, scores, None, found.result, _search_note(method, recipe)
     gates, selection = _attach(model, x, recipe)
     out = method.run(model, gates, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
                      progress=progress)
@@ -200,10 +219,11 @@ def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, d
 
 
 def _write_run(rd: RunDir, model: nn.Module, spec: dict, report: dict, method: MethodInfo, scores,
-               model_info: dict | None) -> None:
+               model_info: dict | None, recipe_score: str = "alpha") -> None:
     save_slim(rd / "slim.pt", model, spec, model_info)
     rd.write_json("width_spec.json", dict(spec, model=model_info))
-    kind = "alpha" if method.has_alpha else {"slimming": "|gamma|", "random": "random"}.get(method.name, method.name)
+    names = {"slimming": "|gamma|", "random": "random"}
+    kind = recipe_score if method.has_alpha else names.get(method.name, method.name)
     rd.write_json("alphas.json", {"groups": [g["name"] for g in report["groups"]], "score": kind,
                                   "alphas": [a.detach().cpu().tolist() for a in scores] if scores is not None else []},
                   indent=None)
@@ -340,7 +360,10 @@ def prune(
                            "would not be the searched one")
     model = model.to(memory_format=torch.contiguous_format)
     cost_after = macs_and_params(model, input_size)
-    slim_before = evaluate(model, loaders.test, device=dev)
+    slim_stale = evaluate(model, loaders.test, device=dev)  # the statistics of the network before the cut
+    recalibrated = recalibrate_bn(model, loaders.train, recipe.prune.recalibrate, device=dev,
+                                  channels_last=recipe.finetune.channels_last)
+    slim_before = evaluate(model, loaders.test, device=dev) if recalibrated else slim_stale
     distiller = Distiller(dense_model, weight=d.weight, temperature=d.temperature).attach(model) if d else None
     fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=rd, phase="finetune",
                resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10), loss_fn=distiller)
@@ -360,7 +383,8 @@ def prune(
                              (cost_before[0], cost_after[0]))
     del dense_model
     accuracy = {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
-                "slim_before_finetune": slim_before["acc"], "slim_after_finetune": fine.final.get("test_acc")}
+                "slim_stale_bn": slim_stale["acc"], "slim_before_finetune": slim_before["acc"],
+                "slim_after_finetune": fine.final.get("test_acc"), "recalibrated_batches": recalibrated}
     report = build_report(method=info, recipe=recipe, gates=gates, keep=keep, spec=spec, cost_before=cost_before,
                           cost_after=cost_after, input_size=list(input_size), accuracy=accuracy,
                           test_loss=fine.final.get("test_loss"), search=search, finetune=fine,
@@ -368,7 +392,7 @@ def prune(
                           data=getattr(loaders, "info", None), budget=selection.report(keep, cost_after),
                           latency=speed)
     if rd is not None and dist.is_main():
-        _write_run(rd, model, spec, report, info, scores, model_info)
+        _write_run(rd, model, spec, report, info, scores, model_info, recipe.search.score)
     report = dist.broadcast_object(report)  # every rank returns rank 0's report
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,
                 100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],

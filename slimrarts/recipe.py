@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,9 @@ __all__ = [
     "is_cell_recipe",
     "ConfigError",
 ]
+
+logger = logging.getLogger(__name__)
+
 
 def _valid_device(v: str) -> bool:
     return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
@@ -216,6 +220,10 @@ class SearchConfig:
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     final_weights: Literal["y", "w", "mean"] = "y"  # which weights the slim model is cut from (two-net methods)
+    # α's start: ones (the paper) or magnitude (per-group normalised |γ|, the layers rescaled; output unchanged)
+    init: Literal["ones", "magnitude"] = "ones"
+    # what ranks the channels at the cut: alpha (|α|, the paper), alpha_gamma (|α|·|γ|), grad (Σ|α ⊙ ∇_α|)
+    score: Literal["alpha", "alpha_gamma", "grad"] = "alpha"
     sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
     taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
     cost: CostTermConfig = field(default_factory=CostTermConfig)
@@ -275,6 +283,8 @@ class PruneConfig:
     max_pruned: float | dict[str, float] | None = field(
         None, check=lambda v: all(0 <= f <= 1 for f in (v.values() if isinstance(v, dict) else [v])),
         allowed="a fraction in [0, 1], or {module glob: fraction}")  # cap on the pruned share of each group
+    # batches of training images that re-estimate the BatchNorm statistics of the cut network (0: off)
+    recalibrate: int = field(40, check=lambda v: v >= 0, allowed="an integer >= 0 (batches; 0: off)")
 
     def validate(self, where: str) -> None:
         if self.mode == "budget" and self.budget is None:
@@ -412,6 +422,26 @@ RESUME_SAFE = ("search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search
                "train.grad_clip", "finetune.grad_clip")
 
 
+# keys added after run folders were made with the schema: a resume of a folder whose recipe.yaml lacks one runs with
+# the value here (the behaviour it was made with), not the new default
+ADDED_LATER = {"prune.recalibrate": 0}
+
+
+def _has_key(data: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _set_attr_path(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
 def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -456,7 +486,18 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
     if not path.is_file():
         raise ConfigError(f"cannot resume {str(run_dir)!r}: its recipe.yaml is missing, so the settings it ran with "
                           "cannot be checked; restore the file, or start again with --force")
-    diffs = _differences(_stored_recipe(path, type(recipe)), to_dict(recipe))
+    stored = _stored_recipe(path, type(recipe))
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, legacy in ADDED_LATER.items():  # older folders resume as they were made
+        if not _has_key(raw, key) and _has_key(stored, key) and hasattr(recipe, key.split(".")[0]):
+            logger.warning("%s was made before %s existed: resumed with %s=%r", run_dir, key, key, legacy)
+            _set_attr_path(recipe, key, legacy)
+            *parents, last = key.split(".")
+            node = stored
+            for part in parents:
+                node = node[part]
+            node[last] = legacy
+    diffs = _differences(stored, to_dict(recipe))
     unsafe = [d for d in diffs if d[0] not in RESUME_SAFE]
     if unsafe:
         shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in unsafe[:6])

@@ -40,7 +40,9 @@ def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[
     Keys: `slimrarts` (version), `method`, `method_note` (its source, or what a baseline did), `mode`, `scope`,
     `ratio_requested`, `prc` (pruned / gated channels), `gated_channels`, `pruned_channels`, `params` and `macs`
     (`before`, `after`, `reduction`; MACs per image at `input_size`), `accuracy` (`dense`, `searched`, `masked`,
-    `slim_before_finetune`, `slim_after_finetune`: test accuracy, final epochs), `test_loss_final`,
+    `slim_stale_bn` (the cut with the running statistics it had), `slim_before_finetune` (the cut after BatchNorm
+    recalibration on `recalibrated_batches` training batches; the same as `slim_stale_bn` when that is 0),
+    `slim_after_finetune`: test accuracy, final epochs), `test_loss_final`,
     `removal_max_abs_diff`, `time_s` and images/s of the search (or sparsity) phase and of fine-tuning, `groups`
     (name, scope, size, sites, kept), `skipped` (groups left whole, with reasons), `layers` (widths before/after),
     `settings` (the resolved recipe), `machine`, `data` (when the loaders describe it), `budget` (mode budget, or
@@ -106,6 +108,9 @@ def summary_table(report: dict) -> Table:
     gated = report["gated_channels"]
     t.add_row("gated channels", str(gated), str(gated - report["pruned_channels"]), f"PRC {_pct(report['prc'])}")
     t.add_row("test acc, dense → searched", _pct(a["dense"]), _pct(a["searched"]), "")
+    if a.get("recalibrated_batches"):
+        t.add_row("test acc, cut → BN recalibrated", _pct(a.get("slim_stale_bn")), _pct(a["slim_before_finetune"]),
+                  f"{a['recalibrated_batches']} batches")
     t.add_row("test acc, slim → fine-tuned", _pct(a["slim_before_finetune"]), _pct(a["slim_after_finetune"]),
               "final epoch")
     ts = report["time_s"]

@@ -53,11 +53,14 @@ def test_prune_end_to_end(tiny_sets, tmp_path):
     assert r["params"]["after"] == sum(p.numel() for p in result.model.parameters())
     assert r["removal_max_abs_diff"] < 1e-4
     assert set(r["accuracy"]) >= {"dense", "searched", "slim_before_finetune", "slim_after_finetune"}
-    assert r["accuracy"]["slim_before_finetune"] == r["accuracy"]["masked"]  # the same function, so the same answers
+    a = r["accuracy"]
+    assert a["slim_stale_bn"] == a["masked"]  # the same function with the same statistics, so the same answers
+    assert a["recalibrated_batches"] == min(40, len(loaders.train))  # the default, or every batch there is
+    assert a["slim_before_finetune"] != a["slim_stale_bn"]  # the recalibrated statistics are another model
     assert r["time_s"]["search"] > 0 and r["time_s"]["finetune"] > 0
     assert any(w["after"] != w["before"] for w in r["layers"].values())
-    # the test set was read only by the evaluations: dense, searched, masked, before and after fine-tuning
-    assert loaders.test.passes == 5
+    # the test set was read only by the evaluations: dense, searched, masked, cut, recalibrated, fine-tuned
+    assert loaders.test.passes == 6
     # the user's model is untouched; the result is a plain module that runs without hooks
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
     assert all(not m._forward_hooks for m in result.model.modules())

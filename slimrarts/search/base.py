@@ -99,7 +99,13 @@ def set_grads(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
 
 
 def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -> None:
-    """Update α with `grads` (+ the penalty's gradient), then the problem's post-step (e.g. proximal ℓ1)."""
+    """Update α with `grads` (+ the penalty's gradient), then the problem's post-step (e.g. proximal ℓ1).
+
+    A problem with an `importance` list (one tensor per α) accumulates |α ⊙ grads| into it first."""
+    importance = getattr(problem, "importance", None)
+    if importance is not None:  # Σ |α ⊙ g| of the data gradient (`search.score: grad`), on the device
+        with torch.no_grad():
+            torch._foreach_add_(importance, torch._foreach_abs(torch._foreach_mul(grads, problem.arch)))
     penalty = problem.arch_penalty()
     if penalty is not None:
         extra = grads_of(penalty, problem.arch, sync=False)  # α is the same on every rank

@@ -95,6 +95,9 @@ class _Search:
         if state.y is not None:
             out.update(y={k: v.detach() for k, v in state.y.items()}, y_buffers=state.y_buffers,
                        opt_y=state.opt_y.state_dict())
+        importance = getattr(problem, "importance", None)
+        if importance is not None:
+            out["importance"] = [t.detach() for t in importance]
         return out
 
     @torch.no_grad()
@@ -111,6 +114,9 @@ class _Search:
             for k, v in state.y_buffers.items():
                 v.copy_(ckpt["y_buffers"][k])
             state.opt_y.load_state_dict(ckpt["opt_y"])
+        importance = getattr(problem, "importance", None)
+        if importance is not None and "importance" in ckpt:
+            torch._foreach_copy_(importance, ckpt["importance"])
 
 
 def run_search(

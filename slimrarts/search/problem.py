@@ -30,6 +30,7 @@ class NetProblem:
         self.device = next(model.parameters()).device
         self._meters: dict[str, list] = {}
         self.shrink: list[torch.Tensor] | None = None  # per-entry ℓ1 strengths of `search.shrink` (set between steps)
+        self.importance: list[torch.Tensor] | None = None  # Σ |α ⊙ ∇_α| over the α-steps, when a score reads it
 
     def loss(self, params, buffers, batch, track: str | None = None) -> torch.Tensor:
         x, target = batch
