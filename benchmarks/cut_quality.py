@@ -141,7 +141,7 @@ def _write(rows: dict, base: float) -> None:
     lines = [head, "|" + "---|" * (len(BUDGETS) + 1)]
     for m, r in rows.items():
         cells = [f"{100 * r[b]['cut']:.1f} → {100 * r[b]['recal']:.1f}" if b in r else "" for b in BUDGETS]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table, flush=True)
     write_result("cut_quality", {"command": " ".join(sys.argv), "dense_acc": base, "budgets": BUDGETS,

@@ -126,14 +126,15 @@ def _table(rows: dict) -> str:
              "search s |", "|---|---|---|---|---|---|---|"]
     for name, (complexity, _, control) in CANDIDATES.items():
         r = rows.get(name)
+        shown = name.replace("|", "\\|")  # a bar inside a Markdown table cell
         if r is None:
-            lines.append(f"| {name} | {complexity} | (not run yet) | | | | |")
+            lines.append(f"| {shown} | {complexity} | (not run yet) | | | | |")
             continue
         delta = ""
         if ref is not None and name != "rarts (paper: |α|)":
             delta = (f"{100 * (r['heldout_acc'] - ref['heldout_acc']):+.2f} ± "
                      f"{100 * _paired_se(r['correct'], ref['correct']):.2f}")
-        lines.append(f"| {name}{' (control)' if control else ''} | {complexity} | {100 * r['heldout_acc']:.2f} | "
+        lines.append(f"| {shown}{' (control)' if control else ''} | {complexity} | {100 * r['heldout_acc']:.2f} | "
                      f"{delta} | {100 * r['heldout_cut_stale']:.1f} → {100 * r['heldout_cut_recal']:.1f} | "
                      f"{r['macs'] / 1e6:.2f}M ({100 * r['macs_fraction']:.1f}%) | {r['search_s']:.0f} |")
     return "\n".join(lines)
@@ -166,7 +167,8 @@ def main() -> None:
                   f"recal {100 * r['heldout_cut_recal']:.1f})", flush=True)
             _write(rows, finished=False)
     finished = all(name in rows for name in CANDIDATES)
-    _write(rows, finished)
+    if rows:
+        _write(rows, finished)
     print(_table(rows))
     if finished:
         chosen, why = choose(rows)
