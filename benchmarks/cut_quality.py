@@ -11,7 +11,9 @@ CPU tier) every score goes through the same `select_budget`, α folding and remo
 - the one-shot criteria (l1, taylor, fpgm, group-norm), the dense BN |γ| (per group mean-normalised) and random
   scores, on the trained dense model;
 - RARTS after `recipes/width/cpu.yaml`'s one search epoch (weights y, the recipe's `final_weights`), ranked by
-  |α| (the paper), |α·γ| and Σ|α ⊙ ∇_α| (`search.score`), and the same with `search.init: magnitude`.
+  |α| (the paper), |α·γ| and Σ|α ⊙ ∇_α| (`search.score`), and the same with `search.init: magnitude`;
+- where RARTS' value lies (50% and 25%): per-group widths from {RARTS' |α|, group-norm, uniform} crossed with the
+  channels within each group chosen by {RARTS' |α·γ|, group-norm, random}, all cut from RARTS' weights y.
 
 The searches run here once (run folders under runs/cut_quality/, resumed if interrupted). Results:
 benchmarks/results/cut_quality.json (written after every row, finished rows skipped on a rerun) with the Markdown
@@ -35,6 +37,7 @@ BUDGETS = ["90%", "75%", "50%", "35%", "25%"]
 CRITERIA = ["group-norm", "taylor", "l1", "fpgm"]
 SEARCHES = {"rarts": [], "rarts, magnitude start": ["search.init=magnitude"]}  # each also accumulates the grad score
 SCORES = {"alpha": "|α|", "alpha_gamma": "|α·γ|", "grad": "Σ|α ⊙ ∇α|"}
+CROSS_BUDGETS = ["50%", "25%"]
 RECAL_BATCHES = 40
 OUT = ROOT / "benchmarks" / "results" / "cut_quality.json"
 
@@ -85,17 +88,19 @@ def main() -> None:
     base = evaluate(dense, loaders.test)["acc"]
     print(f"dense: {100 * base:.2f}%", flush=True)
 
-    def cut_row(name: str, start: torch.nn.Module, scores_of) -> None:
-        if name in rows and all(b in rows[name] for b in BUDGETS):
+    def cut_row(name: str, start: torch.nn.Module, scores_of=None, keep_of=None, budgets=BUDGETS) -> None:
+        if name in rows and all(b in rows[name] for b in budgets):
             print(f"{name}: done", flush=True)
             return
         rows[name] = {}
-        for budget in BUDGETS:
+        for budget in budgets:
             model = copy.deepcopy(start)
             gates = attach_gates(model, example, recipe.prune.scope, warn=False)
-            scores = scores_of(gates)
-            keep = select_budget(scores, build_cost_model(gates), budget, "macs",
-                                 min_channels=recipe.prune.min_channels)
+            if keep_of is not None:
+                keep = keep_of(gates, budget)
+            else:
+                keep = select_budget(scores_of(gates), build_cost_model(gates), budget, "macs",
+                                     min_channels=recipe.prune.min_channels)
             remove_channels(gates, keep)
             model.eval()
             cut = evaluate(model, loaders.test)["acc"]
@@ -124,6 +129,60 @@ def main() -> None:
         for kind, label in SCORES.items():
             cut_row(f"{name} {label}", model, lambda gates, k=kind, a=alphas, i=importance: _loaded_scores(
                 gates, k, a, i))
+
+    # where RARTS' value lies: per-group widths from one source, the channels within each group by another, all cut
+    # from RARTS' weights y (the network a RARTS run fine-tunes)
+    model, found = _search("rarts", [], loaders, device)
+    alphas = [a.detach().clone() for a in found.gates.alphas]
+    importance = [t.detach().clone() for t in found.importance]
+    found.gates.remove()
+    model.eval()
+    min_ch = recipe.prune.min_channels
+
+    def widths(source: str, gates, budget: str) -> list[int]:
+        cm = build_cost_model(gates)
+        if source == "uniform":
+            return _uniform_counts(cm, [g.size for g in gates.groups], budget, min_ch)
+        if source == "rarts |α|":
+            scores = _loaded_scores(gates, "alpha", alphas, importance)
+        else:  # group-norm's own widths: scored on the dense model, as its runs are
+            dense_gates = attach_gates(copy.deepcopy(dense), example, recipe.prune.scope, warn=False)
+            scores = score_channels("group-norm", dense_gates, loaders.train).scores
+        return [int(k.sum()) for k in select_budget(scores, cm, budget, "macs", min_channels=min_ch)]
+
+    def within(selector: str, gates) -> list[torch.Tensor]:
+        if selector == "random":
+            gen = torch.Generator().manual_seed(0)
+            return [torch.rand(a.shape, generator=gen) for a in gates.alphas]
+        if selector == "group-norm":
+            return score_channels("group-norm", gates, loaders.train).scores
+        return _loaded_scores(gates, "alpha_gamma", alphas, importance)
+
+    for source in ("rarts |α|", "group-norm", "uniform"):
+        for selector in ("rarts |α·γ|", "group-norm", "random"):
+            cut_row(f"widths {source} × channels {selector}", model, keep_of=lambda gates, b, so=source, se=selector:
+                    _top_k(within(se, gates), widths(so, gates, b)), budgets=CROSS_BUDGETS)
+
+
+def _uniform_counts(cm, sizes: list[int], budget: str, min_ch: int) -> list[int]:
+    """The same share of every group (at least `min_ch`), the largest whose MACs fit `budget` (bisection)."""
+    target = float(budget.rstrip("%")) / 100 * cm.dense[0]
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        counts = [max(min_ch, int(mid * n)) for n in sizes]
+        lo, hi = (mid, hi) if cm(counts)[0] <= target else (lo, mid)
+    return [max(min_ch, int(lo * n)) for n in sizes]
+
+
+def _top_k(scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Keep masks of the `counts[g]` highest scores of each group."""
+    out = []
+    for s, k in zip(scores, counts, strict=True):
+        keep = torch.zeros(s.numel(), dtype=torch.bool)
+        keep[torch.topk(s.detach().flatten().float().cpu(), k).indices] = True
+        out.append(keep)
+    return out
 
 
 def _loaded_scores(gates, kind: str, alphas: list[torch.Tensor], importance: list[torch.Tensor]):
