@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from slimrarts.data import CIFAR10_CLASSES, ImageSet
+from slimrarts.data import CIFAR10_CLASSES, DeviceLoader, ImageSet, Loaders, split_halves
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,6 +65,15 @@ def _private_cache(monkeypatch, tmp_path):
     """Every test gets its own data cache and no inherited data path."""
     monkeypatch.setenv("SLIMRARTS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SLIMRARTS_DATA", raising=False)
+
+
+def tiny_loaders(tiny_sets) -> Loaders:
+    """`tiny_sets` as the library's loaders: batches of 25 (test 40), with fixed disjoint search halves."""
+    train, test = tiny_sets
+    idx_t, idx_v = split_halves(train.labels)
+    return Loaders(train=DeviceLoader(train, 25, train=True), test=DeviceLoader(test, 40, train=False),
+                   search_t=DeviceLoader(train, 25, train=True, indices=idx_t, seed=1),
+                   search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
 
 
 def write_tiny_recipe(tmp_path, archive) -> str:

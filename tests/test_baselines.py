@@ -6,20 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_loaders
 
 import slimrarts
 from slimrarts.baselines.random_pruning import random_keep
 from slimrarts.baselines.slimming import bn_l1_subgradient
-from slimrarts.data import DeviceLoader, Loaders, split_halves
 from slimrarts.models import create_model
 
 
 def _loaders(tiny_sets):
-    train, test = tiny_sets
-    idx_t, idx_v = split_halves(train.labels)
-    return Loaders(train=DeviceLoader(train, 25, train=True), test=DeviceLoader(test, 40, train=False),
-                   search_t=DeviceLoader(train, 25, train=True, indices=idx_t, seed=1),
-                   search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
+    return tiny_loaders(tiny_sets)
 
 
 def _config(method, sparsity=0.0, epochs=3, **prune):

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_loaders
 
 import slimrarts
-from slimrarts.data import DeviceLoader, Loaders, split_halves
 from slimrarts.models import create_model
 
 TINY = {"search": {"epochs": 2, "optim": {"lr": 0.05}, "arch": {"lr": 0.05}},
@@ -20,11 +20,7 @@ TINY = {"search": {"epochs": 2, "optim": {"lr": 0.05}, "arch": {"lr": 0.05}},
 
 
 def _loaders(tiny_sets):
-    train, test = tiny_sets
-    idx_t, idx_v = split_halves(train.labels)
-    return Loaders(train=DeviceLoader(train, 25, train=True), test=DeviceLoader(test, 40, train=False),
-                   search_t=DeviceLoader(train, 25, train=True, indices=idx_t, seed=1),
-                   search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
+    return tiny_loaders(tiny_sets)
 
 
 def _cfg(**sections):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_loaders
 
 import slimrarts
-from slimrarts.data import DeviceLoader, Loaders, split_halves
 from slimrarts.engine.optim import build_optimizer
 from slimrarts.engine.recalibrate import recalibrate_bn
 from slimrarts.models import create_model
@@ -148,20 +148,12 @@ def test_arch_step_accumulates_alpha_times_data_gradient():
     assert problem.steps == 2
 
 
-def _tiny_loaders(tiny_sets):
-    train, test = tiny_sets
-    idx_t, idx_v = split_halves(train.labels)
-    return Loaders(train=DeviceLoader(train, 25, train=True), test=DeviceLoader(test, 40, train=False),
-                   search_t=DeviceLoader(train, 25, train=True, indices=idx_t, seed=1),
-                   search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
-
-
 @pytest.mark.parametrize("score", ["grad", "alpha_gamma"])
 def test_prune_ranks_by_the_chosen_score(tiny_sets, tmp_path, score):
     torch.manual_seed(0)
     cfg = {"search": {"epochs": 1, "score": score, "init": "magnitude", "optim": {"lr": 0.05}},
            "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"recalibrate": 2}, "report": {"latency": False}}
-    r = slimrarts.prune(create_model("tiny_preresnet"), _tiny_loaders(tiny_sets), 0.4, config=cfg,
+    r = slimrarts.prune(create_model("tiny_preresnet"), tiny_loaders(tiny_sets), 0.4, config=cfg,
                         run_dir=tmp_path / "run", progress=False)
     stored = json.loads((tmp_path / "run" / "alphas.json").read_text())
     assert stored["score"] == score
