@@ -492,11 +492,7 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
         if not _has_key(raw, key) and _has_key(stored, key) and hasattr(recipe, key.split(".")[0]):
             logger.warning("%s was made before %s existed: resumed with %s=%r", run_dir, key, key, legacy)
             _set_attr_path(recipe, key, legacy)
-            *parents, last = key.split(".")
-            node = stored
-            for part in parents:
-                node = node[part]
-            node[last] = legacy
+            set_by_path(stored, key, legacy)
     diffs = _differences(stored, to_dict(recipe))
     unsafe = [d for d in diffs if d[0] not in RESUME_SAFE]
     if unsafe:

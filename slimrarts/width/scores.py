@@ -19,32 +19,11 @@ import torch
 import torch.nn as nn
 
 from .gates import Gates
+from .surgery import fold_gates
 
-__all__ = ["SCORES", "init_from_magnitude", "normalise_per_group", "scale_sites_", "search_scores",
-           "site_magnitude"]
+__all__ = ["SCORES", "init_from_magnitude", "normalise_per_group", "search_scores", "site_magnitude"]
 
 SCORES = ("alpha", "alpha_gamma", "grad")
-
-
-def _row_view(m: nn.Module, values: torch.Tensor) -> torch.Tensor:
-    """`values` (one per output channel) shaped to broadcast over `m.weight`."""
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight is (in, out, ...); groups == 1 here
-        return values.view((1, -1) + (1,) * (m.weight.dim() - 2))
-    return values.view((-1,) + (1,) * (m.weight.dim() - 1))
-
-
-@torch.no_grad()
-def scale_sites_(gates: Gates, factors: list[torch.Tensor]) -> None:
-    """Multiply the layer at every gate site by `factors` (one per α entry): norm affine or producer output rows."""
-    modules = dict(gates.model.named_modules())
-    for group, factor in zip(gates.groups, factors, strict=True):
-        per_channel = factor.detach().flatten().repeat(group.repeat)
-        for site in group.sites:
-            m = modules[site.module]
-            f = per_channel.to(device=m.weight.device, dtype=m.weight.dtype)
-            m.weight.mul_(_row_view(m, f))
-            if getattr(m, "bias", None) is not None:
-                m.bias.mul_(f)
 
 
 @torch.no_grad()
@@ -79,7 +58,7 @@ def init_from_magnitude(gates: Gates, floor: float = 1e-3) -> list[torch.Tensor]
     """Start α at the per-group mean-normalised site magnitude s (at least `floor`), and divide the sites by s: the
     network's output is unchanged, and α now carries the magnitude every criterion ranks by. Returns s."""
     s = [m.clamp_min(floor) for m in normalise_per_group(site_magnitude(gates))]
-    scale_sites_(gates, [1.0 / v for v in s])
+    fold_gates(gates, [1.0 / v for v in s])  # the sites divided by s, as folding α multiplies them
     for a, v in zip(gates.alphas, s, strict=True):
         a.mul_(v.to(a.dtype))
     return s
