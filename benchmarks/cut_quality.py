@@ -113,7 +113,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for method in CRITERIA:
         cut_row(method, dense, lambda gates, m=method: score_channels(
-            m, gates, loaders.train, batches=recipe.search.taylor_batches).scores)
+            m, gates, loaders.train, batches=recipe.baselines.taylor_batches).scores)
     cut_row("dense |γ|", dense, lambda gates: normalise_per_group(site_magnitude(gates)))
     cut_row("random", dense, lambda gates: [torch.rand(a.shape, generator=g) for a in gates.alphas])
     for name, overrides in SEARCHES.items():

@@ -40,7 +40,7 @@ def _setup(method: str, args, device: torch.device):
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     problem = NetProblem(net, net.arch)
-    state = make_state(net, net.arch, method, optim_w=cfg.optim, arch_optim=cfg.arch, lam=cfg.lam, beta=cfg.beta)
+    state = make_state(net, net.arch, method, optim_w=cfg.optim, optim_arch=cfg.arch, lam=cfg.lam, beta=cfg.beta)
     return problem, state
 
 

@@ -58,7 +58,7 @@ def _worker(args) -> None:
     gates = attach_gates(model, torch.randn(2, 3, 32, 32, device=device), ["internal", "branch-input"])
     problem = NetProblem(model, gates.alphas)
     optim = OptimConfig(lr=0.05, schedule="constant")
-    state = make_state(model, gates.alphas, "rarts", optim_w=optim, arch_optim=ArchOptimConfig(lr=1e-3), beta=1e-3)
+    state = make_state(model, gates.alphas, "rarts", optim_w=optim, optim_arch=ArchOptimConfig(lr=1e-3), beta=1e-3)
     spent = [0.0]
     reduce = dist.all_reduce_
 

@@ -60,7 +60,7 @@ def main() -> None:
         model = create_model(args.model).to(device)
         gates = attach_gates(model, torch.randn(2, 3, 32, 32, device=device), ["internal", "branch-input"])
         problem = NetProblem(model, gates.alphas)
-        state = make_state(model, gates.alphas, "rarts", optim_w=optim, arch_optim=ArchOptimConfig(lr=1e-2),
+        state = make_state(model, gates.alphas, "rarts", optim_w=optim, optim_arch=ArchOptimConfig(lr=1e-2),
                            beta=1e-3)
         lt = DeviceLoader(data, args.batch, train=True, device=device, indices=idx_t, seed=1)
         lv = DeviceLoader(data, args.batch, train=True, device=device, indices=idx_v, seed=2)

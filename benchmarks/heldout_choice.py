@@ -56,7 +56,7 @@ CANDIDATES = {
     "control: magnitude start, α frozen": (1, ["search.init=magnitude", "search.arch.lr=1e-12"], True),
     "control: group-norm": (0, ["search.method=group-norm", "finetune.epochs=4"], True),
     "control: taylor, search's images": (0, ["search.method=taylor", "finetune.epochs=4",
-                                             f"search.taylor_batches={STEPS_PER_EPOCH}"], True),
+                                             f"baselines.taylor_batches={STEPS_PER_EPOCH}"], True),
 }
 
 

@@ -68,7 +68,7 @@ def main() -> None:
         model = _model(args.model, device, args.channels_last)
         gates = attach_gates(model, torch.randn(2, 3, 32, 32, device=device), args.scope)
         problem = NetProblem(model, gates.alphas, amp=args.amp)
-        state = make_state(model, gates.alphas, method, optim_w=optim, arch_optim=ArchOptimConfig(lr=1e-3),
+        state = make_state(model, gates.alphas, method, optim_w=optim, optim_arch=ArchOptimConfig(lr=1e-3),
                            beta=1e-3)
         lt = DeviceLoader(data, args.batch, train=True, indices=idx_t, seed=1, **common)
         lv = DeviceLoader(data, args.batch, train=True, indices=idx_v, seed=2, **common)

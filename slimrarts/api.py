@@ -25,6 +25,7 @@ from .engine.loop import evaluate, fit
 from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
 from .engine.step import batches_on
+from .engine.task import CLASSIFICATION, Task
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
@@ -32,8 +33,8 @@ from .preflight import attach_io, check_data, check_model, finite_model, frozen_
 from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .report import build_report
 from .search.base import SearchState
-from .search.loop import run_search
-from .search.problem import NetProblem, make_state
+from .search.loop import search_from_section
+from .search.problem import NetProblem
 from .selection import Selection, speed_report
 from .width import (
     Gates,
@@ -47,7 +48,8 @@ from .width import (
 )
 from .width.scores import init_from_magnitude, search_scores
 
-__all__ = ["PruneResult", "WidthSearch", "load", "prune", "search_width"]
+__all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
+           "remove", "search", "search_width", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,6 @@ class PruneResult:
     model: nn.Module
     report: dict
     width_spec: dict
-
-    @property
-    def spec(self) -> dict:
-        """Deprecated name of `width_spec`."""
-        return self.width_spec
 
 
 @dataclasses.dataclass
@@ -77,11 +74,19 @@ class WidthSearch:
     selection: Selection | None = None  # cost model, budget and limits prepared before the search
     importance: list[torch.Tensor] | None = None  # Σ |α ⊙ ∇_α| over the α-steps (`search.score: grad`)
 
-    def __iter__(self):  # `gates, state, result = search_width(...)` as in slimrarts 0.1
-        return iter((self.gates, self.state, self.result))
 
-
-def _resolve_recipe(config: Recipe | dict | str | None, overrides: dict[str, Any]) -> Recipe:
+def _resolve_recipe(config: Recipe | dict | str | None, *, ratio=None, budget=None, mode=None, method=None,
+                    scope=None, search_epochs=None, finetune_epochs=None, device=None) -> Recipe:
+    """`config` with `prune()`'s keyword arguments on top (those given), checked."""
+    if budget is not None:
+        if ratio is not None:
+            raise ValueError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
+                             "the dense cost), not both")
+        budget = _budget_section(budget)
+        mode = mode or "budget"
+    overrides = {"prune.ratio": ratio, "prune.budget": budget, "prune.mode": mode, "search.method": method,
+                 "prune.scope": [scope] if isinstance(scope, str) else scope, "search.epochs": search_epochs,
+                 "finetune.epochs": finetune_epochs, "device": str(device) if device is not None else None}
     if isinstance(config, Recipe):
         base = to_dict(config)
     elif isinstance(config, dict):
@@ -181,13 +186,8 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     if s.score == "grad":
         problem.importance = [torch.zeros_like(a, requires_grad=False) for a in gates.alphas]
     callbacks = [cb for cb in (selection.stopping_rule(), selection.shrink_callback(problem)) if cb is not None]
-    state = make_state(model, gates.alphas, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch,
-                       lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
-    result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
-                        optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
-                        loader_whole=loaders.train, channels_last=s.channels_last, run_dir=run_dir, resume=resume,
-                        progress=progress, log_every=s.log_every, cuda_graph=s.cuda_graph,
-                        callbacks=callbacks)
+    state, result = search_from_section(problem, s, loaders, run_dir=run_dir, resume=resume, progress=progress,
+                                        callbacks=callbacks)
     return WidthSearch(gates, state, result, selection, problem.importance)
 
 
@@ -202,203 +202,252 @@ def _search_note(method: MethodInfo, recipe: Recipe) -> str:
     return "; ".join([method.source, *parts]) if parts else ""
 
 
-def _scores_and_keep(method: MethodInfo, model, loaders, recipe: Recipe, x, *, device, run_dir, resume, progress):
-    """Run the method's phase before the cut: (gates, selection, scores per α entry, ready keep masks or None,
-    phase result, note)."""
-    if method.has_alpha:
-        found = search_width(model, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
-                             progress=progress, example_input=x)
-        _take_final_weights(model, found.state, recipe.search.final_weights)
-        scores = search_scores(found.gates, recipe.search.score, found.importance)
-        return found.gates, found.selection, scores, None, found.result, _search_note(method, recipe)
-    gates, selection = _attach(model, x, recipe)
-    out = method.run(model, gates, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
-                     progress=progress)
-    scores = gates.entry_scores(out.scores) if out.scores is not None else None  # per channel → per α entry
-    return gates, selection, scores, out.keep, out.fit, out.note
+@dataclasses.dataclass
+class PruneRun:
+    """What the stages of `prune()` pass along: the settings, data and model they work on, and what each found.
+
+    `prepare` makes it; `search`, `select`, `remove`, `recalibrate` and `finetune` fill it in that order; `finish`
+    turns it into the `PruneResult`."""
+
+    recipe: Recipe
+    method: MethodInfo
+    device: torch.device
+    loaders: Loaders
+    model: nn.Module  # the copy being searched and cut (the user's model is not touched)
+    example: torch.Tensor  # a float batch of D_t (traces, checks, cost counts)
+    task: Task = CLASSIFICATION
+    run_dir: RunDir | None = None
+    resume: bool = False
+    progress: bool = True
+    model_info: dict | None = None
+    io_hooks: list = dataclasses.field(default_factory=list)
+    dense_model: nn.Module | None = None  # the frozen dense copy: distillation teacher, latency reference
+    started: float = 0.0
+    cost_before: tuple[int, int] = (0, 0)
+    accuracy: dict = dataclasses.field(default_factory=dict)  # the test set's figures, stage by stage
+    gates: Gates | None = None
+    selection: Selection | None = None
+    scores: list[torch.Tensor] | None = None  # per α entry, higher survives
+    keep: list[torch.Tensor] | None = None  # per α entry, the channels the cut keeps
+    search_phase: PhaseResult | None = None
+    note: str = ""
+    spec: dict | None = None
+    cost_after: tuple[int, int] = (0, 0)
+    recalibrated: int = 0
+    finetune_phase: PhaseResult | None = None
+
+    def test(self) -> dict:
+        """The model's loss and metric on the test set (read for the report only: it chooses nothing)."""
+        return evaluate(self.model, self.loaders.test, device=self.device, task=self.task)
 
 
-def _write_run(rd: RunDir, model: nn.Module, spec: dict, report: dict, method: MethodInfo, scores,
-               model_info: dict | None, recipe_score: str = "alpha") -> None:
-    save_slim(rd / "slim.pt", model, spec, model_info)
-    rd.write_json("width_spec.json", dict(spec, model=model_info))
-    names = {"slimming": "|gamma|", "random": "random"}
-    kind = recipe_score if method.has_alpha else names.get(method.name, method.name)
-    rd.write_json("alphas.json", {"groups": [g["name"] for g in report["groups"]], "score": kind,
-                                  "alphas": [a.detach().cpu().tolist() for a in scores] if scores is not None else []},
-                  indent=None)
-    rd.write_json("report.json", report)
-
-
-def prune(
-    model: nn.Module,
-    loaders,
-    ratio: float | None = None,
-    *,
-    budget: dict | None = None,
-    mode: str | None = None,
-    method: str | None = None,
-    scope: str | list[str] | None = None,
-    search_epochs: int | None = None,
-    finetune_epochs: int | None = None,
-    config: Recipe | dict | None = None,
-    device: str | torch.device | None = None,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    example_input: torch.Tensor | None = None,
-    model_info: dict | None = None,
-    input_fn: Callable | None = None,
-    output_fn: Callable | None = None,
-) -> PruneResult:
-    """Search the width of `model` with RARTS (or another method), remove the losing channels, fine-tune.
-
-    The user's `model` is not modified: a copy is searched and cut. Settings come from `config` with the keyword
-    arguments on top; defaults are the paper's (160 search + 160 fine-tune epochs).
-
-    Args:
-        model: any CNN (`timm`, `torchvision`, the zoo, your own `nn.Module`).
-        loaders: a `slimrarts.data.Loaders`, a `(train, test)` pair of DataLoaders (the training set is then split
-            into two disjoint halves D_t/D_v for the search), or a dict with `train`, `test` (and optionally
-            `search_t`, `search_v`). The test loader is read only to report accuracies.
-        ratio: the share of gated channels to PRUNE (`prune.ratio`, mode `ratio`).
-        budget: what the slim model may KEEP of the dense model's cost, instead of a ratio (mode `budget`):
-            `{"macs": "50%"}`, `{"params": "1.2M"}`, `{"latency": "3.5ms", "batch_size": 1}`, or the full
-            `prune.budget` section (`{"kind": "macs", "target": "50%"}`). With mode `l1`, a stopping rule.
-        mode: `ratio` (exact share by |score|) or `l1` (a proximal ℓ1 step on α; channels at 0 are pruned).
-        method: a registered method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ...,
-            or a baseline such as `slimming`, `random`.
-        scope: which channels are gated: `internal`, `branch-input`, `coupled` (or a list).
-        search_epochs, finetune_epochs: `search.epochs`, `finetune.epochs`.
-        config: a `Recipe` or its dict (sections `search`, `prune`, `finetune`, `seed`, `device` are used).
-        device: `auto`, `cpu`, `cuda`, ... (`device` of the recipe otherwise).
-        run_dir: write checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json` and
-            `slim.pt` here; `resume=True` continues an interrupted run, `force=True` replaces an earlier one.
-        progress: show progress bars.
-        example_input: an input batch to trace the model with (default: the first batch of D_t).
-        model_info: `{"name", "kwargs", "num_classes"}` recorded in `slim.pt` so `slimrarts.load` can rebuild it.
-        input_fn: builds the model's input from a batch tensor (a dict is passed as keyword arguments), for
-            models that do not take one tensor.
-        output_fn: reads the [batch, classes] logits from the model's output; by default a tensor, a `.logits`
-            field, a dict's `logits` (else first value) or a tuple's first element (GoogLeNet, Inception-v3).
-
-    Returns:
-        A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report` (see
-        `slimrarts.report.build_report`) and `width_spec` (per-group kept channels, per-layer widths).
-
-    Raises:
-        ValueError: before any training: a bad setting (naming the key and what is allowed), a model that cannot
-            be trained here (frozen, half precision, meta device) or cannot read the data (channels, dtype), labels
-            outside the model's outputs, too few training samples, nothing to prune, a run folder that cannot
-            be used as asked; after the cut: a removal that would change the model's output.
-        TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
-
-    In a process group (e.g. under torchrun, after `slimrarts.engine.dist.init()`), call it on every rank with the
-    same arguments: each trains on its shard of every batch, gradients are averaged across the ranks, the selection
-    is made once, rank 0 alone writes `run_dir`, and every rank returns the same report and slim model.
-        DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved (no `slim.pt`,
-            no report) and the last good checkpoint stays for `--resume`.
-
-    Example:
-        >>> import slimrarts, torchvision
-        >>> model = torchvision.models.resnet18(num_classes=10)
-        >>> result = slimrarts.prune(model, (train_loader, test_loader), ratio=0.4,  # doctest: +SKIP
-        ...                          search_epochs=20, finetune_epochs=20)
-        >>> result.report["macs"]["reduction"]  # doctest: +SKIP
-    """
-    check_model(model)
-    scope_list = [scope] if isinstance(scope, str) else scope
-    if budget is not None:
-        if ratio is not None:
-            raise ValueError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
-                             "the dense cost), not both")
-        budget = _budget_section(budget)
-        mode = mode or "budget"
-    recipe = _resolve_recipe(config, {"prune.ratio": ratio, "prune.budget": budget, "prune.mode": mode,
-                                      "search.method": method,
-                                      "prune.scope": scope_list, "search.epochs": search_epochs,
-                                      "finetune.epochs": finetune_epochs,
-                                      "device": str(device) if device is not None else None})
+def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: bool = False, force: bool = False,
+            progress: bool = True, example_input: torch.Tensor | None = None, model_info: dict | None = None,
+            input_fn: Callable | None = None, output_fn: Callable | None = None,
+            task: Task = CLASSIFICATION) -> PruneRun:
+    """Stage 1: check the run folder, the data and the model against each other (before any training), copy the
+    model to the device, make the run folder, and measure the dense model (cost, test accuracy)."""
     dev = resolve_device(recipe.device)
     if run_dir is not None:  # fail now; nothing is deleted before the checks below
         dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders = as_loaders(loaders, seed=recipe.seed)
-    info = get_method(recipe.search.method)
-    t_total = time.perf_counter()
+    started = time.perf_counter()
     model = copy.deepcopy(model).to(dev)
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = dist.convert_sync_bn(model)
     io_hooks = attach_io(model, input_fn, output_fn)
     x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
     loaders = check_data(loaders, model_outputs(model, x))
-    x = x.float()
     rd = RunDir(run_dir) if run_dir is not None else None
     if rd is not None:  # rank 0 alone makes the folder and writes; every rank gets its error, if any
         dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
                                 save_or_check_recipe(recipe, rd.path, resume)))
     torch.manual_seed(recipe.seed)
-    input_size = (1, *x.shape[1:])
-    cost_before = macs_and_params(model, input_size)
-    dense = evaluate(model, loaders.test, device=dev)
-    d = recipe.finetune.distill
-    keep_dense = d is not None or recipe.report.latency
-    dense_model = copy.deepcopy(model).eval().requires_grad_(False) if keep_dense else None  # teacher, timing
-    gates, selection, scores, keep, search, note = _scores_and_keep(info, model, loaders, recipe, x, device=dev,
-                                                                    run_dir=rd, resume=resume, progress=progress)
-    searched = evaluate(model, loaders.test, device=dev)
-    if keep is None and dist.active():  # made once (a latency budget times the cut), the same on every rank
-        keep = dist.from_main(lambda: [k.cpu() for k in selection.finish(scores, selection.select(scores), x)])
-    elif keep is None:
-        keep = selection.finish(scores, selection.select(scores), x)
-    with gates.masked(keep):
-        masked = evaluate(model, loaders.test, device=dev)
-    spec = remove_channels(gates, keep, check_input=x.float())
+    run = PruneRun(recipe=recipe, method=get_method(recipe.search.method), device=dev, loaders=loaders, model=model,
+                   example=x.float(), task=task, run_dir=rd, resume=resume, progress=progress,
+                   model_info=model_info, io_hooks=io_hooks, started=started)
+    run.cost_before = macs_and_params(model, (1, *x.shape[1:]))
+    run.accuracy["dense"] = run.test()["acc"]
+    if recipe.finetune.distill is not None or recipe.report.latency:
+        run.dense_model = copy.deepcopy(model).eval().requires_grad_(False)
+    return run
+
+
+def search(run: PruneRun) -> None:
+    """Stage 2: attach the gates and run the method's phase before the cut: a search learns α (its scores are
+    `search.score` of the result), a baseline trains and/or scores channels (some decide the keep masks)."""
+    recipe, method = run.recipe, run.method
+    kw = dict(device=run.device, run_dir=run.run_dir, resume=run.resume, progress=run.progress)
+    if method.has_alpha:
+        found = search_width(run.model, run.loaders, recipe, example_input=run.example, **kw)
+        _take_final_weights(run.model, found.state, recipe.search.final_weights)
+        run.gates, run.selection, run.search_phase = found.gates, found.selection, found.result
+        run.scores = search_scores(found.gates, recipe.search.score, found.importance)
+        run.note = _search_note(method, recipe)
+    else:
+        run.gates, run.selection = _attach(run.model, run.example, recipe)
+        out = method.run(run.model, run.gates, run.loaders, recipe, **kw)
+        run.scores = run.gates.entry_scores(out.scores) if out.scores is not None else None  # per α entry
+        run.keep, run.search_phase, run.note = out.keep, out.fit, out.note
+    run.accuracy["searched"] = run.test()["acc"]
+
+
+def select(run: PruneRun) -> None:
+    """Stage 3: the keep masks from the scores under the recipe's mode (ratio, budget, ℓ1), made once (a latency
+    budget times the cut) and the same on every rank; the test accuracy with the losers masked."""
+    if run.keep is None:
+        sel, scores, x = run.selection, run.scores, run.example
+        if dist.active():
+            run.keep = dist.from_main(lambda: [k.cpu() for k in sel.finish(scores, sel.select(scores), x)])
+        else:
+            run.keep = sel.finish(scores, sel.select(scores), x)
+    with run.gates.masked(run.keep):
+        run.accuracy["masked"] = run.test()["acc"]
+
+
+def remove(run: PruneRun) -> None:
+    """Stage 4: fold the gates into the weights and remove the losing channels for real; the slim model's output
+    must equal the masked one's."""
+    spec = remove_channels(run.gates, run.keep, check_input=run.example)
     if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
         raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
                            f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
                            "would not be the searched one")
-    model = model.to(memory_format=torch.contiguous_format)
-    cost_after = macs_and_params(model, input_size)
-    slim_stale = evaluate(model, loaders.test, device=dev)  # the statistics of the network before the cut
-    recalibrated = recalibrate_bn(model, loaders.train, recipe.prune.recalibrate, device=dev,
-                                  channels_last=recipe.finetune.channels_last)
-    slim_before = evaluate(model, loaders.test, device=dev) if recalibrated else slim_stale
-    distiller = Distiller(dense_model, weight=d.weight, temperature=d.temperature).attach(model) if d else None
-    fine = fit(model, loaders.train, loaders.test, cfg=recipe.finetune, device=dev, run_dir=rd, phase="finetune",
-               resume=resume, progress=progress, eval_every=max(1, recipe.finetune.epochs // 10), loss_fn=distiller)
+    run.spec = spec
+    run.model = run.model.to(memory_format=torch.contiguous_format)
+    run.cost_after = macs_and_params(run.model, (1, *run.example.shape[1:]))
+    run.accuracy["slim_stale_bn"] = run.test()["acc"]  # the statistics of the network before the cut
+
+
+def recalibrate(run: PruneRun) -> None:
+    """Stage 5: re-estimate the cut network's BatchNorm statistics on `prune.recalibrate` training batches."""
+    run.recalibrated = recalibrate_bn(run.model, run.loaders.train, run.recipe.prune.recalibrate, device=run.device,
+                                      channels_last=run.recipe.finetune.channels_last)
+    stale = run.accuracy["slim_stale_bn"]
+    run.accuracy["slim_before_finetune"] = run.test()["acc"] if run.recalibrated else stale
+    run.accuracy["recalibrated_batches"] = run.recalibrated
+
+
+def finetune(run: PruneRun) -> None:
+    """Stage 6: fine-tune the slim model on the whole training set (distilled from the dense one if asked)."""
+    d, cfg = run.recipe.finetune.distill, run.recipe.finetune
+    distiller = Distiller(run.dense_model, weight=d.weight, temperature=d.temperature).attach(run.model) if d else None
+    run.finetune_phase = fit(run.model, run.loaders.train, run.loaders.test, cfg=cfg, device=run.device,
+                             run_dir=run.run_dir, phase="finetune", resume=run.resume, progress=run.progress,
+                             eval_every=max(1, cfg.epochs // 10), loss_fn=distiller, task=run.task)
     if distiller is not None:
         distiller.detach()
-    if not finite_model(model):  # the phases check each epoch; this guards the files against anything they missed
+    if not finite_model(run.model):  # the phases check each epoch; this guards the files against anything missed
         raise RuntimeError("the fine-tuned slim model has non-finite weights; nothing was written (lower "
                            "finetune.optim.lr and --resume)")
-    for handle in io_hooks:
+    run.accuracy["slim_after_finetune"] = run.finetune_phase.final.get("test_acc")
+
+
+def finish(run: PruneRun) -> PruneResult:
+    """Stage 7: time the slim model against the dense one (if asked), build the report, write the run folder."""
+    recipe, model, x = run.recipe, run.model, run.example
+    for handle in run.io_hooks:
         handle.remove()
-    speed = None
     if recipe.dist.sync_bn and dist.world_size() > 1:
-        model = dist.revert_sync_bn(model)
+        model = run.model = dist.revert_sync_bn(model)
+    speed = None
     if recipe.report.latency and dist.is_main():  # timed once; the report is rank 0's
-        batch = getattr(loaders.train, "batch_size", None) or x.shape[0]
-        speed = speed_report(dense_model, model, tuple(x.shape[1:]), recipe.report, dev, batch,
-                             (cost_before[0], cost_after[0]))
-    del dense_model
-    accuracy = {"dense": dense["acc"], "searched": searched["acc"], "masked": masked["acc"],
-                "slim_stale_bn": slim_stale["acc"], "slim_before_finetune": slim_before["acc"],
-                "slim_after_finetune": fine.final.get("test_acc"), "recalibrated_batches": recalibrated}
-    report = build_report(method=info, recipe=recipe, gates=gates, keep=keep, spec=spec, cost_before=cost_before,
-                          cost_after=cost_after, input_size=list(input_size), accuracy=accuracy,
-                          test_loss=fine.final.get("test_loss"), search=search, finetune=fine,
-                          total_s=time.perf_counter() - t_total, device=dev, note=note,
-                          data=getattr(loaders, "info", None), budget=selection.report(keep, cost_after),
-                          latency=speed)
-    if rd is not None and dist.is_main():
-        _write_run(rd, model, spec, report, info, scores, model_info, recipe.search.score)
+        batch = getattr(run.loaders.train, "batch_size", None) or x.shape[0]
+        speed = speed_report(run.dense_model, model, tuple(x.shape[1:]), recipe.report, run.device, batch,
+                             (run.cost_before[0], run.cost_after[0]))
+    run.dense_model = None
+    fine = run.finetune_phase
+    report = build_report(method=run.method, recipe=recipe, gates=run.gates, keep=run.keep, spec=run.spec,
+                          cost_before=run.cost_before, cost_after=run.cost_after, input_size=[1, *x.shape[1:]],
+                          accuracy=run.accuracy, test_loss=fine.final.get("test_loss"), search=run.search_phase,
+                          finetune=fine, total_s=time.perf_counter() - run.started, device=run.device, note=run.note,
+                          data=getattr(run.loaders, "info", None),
+                          budget=run.selection.report(run.keep, run.cost_after), latency=speed)
+    if run.run_dir is not None and dist.is_main():
+        _write_run(run, report)
     report = dist.broadcast_object(report)  # every rank returns rank 0's report
-    logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", info.name,
+    logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", run.method.name,
                 100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
-                100 * (accuracy["slim_after_finetune"] or 0.0), 100 * dense["acc"])
+                100 * (run.accuracy["slim_after_finetune"] or 0.0), 100 * run.accuracy["dense"])
     model.eval()
-    return PruneResult(model=model, report=report, width_spec=spec)
+    return PruneResult(model=model, report=report, width_spec=run.spec)
+
+
+def _write_run(run: PruneRun, report: dict) -> None:
+    """slim.pt, width_spec.json, alphas.json (the scores the cut ranked by, named by the method's record) and
+    report.json."""
+    rd, spec = run.run_dir, run.spec
+    save_slim(rd / "slim.pt", run.model, spec, run.model_info)
+    rd.write_json("width_spec.json", dict(spec, model=run.model_info))
+    kind = run.method.score_name or run.recipe.search.score
+    scores = [a.detach().cpu().tolist() for a in run.scores] if run.scores is not None else []
+    rd.write_json("alphas.json", {"groups": [g["name"] for g in report["groups"]], "score": kind, "alphas": scores},
+                  indent=None)
+    rd.write_json("report.json", report)
+
+
+def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict | None = None, mode: str | None = None,
+          method: str | None = None, scope: str | list[str] | None = None, search_epochs: int | None = None,
+          finetune_epochs: int | None = None, config: Recipe | dict | None = None,
+          device: str | torch.device | None = None, run_dir: str | Path | None = None, resume: bool = False,
+          force: bool = False, progress: bool = True, example_input: torch.Tensor | None = None,
+          model_info: dict | None = None, input_fn: Callable | None = None,
+          output_fn: Callable | None = None) -> PruneResult:
+    """Search the width of `model` with RARTS (or another method), remove the losing channels, fine-tune.
+
+    The user's `model` is not modified: a copy is searched and cut. Settings come from `config` (a `Recipe` or its
+    dict) with the keyword arguments on top; defaults are the paper's (160 search + 160 fine-tune epochs).
+
+    Args:
+        model: any CNN (`timm`, `torchvision`, the zoo, your own `nn.Module`).
+        loaders: a `slimrarts.data.Loaders`, a `(train, test)` pair of DataLoaders (the training set is then split
+            into disjoint halves D_t/D_v for the search), or a dict with `train`, `test` (optionally `search_t`,
+            `search_v`). The test loader is read only to report accuracies.
+        ratio: the share of gated channels to PRUNE (mode `ratio`). budget: what the slim model may KEEP of the
+            dense cost (mode `budget`; with mode `l1` a stopping rule): `{"macs": "50%"}`, `{"params": "1.2M"}`,
+            `{"latency": "3.5ms", "batch_size": 1}` or a full `prune.budget` section.
+        mode: `ratio`, `budget` or `l1` (a proximal ℓ1 step on α; channels at 0 are pruned). method: a registered
+            method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ..., `slimming`, `random`.
+        scope: the gated channels: `internal`, `branch-input`, `coupled` (or a list). search_epochs,
+            finetune_epochs: `search.epochs`, `finetune.epochs`. device: `auto`, `cpu`, `cuda`, ...
+        run_dir: checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json`, `slim.pt` go here;
+            `resume=True` continues an interrupted run, `force=True` replaces an earlier one.
+        example_input: a batch to trace the model with (default: the first of D_t). model_info: `{"name", "kwargs",
+            "num_classes"}` recorded in `slim.pt` for `slimrarts.load`. input_fn / output_fn: build the model's
+            input from a batch tensor (a dict is passed as keywords) / read the [batch, classes] logits from its
+            output (default: a tensor, `.logits`, a dict's `logits` or first value, a tuple's first element).
+
+    Returns:
+        A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report`
+        (`slimrarts.report.build_report`) and `width_spec` (per-group kept channels, per-layer widths).
+
+    Raises:
+        ValueError: before any training, a bad setting (naming the key and what is allowed), a model or data that
+            cannot be used (frozen, half precision, channels, labels outside the outputs, too few samples), nothing
+            to prune, a run folder that cannot be used as asked; after the cut, a removal that changed the output.
+        TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
+        DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved and the last good
+            checkpoint stays for `--resume`.
+
+    Under torchrun (after `slimrarts.engine.dist.init()`) call it on every rank with the same arguments: each trains
+    on its shard of every batch, the selection is made once, rank 0 alone writes, every rank returns the same.
+    The stages (`prepare` ... `finish`, ARCHITECTURE.md) can also be called one by one.
+
+    Example:
+        >>> result = slimrarts.prune(model, (train_loader, test_loader), ratio=0.4,  # doctest: +SKIP
+        ...                          search_epochs=20, finetune_epochs=20)
+    """
+    check_model(model)
+    recipe = _resolve_recipe(config, ratio=ratio, budget=budget, mode=mode, method=method, scope=scope,
+                             search_epochs=search_epochs, finetune_epochs=finetune_epochs, device=device)
+    run = prepare(model, loaders, recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
+                  example_input=example_input, model_info=model_info, input_fn=input_fn, output_fn=output_fn)
+    search(run)
+    select(run)
+    remove(run)
+    recalibrate(run)
+    finetune(run)
+    return finish(run)
 
 
 def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:

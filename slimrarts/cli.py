@@ -68,9 +68,6 @@ def cmd_cell_search(args) -> int:
     """Search a DARTS cell (topology) with a cell recipe; writes the genotype, α per epoch and cell drawings."""
     from .commands import search_command
 
-    if args.command == "search":
-        print("slimrarts search is deprecated: it is now `slimrarts cell-search` (width search is `slimrarts run`)",
-              file=sys.stderr)
     if not _is_cell_recipe(args.recipe):
         raise ValueError(f"{args.recipe} is not a cell-search recipe (it has no 'net' section); prune widths with "
                          "`slimrarts run`")
@@ -171,9 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_args(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("cell-search", help=cmd_cell_search.__doc__)
-    _add_run_args(p)
-    p.set_defaults(fn=cmd_cell_search)
-    p = sub.add_parser("search", help="deprecated name of cell-search")
     _add_run_args(p)
     p.set_defaults(fn=cmd_cell_search)
     p = sub.add_parser("report", help=cmd_report.__doc__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-import warnings
 from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = ["ConfigError", "build", "field", "set_by_path", "to_dict"]
@@ -123,7 +122,6 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    data = _renamed_keys(cls, data, path)
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
@@ -138,7 +136,6 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raw = data[name]
         default = _field_default(f)
         if isinstance(raw, dict) and dataclasses.is_dataclass(default):
-            raw = _renamed_keys(type(default), raw, key)
             raw = _deep_merge(to_dict(default), raw)  # a partial section keeps the field's own defaults
         value = _convert(hints[name], raw, key)
         check = f.metadata.get("check")
@@ -152,23 +149,6 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     if validate is not None:
         validate(where)
     return obj
-
-
-def _renamed_keys(cls: type, data: dict, path: str) -> dict:
-    """Map keys a config class has renamed (its `RENAMED = {old: new}`) to their new names, with a warning."""
-    renamed = getattr(cls, "RENAMED", None) or {}
-    if not any(k in data for k in renamed):
-        return data
-    data = dict(data)
-    for old, new in renamed.items():
-        if old not in data:
-            continue
-        where, now = (f"{path}.{old}", f"{path}.{new}") if path else (old, new)
-        if new in data:
-            raise ConfigError(f"'{where}' is the former name of '{now}'; give only '{now}'")
-        warnings.warn(f"recipe key '{where}' is deprecated; it is now '{now}'", DeprecationWarning, stacklevel=3)
-        data[new] = data.pop(old)
-    return data
 
 
 def to_dict(obj: Any) -> Any:

@@ -4,13 +4,15 @@ baselines and one-shot criteria, each with a frozen info record that the pipelin
 Search algorithms register a step function `step(problem, state, batch_t, batch_v)` (see `slimrarts.search`);
 baselines and criteria register a run function `run(model, gates, loaders, recipe, *, device, run_dir, resume,
 progress) -> BaselineResult` (see `slimrarts.baselines`). This module imports nothing from the package: the
-modules that define methods import it and register at import time (`import slimrarts` registers the built-ins).
+modules that define methods import it and register at import time, and the built-in ones are imported by name the
+first time a method is looked up (so the recipe schema, which checks `search.method`, loads no algorithm).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -32,6 +34,7 @@ class MethodInfo:
     two_nets: bool = False  # needs the second weight copy y
     data: Literal["split", "whole", "none"] = "whole"  # D_t/D_v halves, the whole training set, or no training
     passes: int = 1  # forward+backward passes per iteration (0: no training phase)
+    score_name: str = ""  # what its channel scores are, as alphas.json names them ("": the recipe's search.score)
     step: Callable[..., None] | None = None
     run: Callable[..., Any] | None = None
 
@@ -40,17 +43,24 @@ class MethodInfo:
         """Whether the method trains before the cut (a search or sparsity phase), as opposed to one-shot scores."""
         return self.data != "none"
 
-    @property
-    def paper(self) -> str:
-        """`source`, under its former name."""
-        return self.source
-
 
 _REGISTRY: dict[str, MethodInfo] = {}
+BUILTINS = ("slimrarts.search", "slimrarts.baselines")  # the packages whose import registers the built-in methods
+_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import the packages that register the built-in methods, once (lazily: looking a method up is the first use)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # before importing: their registrations call back into this module
+    for name in BUILTINS:
+        importlib.import_module(name)
 
 
 def register_method(name: str, *, kind: Kind, source: str, description: str, has_alpha: bool, supports_l1: bool,
-                    two_nets: bool = False, data: str = "whole", passes: int = 1):
+                    two_nets: bool = False, data: str = "whole", passes: int = 1, score_name: str = ""):
     """Decorator registering `fn` as method `name`: its search step (kind `search`) or its run function."""
     if kind not in ("search", "baseline"):
         raise ValueError(f"kind must be 'search' or 'baseline', got {kind!r}")
@@ -60,12 +70,13 @@ def register_method(name: str, *, kind: Kind, source: str, description: str, has
         raise ValueError("a search method trains: data must be 'split' or 'whole'")
 
     def wrap(fn):
+        _load_builtins()  # a user's method registered first must not hide a built-in name
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         fns = {"step": fn} if kind == "search" else {"run": fn}
         _REGISTRY[name] = MethodInfo(name=name, kind=kind, source=source, description=description,
                                      has_alpha=has_alpha, supports_l1=supports_l1, two_nets=two_nets, data=data,
-                                     passes=passes, **fns)
+                                     passes=passes, score_name=score_name, **fns)
         return fn
 
     return wrap
@@ -73,6 +84,7 @@ def register_method(name: str, *, kind: Kind, source: str, description: str, has
 
 def get_method(name: str, kind: Kind | None = None) -> MethodInfo:
     """The registered method `name` (of `kind`, if given); unknown names list the choices."""
+    _load_builtins()
     info = _REGISTRY.get(name)
     if info is None or (kind is not None and info.kind != kind):
         choices = list_methods(kind)
@@ -85,6 +97,7 @@ def get_method(name: str, kind: Kind | None = None) -> MethodInfo:
 
 def list_methods(kind: Kind | None = None) -> list[str]:
     """Registered method names (of one kind), in registration order."""
+    _load_builtins()
     return [n for n, m in _REGISTRY.items() if kind is None or m.kind == kind]
 
 

@@ -8,18 +8,17 @@ import datetime
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from . import baselines as _baselines  # noqa: F401  (registers the baselines the method check accepts)
-from . import search as _search  # noqa: F401  (registers the search algorithms)
 from .config import ConfigError, build, field, set_by_path, to_dict
+from .data.registry import describe_datasets, list_datasets
 from .methods import describe_methods, get_method, list_methods
 
 __all__ = [
+    "BaselinesConfig",
     "DataConfig",
     "DistConfig",
     "ModelConfig",
@@ -63,7 +62,8 @@ _non_negative = dict(check=lambda v: v >= 0, allowed="a number >= 0")
 class DataConfig:
     """Which data set, where it is, and how it is batched."""
 
-    name: Literal["cifar10", "cifar100", "imagefolder"] = "cifar10"
+    name: str = field("cifar10", check=lambda v: v in list_datasets(),
+                      allowed=lambda: f"a registered data set: {describe_datasets()}")
     root: str | None = None  # folder, archive or torchvision folder; None: $SLIMRARTS_DATA, cache, download (CIFAR)
     download: bool = True
     limit_per_class: int | None = field(None, check=lambda v: v >= 1, allowed="an integer >= 1 or null")
@@ -208,8 +208,6 @@ class ShrinkConfig:
 class SearchConfig:
     """How α is learned: the algorithm, its coefficients, and the optimizers of w, y and α."""
 
-    RENAMED = {"keep": "final_weights"}  # slimrarts 0.1 called final_weights `keep`
-
     method: str = field("rarts", check=lambda v: v in list_methods(), allowed=describe_methods)
     epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
     lam: float = field(1.0, **_positive)  # λ: rarts: weight of L_t (w-step and α-step); milenas: weight of L_v
@@ -224,11 +222,8 @@ class SearchConfig:
     init: Literal["ones", "magnitude"] = "ones"
     # what ranks the channels at the cut: alpha (|α|, the paper), alpha_gamma (|α|·|γ|), grad (Σ|α ⊙ ∇_α|)
     score: Literal["alpha", "alpha_gamma", "grad"] = "alpha"
-    sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
-    taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
     cost: CostTermConfig = field(default_factory=CostTermConfig)
     shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
-    init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
     cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
@@ -238,6 +233,15 @@ class SearchConfig:
         """This section as a `TrainConfig`: the training phase of a baseline on the whole training set."""
         return TrainConfig(epochs=self.epochs, optim=self.optim, amp=self.amp, channels_last=self.channels_last,
                            cuda_graph=self.cuda_graph, log_every=self.log_every)
+
+
+@dataclasses.dataclass
+class BaselinesConfig:
+    """The baselines' and criteria's own settings (their training phase reads `search`: epochs, optim, amp)."""
+
+    sparsity: float = field(1e-5, **_non_negative)  # slimming: s of s·‖γ‖₁ (NS: 1e-5 ResNet-164, 1e-4 VGG/MobileNet)
+    init_gamma: float | None = field(0.5, **_positive)  # slimming: BN γ initialisation (NS: 0.5); null keeps it
+    taylor_batches: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # taylor: batches of gradients
 
 
 def _budget_value(v) -> bool:
@@ -318,6 +322,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=160))
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -462,10 +467,8 @@ def _stored_recipe(path: Path, schema: type) -> dict:
                           ) from None
     if not isinstance(stored, dict):
         raise ConfigError(f"{str(path)!r} is not a recipe mapping; restore it, or start again with --force")
-    try:  # read through the schema, so a recipe written under former key names compares equal
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return to_dict(build(schema, stored))
+    try:  # read through the schema, so defaults added to a section compare equal
+        return to_dict(build(schema, stored))
     except ConfigError:
         return stored  # compared as written: every difference is then named
 

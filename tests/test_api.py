@@ -40,6 +40,36 @@ def _loaders(tiny_sets):
                    search_v=DeviceLoader(train, 25, train=True, indices=idx_v, seed=2))
 
 
+STAGES = ("prepare", "search", "select", "remove", "recalibrate", "finetune", "finish")
+
+
+def test_prune_runs_its_stages_in_order_over_one_run_state(tiny_sets, monkeypatch):
+    """prune() is its stages (ARCHITECTURE.md names them), called in the pipeline's order, each over the same run."""
+    import slimrarts.api as api
+
+    calls = []
+
+    def recording(name, fn):
+        def recorded(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            run = out if name == "prepare" else args[0]
+            calls.append((name, id(run), run.keep is not None, run.spec is not None, run.finetune_phase is not None))
+            return out
+        return recorded
+
+    for name in STAGES:
+        monkeypatch.setattr(api, name, recording(name, getattr(api, name)))
+    torch.manual_seed(0)
+    result = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), 0.4, config=TINY, progress=False)
+    assert [c[0] for c in calls] == list(STAGES)
+    assert len({c[1] for c in calls}) == 1  # one run state passed along
+    # what each stage leaves: keep masks from select on, the removal spec from remove on, fine-tuning at the end
+    assert [c[2] for c in calls] == [False, False, True, True, True, True, True]
+    assert [c[3] for c in calls] == [False, False, False, True, True, True, True]
+    assert [c[4] for c in calls] == [False, False, False, False, False, True, True]
+    assert isinstance(result, slimrarts.PruneResult) and result.width_spec["groups"]
+
+
 def test_prune_end_to_end(tiny_sets, tmp_path):
     torch.manual_seed(0)
     model = create_model("tiny_preresnet")
@@ -127,7 +157,7 @@ def test_the_test_set_chooses_nothing(tiny_sets, monkeypatch, method):
     real, guard_real = _guarded_prune(tiny_sets, monkeypatch, False, method=method)
     decoyed, guard = _guarded_prune(tiny_sets, monkeypatch, True, method=method)
     assert guard.reads[-1] and not guard.reads[0]  # read before (for the report) and after the selection
-    assert [g["kept"] for g in decoyed.spec["groups"]] == [g["kept"] for g in real.spec["groups"]]
+    assert [g["kept"] for g in decoyed.width_spec["groups"]] == [g["kept"] for g in real.width_spec["groups"]]
     a, b = real.model.state_dict(), decoyed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert decoyed.report["accuracy"]["slim_after_finetune"] == real.report["accuracy"]["slim_after_finetune"]
@@ -152,7 +182,7 @@ def test_search_final_weights_chooses_the_weights_of_the_slim_model(tiny_sets, t
     expected, w, y = _search_weights(tmp_path / "run", keep)
     slim = dict(result.model.named_parameters())
     unchanged = [name for name, m in result.model.named_modules() if isinstance(m, torch.nn.Conv2d)
-                 and result.spec["layers"][name]["before"] == result.spec["layers"][name]["after"]]
+                 and result.width_spec["layers"][name]["before"] == result.width_spec["layers"][name]["after"]]
     assert len(unchanged) >= 2
     for name in unchanged:
         k = f"{name}.weight"
@@ -171,7 +201,7 @@ def test_keep_weights_copies_or_averages_parameters_and_buffers():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         alpha = [torch.ones(4, requires_grad=True)]
-        state = make_state(model, alpha, "rarts", optim_w=OptimConfig(), arch_optim=ArchOptimConfig())
+        state = make_state(model, alpha, "rarts", optim_w=OptimConfig(), optim_arch=ArchOptimConfig())
         with torch.no_grad():
             for v in state.y.values():
                 v.add_(torch.randn_like(v))
@@ -206,12 +236,12 @@ def test_l1_mode_prunes_exactly_the_zero_alphas(tiny_sets, tmp_path):
     alphas = json.loads((tmp_path / "run" / "alphas.json").read_text())["alphas"]
     flat = [v for a in alphas for v in a]
     assert 0.2 < sum(v == 0 for v in flat) / len(flat) < 0.8  # some channels reached zero, some did not
-    for a, g in zip(alphas, result.spec["groups"], strict=True):
+    for a, g in zip(alphas, result.width_spec["groups"], strict=True):
         nonzero = [i for i, v in enumerate(a) if v != 0]
         assert g["kept"] == (nonzero or [0]), g["name"]
     assert r["mode"] == "l1" and r["ratio_requested"] is None
     assert r["pruned_channels"] == sum(len(a) - len(g["kept"])
-                                       for a, g in zip(alphas, result.spec["groups"], strict=True))
+                                       for a, g in zip(alphas, result.width_spec["groups"], strict=True))
     assert r["prc"] == pytest.approx(r["pruned_channels"] / r["gated_channels"])
 
 

@@ -83,6 +83,73 @@ def test_no_import_cycles():
             assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
+# The layers, lowest first: what each unit (a subpackage, or a module at the package root) may import from the
+# package. The schema (`recipe`, `config`) loads no algorithm: `methods` imports the built-in ones by name when a
+# method is first looked up. The search layer needs nothing from `width/`; `engine` nothing above itself.
+LAYERS: dict[str, set[str]] = {
+    "version": set(),
+    "methods": set(),
+    "config": set(),
+    "engine": {"version"},
+    "metrics": {"engine"},
+    "data": {"engine"},
+    "recipe": {"config", "data", "methods"},
+    "search": {"engine", "methods"},
+    "nas": {"config", "engine", "methods", "metrics", "recipe", "search"},
+    "models": {"nas"},  # the zoo's DARTS evaluation net is built from the cell-search operations
+    "width": {"engine", "metrics", "search"},
+    "baselines": {"engine", "methods", "width"},
+    "preflight": {"engine"},
+    "report": {"config", "engine", "metrics", "version"},
+    "selection": {"engine", "metrics", "width"},
+    "runs": {"metrics", "report"},
+    "toy": {"engine", "search"},
+    "api": {"baselines", "config", "data", "engine", "methods", "metrics", "models", "preflight", "recipe", "report",
+            "search", "selection", "width"},
+    "commands": {"api", "config", "data", "engine", "methods", "metrics", "models", "nas", "preflight", "recipe",
+                 "version"},
+    "cli": {"commands", "config", "engine", "methods", "metrics", "models", "recipe", "report", "runs", "version"},
+    "__main__": {"cli"},
+    "slimrarts": {"api", "version"},  # the package's __init__: the public names
+}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """`importer → imported` edges of a module graph that `LAYERS` does not allow (a unit missing from `LAYERS`
+    is a violation too, so a new folder must be placed in the order)."""
+    bad = []
+    for name, targets in sorted(graph.items()):
+        unit = _unit(name)
+        if unit not in LAYERS:
+            bad.append(f"{name}: unit {unit!r} has no place in LAYERS")
+            continue
+        bad += [f"{name} → {t}" for t in sorted(targets) if _unit(t) != unit and _unit(t) not in LAYERS[unit]]
+    return bad
+
+
+def test_imports_follow_the_layers():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_names_a_forbidden_import():
+    """The check itself: the schema importing an algorithm, search importing width/, and an unplaced folder fail."""
+    graph = {"slimrarts.recipe": {"slimrarts.config", "slimrarts.search.base"},
+             "slimrarts.search.problem": {"slimrarts.width.select", "slimrarts.engine.optim"},
+             "slimrarts.width.gates": {"slimrarts.search.base"},
+             "slimrarts.plugins.x": set()}
+    assert layer_violations(graph) == ["slimrarts.plugins.x: unit 'plugins' has no place in LAYERS",
+                                       "slimrarts.recipe → slimrarts.search.base",
+                                       "slimrarts.search.problem → slimrarts.width.select"]
+
+
 def test_library_modules_never_import_the_command_line():
     modules = _modules()
     known = set(modules)

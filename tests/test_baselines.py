@@ -19,8 +19,8 @@ def _loaders(tiny_sets):
 
 
 def _config(method, sparsity=0.0, epochs=3, **prune):
-    return {"search": {"method": method, "epochs": epochs, "optim": {"lr": 0.05, "weight_decay": 0.0},
-                       "sparsity": sparsity},
+    return {"search": {"method": method, "epochs": epochs, "optim": {"lr": 0.05, "weight_decay": 0.0}},
+            "baselines": {"sparsity": sparsity},
             "finetune": {"epochs": 1, "optim": {"lr": 0.05}},
             "prune": {"scope": ["internal", "branch-input"], **prune}}
 
@@ -113,7 +113,7 @@ def test_random_at_a_global_ratio_is_seeded_and_trains_no_alpha(tiny_sets, tmp_p
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
         r = slimrarts.prune(create_model("tiny_preresnet"), loaders, 0.4, config=dict(_config("random", epochs=1),
                             seed=seed), run_dir=tmp_path / run, progress=False)
-        specs.append([g["kept"] for g in r.spec["groups"]])
+        specs.append([g["kept"] for g in r.width_spec["groups"]])
         assert r.report["prc"] == pytest.approx(0.4, abs=1 / r.report["gated_channels"])
         assert r.report["method"] == "random" and "global ratio" in r.report["method_note"]
     assert specs[0] == specs[1] and specs[0] != specs[2]
@@ -204,12 +204,12 @@ def test_register_search_records_what_it_is_told(monkeypatch):
     def step(*args):
         return None
 
-    register_search("tmp-search", two_nets=True, data="split", passes=3, paper="P", description="D")(step)
+    register_search("tmp-search", two_nets=True, data="split", passes=3, source="P", description="D")(step)
     info = methods.get_method("tmp-search", "search")
     assert (info.source, info.description, info.two_nets, info.data, info.passes) == ("P", "D", True, "split", 3)
     assert info.supports_l1 is True and info.has_alpha is True and info.step is step and info.run is None
     with pytest.raises(ValueError, match="data must be 'split' or 'whole'"):
-        register_search("tmp-bad", two_nets=False, data="none", passes=1, paper="", description="")
+        register_search("tmp-bad", two_nets=False, data="none", passes=1, source="", description="")
 
 
 def test_baselines_train_with_the_search_section():

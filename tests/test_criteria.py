@@ -87,7 +87,7 @@ def test_info_table_names_papers_and_needs():
                      "taylor": (True, True)}
     for name, year in [("l1", "2017"), ("taylor", "2019"), ("fpgm", "2019"), ("group-norm", "2023")]:
         info = criterion_info(name)
-        assert year in info.paper and "Importance" in info.importance and name in info.note
+        assert year in info.source and "Importance" in info.importance and name in info.note
 
 
 def test_l1_is_the_filter_l1_norm_of_the_producing_conv():
@@ -184,7 +184,7 @@ def test_taylor_matches_hand_gradients_and_a_dead_channel_scores_zero():
             a.uniform_(0.1, 2.0)
     batches = _batches(3)
     result = score_channels("taylor", gates, batches, batches=2)
-    assert result.batches == 2 and result.search_s == 0.0 and result.seconds >= 0
+    assert result.batches == 2 and result.seconds >= 0
     hand = _hand_taylor(model, batches[:2])
     idx = _by_name(gates)
     torch.testing.assert_close(result.scores[idx["conv1"]], hand["conv1"])
@@ -273,7 +273,7 @@ def test_the_registered_one_shot_baseline_returns_the_criterion_scores_and_freez
 
     model = _randomise(Chain())
     gates = _gates(model)
-    recipe = load_recipe({"search": {"taylor_batches": 2}})
+    recipe = load_recipe({"baselines": {"taylor_batches": 2}})
     batches = _batches(3)
     result = get_baseline(name)(model, gates, SimpleNamespace(train=batches), recipe, device=torch.device("cpu"))
     assert all(not a.requires_grad for a in gates.alphas)  # one-shot: nothing trains before the cut

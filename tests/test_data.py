@@ -556,3 +556,23 @@ def test_real_cifar10():
     assert tuple(train.images.shape[1:]) == (3, 32, 32)
     mean = train.images.double().mean((0, 2, 3)) / 255
     torch.testing.assert_close(mean, torch.tensor(CIFAR10_MEAN, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_a_registered_data_set_is_a_recipe_value_and_what_make_loaders_reads(tiny_sets):
+    """`data.name`'s allowed values come from the registry: a new set is accepted by the recipe and loaded by
+    make_loaders; an unknown name is refused naming the registered ones."""
+    from slimrarts.data import list_datasets, make_loaders, register_dataset, registry
+    from slimrarts.recipe import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="data.name.*cifar10, cifar100, imagefolder"):
+        load_recipe({"data": {"name": "tiny-test"}})
+    try:
+        register_dataset("tiny-test")(lambda cfg: (*tiny_sets, {"mean": (0.5,) * 3, "std": (0.25,) * 3}, {}))
+        assert "tiny-test" in list_datasets()
+        recipe = load_recipe({"data": {"name": "tiny-test", "batch_size": 25, "eval_batch_size": 40}})
+        loaders = make_loaders(recipe.data)
+        assert loaders.info["dataset"] == "tiny-test" and len(loaders.test) == 2  # 80 test images in batches of 40
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("tiny-test")(lambda cfg: None)
+    finally:
+        registry._REGISTRY.pop("tiny-test", None)

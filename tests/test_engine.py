@@ -368,19 +368,6 @@ def test_atomic_writes_go_through_a_temporary_file_that_a_run_folder_recognises(
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.out"]
 
 
-def test_resume_adds_the_training_time_of_a_checkpoint_written_before_train_s(tiny_sets, tmp_path):
-    """Checkpoints of earlier versions called the steps' seconds `search_s`; a resume from one keeps counting them."""
-    model, train, test, cfg = _setup(tiny_sets)
-    fit(model, train, test, cfg=dataclasses.replace(cfg, epochs=1), device="cpu", run_dir=tmp_path, progress=False)
-    path = tmp_path / "checkpoints" / "train.pt"
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["search_s"] = 1000.0 + ckpt.pop("train_s")
-    save_atomic(ckpt, path)
-    result = fit(model, train, test, cfg=dataclasses.replace(cfg, epochs=2), device="cpu", run_dir=tmp_path,
-                 resume=True, progress=False)
-    assert 1000.0 < result.train_s < 1000.0 + 600
-
-
 def test_a_callback_that_does_not_listen_to_step_end_is_not_asked_every_step(tiny_sets):
     """Per-step dispatch is only set up for callbacks that declare STEP_END (no Python call per step otherwise)."""
     model, train, test, cfg = _setup(tiny_sets)

@@ -187,7 +187,7 @@ def _tiny_search(method: str):
     net = SearchNetwork(C=4, num_classes=10, layers=3)  # cell 0 normal, cells 1 and 2 reduction
     problem = NetProblem(net, net.arch)
     state = make_state(net, net.arch, method, optim_w=OptimConfig(lr=0.025, momentum=0.9, weight_decay=3e-4),
-                       arch_optim=ArchOptimConfig(lr=3e-3, betas=[0.5, 0.999], weight_decay=0.0), beta=1e-3)
+                       optim_arch=ArchOptimConfig(lr=3e-3, betas=[0.5, 0.999], weight_decay=0.0), beta=1e-3)
     g = torch.Generator().manual_seed(1)
     batch = lambda: (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))  # noqa: E731
     return net, problem, state, batch(), batch()
@@ -321,7 +321,7 @@ def test_train_command_trains_the_eval_net_of_a_genotype(tiny_archive, tmp_path)
 
 
 def test_cli_search_then_train_the_found_genotype(tiny_archive, tmp_path):
-    """`slimrarts search <cell recipe>` then `slimrarts train <recipe> --set model.genotype=<its genotype.json>`."""
+    """`slimrarts cell-search <cell recipe>`, then `slimrarts train <recipe> --set model.genotype=<genotype.json>`."""
     import yaml
 
     from slimrarts.cli import main
@@ -329,7 +329,7 @@ def test_cli_search_then_train_the_found_genotype(tiny_archive, tmp_path):
     recipe = tmp_path / "cell.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_archive)))
     search = tmp_path / "search"
-    assert main(["search", str(recipe), "--out", str(search), "--no-progress"]) == 0
+    assert main(["cell-search", str(recipe), "--out", str(search), "--no-progress"]) == 0
     found = Genotype.from_json((search / "genotype.json").read_text())
     try:
         import matplotlib  # noqa: F401

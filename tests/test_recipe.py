@@ -114,4 +114,4 @@ def test_width_paper_recipes_have_the_papers_settings(path):
             160, 0.1, 0.9, 1e-4, "step", [0.5, 0.75], 0.1)
     assert r.prune.scope == ["internal", "branch-input"]
     if method == "slimming":
-        assert (r.search.sparsity, r.search.init_gamma) == (1e-5, 0.5)
+        assert (r.baselines.sparsity, r.baselines.init_gamma) == (1e-5, 0.5)

@@ -87,7 +87,7 @@ def _search(tiny_sets, run_dir, *, stop_after=None, resume=False, epochs=3):
     lv = Interrupt(DeviceLoader(train, 25, train=True, indices=idx_v, seed=2), stop_after)
     problem = NetProblem(model, gates.alphas)
     optim = OptimConfig(lr=0.05, weight_decay=1e-4, milestones=[0.5])
-    state = make_state(model, gates.alphas, "rarts", optim_w=optim, arch_optim=ArchOptimConfig(lr=1e-2), beta=0.1)
+    state = make_state(model, gates.alphas, "rarts", optim_w=optim, optim_arch=ArchOptimConfig(lr=1e-2), beta=0.1)
     try:
         run_search(problem, state, "rarts", epochs=epochs, optim_w=optim, loader_t=lt, loader_v=lv,
                    run_dir=str(run_dir), resume=resume, progress=False)

@@ -10,6 +10,7 @@ import torch
 
 from slimrarts.data import DeviceLoader, split_halves
 from slimrarts.engine import SGD, Event, on
+from slimrarts.engine.task import Classification
 from slimrarts.models import create_model
 from slimrarts.recipe import ArchOptimConfig, OptimConfig
 from slimrarts.search import get_search, list_searches
@@ -63,7 +64,7 @@ def _setup(tiny_sets, method, *, lam=1.0, beta=1e-3, optim_y=None, arch_lr=1e-2,
     lw = DeviceLoader(train, 25, train=True, seed=3)
     problem = NetProblem(model, gates.alphas)
     state = make_state(model, gates.alphas, method, optim_w=OptimConfig(lr=0.05, weight_decay=1e-4),
-                       optim_y=optim_y, arch_optim=ArchOptimConfig(lr=arch_lr), lam=lam, beta=beta)
+                       optim_y=optim_y, optim_arch=ArchOptimConfig(lr=arch_lr), lam=lam, beta=beta)
     return model, gates, problem, state, (lt, lv, lw)
 
 
@@ -200,11 +201,11 @@ def test_search_records_each_epoch(tiny_sets, tmp_path, method):
     last = result.history[-1]
     assert last["alpha_mean"] == pytest.approx(alphas.mean().item())
     assert last["alpha_zero"] == pytest.approx((alphas == 0).float().mean().item()) and 0 < last["alpha_zero"] < 1, last
-    assert result.wall_s >= result.search_s >= sum(r["epoch_s"] for r in result.history) * 0.999 > 0
-    assert result.images_per_s == pytest.approx(2 * per_epoch / result.search_s)
+    assert result.wall_s >= result.train_s >= sum(r["epoch_s"] for r in result.history) * 0.999 > 0
+    assert result.images_per_s == pytest.approx(2 * per_epoch / result.train_s)
     ckpt = torch.load(tmp_path / "checkpoints" / "search.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and json.loads(ckpt["history"]) == result.history
-    assert ckpt["train_s"] == pytest.approx(result.search_s) and 0 < ckpt["wall_s"] <= result.wall_s
+    assert ckpt["train_s"] == pytest.approx(result.train_s) and 0 < ckpt["wall_s"] <= result.wall_s
 
 
 def test_search_loop_rejects_missing_or_empty_loaders(tiny_sets):
@@ -231,19 +232,19 @@ def test_register_search_records_what_a_method_needs():
         return None
 
     try:
-        assert base.register_search("tmp-test", two_nets=True, data="whole", passes=3, paper="p",
+        assert base.register_search("tmp-test", two_nets=True, data="whole", passes=3, source="p",
                                     description="d")(step) is step
         info = get_search("tmp-test")
-        assert (info.name, info.step, info.two_nets, info.data, info.passes, info.paper, info.description) == (
+        assert (info.name, info.step, info.two_nets, info.data, info.passes, info.source, info.description) == (
             "tmp-test", step, True, "whole", 3, "p", "d")
         assert info.kind == "search" and info.has_alpha
         assert "tmp-test" in list_searches() and list_searches() == sorted(list_searches())
         with pytest.raises(ValueError, match="already registered"):
-            base.register_search("tmp-test", two_nets=False, data="split", passes=1, paper="", description="")(step)
+            base.register_search("tmp-test", two_nets=False, data="split", passes=1, source="", description="")(step)
     finally:
         methods._REGISTRY.pop("tmp-test", None)
     with pytest.raises(ValueError, match="data must be"):
-        base.register_search("tmp-test", two_nets=False, data="half", passes=1, paper="", description="")
+        base.register_search("tmp-test", two_nets=False, data="half", passes=1, source="", description="")
     with pytest.raises(ValueError, match="choose one of"):
         get_search("tmp-test")
 
@@ -257,7 +258,7 @@ def test_make_state_builds_w_y_and_their_optimizers():
     arch = [torch.ones(4, requires_grad=True)]
     ow = OptimConfig(lr=0.3, momentum=0.8, weight_decay=1e-3, nesterov=True)
     oy = OptimConfig(lr=0.2, momentum=0.7, weight_decay=2e-3)
-    state = make_state(model, arch, "rarts", optim_w=ow, optim_y=oy, arch_optim=ArchOptimConfig(lr=0.04),
+    state = make_state(model, arch, "rarts", optim_w=ow, optim_y=oy, optim_arch=ArchOptimConfig(lr=0.04),
                        lam=2.0, beta=0.3, xi=0.05, grad_clip=5.0)
     assert (state.lam, state.beta, state.xi, state.grad_clip) == (2.0, 0.3, 0.05, 5.0)
     assert all(state.w[k] is p for k, p in model.named_parameters())
@@ -275,9 +276,9 @@ def test_make_state_builds_w_y_and_their_optimizers():
     a = state.opt_arch.param_groups[0]
     assert isinstance(state.opt_arch, torch.optim.Optimizer) and type(state.opt_arch).__name__ == "Adam"
     assert (a["lr"], a["betas"], a["weight_decay"], a["params"][0] is arch[0]) == (0.04, (0.5, 0.999), 0.0, True)
-    same = make_state(model, arch, "rarts", optim_w=ow, arch_optim=ArchOptimConfig())
+    same = make_state(model, arch, "rarts", optim_w=ow, optim_arch=ArchOptimConfig())
     assert same.opt_y.param_groups[0]["lr"] == 0.3 and same.opt_y.param_groups[0]["nesterov"]
-    one = make_state(model, arch, "darts1", optim_w=ow, arch_optim=ArchOptimConfig())
+    one = make_state(model, arch, "darts1", optim_w=ow, optim_arch=ArchOptimConfig())
     assert one.y is None and one.y_buffers is None and one.opt_y is None
     sgd = make_arch_optimizer(arch, ArchOptimConfig(optimizer="sgd", lr=0.1, momentum=0.5, weight_decay=0.01))
     assert type(sgd).__name__ == "SGD"
@@ -312,7 +313,11 @@ def test_net_problem_meters_and_amp(tiny_sets):
     fp32 = problem.loss(params, buffers, (x, y))
     assert bf16.dtype == torch.float32 and bf16.item() != fp32.item()
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
-    custom = NetProblem(model, [], loss_fn=lambda out, target: out.sum() * 0 + 7.0)
+    class Seven(Classification):
+        def loss(self, out, target, reduction="mean"):
+            return out.sum() * 0 + 7.0
+
+    custom = NetProblem(model, [], task=Seven())
     assert custom.loss(params, buffers, (x, y)).item() == 7.0
 
 

@@ -232,7 +232,7 @@ def test_darts2_alpha_gradient_is_the_unrolled_gradient(xi, alpha0):
 
 # ---- networks: the passes that update α leave the BN running statistics alone -------------------------------------
 
-def _net_setup(tiny_sets, method, arch_optim=None, l1=0.0):
+def _net_setup(tiny_sets, method, optim_arch=None, l1=0.0):
     train, _ = tiny_sets
     torch.manual_seed(0)
     model = create_model("tiny_preresnet")
@@ -243,7 +243,7 @@ def _net_setup(tiny_sets, method, arch_optim=None, l1=0.0):
     bw = next(iter(DeviceLoader(train, 25, train=True, seed=3)))
     problem = NetProblem(model, gates.alphas, l1=l1)
     state = make_state(model, gates.alphas, method, optim_w=OptimConfig(lr=0.05, weight_decay=1e-4),
-                       arch_optim=arch_optim or ArchOptimConfig(lr=0.05), lam=LAM, beta=BETA)
+                       optim_arch=optim_arch or ArchOptimConfig(lr=0.05), lam=LAM, beta=BETA)
     return model, gates, problem, state, (bt, bv, bw)
 
 
@@ -295,7 +295,7 @@ def test_l1_proximal_step_is_the_exact_soft_threshold_with_sgd(tiny_sets, method
     spec = get_search(method)
 
     def one_step(l1):
-        model, gates, problem, state, (bt, bv, bw) = _net_setup(tiny_sets, method, arch_optim=arch, l1=l1)
+        model, gates, problem, state, (bt, bv, bw) = _net_setup(tiny_sets, method, optim_arch=arch, l1=l1)
         spec.step(problem, state, *((bw, None) if spec.data == "whole" else (bt, bv)))
         return torch.cat([a.detach().flatten() for a in gates.alphas])
 

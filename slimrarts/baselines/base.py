@@ -29,13 +29,15 @@ class BaselineResult:
 
 
 def register_baseline(name: str, *, source: str = "", description: str = "", data: str = "whole",
-                      passes: int = 1):
+                      passes: int = 1, score_name: str = ""):
     """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress) -> BaselineResult`.
 
-    `data` is `whole` for a baseline that trains on the whole training set first, `none` for one-shot scores.
+    `data` is `whole` for a baseline that trains on the whole training set first, `none` for one-shot scores;
+    `score_name` is what its channel scores are, as the run folder's alphas.json names them (default: `name`).
     """
     return register_method(name, kind="baseline", source=source, description=description, has_alpha=False,
-                           supports_l1=False, data=data, passes=passes if data != "none" else 0)
+                           supports_l1=False, data=data, passes=passes if data != "none" else 0,
+                           score_name=score_name or name)
 
 
 def get_baseline(name: str) -> Callable:

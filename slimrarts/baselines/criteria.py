@@ -35,7 +35,8 @@ from torch_pruning.dependency import Dependency, Group
 from torch_pruning.pruner import function as tpf
 
 from ..engine import dist
-from ..engine.step import batches_on, cross_entropy
+from ..engine.step import batches_on
+from ..engine.task import CLASSIFICATION
 
 __all__ = ["NORMALIZER", "TAYLOR_BATCHES", "CriterionInfo", "OneShotScores", "criterion_info", "criterion_scores",
            "list_criteria", "score_channels", "tp_group"]
@@ -55,7 +56,7 @@ class CriterionInfo:
     """What a criterion is, where it comes from and what it needs; the registry reads it."""
 
     name: str
-    paper: str
+    source: str
     importance: str  # the torch-pruning class and arguments
     layers: str  # which layers of each group it reads
     needs_grad: bool  # gradients of the training loss
@@ -64,7 +65,7 @@ class CriterionInfo:
     @property
     def note(self) -> str:
         """One line for reports: the criterion, its source and its torch-pruning class."""
-        return f"{self.name}: {self.paper}; torch-pruning {self.importance}, one-shot on the dense model"
+        return f"{self.name}: {self.source}; torch-pruning {self.importance}, one-shot on the dense model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,6 @@ class OneShotScores:
     seconds: float
     batches: int
     note: str
-
-    search_s: float = 0.0  # a one-shot criterion spends no search time
 
 
 _Scorer = Callable[[], tp.importance.Importance]
@@ -216,7 +215,7 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
             for x, y in batches_on(loader, device):
                 if len(seen) == batches:
                     break
-                cross_entropy(model(x), y).backward()
+                CLASSIFICATION.loss(model(x), y).backward()
                 seen.append(y.shape[0])
         if not seen:
             raise ValueError("the Taylor criterion needs training batches, but the loader yielded none")

@@ -23,12 +23,12 @@ def score_one_shot(name: str, model, gates, loaders, recipe, *, device, run_dir=
     baseline signature and unused (nothing trains)."""
     for a in gates.alphas:
         a.requires_grad_(False)
-    scored = score_channels(name, gates, loaders.train, batches=recipe.search.taylor_batches, device=device)
+    scored = score_channels(name, gates, loaders.train, batches=recipe.baselines.taylor_batches, device=device)
     return BaselineResult(scores=scored.scores, keep=None, fit=None,
                           note=f"{scored.note} ({scored.seconds:.1f} s to score)")
 
 
 for _name in list_criteria():
     _info = criterion_info(_name)
-    register_baseline(_name, source=_info.paper, description=f"one-shot {_info.importance} scores on the dense "
+    register_baseline(_name, source=_info.source, description=f"one-shot {_info.importance} scores on the dense "
                       "model (no training before the cut)", data="none")(functools.partial(score_one_shot, _name))

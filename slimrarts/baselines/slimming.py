@@ -45,7 +45,7 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
 
 def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
     """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
-    s = recipe.search
+    s = recipe.baselines
     for a in gates.alphas:
         a.requires_grad_(False)
     norms = _site_norms(model, gates)
@@ -66,5 +66,5 @@ def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=Fals
 
 
 register_baseline("slimming", source="Network Slimming (Liu et al., ICCV 2017)",
-                  description="sparsity training with s·‖γ‖₁ on BN γ (γ initialised to 0.5); one global |γ| threshold"
-                  )(slimming)
+                  description="sparsity training with s·‖γ‖₁ on BN γ (γ initialised to 0.5); one global |γ| threshold",
+                  score_name="|gamma|")(slimming)

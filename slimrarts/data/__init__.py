@@ -23,6 +23,9 @@ from .imagefolder import load_imagefolder as load_imagefolder
 from .imageset import ImageSet as ImageSet
 from .loader import DeviceLoader as DeviceLoader
 from .loader import epoch_generator as epoch_generator
+from .registry import get_dataset as get_dataset
+from .registry import list_datasets as list_datasets
+from .registry import register_dataset as register_dataset
 from .split import limit_per_class as limit_per_class
 from .split import split_halves as split_halves
 from .stream import ImageFiles as ImageFiles
@@ -32,7 +35,7 @@ from .stream import index_imagefolder as index_imagefolder
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader",
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageFiles", "ImageSet", "Loaders", "StreamLoader", "as_loaders",
-    "index_imagefolder", "make_loaders",
+    "get_dataset", "index_imagefolder", "list_datasets", "make_loaders", "register_dataset",
     "augment_batch", "cutout_batch", "default_cache_dir", "epoch_generator", "imagefolder_sizes", "limit_per_class",
     "load_cifar", "load_imagefolder", "random_resized_boxes", "resized_crop_batch", "split_halves", "stats_for",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from .cifar import load_cifar, stats_for
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
 from .imageset import ImageSet
 from .loader import DeviceLoader
+from .registry import get_dataset, register_dataset
 from .split import limit_per_class, split_halves
 from .stream import StreamLoader, decoded_bytes, default_workers, index_imagefolder, is_sharded, streamable
 
@@ -49,8 +50,7 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
     (memory or stream) and, for imagefolder, `image_size` and `resize`. `cfg.cutout` applies to the three training
     loaders, never to `test`.
     """
-    if cfg.name not in _KINDS:
-        raise ValueError(f"data.name must be one of {sorted(_KINDS)}, got {cfg.name!r}")
+    load = get_dataset(cfg.name)
     if cfg.cutout and not cfg.augment:
         raise ValueError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
                          "false; set data.cutout=0 or data.augment=true")
@@ -65,7 +65,7 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
                          "process's batch")
     stream = _streams(cfg)
     with dist.local_main_first():  # decode (and cache) once per node
-        train_set, test_set, loader_args, info = (_stream_kind if stream else _KINDS[cfg.name])(cfg)
+        train_set, test_set, loader_args, info = (_stream_kind if stream else load)(cfg)
     if cfg.limit_per_class is not None:
         train_set = train_set.subset(limit_per_class(train_set.labels, cfg.limit_per_class, seed=cfg.split_seed))
     if cfg.test_limit_per_class is not None:
@@ -113,20 +113,7 @@ def _streams(cfg) -> bool:
     return decoded_bytes(len(train) + len(test), resize) > cfg.memory_gb * 1e9
 
 
-# A data kind reads `cfg` into (train set, test set, DeviceLoader arguments, entries for `Loaders.info`).
-_Kind = Callable[[Any], tuple[ImageSet, ImageSet, dict, dict]]
-_KINDS: dict[str, _Kind] = {}
-
-
-def _register(*names: str) -> Callable[[_Kind], _Kind]:
-    def add(fn: _Kind) -> _Kind:
-        _KINDS.update(dict.fromkeys(names, fn))
-        return fn
-
-    return add
-
-
-@_register("cifar10", "cifar100")
+@register_dataset("cifar10", "cifar100")
 def _cifar(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     for key in ("image_size", "resize"):
         if getattr(cfg, key, None) is not None:
@@ -137,7 +124,7 @@ def _cifar(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     return train_set, test_set, {"mean": mean, "std": std}, {}
 
 
-@_register("imagefolder")
+@register_dataset("imagefolder")
 def _imagefolder(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     if cfg.root is None:
         raise ValueError("data.root is None, but data.name=imagefolder needs one: a folder or .tar/.tar.gz with "

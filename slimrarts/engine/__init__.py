@@ -30,8 +30,12 @@ from .schedule import schedule_fn as schedule_fn
 from .step import TrainStep as TrainStep
 from .step import autocast as autocast
 from .step import batches_on as batches_on
+from .task import CLASSIFICATION as CLASSIFICATION
+from .task import Classification as Classification
+from .task import Task as Task
 
 __all__ = [
+    "CLASSIFICATION", "Classification", "Task",
     "SGD", "Adam", "Callback", "DivergenceError", "Event", "FitResult", "LoopState", "PhaseResult", "RunDir",
     "TrainStep", "autocast", "batches_on", "build_optimizer", "build_sgd", "console", "default_run_dir", "dist",
     "evaluate",

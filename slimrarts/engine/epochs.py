@@ -105,11 +105,6 @@ class PhaseResult:
         n = sum(h.get("images", 0) for h in self.history)
         return n / self.train_s if self.train_s > 0 else float("nan")
 
-    @property
-    def search_s(self) -> float:
-        """`train_s` under the name a search phase uses."""
-        return self.train_s
-
 
 class Ticker:
     """Advances the phase's progress bar by one step; `info` text is shown beside it."""
@@ -197,7 +192,7 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
         phase.load_state_dict(ckpt)
         history = json.loads(ckpt["history"])
         start, prior_wall = ckpt["epoch"] + 1, ckpt["wall_s"]
-        train_s = ckpt.get("train_s", ckpt.get("search_s", 0.0))
+        train_s = ckpt.get("train_s", 0.0)
         if ckpt.get("stopped"):  # a stopping rule ended the phase at that epoch
             start, state.stop = epochs, True
     t_start = time.perf_counter()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import dist
-from .callbacks import Callback, Event, LoopState, fire, on
+from .callbacks import Callback, Event, LoopState, fire
 from .device import resolve_device
 from .epochs import PhaseResult, run_epochs, set_loader_epoch
 from .optim import SGD, build_optimizer
 from .rundir import RunDir
 from .schedule import schedule_fn
 from .step import TrainStep, autocast, batches_on
+from .task import CLASSIFICATION, Task
 
 __all__ = ["FitResult", "append_metrics", "build_sgd", "evaluate", "fit", "resolve_device", "set_loader_epoch"]
 
@@ -36,8 +35,9 @@ def build_sgd(params, optim_cfg) -> SGD:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
-             amp: str = "none", channels_last: bool = False) -> dict:
-    """Mean cross-entropy and top-1 accuracy of `model` over `loader` (eval mode; one host sync).
+             amp: str = "none", channels_last: bool = False, task: Task = CLASSIFICATION) -> dict:
+    """Mean loss and metric of `task` (cross-entropy and top-1 accuracy, `acc`) of `model` over `loader` (eval
+    mode; one host sync).
 
     In a process group each rank evaluates its shard of the loader and the sums are added up (one all-reduce), so
     every rank returns the figures of the whole set."""
@@ -47,12 +47,12 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device |
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    for x, y in batches_on(loader, device, channels_last):
+    for x, y in batches_on(loader, device, channels_last, task):
         with autocast(device, amp):
             out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        n += y.shape[0]
+        loss_sum += task.loss(out, y, reduction="sum")
+        correct += task.hits(out, y)
+        n += task.count(y)
     model.train(was_training)
     if dist.active():
         sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=device,
@@ -79,7 +79,8 @@ class _Training:
     def run_epoch(self, epoch: int, ticker) -> dict:
         self.model.train()
         peek = lambda: "ep {} loss {:.3f} acc {:.3f}".format(epoch + 1, *self.step.peek())  # noqa: E731
-        for i, (x, y) in enumerate(batches_on(self.train_loader, self.device, self.cfg.channels_last)):
+        for i, (x, y) in enumerate(batches_on(self.train_loader, self.device, self.cfg.channels_last,
+                                                 self.step.task)):
             self.opt.set_lr(self.lr(epoch * self.steps_per_epoch + i))
             self.step(x, y)
             ticker.step(i, peek)
@@ -94,7 +95,7 @@ class _Training:
     def evaluate(self, epoch: int) -> dict:
         if self.test_loader is None or not ((epoch + 1) % self.eval_every == 0 or epoch == self.cfg.epochs - 1):
             return {}
-        test = evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg.amp,
+        test = evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg.amp, task=self.step.task,
                         channels_last=self.cfg.channels_last)
         return {"test_loss": test["loss"], "test_acc": test["acc"]}
 
@@ -107,27 +108,6 @@ class _Training:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-
-
-def _legacy_callbacks(callbacks, after_backward, on_epoch_start) -> list[Callback]:
-    """Callbacks from the keyword arguments of slimrarts 0.1 (deprecated: pass `Callback`s)."""
-    out: list[Callback] = []
-    for cb in callbacks:
-        if isinstance(cb, Callback):
-            out.append(cb)
-            continue
-        warnings.warn("fit(callbacks=[fn(epoch, record)]) is deprecated; pass "
-                      "slimrarts.engine.on(Event.EPOCH_END, lambda state: ...)", DeprecationWarning, stacklevel=3)
-        out.append(on(Event.EPOCH_END, lambda s, fn=cb: fn(s.epoch, s.record)))
-    if after_backward is not None:
-        warnings.warn("fit(after_backward=fn) is deprecated; pass callbacks=[on(Event.AFTER_BACKWARD, ...)]",
-                      DeprecationWarning, stacklevel=3)
-        out.append(on(Event.AFTER_BACKWARD, lambda s: after_backward()))
-    if on_epoch_start is not None:
-        warnings.warn("fit(on_epoch_start=fn) is deprecated; pass callbacks=[on(Event.EPOCH_START, ...)]",
-                      DeprecationWarning, stacklevel=3)
-        out.append(on(Event.EPOCH_START, lambda s: on_epoch_start(s.epoch)))
-    return out
 
 
 def fit(
@@ -145,8 +125,7 @@ def fit(
     eval_every: int = 1,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable | None = None,
-    after_backward: Callable[[], None] | None = None,
-    on_epoch_start: Callable[[int], None] | None = None,
+    task: Task = CLASSIFICATION,
     config_key: str | None = None,
 ) -> PhaseResult:
     """Train `model` for `cfg.epochs` epochs, checkpointing each epoch into `run_dir`.
@@ -165,8 +144,8 @@ def fit(
             `on(Event.EPOCH_START, fn)` for a schedule); see `engine.callbacks`.
         eval_every: test-set evaluation period in epochs.
         optimizer: use this optimizer instead of the SGD of `cfg.optim`.
-        loss_fn: `loss_fn(output, target)` instead of cross-entropy (e.g. with an auxiliary head).
-        after_backward, on_epoch_start: deprecated; use `callbacks`.
+        loss_fn: `loss_fn(output, target)` instead of the task's loss (e.g. with an auxiliary head).
+        task: how batches split, the loss and the metric (`engine.task`; default: classification).
         config_key: the recipe section `cfg` came from (named when the phase diverges); default: `phase`.
 
     Returns:
@@ -189,7 +168,7 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    callbacks = _legacy_callbacks(callbacks, after_backward, on_epoch_start)
+    callbacks = list(callbacks)
     opt = optimizer if optimizer is not None else build_optimizer(model.parameters(), cfg.optim)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -201,7 +180,7 @@ def fit(
         raise ValueError(f"{config_key or phase}.cuda_graph: capturing the training step of several processes in a "
                          "CUDA graph is not supported yet; set it to false under torchrun")
     step = TrainStep(dist.wrap_ddp(model, device), opt, device=device, amp=cfg.amp, after_backward=after,
-                     cuda_graph=cfg.cuda_graph, loss_fn=loss_fn)
+                     cuda_graph=cfg.cuda_graph, loss_fn=loss_fn, task=task)
     training = _Training(model, opt, step, train_loader, test_loader, cfg, device, eval_every, steps_per_epoch)
     return run_epochs(training, name=phase, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, device=device,
                       loaders=[train_loader], run_dir=run_dir, resume=resume, progress=progress,

@@ -11,18 +11,12 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import dist
 from .graph import GraphedStep
+from .task import CLASSIFICATION, Task
 
-__all__ = ["TrainStep", "autocast", "batches_on", "cross_entropy"]
-
-
-def cross_entropy(out, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in fp32 of the logits (the first element when a model returns a tuple, e.g. with aux heads)."""
-    logits = out[0] if isinstance(out, (tuple, list)) else out
-    return F.cross_entropy(logits.float(), target)
+__all__ = ["TrainStep", "autocast", "batches_on"]
 
 
 def autocast(device: torch.device, amp: str):
@@ -35,10 +29,11 @@ def autocast(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def batches_on(loader, device: torch.device, channels_last: bool = False):
-    """Yield `(x, y)` from any loader on `device`; the library's loader already is, a DataLoader is moved."""
+def batches_on(loader, device: torch.device, channels_last: bool = False, task: Task = CLASSIFICATION):
+    """Yield `(x, y)` (as `task.split` reads a batch) from any loader on `device`; the library's loader already is,
+    a DataLoader is moved."""
     for batch in loader:
-        x, y = batch[0], batch[1]
+        x, y = task.split(batch)
         if x.device != device:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -64,9 +59,10 @@ class TrainStep:
         loss_fn: Callable | None = None,
         cuda_graph: bool = False,
         warmup: int = 3,
+        task: Task = CLASSIFICATION,
     ):
-        self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
-        self.after_backward, self.loss_fn = after_backward, loss_fn or cross_entropy
+        self.model, self.optimizer, self.device, self.amp, self.task = model, optimizer, device, amp, task
+        self.after_backward, self.loss_fn = after_backward, loss_fn or task.loss
         self.cuda_graph, self.warmup = cuda_graph, warmup
         self._loss_sum = torch.zeros((), device=device)
         self._correct = torch.zeros((), device=device, dtype=torch.long)
@@ -79,18 +75,17 @@ class TrainStep:
         with autocast(self.device, self.amp):
             out = self.model(x)
         loss = self.loss_fn(out, y)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.after_backward is not None:
             self.after_backward()
         self.optimizer.step()
         with torch.no_grad():
-            self._loss_sum.add_(loss.detach() * y.shape[0])
-            self._correct.add_((logits.argmax(1) == y).sum())
+            self._loss_sum.add_(loss.detach() * self.task.count(y))
+            self._correct.add_(self.task.hits(out, y))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._count += y.shape[0]
+        self._count += self.task.count(y)
         self._graphed(x, y)
 
     @property

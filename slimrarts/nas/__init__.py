@@ -3,7 +3,6 @@
 The commands that run it from a recipe (`search_command`, `train_command`) live in `slimrarts.commands`.
 """
 
-import warnings as _warnings
 
 from .eval_net import EvalNetwork as EvalNetwork
 from .eval_net import build_eval_net as build_eval_net
@@ -32,15 +31,3 @@ __all__ = [
     "derive", "load_genotype", "op_costs", "parse_genotype", "search_topology",
 ]
 
-
-_MOVED = {"search_command": "slimrarts.commands", "train_command": "slimrarts.commands"}
-
-
-def __getattr__(name: str):
-    """Deprecated aliases of names that moved to the command layer (slimrarts 0.1 exported them here)."""
-    if name in _MOVED:
-        import importlib
-
-        _warnings.warn(f"slimrarts.nas.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'slimrarts.nas' has no attribute {name!r}")

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..engine import dist
-from ..engine.callbacks import Callback, Event, on
-from ..search import get_search
-from ..search.loop import run_search
-from ..search.problem import NetProblem, make_state
+from ..engine.callbacks import Callback
+from ..search.loop import search_from_section
+from ..search.problem import NetProblem
 from .genotypes import Genotype
 from .latency import OpCosts, cost_penalty, op_costs
 from .recipe import NasRecipe
@@ -70,13 +68,11 @@ def search_costs(net: SearchNetwork, recipe: NasRecipe, run_dir: Path | None = N
 
 
 def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir: str | Path | None = None,
-                    resume: bool = False, progress: bool = True, callbacks: Iterable[Callback] = (),
-                    on_epoch_end: Callable[[int, dict, SearchNetwork], None] | None = None) -> TopologyResult:
+                    resume: bool = False, progress: bool = True,
+                    callbacks: Iterable[Callback] = ()) -> TopologyResult:
     """Search the cells of `recipe.net` on `loaders.search_t`/`search_v` (the whole `train` set for `joint`) with
-    `recipe.search.method`, then derive the genotype. `callbacks` see the search net as `state.model`;
-    `on_epoch_end(epoch, record, net)` is deprecated."""
+    `recipe.search.method`, then derive the genotype. `callbacks` see the search net as `state.model`."""
     s = recipe.search
-    method = get_search(s.method)
     net = build_search_net(recipe, loaders.num_classes or 10, device)
     if recipe.dist.sync_bn and dist.world_size() > 1:
         net = dist.convert_sync_bn(net)
@@ -87,18 +83,7 @@ def search_topology(recipe: NasRecipe, loaders, *, device: torch.device, run_dir
     if costs is not None and recipe.cost.mu > 0:
         penalty = cost_penalty(net.arch, [costs.normal, costs.reduce], recipe.cost.mu)
     problem = NetProblem(net, net.arch, amp=s.amp, penalty=penalty)
-    state = make_state(net, net.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, arch_optim=s.arch, lam=s.lam,
-                       beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
-    callbacks = list(callbacks)
-    if on_epoch_end is not None:
-        warnings.warn("search_topology(on_epoch_end=fn) is deprecated; pass callbacks=[on(Event.EPOCH_END, ...)]",
-                      DeprecationWarning, stacklevel=2)
-        callbacks.append(on(Event.EPOCH_END, lambda st: on_epoch_end(st.epoch, st.record, net)))
-    result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
-                        optim_arch=s.arch,
-                        loader_t=loaders.search_t, loader_v=loaders.search_v,
-                        loader_whole=loaders.train if method.data == "whole" else None, channels_last=s.channels_last,
-                        run_dir=run_dir, resume=resume, progress=progress, log_every=s.log_every,
-                        callbacks=callbacks, cuda_graph=s.cuda_graph)
-    return TopologyResult(genotype=net.genotype(), net=net, history=result.history, search_s=result.search_s,
+    _, result = search_from_section(problem, s, loaders, run_dir=run_dir, resume=resume, progress=progress,
+                                    callbacks=callbacks)
+    return TopologyResult(genotype=net.genotype(), net=net, history=result.history, search_s=result.train_s,
                           wall_s=result.wall_s, costs=costs)

@@ -19,7 +19,7 @@ from ..engine import dist
 from ..methods import MethodInfo, get_method, list_methods, register_method
 
 __all__ = ["Problem", "SearchState", "SearchMethod", "register_search", "get_search", "list_searches",
-           "grads_of", "set_grads", "arch_step"]
+           "grads_of", "set_grads", "arch_step", "prox_l1_"]
 
 
 class Problem(Protocol):
@@ -116,14 +116,34 @@ def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -
     problem.after_arch_step(state.opt_arch.lr_tensor())
 
 
+def prox_l1_(alphas: list[torch.Tensor], threshold: torch.Tensor | float | list[torch.Tensor]) -> None:
+    """Soft-threshold in place: α ← sign(α) · max(|α| − threshold, 0) (the proximal step of threshold·‖α‖₁).
+
+    `threshold` is one number (a float or a 0-d device tensor) or one tensor per α (a threshold per entry)."""
+    if not alphas:
+        return
+    with torch.no_grad():
+        signs = torch._foreach_sign(alphas)
+        mags = torch._foreach_abs(alphas)
+        if isinstance(threshold, list):
+            torch._foreach_sub_(mags, threshold)
+        elif isinstance(threshold, torch.Tensor):
+            torch._foreach_add_(mags, threshold, alpha=-1)  # a 0-d device tensor: no host sync
+        else:
+            torch._foreach_sub_(mags, threshold)
+        torch._foreach_clamp_min_(mags, 0.0)
+        torch._foreach_mul_(mags, signs)
+        torch._foreach_copy_(alphas, mags)
+
+
 SearchMethod = MethodInfo  # a search algorithm's registry record (kind "search")
 
 
-def register_search(name: str, *, two_nets: bool, data: str, passes: int, paper: str, description: str):
+def register_search(name: str, *, two_nets: bool, data: str, passes: int, source: str, description: str):
     """Decorator registering `step(problem, state, batch_t, batch_v)` as search method `name`."""
     if data not in ("split", "whole"):
         raise ValueError(f"data must be 'split' or 'whole', got {data!r}")
-    return register_method(name, kind="search", source=paper, description=description, has_alpha=True,
+    return register_method(name, kind="search", source=source, description=description, has_alpha=True,
                            supports_l1=True, two_nets=two_nets, data=data, passes=passes)
 
 

@@ -15,7 +15,7 @@ def darts1_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     arch_step(problem, state, grads_of(loss_v, problem.arch))
 
 
-register_search("darts1", two_nets=False, data="split", passes=2, paper="DARTS, first order",
+register_search("darts1", two_nets=False, data="split", passes=2, source="DARTS, first order",
                 description="w ← w − η∇_wL_t(w); α ← α − η_α∇_αL_v(w) at the new w")(darts1_step)
 
 
@@ -59,7 +59,7 @@ def darts2_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     state.step_weights("w")
 
 
-register_search("darts2", two_nets=False, data="split", passes=5, paper="DARTS, second order (unrolled)",
+register_search("darts2", two_nets=False, data="split", passes=5, source="DARTS, second order (unrolled)",
                 description="α-gradient at w' = w − ξ∇_wL_t(w): ∇_αL_v(w') − ξ·∇²_{α,w}L_t·∇_{w'}L_v(w'), the "
                             "Hessian product by finite differences with ε = 0.01/‖∇_{w'}L_v‖; then the w-step"
                 )(darts2_step)

@@ -13,5 +13,5 @@ def joint_step(problem: Problem, state: SearchState, batch, _unused=None) -> Non
     arch_step(problem, state, g[len(w):])
 
 
-register_search("joint", two_nets=False, data="whole", passes=1, paper="Network Slimming style",
+register_search("joint", two_nets=False, data="whole", passes=1, source="Network Slimming style",
                 description="(w, α) ← (w, α) − η∇L(w, α) on batches of the whole training set")(joint_step)

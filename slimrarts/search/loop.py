@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
 
 from ..engine import dist
-from ..engine.callbacks import Callback, Event, LoopState, on
+from ..engine.callbacks import Callback, LoopState
 from ..engine.epochs import PhaseResult, run_epochs
 from ..engine.graph import GraphedStep
 from ..engine.schedule import schedule_fn
 from ..engine.step import batches_on
 from ..methods import get_method
 from .base import SearchState
-from .problem import NetProblem
+from .problem import NetProblem, make_state
 
-__all__ = ["SearchResult", "run_search"]
-
-SearchResult = PhaseResult  # history, wall_s, search_s (= train_s), images_per_s
+__all__ = ["run_search", "search_from_section"]
 
 
 class _Search:
@@ -139,7 +136,6 @@ def run_search(
     log_every: int = 50,
     callbacks: Iterable[Callback] = (),
     cuda_graph: bool = False,
-    on_epoch_end=None,
 ) -> PhaseResult:
     """Run `epochs` epochs of search `method`; an epoch is one pass over D_t (paired with D_v) or the whole set.
 
@@ -155,11 +151,10 @@ def run_search(
         channels_last: give the batches channels-last memory.
         run_dir, phase, resume, progress, log_every, callbacks: as in `slimrarts.engine.fit`.
         cuda_graph: capture one iteration in a CUDA graph (CUDA only).
-        on_epoch_end: deprecated; pass `callbacks=[on(Event.EPOCH_END, fn)]`.
 
     Returns:
-        A `PhaseResult` (`SearchResult`): per-epoch `history` (losses/accuracies on D_t and D_v, α statistics),
-        `search_s`, `wall_s`, `images_per_s`.
+        A `PhaseResult`: per-epoch `history` (losses/accuracies on D_t and D_v, α statistics), `train_s`,
+        `wall_s`, `images_per_s`.
 
     Raises:
         ValueError: an unknown method, a missing loader, or loaders without batches.
@@ -171,7 +166,7 @@ def run_search(
 
     Example:
         >>> problem = NetProblem(model, gates.alphas)  # doctest: +SKIP
-        >>> state = make_state(model, gates.alphas, "rarts", optim_w=OptimConfig(), arch_optim=ArchOptimConfig())
+        >>> state = make_state(model, gates.alphas, "rarts", optim_w=OptimConfig(), optim_arch=ArchOptimConfig())
         >>> run_search(problem, state, "rarts", epochs=1, optim_w=OptimConfig(), loader_t=lt, loader_v=lv)
     """
     info = get_method(method)
@@ -182,10 +177,6 @@ def run_search(
     if info.data == "split" and (loader_t is None or loader_v is None):
         raise ValueError(f"search method {method!r} needs both halves: pass loader_t and loader_v")
     callbacks = list(callbacks)
-    if on_epoch_end is not None:
-        warnings.warn("run_search(on_epoch_end=fn) is deprecated; pass callbacks=[on(Event.EPOCH_END, ...)]",
-                      DeprecationWarning, stacklevel=2)
-        callbacks.append(on(Event.EPOCH_END, lambda s: on_epoch_end(s.epoch, s.record)))
     if cuda_graph and dist.active() and problem.device.type == "cuda":
         raise ValueError("search.cuda_graph: capturing the search step of several processes in a CUDA graph is not "
                          "supported yet; set it to false under torchrun")
@@ -200,3 +191,24 @@ def run_search(
                       loaders=[loader_t, loader_v, loader_whole], run_dir=run_dir, resume=resume, progress=progress,
                       description=f"{phase} ({method})", log_every=log_every, callbacks=callbacks, state=loop_state,
                       config_key="search")
+
+
+def search_from_section(problem: NetProblem, section, loaders, *, run_dir: str | None = None, resume: bool = False,
+                        progress: bool = True, callbacks: Iterable[Callback] = ()) -> tuple[SearchState, PhaseResult]:
+    """Build the search state over `problem` from a recipe's `search` section and run it: the one way the width
+    search (`api.search_width`) and the cell search (`nas.search_topology`) run.
+
+    `section` is a width or cell recipe's `search` (method, epochs, lam, beta, xi, grad_clip, the optimizers `optim`,
+    `optim_y` and `arch`, channels_last, log_every, cuda_graph); `loaders` has `search_t`, `search_v` and `train`
+    (read by methods that train on the whole set). Returns the state (w, y, optimizers) and the phase's result.
+    """
+    s = section
+    state = make_state(problem.model, problem.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, optim_arch=s.arch,
+                       lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
+    whole = get_method(s.method).data == "whole"
+    result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
+                        optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
+                        loader_whole=loaders.train if whole else None, channels_last=s.channels_last,
+                        run_dir=run_dir, resume=resume, progress=progress, log_every=s.log_every,
+                        callbacks=callbacks, cuda_graph=s.cuda_graph)
+    return state, result

@@ -18,5 +18,5 @@ def milenas_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None
     arch_step(problem, state, grads)
 
 
-register_search("milenas", two_nets=False, data="split", passes=3, paper="MiLeNAS, first order",
+register_search("milenas", two_nets=False, data="split", passes=3, source="MiLeNAS, first order",
                 description="w ← w − η∇_wL_t(w); α ← α − η_α(∇_αL_t(w) + λ∇_αL_v(w)) at the new w")(milenas_step)

@@ -6,27 +6,27 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..engine import dist
 from ..engine.optim import build_optimizer
 from ..engine.step import autocast
-from ..width.select import prox_l1_
-from .base import SearchState, get_search
+from ..engine.task import CLASSIFICATION, Task
+from .base import SearchState, get_search, prox_l1_
 
 __all__ = ["NetProblem", "make_state", "make_arch_optimizer"]
 
 
 class NetProblem:
-    """Cross-entropy of `model` run with a given set of weights and buffers; α are `arch` (used by hooks or ops).
+    """The task's loss (cross-entropy) of `model` run with a given set of weights and buffers; α are `arch` (used
+    by hooks or ops).
 
     Losses and accuracies of tracked passes accumulate in device tensors; `read()` syncs once.
     """
 
     def __init__(self, model: nn.Module, arch: list[torch.Tensor], *, amp: str = "none", l1: float = 0.0,
-                 penalty: Callable[[], torch.Tensor] | None = None, loss_fn: Callable = F.cross_entropy):
-        self.model, self.arch, self.amp, self.l1, self.penalty, self.loss_fn = model, arch, amp, l1, penalty, loss_fn
+                 penalty: Callable[[], torch.Tensor] | None = None, task: Task = CLASSIFICATION):
+        self.model, self.arch, self.amp, self.l1, self.penalty, self.task = model, arch, amp, l1, penalty, task
         self.device = next(model.parameters()).device
         self._meters: dict[str, list] = {}
         self.shrink: list[torch.Tensor] | None = None  # per-entry ℓ1 strengths of `search.shrink` (set between steps)
@@ -36,15 +36,15 @@ class NetProblem:
         x, target = batch
         with autocast(self.device, self.amp):
             out = functional_call(self.model, (params, buffers), (x,), strict=False)
-        loss = self.loss_fn(out.float(), target)
+        loss = self.task.loss(out, target)
         if track is not None:
             meter = self._meters.get(track)
             if meter is None:  # created on the first (eager) call, so a captured graph only updates them
                 meter = self._meters[track] = [torch.zeros((), device=self.device) for _ in range(3)]
             with torch.no_grad():
-                meter[0].add_(loss.detach() * target.shape[0])
-                meter[1].add_((out.argmax(1) == target).sum())
-                meter[2].add_(target.shape[0])
+                meter[0].add_(loss.detach() * self.task.count(target))
+                meter[1].add_(self.task.hits(out, target))
+                meter[2].add_(self.task.count(target))
         return loss
 
     def arch_penalty(self) -> torch.Tensor | None:
@@ -93,7 +93,7 @@ def make_arch_optimizer(arch: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
     return build_optimizer(arch, cfg)
 
 
-def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim_w, optim_y=None, arch_optim,
+def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim_w, optim_y=None, optim_arch,
                lam: float = 1.0, beta: float = 0.0, xi: float | None = None,
                grad_clip: float | None = None) -> SearchState:
     """A search state over `model`'s own parameters as w, with a y copy (same initial values) when needed."""
@@ -101,7 +101,7 @@ def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim
     w = {k: v for k, v in model.named_parameters() if v.requires_grad}  # frozen weights stay shared and untouched
     w_buffers = dict(model.named_buffers())
     state = SearchState(w=w, w_buffers=w_buffers, opt_w=build_optimizer(w.values(), optim_w),
-                        opt_arch=build_optimizer(arch, arch_optim), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
+                        opt_arch=build_optimizer(arch, optim_arch), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
                         scratch_buffers={k: v.detach().clone() for k, v in w_buffers.items()})
     if spec.two_nets:
         state.y = {k: v.detach().clone().requires_grad_() for k, v in w.items()}

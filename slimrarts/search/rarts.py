@@ -41,7 +41,7 @@ def rarts_step(problem: Problem, state: SearchState, batch_t, batch_v) -> None:
     arch_step(problem, state, _combine(grads, state.lam, grads_v))
 
 
-register_search("rarts", two_nets=True, data="split", passes=4, paper="RARTS eq. (7)",
+register_search("rarts", two_nets=True, data="split", passes=4, source="RARTS eq. (7)",
                 description="w ← w − η(λ∇L_t(w) + β(w−y)); y ← y − η(∇L_v(y) + β(y−w)); "
                             "α ← α − η(λ∇_αL_t(w) + ∇_αL_v(y)), each step at the values just updated")(rarts_step)
 
@@ -62,6 +62,6 @@ def rarts_jacobi_step(problem: Problem, state: SearchState, batch_t, batch_v) ->
 
 
 register_search("rarts-jacobi", two_nets=True, data="split", passes=2,
-                paper="not the paper's method: a speed option",
+                source="not the paper's method: a speed option",
                 description="as rarts, but the α-gradient comes from the same two passes as the w- and y-steps "
                             "(at the old w and y)")(rarts_jacobi_step)

@@ -1,6 +1,7 @@
 """Width search building blocks: channel groups, gates α, selection (by ratio, ℓ1 or budget), cost and latency
 models, channel removal, and coverage."""
 
+from ..search.base import prox_l1_ as prox_l1_
 from .budget import budget_floor as budget_floor
 from .budget import min_kept as min_kept
 from .budget import parse_budget as parse_budget
@@ -27,7 +28,6 @@ from .latency import tighten as tighten
 from .latency import time_models as time_models
 from .latency import ungated_copy as ungated_copy
 from .reach import coverage as coverage
-from .select import prox_l1_ as prox_l1_
 from .select import prunable_channels as prunable_channels
 from .select import pruned_ratio as pruned_ratio
 from .select import select_l1 as select_l1

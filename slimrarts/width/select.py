@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["select_ratio", "select_l1", "prox_l1_", "pruned_ratio", "prunable_channels"]
+__all__ = ["select_ratio", "select_l1", "pruned_ratio", "prunable_channels"]
 
 
 def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int | None,
@@ -135,26 +135,6 @@ def select_l1(alphas: list[torch.Tensor], *, min_channels: int = 1, round_to: in
         keep.append(k)
         scores.append(s)
     return _round_keep(keep, scores, round_to, repeats)
-
-
-def prox_l1_(alphas: list[torch.Tensor], threshold: torch.Tensor | float | list[torch.Tensor]) -> None:
-    """Soft-threshold in place: α ← sign(α) · max(|α| − threshold, 0) (the proximal step of threshold·‖α‖₁).
-
-    `threshold` is one number (a float or a 0-d device tensor) or one tensor per α (a threshold per entry)."""
-    if not alphas:
-        return
-    with torch.no_grad():
-        signs = torch._foreach_sign(alphas)
-        mags = torch._foreach_abs(alphas)
-        if isinstance(threshold, list):
-            torch._foreach_sub_(mags, threshold)
-        elif isinstance(threshold, torch.Tensor):
-            torch._foreach_add_(mags, threshold, alpha=-1)  # a 0-d device tensor: no host sync
-        else:
-            torch._foreach_sub_(mags, threshold)
-        torch._foreach_clamp_min_(mags, 0.0)
-        torch._foreach_mul_(mags, signs)
-        torch._foreach_copy_(alphas, mags)
 
 
 def pruned_ratio(keep: list[torch.Tensor], repeats: list[int] | None = None) -> float:
