@@ -35,6 +35,7 @@ class MethodInfo:
     data: Literal["split", "whole", "none"] = "whole"  # D_t/D_v halves, the whole training set, or no training
     passes: int = 1  # forward+backward passes per iteration (0: no training phase)
     score_name: str = ""  # what its channel scores are, as alphas.json names them ("": the recipe's search.score)
+    reads_reference: bool = False  # keeps a reference run's per-group counts (`prune.reference`)
     step: Callable[..., None] | None = None
     run: Callable[..., Any] | None = None
 
@@ -60,7 +61,8 @@ def _load_builtins() -> None:
 
 
 def register_method(name: str, *, kind: Kind, source: str, description: str, has_alpha: bool, supports_l1: bool,
-                    two_nets: bool = False, data: str = "whole", passes: int = 1, score_name: str = ""):
+                    two_nets: bool = False, data: str = "whole", passes: int = 1, score_name: str = "",
+                    reads_reference: bool = False):
     """Decorator registering `fn` as method `name`: its search step (kind `search`) or its run function."""
     if kind not in ("search", "baseline"):
         raise ValueError(f"kind must be 'search' or 'baseline', got {kind!r}")
@@ -76,7 +78,7 @@ def register_method(name: str, *, kind: Kind, source: str, description: str, has
         fns = {"step": fn} if kind == "search" else {"run": fn}
         _REGISTRY[name] = MethodInfo(name=name, kind=kind, source=source, description=description,
                                      has_alpha=has_alpha, supports_l1=supports_l1, two_nets=two_nets, data=data,
-                                     passes=passes, score_name=score_name, **fns)
+                                     passes=passes, score_name=score_name, reads_reference=reads_reference, **fns)
         return fn
 
     return wrap

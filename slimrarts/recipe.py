@@ -331,8 +331,10 @@ class Recipe:
     def validate(self, where: str) -> None:
         """Checks across sections (those that need the model, such as channel counts, run in `prune()`)."""
         method, p = get_method(self.search.method), self.prune
-        if p.reference and method.name != "random":
-            raise ConfigError(f"prune.reference only applies to search.method=random, not {method.name!r}; remove it")
+        if p.reference and not method.reads_reference:
+            readers = [m for m in list_methods() if get_method(m).reads_reference]
+            raise ConfigError(f"prune.reference only applies to search.method={' or '.join(readers)}, not "
+                              f"{method.name!r}; remove it")
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")

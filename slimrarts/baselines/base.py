@@ -29,15 +29,16 @@ class BaselineResult:
 
 
 def register_baseline(name: str, *, source: str = "", description: str = "", data: str = "whole",
-                      passes: int = 1, score_name: str = ""):
+                      passes: int = 1, score_name: str = "", reads_reference: bool = False):
     """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress) -> BaselineResult`.
 
     `data` is `whole` for a baseline that trains on the whole training set first, `none` for one-shot scores;
-    `score_name` is what its channel scores are, as the run folder's alphas.json names them (default: `name`).
+    `score_name` is what its channel scores are, as the run folder's alphas.json names them (default: `name`);
+    `reads_reference`: it can keep a reference run's per-group counts (`prune.reference`).
     """
     return register_method(name, kind="baseline", source=source, description=description, has_alpha=False,
                            supports_l1=False, data=data, passes=passes if data != "none" else 0,
-                           score_name=score_name or name)
+                           score_name=score_name or name, reads_reference=reads_reference)
 
 
 def get_baseline(name: str) -> Callable:

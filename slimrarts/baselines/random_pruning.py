@@ -70,4 +70,4 @@ def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resum
 
 register_baseline("random", source="random pruning (RARTS paper, Table 6)",
                   description="train on the whole set; keep random channels at a global ratio or at a reference "
-                              "run's per-group counts")(random_pruning)
+                              "run's per-group counts", reads_reference=True)(random_pruning)
