@@ -16,6 +16,7 @@ import yaml
 
 from . import baselines as _baselines  # noqa: F401  (registers the baselines the method check accepts)
 from . import search as _search  # noqa: F401  (registers the search algorithms)
+from ._io import atomic_write
 from .config import ConfigError, build, field, set_by_path, to_dict
 from .methods import describe_methods, get_method, list_methods
 
@@ -511,7 +512,4 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
 
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:
     """Write the resolved recipe as YAML (through a temporary file and a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

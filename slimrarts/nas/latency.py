@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from ..metrics import count_macs, measure_latency
 from .operations import is_identity, make_op
 from .search_net import MixedOp, SearchNetwork
@@ -123,10 +124,7 @@ def _measure_ms(shapes: list[tuple], primitives, device, batch, warmup, repeats,
                                     repeats=repeats)
             table[k] = 1e3 * stats[batch]["median_s"]
     if cache and missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "ms": table}, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"key": key, "ms": table}, indent=1))
     return table
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates
 
@@ -320,10 +321,7 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
              "align_probes": probes}
     if cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "table": table}, default=str))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps({"key": key, "table": table}, default=str))
         except OSError as e:
             warnings.warn(f"could not write the latency cache {path}: {e}", RuntimeWarning, stacklevel=2)
     return LatencyModel(table, cost_model, path if cache else None)
