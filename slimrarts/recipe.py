@@ -17,7 +17,7 @@ import yaml
 from . import baselines as _baselines  # noqa: F401  (registers the baselines the method check accepts)
 from . import search as _search  # noqa: F401  (registers the search algorithms)
 from ._io import atomic_write
-from .config import ConfigError, build, field, set_by_path, to_dict
+from .config import ConfigError, build, deep_merge, field, set_by_path, to_dict
 from .methods import describe_methods, get_method, list_methods
 
 __all__ = [
@@ -363,16 +363,6 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
     """The mapping of a recipe file with its `base:` chain merged in (not yet validated against a schema)."""
     path = Path(path).resolve()
@@ -392,7 +382,7 @@ def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> di
         return data
     if not isinstance(base, str):
         raise ConfigError(f"recipe {path}: 'base' must be a path string, got {base!r}")
-    return _merge(read_recipe_yaml(path.parent / base, seen + (path,)), data)
+    return deep_merge(read_recipe_yaml(path.parent / base, seen + (path,)), data)
 
 
 def is_cell_recipe(path: str | os.PathLike) -> bool:
