@@ -24,6 +24,7 @@ import torch
 
 from .._io import atomic_write
 from ..metrics import count_macs, measure_latency
+from ..modes import evaluating
 from ..timing import device_name, latency_cache_dir
 from .operations import is_identity, make_op
 from .search_net import MixedOp, SearchNetwork
@@ -64,15 +65,13 @@ def edge_shapes(net: SearchNetwork, input_size: tuple[int, int, int] = (3, 32, 3
                 records.append({"cell": "reduce" if cell.reduction else "normal", "edge": e, "C": int(c),
                                 "H": int(h), "W": int(w), "stride": mod.stride})
             hooks.append(op.register_forward_pre_hook(hook))
-    was_training = net.training
     device = next(net.parameters()).device
     try:
-        net.eval()
-        net(torch.zeros((1, *input_size), device=device))
+        with evaluating(net):
+            net(torch.zeros((1, *input_size), device=device))
     finally:
         for h in hooks:
             h.remove()
-        net.train(was_training)
     return records
 
 
