@@ -9,31 +9,32 @@ from pathlib import Path
 
 import torch
 
+from slimrarts._io import atomic_write
+from slimrarts.timing import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: torch.device) -> dict:
     """What ran the benchmark."""
     info = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "cpu": platform.processor() or platform.machine(),
+            "device": str(device), "cpu": device_name("cpu"),
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu"] = device_name(device)
     return info
 
 
 def device_tag(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device).split()[-1].lower()
+        return device_name(device).split()[-1].lower()
     return "cpu"
 
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)  # atomic: an interrupted write never leaves half a results file
+    atomic_write(path, json.dumps(payload, indent=1))  # an interrupted write never leaves half a results file
     return path
 
 

@@ -142,12 +142,13 @@ def cmd_info(args) -> int:
     from .engine import console
     from .methods import get_method, list_methods
     from .models import list_models
+    from .timing import device_name
     from .version import __version__
 
     console.print(f"slimrarts {__version__} · python {platform.python_version()} · torch {torch.__version__} · "
                   f"torchvision {torchvision.__version__} · timm {timm.__version__} · torch-pruning "
                   f"{torch_pruning.__version__}")
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    cuda = device_name("cuda:0") if torch.cuda.is_available() else "none"
     console.print(f"CUDA device: {cuda} · CPU threads: {torch.get_num_threads()}")
     console.print("zoo models: " + ", ".join(list_models()))
     for name in list_methods():

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "build", "field", "set_by_path", "to_dict"]
+__all__ = ["ConfigError", "build", "deep_merge", "field", "set_by_path", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -106,10 +106,12 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys on top, mappings merged key by key (a new dict at every merged level; the inputs are
+    not changed, their other values are shared)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -136,7 +138,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raw = data[name]
         default = _field_default(f)
         if isinstance(raw, dict) and dataclasses.is_dataclass(default):
-            raw = _deep_merge(to_dict(default), raw)  # a partial section keeps the field's own defaults
+            raw = deep_merge(to_dict(default), raw)  # a partial section keeps the field's own defaults
         value = _convert(hints[name], raw, key)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .engine import dist
+from .modes import evaluating
 
 __all__ = ["CheckedLoader", "OutputError", "attach_io", "check_data", "check_model", "check_processes", "finite_model",
            "frozen_layers", "logits_of", "model_outputs"]
@@ -91,10 +92,9 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
     if not x.is_floating_point():
         raise TypeError(f"the data's images are {x.dtype}; the model needs floating-point inputs (normalise them, e.g. "
                         "x.float() / 255, in the dataset's transform)")
-    was = model.training
-    model.eval()
     try:
-        out = model(x)
+        with evaluating(model):
+            out = model(x)
     except OutputError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here means the model cannot read these batches
@@ -102,8 +102,6 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
         hint = f" (its first convolution reads {expects} channels)" if expects is not None else ""
         raise ValueError(f"the model cannot read the data's batches of shape {tuple(x.shape)}{hint}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
-    finally:
-        model.train(was)
     logits = logits_of(out)
     if logits.dim() != 2:
         raise ValueError(f"the model's output has shape {tuple(logits.shape)}; slimrarts trains classifiers with "

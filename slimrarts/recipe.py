@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ConfigError, build, field, set_by_path, to_dict
+from ._io import atomic_write
+from .config import ConfigError, build, deep_merge, field, set_by_path, to_dict
 from .data.registry import describe_datasets, list_datasets
 from .methods import describe_methods, get_method, list_methods
 
@@ -369,16 +370,6 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> dict:
     """The mapping of a recipe file with its `base:` chain merged in (not yet validated against a schema)."""
     path = Path(path).resolve()
@@ -398,7 +389,7 @@ def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> di
         return data
     if not isinstance(base, str):
         raise ConfigError(f"recipe {path}: 'base' must be a path string, got {base!r}")
-    return _merge(read_recipe_yaml(path.parent / base, seen + (path,)), data)
+    return deep_merge(read_recipe_yaml(path.parent / base, seen + (path,)), data)
 
 
 def is_cell_recipe(path: str | os.PathLike) -> bool:
@@ -516,7 +507,4 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
 
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:
     """Write the resolved recipe as YAML (through a temporary file and a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

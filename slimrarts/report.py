@@ -5,7 +5,6 @@ A report is a plain dict, written as `report.json`; its keys are listed in `buil
 
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from rich.table import Table
 from .config import to_dict
 from .engine import dist
 from .metrics import format_count
+from .timing import device_name
 from .version import __version__
 
 __all__ = ["build_report", "machine_info", "markdown_table", "summary_table"]
@@ -21,9 +21,7 @@ __all__ = ["build_report", "machine_info", "markdown_table", "summary_table"]
 
 def machine_info(device: torch.device) -> dict:
     """Device, its name, torch version, CPU threads, and the processes the run used (world size, backend)."""
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+    return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "processes": dist.describe()}
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from slimrarts._io import is_temp_name
 from slimrarts.data import DeviceLoader
 from slimrarts.engine import SGD, Adam, Callback, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
 from slimrarts.engine.epochs import _to_device
 from slimrarts.engine.loop import append_metrics, resolve_device, set_loader_epoch
-from slimrarts.engine.rundir import MARKER, RunDir, _check_deletable, _is_temp, default_run_dir, foreign_entries
+from slimrarts.engine.rundir import MARKER, RunDir, _check_deletable, default_run_dir, foreign_entries
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
 
@@ -256,10 +257,10 @@ def test_default_run_dir_counts_up_from_one(tmp_path, monkeypatch):
 
 
 def test_only_interrupted_atomic_writes_count_as_temporary():
-    assert _is_temp(".report.json.123.tmp")
-    assert not _is_temp("report.json.tmp")  # not hidden: a user's file
-    assert not _is_temp(".hidden")  # hidden, but not ours
-    assert not _is_temp(".notes.TMP")
+    assert is_temp_name(".report.json.123.tmp")
+    assert not is_temp_name("report.json.tmp")  # not hidden: a user's file
+    assert not is_temp_name(".hidden")  # hidden, but not ours
+    assert not is_temp_name(".notes.TMP")
 
 
 def _run_folder(path):
@@ -364,7 +365,7 @@ def test_atomic_writes_go_through_a_temporary_file_that_a_run_folder_recognises(
         RunDir(tmp_path / "new" / "deeper").write_text("file.out", "hello\n")
     [(src, dst)] = renames
     assert Path(dst) == target and Path(src).parent == target.parent
-    assert Path(src).name.startswith(".file.out.") and _is_temp(Path(src).name)
+    assert Path(src).name.startswith(".file.out.") and is_temp_name(Path(src).name)
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.out"]
 
 

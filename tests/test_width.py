@@ -414,6 +414,22 @@ def test_ratio_selection_counts_channels_of_tied_entries():
         select_ratio(alphas, 0.5, repeats=[8])
 
 
+@pytest.mark.parametrize("bad", [[8], [8, 0], [8, True], [8.0, 1], [8, 1, 1]])
+def test_one_repeats_check_for_every_selection(bad):
+    """`select_ratio`, `pruned_ratio` and `min_kept`/`select_budget` read `repeats` through one check: one int >= 1
+    per group (numpy and torch integers too); the error names the argument as the caller spelled it."""
+    import numpy as np
+
+    from slimrarts.width.select import check_repeats
+
+    assert check_repeats(2, None) == [1, 1]
+    assert check_repeats(2, [np.int64(8), torch.tensor(2)]) == [8, 2]
+    with pytest.raises(ValueError, match=r"^repeats must hold one int >= 1 per group \(2 groups\)"):
+        pruned_ratio([torch.ones(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)], bad)
+    with pytest.raises(ValueError, match=r"^repeat must hold one int >= 1 per group"):
+        check_repeats(2, bad, "repeat")
+
+
 def test_ratio_selection_with_repeats_stops_closest_to_the_target():
     alphas = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.15])]  # entries of 10, 10, 10 and 1 channel: 31
     keep = select_ratio(alphas, 0.2, repeats=[10, 1])  # target 6: 0 or 10 pruned; 10 is closer (|4| < |6|)

@@ -37,6 +37,7 @@ from torch_pruning.pruner import function as tpf
 from ..engine import dist
 from ..engine.step import batches_on
 from ..engine.task import CLASSIFICATION
+from ..modes import evaluating
 
 __all__ = ["NORMALIZER", "TAYLOR_BATCHES", "CriterionInfo", "OneShotScores", "criterion_info", "criterion_scores",
            "list_criteria", "score_channels", "tp_group"]
@@ -203,32 +204,30 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
     model = gates.model
     params = list(model.parameters())
     saved = [(p.grad, p.requires_grad) for p in params]
-    was_training = model.training
     ones = [torch.ones_like(a, requires_grad=False) for a in gates.alphas]
-    try:
-        model.eval()
-        for p in params:
-            p.grad = None
-            p.requires_grad_(True)
-        seen = []
-        with gates.using(ones), torch.enable_grad():
-            for x, y in batches_on(loader, device):
-                if len(seen) == batches:
-                    break
-                CLASSIFICATION.loss(model(x), y).backward()
-                seen.append(y.shape[0])
-        if not seen:
-            raise ValueError("the Taylor criterion needs training batches, but the loader yielded none")
-        with torch.no_grad():
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_div_(grads, float(len(seen)))
-        dist.all_reduce_(grads, "mean")  # in a process group: over every rank's shard of the batches
-        yield len(seen)
-    finally:
-        for p, (grad, flag) in zip(params, saved, strict=True):
-            p.grad = grad
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with evaluating(model):
+        try:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(True)
+            seen = []
+            with gates.using(ones), torch.enable_grad():
+                for x, y in batches_on(loader, device):
+                    if len(seen) == batches:
+                        break
+                    CLASSIFICATION.loss(model(x), y).backward()
+                    seen.append(y.shape[0])
+            if not seen:
+                raise ValueError("the Taylor criterion needs training batches, but the loader yielded none")
+            with torch.no_grad():
+                grads = [p.grad for p in params if p.grad is not None]
+                torch._foreach_div_(grads, float(len(seen)))
+            dist.all_reduce_(grads, "mean")  # in a process group: over every rank's shard of the batches
+            yield len(seen)
+        finally:
+            for p, (grad, flag) in zip(params, saved, strict=True):
+                p.grad = grad
+                p.requires_grad_(flag)
 
 
 def criterion_scores(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCHES,

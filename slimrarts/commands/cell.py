@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write
 from ..data import make_loaders
 from ..engine import Callback, Event, console, dist, fit, on, resolve_device, save_atomic
 from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
@@ -66,9 +67,7 @@ def _prepare(run_dir: Path, recipe: NasRecipe, resume: bool, force: bool) -> Non
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def _eval_net_params(genotype: Genotype, recipe: NasRecipe, num_classes: int) -> dict:

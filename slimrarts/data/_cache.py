@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from .._io import atomic_file
 
 __all__ = ["cache_file", "read_cache", "write_cache"]
 
@@ -35,15 +35,8 @@ def read_cache(file: Path, key: str) -> dict | None:
 
 def write_cache(blob: dict, file: Path) -> None:
     """Write `blob` to `file` through a temporary file and a rename; a failure only warns."""
-    tmp = None
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(file) as f:
             torch.save(blob, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache is as readable as any other file written here
-        os.replace(tmp, file)
     except OSError as e:
         warnings.warn(f"could not write the data cache {file}: {e}", stacklevel=4)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._io import atomic_file
 
 __all__ = ["CorruptFileError", "save_atomic", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -19,19 +19,8 @@ class CorruptFileError(ValueError):
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, fsync=True) as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, what: str = "checkpoint",

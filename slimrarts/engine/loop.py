@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..modes import evaluating
 from . import dist
 from .callbacks import Callback, Event, LoopState, fire
 from .device import resolve_device
@@ -42,18 +43,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device |
     In a process group each rank evaluates its shard of the loader and the sums are added up (one all-reduce), so
     every rank returns the figures of the whole set."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    for x, y in batches_on(loader, device, channels_last, task):
-        with autocast(device, amp):
-            out = model(x)
-        loss_sum += task.loss(out, y, reduction="sum")
-        correct += task.hits(out, y)
-        n += task.count(y)
-    model.train(was_training)
+    with evaluating(model):
+        for x, y in batches_on(loader, device, channels_last, task):
+            with autocast(device, amp):
+                out = model(x)
+            loss_sum += task.loss(out, y, reduction="sum")
+            correct += task.hits(out, y)
+            n += task.count(y)
     if dist.active():
         sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=device,
                                                                              dtype=torch.float64)])

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ..modes import training
 from . import dist
 from .epochs import set_loader_epoch
 from .step import batches_on
@@ -38,24 +39,22 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, *, device: 
         return 0
     device = device if device is not None else next(model.parameters()).device
     momenta = [m.momentum for m in norms]
-    was_training = model.training
     before = getattr(loader, "epoch", None)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
-    model.train()
     seen = 0
     try:
         set_loader_epoch(loader, epoch)
-        for x, _ in batches_on(loader, device, channels_last):
-            model(x)
-            seen += 1
-            if seen >= batches:
-                break
+        with training(model):
+            for x, _ in batches_on(loader, device, channels_last):
+                model(x)
+                seen += 1
+                if seen >= batches:
+                    break
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
-        model.train(was_training)
         if isinstance(before, int):
             set_loader_epoch(loader, before)
     if seen == 0:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import atomic_write, is_temp_name
 from .checkpoint import load_checkpoint, save_atomic, set_rng_state
 
 __all__ = ["MARKER", "RUN_MARKERS", "RunDir", "check_run_dir", "default_run_dir", "foreign_entries", "prepare_run_dir"]
@@ -42,10 +42,6 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")  # an atomic write that was interrupted
-
-
 def foreign_entries(path: Path) -> list[Path]:
     """Entries of run folder `path` that slimrarts did not write (so --force must not delete them)."""
     out = []
@@ -54,8 +50,8 @@ def foreign_entries(path: Path) -> list[Path]:
             out.append(entry)
         elif entry.is_dir() and entry.name in RUN_DIRS:
             out += [f for f in sorted(entry.iterdir()) if f.is_symlink() or not f.is_file()
-                    or not (f.suffix in RUN_DIRS[entry.name] or _is_temp(f.name))]
-        elif not (entry.is_file() and (entry.name in RUN_FILES or _is_temp(entry.name))):
+                    or not (f.suffix in RUN_DIRS[entry.name] or is_temp_name(f.name))]
+        elif not (entry.is_file() and (entry.name in RUN_FILES or is_temp_name(entry.name))):
             out.append(entry)
     return out
 
@@ -137,20 +133,6 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, force: boo
     return path
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class RunDir:
     """The files of one run folder; `RunDir.of(None)` is None so callers can pass an optional folder through."""
 
@@ -177,13 +159,13 @@ class RunDir:
     def write_json(self, name: str, data: Any, indent: int | None = 1) -> Path:
         """Write `name` as JSON, atomically."""
         path = self.path / name
-        _atomic_text(path, json.dumps(data, indent=indent) + "\n")
+        atomic_write(path, json.dumps(data, indent=indent) + "\n")
         return path
 
     def write_text(self, name: str, text: str) -> Path:
         """Write `name` as text, atomically."""
         path = self.path / name
-        _atomic_text(path, text)
+        atomic_write(path, text)
         return path
 
     def save_tensors(self, name: str, obj: Any) -> Path:
@@ -216,7 +198,7 @@ class RunDir:
         keep = [ln for ln in lines
                 if not (json.loads(ln).get("phase") == phase and json.loads(ln).get("epoch", -1) > epoch)]
         if len(keep) != len(lines):
-            _atomic_text(path, "".join(ln + "\n" for ln in keep))
+            atomic_write(path, "".join(ln + "\n" for ln in keep))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from ..metrics import count_macs, measure_latency
+from ..modes import evaluating
+from ..timing import device_name, latency_cache_dir
 from .operations import is_identity, make_op
 from .search_net import MixedOp, SearchNetwork
 
@@ -51,14 +51,6 @@ class OpCosts:
                 "raw_reduce": self.raw_reduce.tolist(), "normal": self.normal.tolist(), "reduce": self.reduce.tolist()}
 
 
-def latency_cache_dir() -> Path:
-    """$SLIMRARTS_CACHE/latency, else $XDG_CACHE_HOME/slimrarts/latency, else ~/.cache/slimrarts/latency."""
-    if os.environ.get("SLIMRARTS_CACHE"):
-        return Path(os.environ["SLIMRARTS_CACHE"]).expanduser() / "latency"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "slimrarts" / "latency"
-
-
 @torch.no_grad()
 def edge_shapes(net: SearchNetwork, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[dict]:
     """Every mixed edge of `net`: its cell type, edge index, channels, input height/width and stride."""
@@ -73,22 +65,14 @@ def edge_shapes(net: SearchNetwork, input_size: tuple[int, int, int] = (3, 32, 3
                 records.append({"cell": "reduce" if cell.reduction else "normal", "edge": e, "C": int(c),
                                 "H": int(h), "W": int(w), "stride": mod.stride})
             hooks.append(op.register_forward_pre_hook(hook))
-    was_training = net.training
     device = next(net.parameters()).device
     try:
-        net.eval()
-        net(torch.zeros((1, *input_size), device=device))
+        with evaluating(net):
+            net(torch.zeros((1, *input_size), device=device))
     finally:
         for h in hooks:
             h.remove()
-        net.train(was_training)
     return records
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}:{platform.processor() or platform.machine()}"
 
 
 def _op_free(name: str, stride: int) -> bool:
@@ -96,7 +80,7 @@ def _op_free(name: str, stride: int) -> bool:
 
 
 def _measure_ms(shapes: list[tuple], primitives, device, batch, warmup, repeats, cache: bool) -> dict[str, float]:
-    key = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    key = {"device": device_name(device, detail=True), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "batch": batch, "shapes": sorted(shapes)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = latency_cache_dir() / f"ops-{digest}.json"
@@ -123,10 +107,7 @@ def _measure_ms(shapes: list[tuple], primitives, device, batch, warmup, repeats,
                                     repeats=repeats)
             table[k] = 1e3 * stats[batch]["median_s"]
     if cache and missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "ms": table}, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"key": key, "ms": table}, indent=1))
     return table
 
 
@@ -165,7 +146,7 @@ def op_costs(net: SearchNetwork, mode: str = "latency", *, device: torch.device 
     cols = [k for k, name in enumerate(prims) if name != "none"]
     scale = float(torch.cat([t[:, cols] for t in present]).mean()) if present else 1.0
     scale = scale if scale > 0 else 1.0
-    info = {"mode": mode, "device": _device_name(device), "torch": torch.__version__, "batch": batch,
+    info = {"mode": mode, "device": device_name(device, detail=True), "torch": torch.__version__, "batch": batch,
             "threads": torch.get_num_threads(), "primitives": list(prims),
             "shapes": [list(s) for s in shapes], "cells": {c: sum(1 for cell in net.cells if cell.reduction == (
                 c == "reduce")) for c in ("normal", "reduce")}}

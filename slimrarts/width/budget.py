@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .cost import KINDS, CostFunction, group_layers
+from .select import check_repeats
 
 __all__ = ["budget_floor", "min_kept", "parse_budget", "select_budget"]
 
@@ -164,7 +165,8 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
     for p, frac in caps.items():
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise ValueError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
-    reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(groups))
+    reps = check_repeats(len(groups), repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups],
+                         "repeat")
     for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
         if not any(_group_matches(p, g, r) for g, r in zip(groups, layers, strict=True)):
             warnings.warn(f"{arg} pattern {p!r} matches no layer whose channels a gated group prunes; it changes "
@@ -180,15 +182,6 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
             lo = max(lo, n - math.floor(min(fracs) * n + 1e-9))
         out.append(lo)
     return out
-
-
-def _repeats(repeat: Sequence[int] | None, n: int) -> list[int]:
-    if repeat is None:
-        return [1] * n
-    reps = list(repeat)
-    if len(reps) != n or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in reps):
-        raise ValueError(f"repeat must hold one int >= 1 per group ({n} groups), got {repeat!r}")
-    return reps
 
 
 class _Grid:
@@ -214,7 +207,8 @@ def _setup(cost_model, kind, min_channels, round_to, exclude, max_pruned, repeat
     fn: CostFunction = cost_model.function(kind)
     lows = min_kept(cost_model, min_channels=min_channels, exclude=exclude, max_pruned=max_pruned, repeat=repeat)
     groups = _structure(cost_model)[0]
-    reps = _repeats(repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups], len(lows))
+    reps = check_repeats(len(lows), repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups],
+                         "repeat")
     grids = [_Grid(n, lo, (round_to // math.gcd(round_to, r)) if round_to else 1)
              for n, lo, r in zip(fn.sizes, lows, reps, strict=True)]
     return fn, grids

@@ -24,8 +24,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write
+from ..timing import device_name, latency_cache_dir
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates
 
@@ -52,14 +52,6 @@ __all__ = [
 
 Timer = Callable[[Callable[[], Any], int], list[float]]
 TABLE_FORMAT = 1
-
-
-def latency_cache_dir() -> Path:
-    """$SLIMRARTS_CACHE/latency, else $XDG_CACHE_HOME/slimrarts/latency, else ~/.cache/slimrarts/latency."""
-    if os.environ.get("SLIMRARTS_CACHE"):
-        return Path(os.environ["SLIMRARTS_CACHE"]).expanduser() / "latency"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "slimrarts" / "latency"
 
 
 def _monotone(values: Sequence[Sequence[float]]) -> np.ndarray:
@@ -139,13 +131,6 @@ class LatencyModel:
         from .cost import kept_counts
 
         return self._fn.value(kept_counts(kept, self.sizes))
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        return f"cuda:{torch.cuda.get_device_name(device)}:sm{cap[0]}{cap[1]}"
-    return f"{device.type}:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
 def _default_timer(device: torch.device) -> Timer:
@@ -266,9 +251,9 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
         module = modules[call.name]
         pruner = gates.dg.get_pruner_of_module(module) if call.pruned else None
         units.append(_Unit(call, module, pruner, sizes))
-    key = {"format": TABLE_FORMAT, "device": _device_name(device), "torch": torch.__version__, "batch": batch_size,
-           "dtype": str(dtype), "channels_last": channels_last, "grid": list(grid), "warmup": warmup,
-           "repeats": repeats, "timer": getattr(timer, "__qualname__", type(timer).__name__),
+    key = {"format": TABLE_FORMAT, "device": device_name(device, detail=True), "torch": torch.__version__,
+           "batch": batch_size, "dtype": str(dtype), "channels_last": channels_last, "grid": list(grid),
+           "warmup": warmup, "repeats": repeats, "timer": getattr(timer, "__qualname__", type(timer).__name__),
            "input_size": list(cost_model.input_size), "probe_align": probe_align,
            "units": [_unit_key(u.call, u.module, groups) for u in units]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -320,10 +305,7 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
              "align_probes": probes}
     if cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "table": table}, default=str))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps({"key": key, "table": table}, default=str))
         except OSError as e:
             warnings.warn(f"could not write the latency cache {path}: {e}", RuntimeWarning, stacklevel=2)
     return LatencyModel(table, cost_model, path if cache else None)

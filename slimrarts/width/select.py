@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Sequence
 
 import torch
 
@@ -17,16 +19,29 @@ def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int |
         raise ValueError(f"round_to must be >= 1 or None, got {round_to}")
     if not alphas:
         raise ValueError("there are no gated channels to select from")
-    return _repeats(len(alphas), repeats)
+    return check_repeats(len(alphas), repeats)
 
 
-def _repeats(n: int, repeats: list[int] | None) -> list[int]:
+def check_repeats(n: int, repeats: Sequence[int] | None, name: str = "repeats") -> list[int]:
+    """Channels per α entry of each of `n` groups: `repeats` as a list of ints, checked (None: 1 each).
+
+    `name` is the argument's name in the error (`select_budget` calls it `repeat`)."""
     if repeats is None:
         return [1] * n
-    repeats = [int(r) for r in repeats]
-    if len(repeats) != n or any(r < 1 for r in repeats):
-        raise ValueError(f"repeats must hold one int >= 1 per group ({n} groups), got {repeats}")
-    return repeats
+    out = [_as_int(r) for r in repeats]
+    if len(out) != n or any(r is None or r < 1 for r in out):
+        raise ValueError(f"{name} must hold one int >= 1 per group ({n} groups), got {repeats!r}")
+    return out
+
+
+def _as_int(value) -> int | None:
+    """An int (or an integer numpy/torch scalar) as int; anything else (bools, floats) None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _min_entries(n: int, repeat: int, min_channels: int) -> int:
@@ -139,7 +154,7 @@ def select_l1(alphas: list[torch.Tensor], *, min_channels: int = 1, round_to: in
 
 def pruned_ratio(keep: list[torch.Tensor], repeats: list[int] | None = None) -> float:
     """PRC: pruned gated channels / all gated channels (an entry of group i counts `repeats[i]` channels)."""
-    repeats = _repeats(len(keep), repeats)
+    repeats = check_repeats(len(keep), repeats)
     total = sum(k.numel() * r for k, r in zip(keep, repeats, strict=True))
     return 1.0 - sum(int(k.sum()) * r for k, r in zip(keep, repeats, strict=True)) / total if total else 0.0
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..engine.checkpoint import CorruptFileError, load_checkpoint, save_atomic
+from ..modes import evaluating
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
 from .trace import pruning_group
@@ -112,17 +113,15 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`.
     The model is changed in place and its hooks are removed.
     """
-    with torch.no_grad():
-        model = gates.model
-        if len(keep) != len(gates.groups):
-            raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
-        for group, k in zip(gates.groups, keep, strict=True):
-            if k.numel() != group.num_alphas:
-                raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has "
-                                 f"{group.num_alphas} ({group.size} channels, {group.repeat} per entry: reduce "
-                                 "per-channel scores with Gates.entry_scores before selecting)")
-        was_training = model.training
-        model.eval()
+    model = gates.model
+    if len(keep) != len(gates.groups):
+        raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+    for group, k in zip(gates.groups, keep, strict=True):
+        if k.numel() != group.num_alphas:
+            raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has "
+                             f"{group.num_alphas} ({group.size} channels, {group.repeat} per entry: reduce "
+                             "per-channel scores with Gates.entry_scores before selecting)")
+    with torch.no_grad(), evaluating(model):
         reference = None
         if check_input is not None:
             with gates.masked(keep):
@@ -150,7 +149,6 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
             out = model(check_input).float()
             spec["max_abs_diff"] = (out - reference).abs().max().item()
             spec["max_abs_ref"] = reference.abs().max().item()
-        model.train(was_training)
         return spec
 
 

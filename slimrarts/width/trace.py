@@ -25,6 +25,8 @@ from torch_pruning import ops
 from torch_pruning.dependency import graph as _tp_graph
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
 
+from ..modes import evaluating
+
 __all__ = ["DIVERGED", "Diverged", "all_groups", "build_graph", "pruning_group", "reshape_problem", "tolerant_mapping",
            "unmapped"]
 
@@ -157,13 +159,8 @@ def unmapped(dg: tp.DependencyGraph) -> dict:
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map."""
-    was_training = model.training
-    model.eval()
-    try:
-        with tolerant_mapping():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    finally:
-        model.train(was_training)
+    with evaluating(model), tolerant_mapping():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
 
 
 def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
