@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .modes import evaluating
+from .timing import device_and_dtype, device_timer, time_models
 
 __all__ = ["count_macs", "count_params", "device_timer", "format_count", "macs_and_params", "measure_latency"]
 
@@ -24,14 +26,6 @@ _COUNTER_ATTRS = ("start_flops_count", "stop_flops_count", "reset_flops_count", 
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device of the first parameter or buffer (CPU if none) and dtype of the first floating parameter."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    device = tensors[0].device if tensors else torch.device("cpu")
-    floats = [t.dtype for t in tensors if t.is_floating_point()]
-    return device, floats[0] if floats else torch.get_default_dtype()
 
 
 def _check_shape(value: Any, arg: str, length: int | None = None) -> tuple[int, ...]:
@@ -66,67 +60,43 @@ def macs_and_params(
 
     _check_model(model)
     if example_inputs is None:
-        device, dtype = _model_device_dtype(model)
+        device, dtype = device_and_dtype(model)
         example_inputs = torch.randn(_check_shape(input_size, "input_size"), device=device, dtype=dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        op_counter.add_flops_counting_methods(model)
-        model.start_flops_count(ost=sys.stderr, verbose=False, ignore_list=[])
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-        macs, params, _, _ = model.compute_average_flops_cost()
-    finally:
-        if "stop_flops_count" in model.__dict__:
-            model.stop_flops_count()
-        for name in (*_COUNTER_ATTRS, "__batch_counter__"):
-            model.__dict__.pop(name, None)
-        for m, training in modes:
-            m.training = training
+    with evaluating(model):
+        try:
+            op_counter.add_flops_counting_methods(model)
+            model.start_flops_count(ost=sys.stderr, verbose=False, ignore_list=[])
+            with torch.no_grad():
+                if isinstance(example_inputs, dict):
+                    model(**example_inputs)
+                elif isinstance(example_inputs, (tuple, list)):
+                    model(*example_inputs)
+                else:
+                    model(example_inputs)
+            macs, params, _, _ = model.compute_average_flops_cost()
+        finally:
+            if "stop_flops_count" in model.__dict__:
+                model.stop_flops_count()
+            for name in (*_COUNTER_ATTRS, "__batch_counter__"):
+                model.__dict__.pop(name, None)
     return int(round(macs)), int(params)
+
+
+def call_macs(module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> float:
+    """torch-pruning's count for one call of one module it knows (a conv, linear, norm, activation, pool) with input
+    `inp` and `output` (meta tensors do: the counter reads only shapes and a few attributes); the batch included."""
+    from torch_pruning.utils import op_counter
+
+    hook = op_counter.CUSTOM_MODULES_MAPPING.get(type(module)) or op_counter.MODULES_MAPPING[type(module)]
+    stand_in = copy.copy(module)  # shallow: the hook only adds to __flops__
+    object.__setattr__(stand_in, "__flops__", 0)
+    hook(stand_in, (inp,), output)
+    return float(stand_in.__flops__)
 
 
 def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32), *, example_inputs: Any = None) -> int:
     """MACs per sample (not FLOPs: FLOPs = 2 × MACs), from torch-pruning's op counter; see ``macs_and_params``."""
     return macs_and_params(model, input_size, example_inputs=example_inputs)[0]
-
-
-def device_timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[float]]:
-    """A function that runs a callable n times and returns the seconds each run took on ``device``."""
-    if device.type == "cuda":
-
-        def _cuda(fn: Callable[[], Any], n: int) -> list[float]:
-            with torch.cuda.device(device):
-                starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-                ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-                torch.cuda.synchronize()
-                for start, end in zip(starts, ends, strict=True):
-                    start.record()
-                    fn()
-                    end.record()
-                torch.cuda.synchronize()
-                return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)]
-
-        return _cuda
-    backend = getattr(torch, device.type, None)
-    sync = getattr(backend, "synchronize", None) or (lambda: None)
-
-    def _wall(fn: Callable[[], Any], n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return times
-
-    return _wall
 
 
 def measure_latency(
@@ -162,7 +132,7 @@ def measure_latency(
             raise ValueError(f"{arg}={value!r} must be an int >= {low}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.bfloat16) or None")
-    model_device, model_dtype = _model_device_dtype(model)
+    model_device, model_dtype = device_and_dtype(model)
     target = model_device if device is None else torch.device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
@@ -172,29 +142,18 @@ def measure_latency(
         run_model = copy.deepcopy(model).to(device=target, dtype=dtype)
         if channels_last:
             run_model = run_model.to(memory_format=torch.channels_last)
-    modes = [(m, m.training) for m in run_model.modules()]
-    run_model.eval()
     timer = device_timer(target)
     results: dict[int, dict[str, float]] = {}
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                x = torch.randn((batch, *shape), device=target, dtype=dtype)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if warmup:
-                    timer(lambda x=x: run_model(x), warmup)
-                times = np.asarray(timer(lambda x=x: run_model(x), repeats))
-                median = float(np.median(times))
-                results[batch] = {
-                    "median_s": median,
-                    "p10_s": float(np.percentile(times, 10)),
-                    "p90_s": float(np.percentile(times, 90)),
-                    "images_per_s": batch / median,
-                }
-    finally:
-        for m, training in modes:
-            m.training = training
+    for batch in batches:
+        [timing] = time_models([run_model], shape, batch_size=batch, device=target, timer=timer, rounds=1,
+                               repeats=repeats, warmup=warmup, channels_last=channels_last)
+        times = np.asarray(timing.samples_s)
+        results[batch] = {
+            "median_s": timing.median_s,
+            "p10_s": float(np.percentile(times, 10)),
+            "p90_s": float(np.percentile(times, 90)),
+            "images_per_s": batch / timing.median_s,
+        }
     return results
 
 

@@ -1,17 +1,35 @@
-"""Timing on a device: what the device is called, where measured latencies are cached.
+"""Timing on a device: the one harness (warm-up, device synchronisation, interleaved rounds, medians), what the device
+is called, and where measured latencies are cached.
 
-Imports nothing of slimrarts, so the metrics, the width latency model and the cell search's cost tables share it.
+`time_models` times whole networks (`metrics.measure_latency`, the report, `width.tighten`); `median_time` one
+callable (a layer of the width latency tables). Both run through `time_calls`: each callable is warmed up, then
+timed `repeats` times per round, all callables in turn in every round, so a drift of the machine's speed (another
+process, clocks) touches each the same. A timer `timer(fn, n) -> n seconds` is injectable so that tests are exact;
+`device_timer` is the default (CUDA events on CUDA, a wall clock between synchronisations elsewhere).
+
+Imports nothing of slimrarts but `modes`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["device_name", "latency_cache_dir"]
+from .modes import evaluating
+
+__all__ = ["Timer", "Timing", "device_name", "device_timer", "latency_cache_dir", "median_time", "time_calls",
+           "time_models"]
+
+Timer = Callable[[Callable[[], Any], int], list[float]]
 
 
 def latency_cache_dir() -> Path:
@@ -37,3 +55,103 @@ def device_name(device: str | torch.device, *, detail: bool = False) -> str:
         return f"cuda:{name}:sm{major}{minor}"
     name = platform.processor() or platform.machine()
     return f"{device.type}:{name}:{torch.get_num_threads()}threads" if detail else name
+
+
+def device_timer(device: str | torch.device) -> Timer:
+    """A function that runs a callable n times and returns the seconds each run took on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+
+        def _cuda(fn: Callable[[], Any], n: int) -> list[float]:
+            with torch.cuda.device(device):
+                starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+                ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+                torch.cuda.synchronize()
+                for start, end in zip(starts, ends, strict=True):
+                    start.record()
+                    fn()
+                    end.record()
+                torch.cuda.synchronize()
+                return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)]
+
+        return _cuda
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None) or (lambda: None)
+
+    def _wall(fn: Callable[[], Any], n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return _wall
+
+
+@dataclasses.dataclass
+class Timing:
+    """A callable's time: the median over rounds of each round's median, the spread, and every measurement."""
+
+    median_s: float
+    spread: float  # (max − min) / median of the round medians: run-to-run variation
+    rounds_s: list[float]
+    samples_s: list[float] = dataclasses.field(default_factory=list)  # each call's seconds, round after round
+
+
+def time_calls(fns: Sequence[Callable[[], Any]], timer: Timer, *, rounds: int = 1, repeats: int = 10,
+               warmup: int = 3) -> list[Timing]:
+    """Time several callables, interleaved: each is called `warmup` times first, then every round calls each one
+    `repeats` times in turn. One `Timing` per callable."""
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"rounds and repeats must be >= 1 and warmup >= 0, got {rounds}, {repeats}, {warmup}")
+    for fn in fns:
+        if warmup:
+            timer(fn, warmup)
+    samples: list[list[float]] = [[] for _ in fns]
+    medians: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, all_s, round_s in zip(fns, samples, medians, strict=True):
+            times = [float(t) for t in timer(fn, repeats)]
+            all_s.extend(times)
+            round_s.append(float(statistics.median(times)))
+    out = []
+    for all_s, round_s in zip(samples, medians, strict=True):
+        med = float(statistics.median(round_s))
+        out.append(Timing(med, (max(round_s) - min(round_s)) / med if med > 0 else 0.0, round_s, all_s))
+    return out
+
+
+def median_time(timer: Timer, fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Seconds of one call of `fn`: the median of `repeats` calls after `warmup` (one round of `time_calls`)."""
+    return time_calls([fn], timer, rounds=1, repeats=repeats, warmup=warmup)[0].median_s
+
+
+def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the first parameter or buffer (CPU if none) and dtype of the first floating one."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    return device, floats[0] if floats else torch.get_default_dtype()
+
+
+def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch_size: int = 1,
+                device: str | torch.device | None = None, timer: Timer | None = None, rounds: int = 5,
+                repeats: int = 10, warmup: int = 3, channels_last: bool = False) -> list[Timing]:
+    """Time several networks on one input, interleaved (see `time_calls`), in eval mode under inference mode; each
+    submodule's training flag is restored afterwards.
+
+    The input is `torch.randn((batch_size, *input_size))` in the first model's dtype on `device` (default: the first
+    model's; the models must be there already), in channels-last memory with `channels_last` (4-d inputs).
+    """
+    first_device, dtype = device_and_dtype(models[0])
+    device = torch.device(device) if device is not None else first_device
+    timer = timer or device_timer(device)
+    x = torch.randn((batch_size, *input_size), device=device, dtype=dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with evaluating(*models), torch.inference_mode():
+        return time_calls([lambda model=model: model(x) for model in models], timer, rounds=rounds,
+                          repeats=repeats, warmup=warmup)

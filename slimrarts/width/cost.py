@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..metrics import call_macs
+from ..modes import evaluating
 from .gates import Gates
 
 __all__ = ["CostFunction", "CostModel", "LayerCall", "build_cost_model", "cost_penalty", "group_layers"]
@@ -228,17 +230,6 @@ def _counted_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _hook_count(module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> float:
-    """torch-pruning's counter hook for `module` on one call (it reads only shapes and a few attributes)."""
-    from torch_pruning.utils import op_counter
-
-    hook = op_counter.CUSTOM_MODULES_MAPPING.get(type(module)) or op_counter.MODULES_MAPPING[type(module)]
-    stand_in = copy.copy(module)  # shallow: the hook only adds to __flops__
-    object.__setattr__(stand_in, "__flops__", 0)
-    hook(stand_in, (inp,), output)
-    return float(stand_in.__flops__)
-
-
 def _with_channels(shape: tuple[int, ...], dim: int, n: int) -> torch.Tensor:
     shape = list(shape)
     shape[dim] = n
@@ -313,7 +304,7 @@ def _layer_costs(module, pruner, calls, tied: bool, has_in: bool, has_out: bool)
         for call, table in zip(calls, macs, strict=True):
             inp = _with_channels(call.in_shape, dim, pruner.get_in_channels(m))
             out = _with_channels(call.out_shape, dim, pruner.get_out_channels(m))
-            table[key] = _hook_count(m, inp, out)
+            table[key] = call_macs(m, inp, out)
     return [_fit(t) for t in macs], _fit(params)
 
 
@@ -340,7 +331,7 @@ def _trace(model: nn.Module, x: torch.Tensor, registered: dict[nn.Module, str], 
         inp = args[0] if args else None
         out = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor):
-            calls.append((counted[module], tuple(inp.shape), tuple(out.shape), fn, _hook_count(module, inp, out)))
+            calls.append((counted[module], tuple(inp.shape), tuple(out.shape), fn, call_macs(module, inp, out)))
 
     def act_hook(name):
         def hook(_module, args):  # runs after the gate's pre-hook: the gated input is the norm's output
@@ -355,16 +346,12 @@ def _trace(model: nn.Module, x: torch.Tensor, registered: dict[nn.Module, str], 
         handles.append(m.register_forward_hook(out_hook))
     for name, act in act_sites.items():
         handles.append(act.register_forward_pre_hook(act_hook(name)))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.enable_grad():
+        with evaluating(model), torch.enable_grad():
             model(x.requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     return calls, made_by
 
 

@@ -14,7 +14,8 @@ one channel less; `LatencyModel.align` is 8 only when measured so, to be passed 
 
 A model is a prediction: `tighten` times the real slim network against the dense one (interleaved repeats, median
 and run-to-run spread) and, while it misses the target, selects again under a lower target, a bounded number of
-times. Timers are injectable (`timer(fn, n) -> n seconds`, as `metrics.measure_latency` uses) so tests are exact.
+times. Timing runs through `slimrarts.timing` (the one harness); its timers are injectable (`timer(fn, n) -> n
+seconds`) so tests are exact.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..timing import device_name, latency_cache_dir
+from ..timing import Timer, Timing, device_name, device_timer, latency_cache_dir, median_time, time_models
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates
 
@@ -50,7 +50,6 @@ __all__ = [
     "ungated_copy",
 ]
 
-Timer = Callable[[Callable[[], Any], int], list[float]]
 TABLE_FORMAT = 1
 
 
@@ -131,18 +130,6 @@ class LatencyModel:
         from .cost import kept_counts
 
         return self._fn.value(kept_counts(kept, self.sizes))
-
-
-def _default_timer(device: torch.device) -> Timer:
-    from ..metrics import device_timer
-
-    return device_timer(device)
-
-
-def _median_time(timer: Timer, fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    if warmup:
-        timer(fn, warmup)
-    return float(statistics.median(timer(fn, repeats)))
 
 
 def _entry_grid(n: int, grid: Sequence[float]) -> list[int]:
@@ -241,7 +228,7 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or first.dtype
-    timer = timer or _default_timer(device)
+    timer = timer or device_timer(device)
     modules = dict(gates.model.named_modules())
     groups, sizes = cost_model.groups, cost_model.sizes
     units = []
@@ -278,7 +265,7 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
                 row = []
                 for ky in kys:
                     layer, x = u.build(kx, ky, device, dtype, channels_last, batch_size)
-                    row.append(_median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
+                    row.append(median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
                 seconds.append(row)
             at_full += float(_monotone(seconds)[-1, -1])
             table_units.append({
@@ -295,7 +282,7 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
         x = torch.randn((batch_size, *cost_model.input_size), device=device, dtype=dtype)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        dense_s = _median_time(timer, lambda: dense(x), warmup, repeats)
+        dense_s = median_time(timer, lambda: dense(x), warmup, repeats)
         probe = probe_align if probe_align is not None else device.type == "cuda"
         probes = _probe_alignment(units, table_units, timer, device, dtype, channels_last, batch_size, warmup,
                                   repeats) if probe else []
@@ -328,51 +315,11 @@ def _probe_alignment(units, table_units, timer, device, dtype, channels_last, ba
         for k in (width, width - 1):
             kx, ky = (None, k) if side == "out" else (k, None)
             layer, x = u.build(kx, ky, device, dtype, channels_last, batch)
-            times.append(_median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
+            times.append(median_time(timer, lambda layer=layer, x=x: layer(x), warmup, repeats))
         probes.append({"name": c.name, "channels": width, "aligned_s": times[0], "unaligned_s": times[1]})
         if len(probes) == 3:
             break
     return probes
-
-
-@dataclasses.dataclass
-class Timing:
-    """A network's time per forward pass: the median over rounds of each round's median, and the spread."""
-
-    median_s: float
-    spread: float  # (max − min) / median of the round medians: run-to-run variation
-    rounds_s: list[float]
-
-
-def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch_size: int = 1,
-                device: str | torch.device | None = None, timer: Timer | None = None, rounds: int = 5,
-                repeats: int = 10, warmup: int = 3) -> list[Timing]:
-    """Time several networks on one input, interleaved: each round times every model `repeats` times in turn."""
-    if rounds < 1 or repeats < 1:
-        raise ValueError(f"rounds and repeats must be >= 1, got {rounds}, {repeats}")
-    first = next(models[0].parameters())
-    device = torch.device(device) if device is not None else first.device
-    timer = timer or _default_timer(device)
-    x = torch.randn((batch_size, *input_size), device=device, dtype=first.dtype)
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    per_model: list[list[float]] = [[] for _ in models]
-    try:
-        with torch.no_grad():
-            for model in models:
-                model.eval()
-                if warmup:
-                    timer(lambda model=model: model(x), warmup)
-            for _ in range(rounds):
-                for model, out in zip(models, per_model, strict=True):
-                    out.append(float(statistics.median(timer(lambda model=model: model(x), repeats))))
-    finally:
-        for m, training in modes:
-            m.training = training
-    result = []
-    for rs in per_model:
-        med = float(statistics.median(rs))
-        result.append(Timing(med, (max(rs) - min(rs)) / med if med > 0 else 0.0, rs))
-    return result
 
 
 def _next_target(history: list[dict], target_s: float) -> float:
