@@ -4,11 +4,11 @@
     python benchmarks/mac_counter_check.py compare before.json  # after it: lists every entry that differs
 
 Saved: the keep masks of `select_budget` (MACs 50% and 30%, params 50%; random scores, seeded) with their cost on
-ResNet-20 (internal and coupled scopes) and MobileNetV2 (internal), `width.coverage.layer_macs` per layer and
+ResNet-20 (internal and coupled scopes) and MobileNetV2 (internal), `width.skipped.layer_macs` per layer and
 `skipped_macs_share` on those and on DARTS' evaluation net, PreResNet-20 and the tiny MobileNetV2.
 
 Issue 21 (g) ran it with layer_macs on torch-pruning's counter: every selection and cost was identical, the
-classifiers gained their bias (10 MACs on ResNet-20), so width.coverage kept its own count.
+classifiers gained their bias (10 MACs on ResNet-20), so width.skipped kept its own count.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from slimrarts.models import create_model
 from slimrarts.width import attach_gates, build_cost_model, select_budget
-from slimrarts.width.coverage import layer_macs, skipped_macs_share
+from slimrarts.width.skipped import layer_macs, skipped_macs_share
 
 BUDGETS = (("macs", "50%"), ("macs", "30%"), ("params", "50%"))
 

@@ -21,7 +21,7 @@ from .engine import dist
 from .engine.device import resolve_device
 from .engine.distill import Distiller
 from .engine.epochs import PhaseResult
-from .engine.loop import evaluate, fit
+from .engine.fit import evaluate, fit
 from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
 from .engine.step import batches_on
@@ -29,13 +29,14 @@ from .engine.task import CLASSIFICATION, Task
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
-from .preflight import attach_io, check_data, check_model, finite_model, frozen_layers, model_outputs
+from .models.io import attach_io
+from .preflight import check_data, check_model, finite_model, frozen_layers, model_outputs
 from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .report import build_report
 from .search.base import SearchState
 from .search.loop import search_from_section
 from .search.problem import NetProblem
-from .selection import Selection, speed_report
+from .timing import speed_report
 from .width import (
     Gates,
     Skipped,
@@ -47,6 +48,7 @@ from .width import (
     save_slim,
 )
 from .width.scores import init_from_magnitude, search_scores
+from .width.select import Selection
 
 __all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
            "remove", "search", "search_width", "select"]

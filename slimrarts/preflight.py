@@ -1,62 +1,21 @@
 """Checks of a model and its data before any training, so bad input fails in a second with a message naming the
-problem instead of deep inside torch (or, on CUDA, as an unrecoverable device assert).
-
-Also the model's input/output adapters: a model that returns a tuple, a namedtuple or a dict (GoogLeNet and
-Inception-v3 return namedtuples in training mode) is read through `logits_of` by default; `output_fn` and
-`input_fn` hooks cover anything else (a model taking a dict: `input_fn=lambda x: {"pixel_values": x}`).
+problem instead of deep inside torch (or, on CUDA, as an unrecoverable device assert). The model's input/output
+adapters they read through are `slimrarts.models.io`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
 from .engine import dist
+from .models.io import OutputError, logits_of
 from .modes import evaluating
 
-__all__ = ["CheckedLoader", "OutputError", "attach_io", "check_data", "check_model", "check_processes", "finite_model",
-           "frozen_layers", "logits_of", "model_outputs"]
-
-
-class OutputError(TypeError):
-    """The model's output holds no logits slimrarts can find."""
-
-
-def logits_of(out) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, a `.logits` field, a dict's `logits` (else its first
-    value), or the first element of a tuple/list/namedtuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, dict) and out:
-        first = out["logits"] if "logits" in out else next(iter(out.values()))
-        if isinstance(first, torch.Tensor):
-            return first
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise OutputError(f"cannot read logits from the model's output ({type(out).__name__}): slimrarts reads a tensor, a "
-                    "`.logits` field, a dict's 'logits' or first value, or a tuple's first element; pass "
-                    "output_fn=<a function from the output to the [batch, classes] logits>")
-
-
-def attach_io(model: nn.Module, input_fn: Callable | None = None, output_fn: Callable | None = None) -> list:
-    """Hooks on `model` so that `model(x)` takes a batch tensor and returns logits: `input_fn(x)` builds the model's
-    input (a dict is passed as keyword arguments), `output_fn` (default `logits_of`) reads its output. Returns the
-    hook handles; `.remove()` them to give the model back as it was."""
-    handles = []
-    if input_fn is not None:
-        def pre(_module, args, kwargs):
-            value = input_fn(args[0])
-            return ((), dict(value)) if isinstance(value, dict) else ((value,), kwargs)
-
-        handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-    read = output_fn or logits_of
-    handles.append(model.register_forward_hook(lambda _m, _a, out: read(out)))
-    return handles
+__all__ = ["CheckedLoader", "check_data", "check_model", "check_processes", "finite_model", "frozen_layers",
+           "model_outputs"]
 
 
 def check_model(model: nn.Module) -> None:

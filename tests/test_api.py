@@ -125,7 +125,7 @@ class _TestSetGuard:
 
 def _guarded_prune(tiny_sets, monkeypatch, decoy: bool, **kwargs):
     """prune() with the test set guarded; the selection is final when select_ratio/select_l1 return."""
-    import slimrarts.selection as selection
+    import slimrarts.width.select as selection
 
     train, test = tiny_sets
     loaders = _loaders(tiny_sets)

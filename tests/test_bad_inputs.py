@@ -392,7 +392,8 @@ def test_an_unreadable_output_names_output_fn(tiny_sets):
 @pytest.mark.parametrize("name", ["torchvision:googlenet", "torchvision:inception_v3"])
 def test_googlenet_and_inception_namedtuple_outputs(name):
     """In training mode these return namedtuples (logits + auxiliary logits); pre-flight and a search step read them."""
-    from slimrarts.preflight import attach_io, model_outputs
+    from slimrarts.models.io import attach_io
+    from slimrarts.preflight import model_outputs
     from slimrarts.search.problem import NetProblem
 
     kwargs = {"aux_logits": True, "init_weights": True}

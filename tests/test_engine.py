@@ -17,7 +17,7 @@ from slimrarts._io import is_temp_name
 from slimrarts.data import DeviceLoader
 from slimrarts.engine import SGD, Adam, Callback, Event, evaluate, fit, load_checkpoint, lr_at, on, save_atomic
 from slimrarts.engine.epochs import _to_device
-from slimrarts.engine.loop import append_metrics, resolve_device, set_loader_epoch
+from slimrarts.engine.fit import append_metrics, resolve_device, set_loader_epoch
 from slimrarts.engine.rundir import MARKER, RunDir, _check_deletable, default_run_dir, foreign_entries
 from slimrarts.models import create_model
 from slimrarts.recipe import OptimConfig, TrainConfig
@@ -197,7 +197,7 @@ def test_resolve_device():
 
 def test_the_loops_schedule_and_sgd_follow_their_config():
     """schedule_fn passes every schedule setting to lr_at; build_sgd every optimizer setting to SGD."""
-    from slimrarts.engine.loop import build_sgd
+    from slimrarts.engine.fit import build_sgd
     from slimrarts.engine.schedule import schedule_fn as _lr_fn
 
     cfg = OptimConfig(lr=0.4, momentum=0.7, weight_decay=3e-4, nesterov=True, schedule="cosine", warmup_epochs=2,

@@ -81,7 +81,7 @@ def test_losers_shrink_to_zero_so_the_cut_costs_nothing(tiny_sets):
 def test_losers_are_rechosen_every_few_steps_within_an_epoch(tiny_sets, monkeypatch):
     """`search.shrink.every`: the losers are re-chosen between steps (not only at epoch starts), so a one-epoch
     search shrinks the channels the search finds, not the initial ties; the first epoch starts with no losers."""
-    import slimrarts.selection as selection
+    import slimrarts.width.select as selection
 
     chosen = []
     real = selection.Selection.select
@@ -141,7 +141,7 @@ def _deterministic_latency_model(monkeypatch):
     """The per-layer latency model built with a timer that counts MACs, so its floor does not depend on the load."""
     from test_budget import ConvTimer
 
-    import slimrarts.selection as selection
+    import slimrarts.width.select as selection
 
     real = selection.build_latency_model
 
@@ -164,7 +164,7 @@ def _timed(slim_s: float):
 def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_sets, tmp_path, monkeypatch):
     """The per-layer model can under-predict an overhead-bound network; the smallest network is timed before
     training and a target below its time fails there, naming the measured floor."""
-    import slimrarts.selection as selection
+    import slimrarts.width.select as selection
 
     _deterministic_latency_model(monkeypatch)
     monkeypatch.setattr(selection, "time_models", _timed(0.9))
@@ -175,7 +175,7 @@ def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_se
 
 
 def test_a_latency_target_above_the_measured_floor_goes_on_and_reports_it(tiny_sets, monkeypatch):
-    import slimrarts.selection as selection
+    import slimrarts.width.select as selection
 
     _deterministic_latency_model(monkeypatch)
     monkeypatch.setattr(selection, "time_models", _timed(1e-6))

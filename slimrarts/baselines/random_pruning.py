@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.loop import fit
+from ..engine.fit import fit
 from .base import BaselineResult, register_baseline, search_like
 
 __all__ = ["random_keep", "random_pruning", "reference_counts"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..engine.callbacks import Event, on
-from ..engine.loop import fit
+from ..engine.fit import fit
 from .base import BaselineResult, register_baseline, search_like
 
 __all__ = ["bn_l1_subgradient", "slimming"]

@@ -13,10 +13,10 @@ from .epochs import DivergenceError as DivergenceError
 from .epochs import PhaseResult as PhaseResult
 from .epochs import run_epochs as run_epochs
 from .epochs import set_loader_epoch as set_loader_epoch
-from .loop import FitResult as FitResult
-from .loop import build_sgd as build_sgd
-from .loop import evaluate as evaluate
-from .loop import fit as fit
+from .fit import FitResult as FitResult
+from .fit import build_sgd as build_sgd
+from .fit import evaluate as evaluate
+from .fit import fit as fit
 from .optim import SGD as SGD
 from .optim import Adam as Adam
 from .optim import build_optimizer as build_optimizer

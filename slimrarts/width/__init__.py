@@ -11,10 +11,10 @@ from .cost import CostModel as CostModel
 from .cost import build_cost_model as build_cost_model
 from .cost import cost_penalty as cost_penalty
 from .cost import group_layers as group_layers
-from .coverage import CoverageWarning as CoverageWarning
-from .coverage import require_groups as require_groups
+from .coverage import coverage as coverage
 from .gates import Gates as Gates
 from .gates import attach_gates as attach_gates
+from .gates import ungated_copy as ungated_copy
 from .groups import SCOPES as SCOPES
 from .groups import ChannelGroup as ChannelGroup
 from .groups import GateSite as GateSite
@@ -26,12 +26,13 @@ from .latency import Timing as Timing
 from .latency import build_latency_model as build_latency_model
 from .latency import tighten as tighten
 from .latency import time_models as time_models
-from .latency import ungated_copy as ungated_copy
-from .reach import coverage as coverage
+from .select import Selection as Selection
 from .select import prunable_channels as prunable_channels
 from .select import pruned_ratio as pruned_ratio
 from .select import select_l1 as select_l1
 from .select import select_ratio as select_ratio
+from .skipped import CoverageWarning as CoverageWarning
+from .skipped import require_groups as require_groups
 from .surgery import ChannelSelect as ChannelSelect
 from .surgery import apply_spec as apply_spec
 from .surgery import fold_gates as fold_gates
@@ -41,7 +42,8 @@ from .surgery import remove_channels as remove_channels
 from .surgery import save_slim as save_slim
 
 __all__ = [
-    "SCOPES", "ChannelGroup", "ChannelSelect", "CostFunction", "CostModel", "CoverageWarning", "GateSite", "Gates",
+    "SCOPES", "Selection",
+    "ChannelGroup", "ChannelSelect", "CostFunction", "CostModel", "CoverageWarning", "GateSite", "Gates",
     "LatencyModel", "Skipped", "TightenResult", "Timing", "apply_spec", "attach_gates", "budget_floor",
     "build_cost_model", "build_latency_model", "cost_penalty", "coverage", "find_groups", "fold_gates",
     "group_layers", "layer_widths", "load_slim", "min_kept", "parse_budget", "prox_l1_", "prunable_channels",

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .cost import KINDS, CostFunction, group_layers
-from .select import check_repeats
+from .groups import check_repeats
 
 __all__ = ["budget_floor", "min_kept", "parse_budget", "select_budget"]
 

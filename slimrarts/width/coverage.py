@@ -1,122 +1,66 @@
-"""What width search leaves out: the warning for skipped groups and the "nothing gated" error (the coverage figure
-itself is `width.reach.coverage`)."""
+"""The coverage figure: the MACs reduction width search reaches on a model when every gated group is cut to
+`min_channels` (measured on a real cut)."""
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from ..modes import evaluating
+from ..metrics import macs_and_params
+from .gates import Gates, attach_gates
+from .skipped import reason_kind, skipped_macs_share
+from .surgery import remove_channels
 
-if TYPE_CHECKING:
-    from .gates import Gates
-
-__all__ = ["CoverageWarning", "layer_macs", "reason_kind", "require_groups", "skipped_macs_share"]
-
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+__all__ = ["coverage"]
 
 
-class CoverageWarning(UserWarning):
-    """Width search leaves some channels of the asked scopes ungated (the reasons are in `Gates.skipped`)."""
+def _min_keep(gates: Gates, min_channels: int) -> list[torch.Tensor]:
+    keep = []
+    for group in gates.groups:
+        k = math.ceil(min(min_channels, group.size) / group.repeat)
+        keep.append(torch.arange(group.num_alphas) < k)
+    return keep
 
 
-@torch.no_grad()
-def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs per sample of every conv and linear layer, by module name, from one eval-mode forward pass.
+def coverage(model: nn.Module, example_input: torch.Tensor, scope: str | Iterable[str] = "internal", *,
+             min_channels: int = 1, check: bool = True) -> dict:
+    """What width search reaches on `model`: gated and skipped channels, and the MACs reduction when every gated
+    group is cut to `min_channels` channels (an α entry of a grouped conv's channels keeps `repeat` of them).
 
-    A conv counts out_elements · in_channels/groups · kernel size, a linear out_elements · in_features (biases,
-    norms and activations are left out: this is for shares, not totals).
-
-    Not torch-pruning's counter (`metrics.call_macs`): it counts a bias add as a MAC per output element (10 more
-    for ResNet-20's classifier, 96% instead of 97% for the small biased model of tests/test_zoo.py) and times a
-    transposed conv at its output positions (stride² too many); benchmarks/mac_counter_check.py compares them.
+    The cut is real: a copy of `model` is gated, every group cut, and the slim copy's MACs counted (torch-pruning's
+    counter, `slimrarts.metrics.macs_and_params`, batch 1), so the figure is true by construction. With `check`, the
+    removal invariant of that cut is measured too (`max_abs_diff`, `max_abs_ref`). `model` is not changed.
     """
-    macs: dict[str, int] = {}
-    batch = example_input.shape[0]
-
-    def hook(name):
-        def count(module, args, output):
-            if isinstance(module, nn.Linear):
-                n = output.numel() // batch * module.in_features
-            elif isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input element feeds out/groups · k
-                n = args[0].numel() // batch * module.out_channels // module.groups * math.prod(module.kernel_size)
-            else:
-                n = output.numel() // batch * module.in_channels // module.groups * math.prod(module.kernel_size)
-            macs[name] = macs.get(name, 0) + n
-        return count
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
-    try:
-        with evaluating(model):
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
-
-
-def skipped_macs_share(gates: Gates, macs: dict[str, int] | None = None) -> float:
-    """Share of the model's conv/linear MACs held by layers that read or write channels in `gates.skipped`."""
-    if macs is None:
-        macs = layer_macs(gates.model, gates.example_input[:1])
-    total = sum(macs.values())
-    touched = {name for s in gates.skipped for name in s.members}
-    return sum(v for n, v in macs.items() if n in touched) / total if total else 0.0
+    x1 = example_input[:1]
+    work = copy.deepcopy(model).eval()
+    macs_before, params_before = macs_and_params(work, example_inputs=x1)
+    gates = attach_gates(work, x1, scope, warn=False)
+    out = {
+        "gated_channels": gates.num_channels,
+        "groups": len(gates.groups),
+        "alphas": sum(g.num_alphas for g in gates.groups),
+        "grouped_groups": sum(g.repeat > 1 for g in gates.groups),
+        "skipped_groups": len(gates.skipped),
+        "skipped_channels": sum(s.channels for s in gates.skipped),
+        "out_of_scope_groups": len(gates.out_of_scope),
+        "out_of_scope_channels": sum(s.channels for s in gates.out_of_scope),
+        "skipped_macs_share": skipped_macs_share(gates) if gates.skipped else 0.0,
+        "reasons": sorted({reason_kind(s.reason) for s in gates.skipped}),
+        "macs": macs_before,
+        "params": params_before,
+    }
+    if not gates.groups:
+        gates.remove()
+        return dict(out, macs_min=macs_before, params_min=params_before, macs_reduction=0.0)
+    spec = remove_channels(gates, _min_keep(gates, min_channels), check_input=example_input if check else None)
+    macs_after, params_after = macs_and_params(work, example_inputs=x1)
+    out.update(macs_min=macs_after, params_min=params_after, macs_reduction=1 - macs_after / macs_before)
+    if check:
+        out.update(max_abs_diff=spec["max_abs_diff"], max_abs_ref=spec["max_abs_ref"])
+    return out
 
 
-def warn_skipped(gates: Gates, stacklevel: int = 1) -> None:
-    """One CoverageWarning summarising `gates.skipped`: how many channels and what share of the MACs.
-
-    `stacklevel` counts from the caller of `warn_skipped` (1: that caller's line).
-    """
-    channels = sum(s.channels for s in gates.skipped)
-    try:
-        share = f"{skipped_macs_share(gates):.0%}"
-    except Exception:  # noqa: BLE001 - the share is a courtesy; a model the counter cannot run still warns
-        share = "an unknown share"
-    n = len(gates.skipped)
-    groups = f"{n} channel group{'s' if n != 1 else ''}"
-    what = f"{channels} channels in {groups}" if channels else groups
-    first = gates.skipped[0]
-    warnings.warn(
-        f"width search cannot gate {what} of scope {'+'.join(gates.scopes) or '?'}; the layers reading or writing "
-        f"them hold {share} of the model's conv/linear MACs. Reasons are in gates.skipped (report['skipped']), "
-        f"e.g. {first.name}: {first.reason}", CoverageWarning, stacklevel=stacklevel + 1)
-
-
-def require_groups(gates: Gates, scope: str | Iterable[str] | None = None) -> None:
-    """Raise ValueError (before any training) when `gates` gated nothing, listing every reason given.
-
-    The reasons are the skipped groups of the asked scopes and the groups only other scopes would gate; a model
-    with neither has no conv or linear layer whose outputs could be pruned.
-    """
-    if gates.groups:
-        return
-    if scope is None:
-        scope = gates.scopes
-    scopes = (scope,) if isinstance(scope, str) else tuple(scope)
-    head = f"nothing to prune in this model for scope {'+'.join(scopes) or '?'}"
-    entries = list(gates.skipped) + list(gates.out_of_scope)
-    if not entries:
-        raise ValueError(f"{head}: it has no conv or linear layer with prunable outputs (only layers whose outputs "
-                         "are the model's outputs)")
-    lines = "\n".join(f"  - {s.name}: {s.reason}" for s in entries)
-    raise ValueError(f"{head}; {len(entries)} channel groups were not gated:\n{lines}")
-
-
-def reason_kind(reason: str) -> str:
-    """A reason without the layer names, to count kinds of gaps."""
-    for key, text in (("grouped", "grouped convolution"), ("jointly", "GroupNorm/LayerNorm"),
-                      ("reshape", "reshape that moves channels"), ("concatenation", "concatenation"),
-                      ("split", "split"), ("slice", "slice"), ("parameter", "parameter outside a layer"),
-                      ("cannot map", "torch-pruning index mapping failed"), ("converge", "search did not converge"),
-                      ("no gate placement", "no exact gate placement"), ("tracing failed", "tracing failed"),
-                      ("affine", "norm without affine")):
-        if key in reason:
-            return text
-    return reason

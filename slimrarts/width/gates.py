@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
-from .coverage import warn_skipped
 from .groups import ChannelGroup, Skipped, find_groups
+from .skipped import warn_skipped
 
-__all__ = ["Gates", "attach_gates"]
+__all__ = ["strip_hooks", "ungated_copy", "Gates", "attach_gates"]
 
 
 def _scale(x: torch.Tensor, alpha: torch.Tensor, dim: int = 1, repeat: int = 1) -> torch.Tensor:
@@ -150,3 +151,29 @@ def attach_gates(model: nn.Module, example_input: torch.Tensor, scope: str | Ite
     if warn and gates.skipped:
         warn_skipped(gates, stacklevel=2)
     return gates
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")  # torch.nn.Module's forward-hook tables (keyed by handle id)
+
+
+def ungated_copy(gates: Gates) -> nn.Module:
+    """A deep copy of the gated model without the gates' hooks (any other hook kept): the dense network as the user
+    built it. The copy's hooks are found by the ids of the gates' handles in torch's per-module hook tables."""
+    model = copy.deepcopy(gates.model)
+    ids = {h.id for h in gates._handles}
+    for m in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            for k in [k for k in (hooks or {}) if k in ids]:
+                del hooks[k]
+    return model
+
+
+def strip_hooks(module: nn.Module) -> None:
+    """Remove every forward hook and pre-hook from `module` and its submodules (a copy of a layer timed alone)."""
+    for m in module.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if hooks:
+                hooks.clear()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -461,3 +462,25 @@ def find_groups(
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     groups.sort(key=lambda g: order.get(g.root, len(order)))
     return groups, skipped, dg
+
+
+def check_repeats(n: int, repeats: Sequence[int] | None, name: str = "repeats") -> list[int]:
+    """Channels per α entry of each of `n` groups: `repeats` as a list of ints, checked (None: 1 each).
+
+    `name` is the argument's name in the error (`select_budget` calls it `repeat`)."""
+    if repeats is None:
+        return [1] * n
+    out = [_as_int(r) for r in repeats]
+    if len(out) != n or any(r is None or r < 1 for r in out):
+        raise ValueError(f"{name} must hold one int >= 1 per group ({n} groups), got {repeats!r}")
+    return out
+
+
+def _as_int(value) -> int | None:
+    """An int (or an integer numpy/torch scalar) as int; anything else (bools, floats) None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

@@ -37,7 +37,7 @@ from torch import nn
 from .._io import atomic_write
 from ..timing import Timer, Timing, device_name, device_timer, latency_cache_dir, median_time, time_models
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
-from .gates import Gates
+from .gates import Gates, strip_hooks, ungated_copy
 
 __all__ = [
     "LatencyModel",
@@ -47,7 +47,6 @@ __all__ = [
     "latency_cache_dir",
     "tighten",
     "time_models",
-    "ungated_copy",
 ]
 
 TABLE_FORMAT = 1
@@ -137,20 +136,6 @@ def _entry_grid(n: int, grid: Sequence[float]) -> list[int]:
     return sorted({1, n, *(min(n, max(1, round(f * n))) for f in grid)})
 
 
-def ungated_copy(gates: Gates) -> nn.Module:
-    """A deep copy of the gated model without the gates' hooks: the dense network as the user built it."""
-    model = copy.deepcopy(gates.model)
-    ids = {h.id for h in gates._handles}
-    for m in model.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                     "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
-            hooks = getattr(m, name, None)
-            if hooks:
-                for k in [k for k in hooks if k in ids]:
-                    del hooks[k]
-    return model
-
-
 class _Unit:
     """One layer call timed alone: builds the layer at given kept fractions and an input of the matching shape."""
 
@@ -166,9 +151,7 @@ class _Unit:
         """(layer, input) with kx of the in-group's and ky of the out-group's entries kept (None: all)."""
         c = self.call
         layer = copy.deepcopy(self.module)
-        for m in layer.modules():  # the gates' hooks (and any other) do not belong to a layer timed alone
-            m._forward_hooks.clear()
-            m._forward_pre_hooks.clear()
+        strip_hooks(layer)  # the gates' hooks (and any other) do not belong to a layer timed alone
         if c.pruned:
             if c.tied:
                 n = self.pruner.get_out_channels(layer)
