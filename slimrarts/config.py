@@ -12,17 +12,20 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "build", "deep_merge", "field", "set_by_path", "to_dict"]
+__all__ = ["ConfigError", "build", "deep_merge", "field", "resume_safe_keys", "set_by_path", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A config value or key that is not allowed; the message names the key path."""
 
 
-def field(default: Any = dataclasses.MISSING, *, check=None, allowed=None, default_factory=None):
+def field(default: Any = dataclasses.MISSING, *, check=None, allowed=None, default_factory=None,
+          resume_safe: bool = False):
     """A dataclass field with an optional value check and a description of the allowed values (a string, or a
-    function returning one, for lists that are known only at run time such as registered names)."""
-    meta = {"check": check, "allowed": allowed}
+    function returning one, for lists that are known only at run time such as registered names).
+
+    `resume_safe`: a resumed run may change this value with `--set` (see `resume_safe_keys`)."""
+    meta = {"check": check, "allowed": allowed, "resume_safe": resume_safe}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -113,6 +116,29 @@ def deep_merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def resume_safe_keys(cls: type, path: str = "") -> tuple[str, ...]:
+    """The dotted keys of the fields marked `field(..., resume_safe=True)` in the config class `cls` and in the
+    config classes of its fields (an optional section counts as its class), in field order."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = f"{path}.{f.name}" if path else f.name
+        if f.metadata.get("resume_safe"):
+            out.append(key)
+        for sub in _config_classes(hints[f.name]):
+            out.extend(resume_safe_keys(sub, key))
+    return tuple(out)
+
+
+def _config_classes(annotation: Any) -> list[type]:
+    """The config dataclasses an annotation admits (`X`, `X | None`)."""
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return [annotation]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in get_args(annotation) if dataclasses.is_dataclass(a) and isinstance(a, type)]
+    return []
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from ._io import atomic_write
-from .config import ConfigError, build, deep_merge, field, set_by_path, to_dict
+from .config import ConfigError, build, deep_merge, field, resume_safe_keys, set_by_path, to_dict
 from .data.registry import describe_datasets, list_datasets
 from .methods import describe_methods, get_method, list_methods
 
@@ -133,7 +133,7 @@ _EPOCHS_GE0 = dict(check=lambda v: v >= 0, allowed="an integer >= 0")
 class OptimConfig:
     """SGD for the network weights and its learning-rate schedule."""
 
-    lr: float = field(0.1, **_positive)
+    lr: float = field(0.1, resume_safe=True, **_positive)
     momentum: float = field(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
     nesterov: bool = False
     weight_decay: float = field(1e-4, **_non_negative)
@@ -170,7 +170,7 @@ class ArchOptimConfig:
     """The optimizer of the architecture parameters α and its schedule (constant by default, as in DARTS/RARTS)."""
 
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = field(1e-3, **_positive)
+    lr: float = field(1e-3, resume_safe=True, **_positive)
     schedule: Literal["constant", "step", "cosine"] = "constant"
     milestones: list[float] = field(**_MILESTONES)
     gamma: float = field(0.1, **_positive)
@@ -186,7 +186,7 @@ class ArchOptimConfig:
 class CostTermConfig:
     """The cost term μ·Cost(α)/Cost_dense in every search method's α-step (0: off)."""
 
-    mu: float = field(0.0, **_non_negative)
+    mu: float = field(0.0, resume_safe=True, **_non_negative)
     kind: Literal["macs", "params", "latency"] = "macs"  # latency: the prune.budget latency model's tables
     tau: float | None = field(None, **_positive)  # soft count of live channels; null: mean |α| per group
 
@@ -211,10 +211,11 @@ class SearchConfig:
 
     method: str = field("rarts", check=lambda v: v in list_methods(), allowed=describe_methods)
     epochs: int = field(160, check=lambda v: v >= 1, allowed="an integer >= 1")
-    lam: float = field(1.0, **_positive)  # λ: rarts: weight of L_t (w-step and α-step); milenas: weight of L_v
-    beta: float = field(1e-3, **_non_negative)  # β: coupling of w and y
+    # λ: rarts: weight of L_t (w-step and α-step); milenas: weight of L_v
+    lam: float = field(1.0, resume_safe=True, **_positive)
+    beta: float = field(1e-3, resume_safe=True, **_non_negative)  # β: coupling of w and y
     xi: float | None = field(None, **_positive)  # darts2 unrolling step; null: the w learning rate
-    grad_clip: float | None = field(None, **_positive)  # clip the weights' gradient norm (DARTS: 5); null: off
+    grad_clip: float | None = field(None, resume_safe=True, **_positive)  # clip the w gradient norm (DARTS: 5)
     optim: OptimConfig = field(default_factory=OptimConfig)  # w (and y unless optim_y is set)
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
@@ -414,10 +415,9 @@ def load_recipe(
 
 
 _RESUME_FREE = ("device", "log_every", "timeout_s", "backend", "workers")  # may change on resume, unrecorded
-# keys a resume may change with --set (after a divergence stop, say); each change is recorded in the run folder
-RESUME_SAFE = ("search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search.lam", "search.beta",
-               "search.grad_clip", "search.cost.mu", "cost.mu", "finetune.optim.lr", "train.optim.lr",
-               "train.grad_clip", "finetune.grad_clip")
+# keys a resume may change with --set (after a divergence stop, say); each change is recorded in the run folder. They
+# are the fields marked `resume_safe=True` (a cell-search recipe's: `resume_safe_keys(NasRecipe)`)
+RESUME_SAFE = resume_safe_keys(Recipe)
 
 
 # keys added after run folders were made with the schema: a resume of a folder whose recipe.yaml lacks one runs with
@@ -490,12 +490,13 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
             _set_attr_path(recipe, key, legacy)
             set_by_path(stored, key, legacy)
     diffs = _differences(stored, to_dict(recipe))
-    unsafe = [d for d in diffs if d[0] not in RESUME_SAFE]
+    safe = resume_safe_keys(type(recipe))
+    unsafe = [d for d in diffs if d[0] not in safe]
     if unsafe:
         shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in unsafe[:6])
         raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: {shown}"
                           f"{' …' if len(unsafe) > 6 else ''}. Resume with the same recipe and --set values (only "
-                          f"{', '.join(RESUME_SAFE)} may change), or start a new run")
+                          f"{', '.join(safe)} may change), or start a new run")
     if diffs:
         log = Path(run_dir) / "recipe_changes.json"
         history = json.loads(log.read_text()) if log.is_file() else []

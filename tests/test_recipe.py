@@ -115,3 +115,78 @@ def test_width_paper_recipes_have_the_papers_settings(path):
     assert r.prune.scope == ["internal", "branch-input"]
     if method == "slimming":
         assert (r.baselines.sparsity, r.baselines.init_gamma) == (1e-5, 0.5)
+
+
+def _resolves(schema: type, dotted: str) -> bool:
+    """Whether `dotted` names a field of the recipe schema (through nested and optional sections)."""
+    import dataclasses
+    import typing
+
+    from slimrarts.config import _config_classes
+
+    cls = schema
+    *parents, last = dotted.split(".")
+    for part in parents:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not _config_classes(hints[part]):
+            return False
+        cls = _config_classes(hints[part])[0]
+    return last in {f.name for f in dataclasses.fields(cls)}
+
+
+def _schemas():
+    from slimrarts.nas.recipe import NasRecipe
+
+    return [Recipe, NasRecipe]
+
+
+@pytest.mark.parametrize("schema", _schemas(), ids=lambda s: s.__name__)
+def test_every_resume_safe_key_is_a_field_of_its_schema(schema):
+    """RESUME_SAFE is generated from `field(..., resume_safe=True)`: it names real fields only (a hand list once
+    advised `finetune.grad_clip`, which no schema has), and the learning rates, λ, β, μ and clipping are in it."""
+    from slimrarts.config import resume_safe_keys
+    from slimrarts.recipe import RESUME_SAFE
+
+    keys = resume_safe_keys(schema)
+    assert keys and all(_resolves(schema, k) for k in keys), keys
+    assert {"search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search.lam", "search.beta", "search.grad_clip",
+            "train.optim.lr"} <= set(keys)
+    assert "finetune.grad_clip" not in keys and not _resolves(schema, "finetune.grad_clip")
+    assert RESUME_SAFE == resume_safe_keys(Recipe)
+    assert set(RESUME_SAFE) >= {"finetune.optim.lr", "search.cost.mu"}
+    assert set(resume_safe_keys(_schemas()[1])) >= {"cost.mu", "train.grad_clip"}
+
+
+def test_the_divergence_hint_names_only_resume_safe_fields():
+    """For each phase a recipe runs (its search, training and fine-tuning sections), the settings the divergence
+    message advises changing on resume (`--set KEY=<smaller>`) exist in that schema and a resume accepts them."""
+    import re
+
+    from slimrarts.config import resume_safe_keys
+    from slimrarts.engine.epochs import _divergence
+    from slimrarts.engine.fit import _Training
+    from slimrarts.nas.recipe import NasRecipe
+
+    def named(err) -> list[str]:
+        return re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", err.setting)
+
+    nan = float("nan")
+    checked = 0
+    for schema, sections in ((Recipe, ("search", "train", "finetune")), (NasRecipe, ("search", "train"))):
+        recipe, safe = schema(), set(resume_safe_keys(schema))
+        for key in sections:
+            cfg = getattr(recipe, key)
+            # fit's phase for training sections; the search phase has no `cfg` (it always has search.grad_clip)
+            phase = _Training(None, None, None, None, None, cfg, None, 1, 1) if key != "search" else object()
+            clips = getattr(phase, "clips_gradients", True)
+            for fields in ({"train_loss": nan}, {"alpha_mean": nan}):
+                if "alpha_mean" in fields and key != "search":
+                    continue
+                err = _divergence("p", 0, fields, [], key, clips)
+                keys = named(err)
+                assert keys and all(k in safe for k in keys), (schema.__name__, key, err.setting)
+                checked += len(keys)
+    assert checked >= 9
+    finetune = _Training(None, None, None, None, None, Recipe().finetune, None, 1, 1)
+    plain = _divergence("p", 0, {"loss": nan}, [], "finetune", finetune.clips_gradients)
+    assert "grad_clip" not in plain.setting  # a width recipe's fine-tuning has no gradient clipping to advise

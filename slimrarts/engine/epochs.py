@@ -49,18 +49,25 @@ class DivergenceError(RuntimeError):
 _LOSSES = ("train_loss", "t_loss", "v_loss", "loss")
 
 
-def _check_finite(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str) -> None:
+def _weights_setting(key: str, clips: bool) -> str:
+    """The recipe settings to blame for diverged weights: the learning rate under section `key`, and its gradient
+    clipping when the section has one (`clips`; tests/test_recipe.py checks each key names a resume-safe field)."""
+    return f"{key}.optim.lr (the weights' learning rate{f'; or set {key}.grad_clip' if clips else ''})"
+
+
+def _check_finite(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str,
+                  clips: bool = True) -> None:
     """Raise `DivergenceError` when the epoch's losses or the watched tensors are not finite (one host sync, at the
     epoch's end, where the metrics are read anyway); in a process group, on every rank when on any."""
-    err = _divergence(name, epoch, fields, watched, key)
+    err = _divergence(name, epoch, fields, watched, key, clips)
     if dist.any_true(err is not None) and err is None:  # another rank diverged: stop here too, together
-        err = DivergenceError(name, epoch, "a loss or weight on another process", f"{key}.optim.lr (the weights' "
-                              f"learning rate; or set {key}.grad_clip)")
+        err = DivergenceError(name, epoch, "a loss or weight on another process", _weights_setting(key, clips))
     if err is not None:
         raise err
 
 
-def _divergence(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str) -> DivergenceError | None:
+def _divergence(name: str, epoch: int, fields: dict, watched: list[torch.Tensor], key: str,
+                clips: bool = True) -> DivergenceError | None:
     bad_loss = [k for k in _LOSSES if k in fields and not math.isfinite(fields[k])]
     bad_alpha = "alpha_mean" in fields and not math.isfinite(fields["alpha_mean"])
     bad_weights = bool(watched) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(watched))).all())
@@ -69,8 +76,7 @@ def _divergence(name: str, epoch: int, fields: dict, watched: list[torch.Tensor]
     if bad_alpha and not bad_loss:
         return DivergenceError(name, epoch, "α", f"{key}.arch.lr (the α learning rate)")
     what = f"the {bad_loss[0].replace('_', ' ')}" if bad_loss else "a weight"
-    return DivergenceError(name, epoch, what, f"{key}.optim.lr (the weights' learning rate; or set "
-                                              f"{key}.grad_clip)")
+    return DivergenceError(name, epoch, what, _weights_setting(key, clips))
 
 
 class Phase(Protocol):
@@ -79,6 +85,9 @@ class Phase(Protocol):
     def run_epoch(self, epoch: int, ticker: Ticker) -> dict:
         """Run one epoch's steps; return the metrics line's fields, including `images` (samples trained on)."""
         ...
+
+    # optional: `watched()`, the tensors that must stay finite; `evaluate(epoch)`, more fields for the line;
+    # `clips_gradients`, False when the recipe section has no `grad_clip` for a divergence message to name
 
     def state_dict(self) -> dict:
         """Everything a checkpoint must hold to continue exactly (tensors and plain data)."""
@@ -217,7 +226,8 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
             fields = phase.run_epoch(epoch, ticker)
             dt = time.perf_counter() - t0
             watched = getattr(phase, "watched", None)
-            _check_finite(name, epoch, fields, list(watched()) if watched is not None else [], config_key)
+            _check_finite(name, epoch, fields, list(watched()) if watched is not None else [], config_key,
+                          getattr(phase, "clips_gradients", True))
             train_s += dt
             record = {"phase": name, "epoch": epoch, **fields, "epoch_s": dt,
                       "images_per_s": fields.get("images", 0) / dt if dt > 0 else float("nan")}

@@ -74,6 +74,8 @@ class _Training:
         self.train_loader, self.test_loader, self.eval_every = train_loader, test_loader, eval_every
         self.steps_per_epoch = steps_per_epoch
         self.lr = schedule_fn(cfg.optim, steps_per_epoch, cfg.epochs)
+        # whether a divergence message may advise the section's grad_clip (a cell-search train section has one)
+        self.clips_gradients = hasattr(cfg, "grad_clip")
 
     def run_epoch(self, epoch: int, ticker) -> dict:
         self.model.train()

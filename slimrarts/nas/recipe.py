@@ -38,7 +38,7 @@ class CostConfig:
     """The hardware-cost penalty μ·Σ_e⟨softmax(α_e), Lat_e⟩ (tables normalised: the average operation costs 1)."""
 
     mode: Literal["none", "latency", "macs"] = "none"
-    mu: float = field(0.002, check=lambda v: v >= 0, allowed="a number >= 0")
+    mu: float = field(0.002, resume_safe=True, check=lambda v: v >= 0, allowed="a number >= 0")
     batch: int = field(1, **_int_at_least(1))  # batch size the per-operation latency is measured at
     warmup: int = field(10, **_int_at_least(0))
     repeats: int = field(50, **_int_at_least(1))
@@ -51,15 +51,16 @@ class NasSearchConfig:
     method: str = field("rarts", check=lambda v: v in list_methods("search"),
                         allowed=lambda: f"a search algorithm: {describe_methods('search')}")
     epochs: int = field(50, **_int_at_least(1))
-    lam: float = field(1.0, check=lambda v: v > 0, allowed="a number > 0")
-    beta: float = field(1e-3, check=lambda v: v >= 0, allowed="a number >= 0")
+    lam: float = field(1.0, resume_safe=True, check=lambda v: v > 0, allowed="a number > 0")
+    beta: float = field(1e-3, resume_safe=True, check=lambda v: v >= 0, allowed="a number >= 0")
     xi: float | None = field(None, check=lambda v: v > 0, allowed="a number > 0 or null (the w learning rate)")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.025, momentum=0.9, weight_decay=3e-4,
                                                                    schedule="cosine", min_lr=0.001))
     optim_y: OptimConfig | None = None
     arch: ArchOptimConfig = field(default_factory=lambda: ArchOptimConfig(optimizer="adam", lr=3e-4,
                                                                           betas=[0.5, 0.999], weight_decay=1e-3))
-    grad_clip: float | None = field(5.0, check=lambda v: v > 0, allowed="a number > 0 or null")  # DARTS: 5
+    grad_clip: float | None = field(5.0, resume_safe=True, check=lambda v: v > 0,
+                                    allowed="a number > 0 or null")  # DARTS: 5
     amp: Literal["none", "bf16"] = "none"
     channels_last: bool = False
     cuda_graph: bool = False  # capture the search iteration in a CUDA graph (CUDA only)
@@ -79,7 +80,7 @@ class NasTrainConfig(TrainConfig):
     auxiliary_weight: float = field(0.4, check=lambda v: v >= 0, allowed="a number >= 0 (0: no auxiliary head)")
     drop_path: float = field(0.2, check=lambda v: 0 <= v < 1, allowed="a probability in [0, 1)")
     cutout: int = field(16, **_int_at_least(0))  # side of the cut-out square; 0: none
-    grad_clip: float | None = field(5.0, check=lambda v: v > 0, allowed="a number > 0 or null")
+    grad_clip: float | None = field(5.0, resume_safe=True, check=lambda v: v > 0, allowed="a number > 0 or null")
     genotype: str | None = None  # a genotype file (.json or Genotype(...) text) or a known name (darts_v2)
 
 
