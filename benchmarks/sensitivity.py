@@ -53,7 +53,7 @@ def _holdout_loaders(recipe, holdout: int, device):
                    num_classes=train.num_classes)
 
 
-SHORT = {"lam": "search.lam", "beta": "search.beta", "alr": "search.arch.lr", "method": "search.method",
+SHORT = {"lam": "search.lam", "beta": "search.beta", "alr": "search.optim_arch.lr", "method": "search.method",
          "epochs": "search.epochs"}
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--tier", default="mini")
     ap.add_argument("--configs", nargs="+", required=True,
                     help="comma-separated overrides per config; short keys lam, beta, alr mean search.lam, "
-                         "search.beta, search.arch.lr")
+                         "search.beta, search.optim_arch.lr")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--holdout", type=int, default=100)
     ap.add_argument("--set", dest="overrides", action="append", default=[])

@@ -218,7 +218,7 @@ class SearchConfig:
     grad_clip: float | None = field(None, resume_safe=True, **_positive)  # clip the w gradient norm (DARTS: 5)
     optim: OptimConfig = field(default_factory=OptimConfig)  # w (and y unless optim_y is set)
     optim_y: OptimConfig | None = None
-    arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
+    optim_arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     final_weights: Literal["y", "w", "mean"] = "y"  # which weights the slim model is cut from (two-net methods)
     # α's start: ones (the paper) or magnitude (per-group normalised |γ|, the layers rescaled; output unchanged)
     init: Literal["ones", "magnitude"] = "ones"

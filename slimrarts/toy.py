@@ -66,7 +66,7 @@ def solve(method: str = "rarts", *, lam: float = 10.0, beta: float = 10.0, lr: f
     alpha0, w0, y0 = init
     problem = _ToyProblem(alpha0)
     w = {"w": torch.tensor(float(w0), dtype=torch.float64, requires_grad=True)}
-    state = SearchState(w=w, w_buffers={}, opt_w=SGD(list(w.values()), lr=lr), opt_arch=SGD(problem.arch, lr=lr),
+    state = SearchState(w=w, w_buffers={}, opt_w=SGD(list(w.values()), lr=lr), optim_arch=SGD(problem.arch, lr=lr),
                         lam=lam, beta=beta)
     if spec.two_nets:
         state.y = {"w": torch.tensor(float(y0), dtype=torch.float64, requires_grad=True)}

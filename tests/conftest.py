@@ -83,7 +83,7 @@ name: tiny
 data: {{root: {archive}, batch_size: 25, eval_batch_size: 40}}
 model: {{name: tiny_preresnet}}
 train: {{epochs: 2, optim: {{lr: 0.05}}}}
-search: {{epochs: 2, optim: {{lr: 0.05}}, arch: {{lr: 0.01}}}}
+search: {{epochs: 2, optim: {{lr: 0.05}}, optim_arch: {{lr: 0.01}}}}
 prune: {{scope: [internal, branch-input], ratio: 0.4}}
 finetune: {{epochs: 2, optim: {{lr: 0.05}}}}
 """

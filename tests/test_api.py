@@ -14,7 +14,7 @@ from slimrarts.data import DeviceLoader, ImageSet, Loaders, split_halves
 from slimrarts.models import create_model
 from slimrarts.width import ChannelSelect
 
-TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}},
+TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
         "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal", "branch-input"]}}
 
 
@@ -173,7 +173,7 @@ def _search_weights(run_dir, keep):
 def test_search_final_weights_chooses_the_weights_of_the_slim_model(tiny_sets, tmp_path, keep):
     """search.final_weights: the slim model's convolutions are y's, w's or their mean (fine-tuning at a learning rate
     too small to move a float32 weight, so what reaches the slim model is what was kept)."""
-    config = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}, "final_weights": keep,
+    config = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}, "final_weights": keep,
                          "beta": 1e-3},
               "finetune": {"epochs": 1, "optim": {"lr": 1e-30, "weight_decay": 0.0}}, "prune": {"scope": ["internal"]}}
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_l1_mode_prunes_exactly_the_zero_alphas(tiny_sets, tmp_path):
     (a group left with no nonzero α keeps its first channel, min_channels=1); the PRC is learned. Four SGD steps
     of η_α·γ = 0.25 shrink every α by exactly 1 in all: the data gradient decides which reach 0."""
     config = {"search": {"epochs": 1, "optim": {"lr": 0.05},
-                         "arch": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.0}},
+                         "optim_arch": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.0}},
               "finetune": {"epochs": 1, "optim": {"lr": 0.05}},
               "prune": {"scope": ["internal", "branch-input"], "mode": "l1", "l1": 2.5}}
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from slimrarts.engine.checkpoint import CorruptFileError
 from slimrarts.engine.rundir import MARKER, prepare_run_dir
 from slimrarts.models import create_model
 
-TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}},
+TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
         "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal"]}}
 
 
@@ -30,7 +30,7 @@ def _recipe(tmp_path: Path, archive: str, **extra) -> str:
             "data": {"name": "cifar10", "root": archive, "batch_size": 25, "eval_batch_size": 40},
             "model": {"name": "tiny_preresnet"},
             "train": {"epochs": 1, "optim": {"lr": 0.05}},
-            "search": {"epochs": 2, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}},
+            "search": {"epochs": 2, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
             "prune": {"ratio": 0.4, "scope": ["internal"]},
             "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, **extra}
     path = tmp_path / "recipe.yaml"

@@ -55,7 +55,7 @@ def _recipe(model: str, method: str, root: str, **data) -> dict:
     return {"name": f"{model}-{method}", "seed": 0, "device": "cpu",
             "data": {"name": "cifar10", "root": root, "batch_size": 20, "eval_batch_size": 40, **data},
             "model": {"name": model},
-            "search": {"method": method, "epochs": 2, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}},
+            "search": {"method": method, "epochs": 2, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
             "finetune": {"epochs": 1, "optim": {"lr": 0.05}},
             "prune": {"ratio": 0.4}, "report": {"latency": False}}
 

@@ -24,7 +24,7 @@ def _recipe(tmp_path: Path, archive: str) -> Path:
     data = {"name": "killed", "seed": 0, "device": "cpu",
             "data": {"name": "cifar10", "root": archive, "batch_size": 16, "eval_batch_size": 40},
             "model": {"name": "tiny_preresnet"},
-            "search": {"epochs": 3, "optim": {"lr": 0.05}, "arch": {"lr": 0.01}},
+            "search": {"epochs": 3, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
             "prune": {"ratio": 0.4, "scope": ["internal"]},
             "finetune": {"epochs": 3, "optim": {"lr": 0.05}}, "report": {"latency": False}}
     path = tmp_path / "recipe.yaml"

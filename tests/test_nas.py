@@ -262,7 +262,8 @@ def test_paper_recipe_has_darts_settings():
     s, t = r.search, r.train
     assert (s.epochs, r.data.batch_size, s.optim.lr, s.optim.min_lr, s.optim.momentum, s.optim.weight_decay) == (
         50, 64, 0.025, 0.001, 0.9, 3e-4)
-    assert (s.arch.optimizer, s.arch.lr, s.arch.betas, s.arch.weight_decay) == ("adam", 3e-4, [0.5, 0.999], 1e-3)
+    a = s.optim_arch
+    assert (a.optimizer, a.lr, a.betas, a.weight_decay) == ("adam", 3e-4, [0.5, 0.999], 1e-3)
     assert (t.epochs, t.C, t.layers, t.batch_size, t.auxiliary_weight, t.drop_path, t.cutout) == (
         600, 36, 20, 96, 0.4, 0.2, 16)
 

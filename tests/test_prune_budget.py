@@ -14,7 +14,7 @@ from conftest import tiny_loaders
 import slimrarts
 from slimrarts.models import create_model
 
-TINY = {"search": {"epochs": 2, "optim": {"lr": 0.05}, "arch": {"lr": 0.05}},
+TINY = {"search": {"epochs": 2, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.05}},
         "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal", "branch-input"]},
         "report": {"rounds": 1, "repeats": 2}}
 
@@ -103,7 +103,7 @@ def test_losers_are_rechosen_every_few_steps_within_an_epoch(tiny_sets, monkeypa
 
 
 def test_l1_with_a_budget_stops_the_search_once_the_budget_fits(tiny_sets, tmp_path):
-    cfg = _cfg(search={"epochs": 6, "arch": {"lr": 0.2}}, prune={"mode": "l1", "l1": 5.0,
+    cfg = _cfg(search={"epochs": 6, "optim_arch": {"lr": 0.2}}, prune={"mode": "l1", "l1": 5.0,
                                                                   "budget": {"kind": "macs", "target": "90%"}})
     r = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), config=cfg, run_dir=tmp_path / "r",
                         progress=False).report

@@ -139,7 +139,7 @@ def test_arch_step_accumulates_alpha_times_data_gradient():
     a = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
     problem = _Problem([a])
     opt = build_optimizer([a], ArchOptimConfig(optimizer="sgd", lr=0.1, momentum=0.0))
-    state = SearchState(w={}, w_buffers={}, opt_w=opt, opt_arch=opt)
+    state = SearchState(w={}, w_buffers={}, opt_w=opt, optim_arch=opt)
     expected = torch.zeros(3)
     for g in (torch.tensor([0.3, 0.1, -4.0]), torch.tensor([-1.0, 0.0, 2.0])):
         expected += (a.detach() * g).abs()

@@ -149,8 +149,8 @@ def test_every_resume_safe_key_is_a_field_of_its_schema(schema):
 
     keys = resume_safe_keys(schema)
     assert keys and all(_resolves(schema, k) for k in keys), keys
-    assert {"search.optim.lr", "search.optim_y.lr", "search.arch.lr", "search.lam", "search.beta", "search.grad_clip",
-            "train.optim.lr"} <= set(keys)
+    assert {"search.optim.lr", "search.optim_y.lr", "search.optim_arch.lr", "search.lam", "search.beta",
+            "search.grad_clip", "train.optim.lr"} <= set(keys)
     assert "finetune.grad_clip" not in keys and not _resolves(schema, "finetune.grad_clip")
     assert RESUME_SAFE == resume_safe_keys(Recipe)
     assert set(RESUME_SAFE) >= {"finetune.optim.lr", "search.cost.mu"}

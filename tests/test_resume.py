@@ -125,7 +125,7 @@ def test_search_resume_runs_only_the_remaining_epochs(tiny_sets, tmp_path):
     for a, b in zip(gates_full.alphas, gates_res.alphas, strict=True):
         assert torch.equal(a, b)
     # the optimizers continued too (momentum buffers, Adam moments and step counts)
-    for opt in ("opt_w", "opt_y", "opt_arch"):
+    for opt in ("opt_w", "opt_y", "optim_arch"):
         sa, sb = getattr(full, opt).state_dict()["state"], getattr(resumed, opt).state_dict()["state"]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), opt
 

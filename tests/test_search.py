@@ -115,7 +115,7 @@ def test_rarts_with_large_beta_matches_milenas(tiny_sets):
     _, ga, pa, sa, (lt, lv, _) = _setup(tiny_sets, "rarts", beta=beta, optim_y=optim_y, **arch)
     _, gb, pb, sb, _ = _setup(tiny_sets, "milenas", **arch)
     for state in (sa, sb):
-        state.opt_arch = SGD(state.opt_arch.param_groups[0]["params"],
+        state.optim_arch = SGD(state.optim_arch.param_groups[0]["params"],
                                                                              lr=0.5)
     bt, bv = _batch(lt), _batch(lv)
     get_search("rarts").step(pa, sa, bt, bv)
@@ -129,7 +129,7 @@ def test_rarts_with_large_beta_matches_milenas(tiny_sets):
     assert moved > 1e-3  # α did move, so the agreement is not trivial
     # and the same iteration with an ordinary β (y free) gives a different α
     _, gc, pc, sc, _ = _setup(tiny_sets, "rarts", beta=1e-3, **arch)
-    sc.opt_arch = SGD(sc.opt_arch.param_groups[0]["params"], lr=0.5)
+    sc.optim_arch = SGD(sc.optim_arch.param_groups[0]["params"], lr=0.5)
     get_search("rarts").step(pc, sc, bt, bv)
     assert any(not torch.allclose(a, c, rtol=1e-4, atol=1e-6) for a, c in zip(ga.alphas, gc.alphas, strict=True))
 
@@ -159,7 +159,7 @@ def test_l1_mode_drives_alphas_to_exact_zero(tiny_sets):
 
 
 def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
-    """search.arch.schedule=step drops α's learning rate at the milestones; the default keeps it constant."""
+    """search.optim_arch.schedule=step drops α's learning rate at the milestones; the default keeps it constant."""
     seen = {}
     for schedule in ("constant", "step"):
         arch = ArchOptimConfig(lr=0.01, schedule=schedule, milestones=[0.5], gamma=0.1)
@@ -168,7 +168,7 @@ def test_alpha_learning_rate_follows_its_schedule(tiny_sets):
         run_search(problem, state, "rarts", epochs=2, optim_w=OptimConfig(lr=0.05), optim_arch=arch, loader_t=lt,
                    loader_v=lv, progress=False,
                    callbacks=[on(Event.EPOCH_END,
-                                 lambda _, lrs=lrs, state=state: lrs.append(state.opt_arch.lr_tensor().item()))])
+                                 lambda _, lrs=lrs, state=state: lrs.append(state.optim_arch.lr_tensor().item()))])
         seen[schedule] = lrs
     assert seen["constant"] == pytest.approx([0.01, 0.01])
     assert seen["step"] == pytest.approx([0.01, 0.001])
@@ -273,8 +273,8 @@ def test_make_state_builds_w_y_and_their_optimizers():
         assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (cfg.lr, cfg.momentum,
                                                                              cfg.weight_decay, cfg.nesterov)
         assert [p.data_ptr() for p in g["params"]] == [p.data_ptr() for p in params]
-    a = state.opt_arch.param_groups[0]
-    assert isinstance(state.opt_arch, torch.optim.Optimizer) and type(state.opt_arch).__name__ == "Adam"
+    a = state.optim_arch.param_groups[0]
+    assert isinstance(state.optim_arch, torch.optim.Optimizer) and type(state.optim_arch).__name__ == "Adam"
     assert (a["lr"], a["betas"], a["weight_decay"], a["params"][0] is arch[0]) == (0.04, (0.5, 0.999), 0.0, True)
     same = make_state(model, arch, "rarts", optim_w=ow, optim_arch=ArchOptimConfig())
     assert same.opt_y.param_groups[0]["lr"] == 0.3 and same.opt_y.param_groups[0]["nesterov"]

@@ -85,7 +85,7 @@ def _state(method: str, problem: TwoParam, *, momentum: float = 0.0, weight_deca
     w = {"w": torch.tensor(W0, dtype=F64, requires_grad=True)}
     state = SearchState(w=w, w_buffers={}, opt_w=SGD(list(w.values()), lr=LR_W, momentum=momentum,
                                                        weight_decay=weight_decay),
-                        opt_arch=SGD(problem.arch, lr=LR_A), lam=LAM, beta=BETA, xi=xi)
+                        optim_arch=SGD(problem.arch, lr=LR_A), lam=LAM, beta=BETA, xi=xi)
     if get_search(method).two_nets:
         state.y = {"w": torch.tensor(Y0, dtype=F64, requires_grad=True)}
         state.y_buffers = {}

@@ -74,7 +74,7 @@ def _divergence(name: str, epoch: int, fields: dict, watched: list[torch.Tensor]
     if not (bad_loss or bad_alpha or bad_weights):
         return None
     if bad_alpha and not bad_loss:
-        return DivergenceError(name, epoch, "α", f"{key}.arch.lr (the α learning rate)")
+        return DivergenceError(name, epoch, "α", f"{key}.optim_arch.lr (the α learning rate)")
     what = f"the {bad_loss[0].replace('_', ' ')}" if bad_loss else "a weight"
     return DivergenceError(name, epoch, what, _weights_setting(key, clips))
 

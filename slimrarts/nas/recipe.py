@@ -57,7 +57,7 @@ class NasSearchConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.025, momentum=0.9, weight_decay=3e-4,
                                                                    schedule="cosine", min_lr=0.001))
     optim_y: OptimConfig | None = None
-    arch: ArchOptimConfig = field(default_factory=lambda: ArchOptimConfig(optimizer="adam", lr=3e-4,
+    optim_arch: ArchOptimConfig = field(default_factory=lambda: ArchOptimConfig(optimizer="adam", lr=3e-4,
                                                                           betas=[0.5, 0.999], weight_decay=1e-3))
     grad_clip: float | None = field(5.0, resume_safe=True, check=lambda v: v > 0,
                                     allowed="a number > 0 or null")  # DARTS: 5

@@ -48,7 +48,7 @@ class SearchState:
     w: dict[str, torch.Tensor]
     w_buffers: dict[str, torch.Tensor]
     opt_w: torch.optim.Optimizer
-    opt_arch: torch.optim.Optimizer
+    optim_arch: torch.optim.Optimizer
     y: dict[str, torch.Tensor] | None = None
     y_buffers: dict[str, torch.Tensor] | None = None
     opt_y: torch.optim.Optimizer | None = None
@@ -112,8 +112,8 @@ def arch_step(problem: Problem, state: SearchState, grads: list[torch.Tensor]) -
         with torch.no_grad():
             torch._foreach_add_(grads, extra)
     set_grads(problem.arch, grads)
-    state.opt_arch.step()
-    problem.after_arch_step(state.opt_arch.lr_tensor())
+    state.optim_arch.step()
+    problem.after_arch_step(state.optim_arch.lr_tensor())
 
 
 def prox_l1_(alphas: list[torch.Tensor], threshold: torch.Tensor | float | list[torch.Tensor]) -> None:

@@ -63,7 +63,7 @@ class _Search:
             if state.opt_y is not None:
                 state.opt_y.set_lr(self.lr_y(step))
             if self.lr_arch is not None:
-                state.opt_arch.set_lr(self.lr_arch(step))
+                state.optim_arch.set_lr(self.lr_arch(step))
             self.graphed(*batch_t, *(batch_v if batch_v is not None else ()))
             images += batch_t[1].shape[0] + (batch_v[1].shape[0] if batch_v is not None else 0)
             ticker.step(i)
@@ -88,7 +88,7 @@ class _Search:
         problem, state = self.problem, self.state
         out = {"w": {k: v.detach() for k, v in state.w.items()}, "w_buffers": state.w_buffers,
                "arch": [a.detach() for a in problem.arch], "opt_w": state.opt_w.state_dict(),
-               "opt_arch": state.opt_arch.state_dict()}
+               "optim_arch": state.optim_arch.state_dict()}
         if state.y is not None:
             out.update(y={k: v.detach() for k, v in state.y.items()}, y_buffers=state.y_buffers,
                        opt_y=state.opt_y.state_dict())
@@ -105,7 +105,7 @@ class _Search:
             v.copy_(ckpt["w_buffers"][k])
         torch._foreach_copy_(problem.arch, ckpt["arch"])
         state.opt_w.load_state_dict(ckpt["opt_w"])
-        state.opt_arch.load_state_dict(ckpt["opt_arch"])
+        state.optim_arch.load_state_dict(ckpt["optim_arch"])
         if state.y is not None:
             torch._foreach_copy_(list(state.y.values()), [ckpt["y"][k] for k in state.y])
             for k, v in state.y_buffers.items():
@@ -199,15 +199,15 @@ def search_from_section(problem: NetProblem, section, loaders, *, run_dir: str |
     search (`api.search_width`) and the cell search (`nas.search_topology`) run.
 
     `section` is a width or cell recipe's `search` (method, epochs, lam, beta, xi, grad_clip, the optimizers `optim`,
-    `optim_y` and `arch`, channels_last, log_every, cuda_graph); `loaders` has `search_t`, `search_v` and `train`
+    `optim_y` and `optim_arch`, channels_last, log_every, cuda_graph); `loaders` has `search_t`, `search_v` and `train`
     (read by methods that train on the whole set). Returns the state (w, y, optimizers) and the phase's result.
     """
     s = section
-    state = make_state(problem.model, problem.arch, s.method, optim_w=s.optim, optim_y=s.optim_y, optim_arch=s.arch,
-                       lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
+    state = make_state(problem.model, problem.arch, s.method, optim_w=s.optim, optim_y=s.optim_y,
+                       optim_arch=s.optim_arch, lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
     whole = get_method(s.method).data == "whole"
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
-                        optim_arch=s.arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
+                        optim_arch=s.optim_arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
                         loader_whole=loaders.train if whole else None, channels_last=s.channels_last,
                         run_dir=run_dir, resume=resume, progress=progress, log_every=s.log_every,
                         callbacks=callbacks, cuda_graph=s.cuda_graph)

@@ -101,7 +101,7 @@ def make_state(model: nn.Module, arch: list[torch.Tensor], method: str, *, optim
     w = {k: v for k, v in model.named_parameters() if v.requires_grad}  # frozen weights stay shared and untouched
     w_buffers = dict(model.named_buffers())
     state = SearchState(w=w, w_buffers=w_buffers, opt_w=build_optimizer(w.values(), optim_w),
-                        opt_arch=build_optimizer(arch, optim_arch), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
+                        optim_arch=build_optimizer(arch, optim_arch), lam=lam, beta=beta, xi=xi, grad_clip=grad_clip,
                         scratch_buffers={k: v.detach().clone() for k, v in w_buffers.items()})
     if spec.two_nets:
         state.y = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
