@@ -26,6 +26,7 @@ from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
 from .engine.step import batches_on
 from .engine.task import CLASSIFICATION, Task
+from .errors import InputError, InputTypeError
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
@@ -82,7 +83,7 @@ def _resolve_recipe(config: Recipe | dict | str | None, *, ratio=None, budget=No
     """`config` with `prune()`'s keyword arguments on top (those given), checked."""
     if budget is not None:
         if ratio is not None:
-            raise ValueError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
+            raise InputError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
                              "the dense cost), not both")
         budget = _budget_section(budget)
         mode = mode or "budget"
@@ -104,10 +105,10 @@ def _resolve_recipe(config: Recipe | dict | str | None, *, ratio=None, budget=No
 def _budget_section(budget: dict) -> dict:
     """`{"macs": "50%"}` (one kind: its target) or a full `prune.budget` mapping, as the recipe section."""
     if not isinstance(budget, dict):
-        raise TypeError(f"budget must be a dict such as {{'macs': '50%'}}, got {type(budget).__name__} {budget!r}")
+        raise InputTypeError(f"budget must be a dict such as {{'macs': '50%'}}, got {type(budget).__name__} {budget!r}")
     kinds = [k for k in ("macs", "params", "latency") if k in budget]
     if len(kinds) > 1:
-        raise ValueError(f"budget names {' and '.join(kinds)}: give one kind ({{'macs': '50%'}})")
+        raise InputError(f"budget names {' and '.join(kinds)}: give one kind ({{'macs': '50%'}})")
     if kinds:
         out = {k: v for k, v in budget.items() if k != kinds[0]}
         return {**out, "kind": kinds[0], "target": budget[kinds[0]]}
@@ -120,7 +121,7 @@ def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.
     def first() -> torch.Tensor:
         for x, _ in batches_on(loaders.search_t, device):
             return x[:n].contiguous()
-        raise ValueError("the search loader yields no batches")
+        raise InputError("the search loader yields no batches")
 
     if not dist.active():
         return first()
@@ -151,7 +152,7 @@ def _check_gates(gates: Gates, recipe: Recipe) -> None:
         total = gates.num_channels
         prunable = prunable_channels(gates.groups, p.min_channels)
         if round(p.ratio * total) > prunable:
-            raise ValueError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
+            raise InputError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
                              f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
     if p.reference:
         reference_counts(p.reference, gates)

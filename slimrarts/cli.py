@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import EXIT_CODES, InputError, SlimrartsError, describe_os_error
+
 __all__ = ["main"]
 
 
@@ -40,7 +42,7 @@ def _run_dir(args, recipe, sections: tuple[str, ...]) -> Path:
     from .engine.rundir import check_run_dir, default_run_dir
 
     if args.resume and not args.out:
-        raise ValueError("--resume needs --out: the run folder to continue")
+        raise InputError("--resume needs --out: the run folder to continue")
     start_processes(recipe, sections)
     return dist.from_main(lambda: check_run_dir(Path(args.out) if args.out else default_run_dir(recipe.name),
                                                 resume=args.resume, force=args.force))
@@ -69,7 +71,7 @@ def cmd_cell_search(args) -> int:
     from .commands import search_command
 
     if not _is_cell_recipe(args.recipe):
-        raise ValueError(f"{args.recipe} is not a cell-search recipe (it has no 'net' section); prune widths with "
+        raise InputError(f"{args.recipe} is not a cell-search recipe (it has no 'net' section); prune widths with "
                          "`slimrarts run`")
     return search_command(args.recipe, args.overrides, out=args.out, resume=args.resume, force=args.force,
                           progress=not args.no_progress)
@@ -160,7 +162,9 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slimrarts", description=__doc__)
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(prog="slimrarts", description=__doc__, epilog=f"exit codes:\n{codes}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=cmd_train.__doc__)
     _add_run_args(p)
@@ -179,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.set_defaults(fn=cmd_info)
     args = parser.parse_args(argv)
-    from .config import ConfigError
     from .engine import dist
-    from .engine.epochs import DivergenceError
 
     t0 = time.perf_counter()
     fn = args.fn
@@ -191,25 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         code = fn(args)
         dist.shutdown()  # all ranks finished: leave the group together
         return code
-    except DivergenceError as err:
+    except SlimrartsError as err:
         if os.environ.get("SLIMRARTS_DEBUG"):
             raise
-        print(f"slimrarts {args.command}: stopped: {err}", file=sys.stderr)
-        return 3
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, TypeError) as err:
+        word = "error" if err.exit_code == 2 else "stopped"
+        print(f"slimrarts {args.command}: {word}: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # the disk or the file system (ENOSPC, EROFS, a folder that is a file): not a bug
         if os.environ.get("SLIMRARTS_DEBUG"):
             raise
-        print(f"slimrarts {args.command}: error: {err}", file=sys.stderr)
+        print(f"slimrarts {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slimrarts {args.command}: interrupted after {time.perf_counter() - t0:.0f} s; "
               "continue with --resume --out <run folder>", file=sys.stderr)
         return 130
-    except dist.PeerError as err:
-        if os.environ.get("SLIMRARTS_DEBUG"):
-            raise
-        print(f"slimrarts {args.command}: stopped: {err}", file=sys.stderr)
-        return 4
+    # anything else is a bug: Python prints its traceback and exits 1
 
 
 def _as_rank(fn):

@@ -12,11 +12,9 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from .errors import ConfigError, InputTypeError
+
 __all__ = ["ConfigError", "build", "deep_merge", "field", "resume_safe_keys", "set_by_path", "to_dict"]
-
-
-class ConfigError(ValueError):
-    """A config value or key that is not allowed; the message names the key path."""
 
 
 def field(default: Any = dataclasses.MISSING, *, check=None, allowed=None, default_factory=None,
@@ -100,7 +98,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a schema bug, not a user error
+    raise InputTypeError(f"unsupported annotation {tp!r} at {path}")  # a schema bug, not a user error
 
 
 def _field_default(f: dataclasses.Field) -> Any:

@@ -16,6 +16,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Literal
 
+from .errors import InputError
+
 __all__ = ["MethodInfo", "describe_methods", "get_method", "list_methods", "register_method"]
 
 Kind = Literal["search", "baseline"]
@@ -65,16 +67,16 @@ def register_method(name: str, *, kind: Kind, source: str, description: str, has
                     reads_reference: bool = False):
     """Decorator registering `fn` as method `name`: its search step (kind `search`) or its run function."""
     if kind not in ("search", "baseline"):
-        raise ValueError(f"kind must be 'search' or 'baseline', got {kind!r}")
+        raise InputError(f"kind must be 'search' or 'baseline', got {kind!r}")
     if data not in ("split", "whole", "none"):
-        raise ValueError(f"data must be 'split', 'whole' or 'none', got {data!r}")
+        raise InputError(f"data must be 'split', 'whole' or 'none', got {data!r}")
     if kind == "search" and data == "none":
-        raise ValueError("a search method trains: data must be 'split' or 'whole'")
+        raise InputError("a search method trains: data must be 'split' or 'whole'")
 
     def wrap(fn):
         _load_builtins()  # a user's method registered first must not hide a built-in name
         if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is already registered")
+            raise InputError(f"method {name!r} is already registered")
         fns = {"step": fn} if kind == "search" else {"run": fn}
         _REGISTRY[name] = MethodInfo(name=name, kind=kind, source=source, description=description,
                                      has_alpha=has_alpha, supports_l1=supports_l1, two_nets=two_nets, data=data,
@@ -93,7 +95,7 @@ def get_method(name: str, kind: Kind | None = None) -> MethodInfo:
         close = difflib.get_close_matches(str(name), choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         what = f"{kind} method" if kind else "method"
-        raise ValueError(f"{what} {name!r} is unknown{hint}; choose one of {', '.join(choices)}")
+        raise InputError(f"{what} {name!r} is unknown{hint}; choose one of {', '.join(choices)}")
     return info
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError, InputTypeError
 from .modes import evaluating
 from .timing import device_and_dtype, device_timer, time_models
 
@@ -25,14 +26,14 @@ _COUNTER_ATTRS = ("start_flops_count", "stop_flops_count", "reset_flops_count", 
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _check_shape(value: Any, arg: str, length: int | None = None) -> tuple[int, ...]:
     ok = isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     if not ok or not value or (length is not None and len(value) != length):
         what = f"{length} positive ints" if length is not None else "positive ints"
-        raise ValueError(f"{arg}={value!r} must be a tuple of {what}")
+        raise InputError(f"{arg}={value!r} must be a tuple of {what}")
     return tuple(value)
 
 
@@ -122,16 +123,16 @@ def measure_latency(
     _check_model(model)
     shape = _check_shape(input_size, "input_size")
     if len(shape) != 3:
-        raise ValueError(
+        raise InputError(
             f"input_size={tuple(input_size)!r} must be one sample's (C, H, W) without the batch dimension; "
             "pass batch sizes in batch_sizes"
         )
     batches = _check_shape(tuple(batch_sizes), "batch_sizes")
     for arg, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg}={value!r} must be an int >= {low}")
+            raise InputError(f"{arg}={value!r} must be an int >= {low}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.bfloat16) or None")
+        raise InputTypeError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.bfloat16) or None")
     model_device, model_dtype = device_and_dtype(model)
     target = model_device if device is None else torch.device(device)
     if target.type == "cuda" and target.index is None:
@@ -160,7 +161,7 @@ def measure_latency(
 def format_count(n: float, precision: int = 2) -> str:
     """Human-readable count with a K/M/G/T suffix (powers of 1000): ``format_count(1703258) == "1.70M"``."""
     if isinstance(n, bool) or not isinstance(n, (int, float)):
-        raise TypeError(f"n must be a number, got {type(n).__name__} ({n!r})")
+        raise InputTypeError(f"n must be a number, got {type(n).__name__} ({n!r})")
     for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.{precision}f}{suffix}"

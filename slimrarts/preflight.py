@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .engine import dist
+from .errors import InputError, InputTypeError
 from .models.io import OutputError, logits_of
 from .modes import evaluating
 
@@ -21,19 +22,19 @@ __all__ = ["CheckedLoader", "check_data", "check_model", "check_processes", "fin
 def check_model(model: nn.Module) -> None:
     """The model can be trained in fp32 here: real (not meta) floating parameters, fp32, some trainable."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = list(model.parameters())
     if not params:
-        raise ValueError("the model has no parameters: there is nothing to prune or train")
+        raise InputError("the model has no parameters: there is nothing to prune or train")
     if any(p.is_meta for p in params):
-        raise ValueError("the model's parameters are on the meta device (not materialised); build it on a real device "
+        raise InputError("the model's parameters are on the meta device (not materialised); build it on a real device "
                          "or call model.to_empty(device=...) and load its weights first")
     odd = sorted({str(p.dtype) for p in params if p.is_floating_point() and p.dtype != torch.float32})
     if odd:
-        raise ValueError(f"the model's parameters are {', '.join(odd)}; slimrarts keeps fp32 weights (use the amp=bf16 "
+        raise InputError(f"the model's parameters are {', '.join(odd)}; slimrarts keeps fp32 weights (use the amp=bf16 "
                          "settings for mixed precision): call model.float() first")
     if not any(p.requires_grad for p in params):
-        raise ValueError("every parameter of the model is frozen (requires_grad=False): slimrarts trains the weights "
+        raise InputError("every parameter of the model is frozen (requires_grad=False): slimrarts trains the weights "
                          "it prunes; unfreeze them with model.requires_grad_(True), at least for the layers to prune")
 
 
@@ -49,8 +50,8 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
     """Run `model` on the batch `x` in eval mode and return its number of outputs (classes); errors say why the model
     cannot read the data."""
     if not x.is_floating_point():
-        raise TypeError(f"the data's images are {x.dtype}; the model needs floating-point inputs (normalise them, e.g. "
-                        "x.float() / 255, in the dataset's transform)")
+        raise InputTypeError(f"the data's images are {x.dtype}; the model needs floating-point inputs (normalise "
+                             "them, e.g. x.float() / 255, in the dataset's transform)")
     try:
         with evaluating(model):
             out = model(x)
@@ -59,11 +60,11 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
     except Exception as err:  # noqa: BLE001 - any failure here means the model cannot read these batches
         expects = _first_conv_channels(model)
         hint = f" (its first convolution reads {expects} channels)" if expects is not None else ""
-        raise ValueError(f"the model cannot read the data's batches of shape {tuple(x.shape)}{hint}: "
+        raise InputError(f"the model cannot read the data's batches of shape {tuple(x.shape)}{hint}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
     logits = logits_of(out)
     if logits.dim() != 2:
-        raise ValueError(f"the model's output has shape {tuple(logits.shape)}; slimrarts trains classifiers with "
+        raise InputError(f"the model's output has shape {tuple(logits.shape)}; slimrarts trains classifiers with "
                          "[batch, classes] logits: pass output_fn=... to read them")
     return logits.shape[1]
 
@@ -71,7 +72,7 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
 def _label_error(where: str, label: int, num_classes: int, batch: int | None = None) -> ValueError:
     at = f"the {where} loader's batch {batch}: " if batch is not None else f"the {where} loader: "
     fix = "labels must be >= 0" if label < 0 else f"give the model num_classes={label + 1} or more"
-    return ValueError(f"{at}label {label} is outside [0, {num_classes}) (the model has {num_classes} outputs); "
+    return InputError(f"{at}label {label} is outside [0, {num_classes}) (the model has {num_classes} outputs); "
                       f"{fix}, or fix the labels")
 
 
@@ -114,7 +115,7 @@ def check_data(loaders, num_classes: int):
         n = _size(getattr(loaders, where))
         if n is not None and n < 2:
             what = "training set" if where == "train" else f"search half {where} of the training set"
-            raise ValueError(f"the {what} has {n} sample(s); the search splits the training set into two halves and "
+            raise InputError(f"the {what} has {n} sample(s); the search splits the training set into two halves and "
                              "each needs at least 2 (batch norm needs 2 per batch): give at least 4 training samples")
     replaced = {}
     for where in ("train", "test", "search_t", "search_v"):
@@ -150,11 +151,11 @@ def check_processes(recipe, device: torch.device, sections: tuple[str, ...] = ("
     if dist.world_size() <= 1:
         return
     if recipe.dist.sync_bn and device.type != "cuda":
-        raise ValueError(f"dist.sync_bn=true synchronises batch statistics with SyncBatchNorm, which needs CUDA "
+        raise InputError(f"dist.sync_bn=true synchronises batch statistics with SyncBatchNorm, which needs CUDA "
                          f"(NCCL); on {device.type} (gloo) there is none: set dist.sync_bn=false (each process then "
                          "normalises its share of the batch)")
     for name in sections:
         cfg = getattr(recipe, name, None)
         if cfg is not None and getattr(cfg, "cuda_graph", False) and device.type == "cuda":
-            raise ValueError(f"{name}.cuda_graph=true: capturing the step of several processes in a CUDA graph is not "
+            raise InputError(f"{name}.cuda_graph=true: capturing the step of several processes in a CUDA graph is not "
                              "supported yet; set it to false under torchrun")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import MissingFileError
 from .metrics import format_count
 from .report import markdown_table
 
@@ -15,7 +16,7 @@ def read_report(run: Path) -> dict:
     """The report.json of a run folder, with a clear error when it is missing."""
     path = Path(run) / "report.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run}: no report.json (has the run finished? resume it with --resume --out {run})")
+        raise MissingFileError(f"{run}: no report.json (has the run finished? resume it with --resume --out {run})")
     return json.loads(path.read_text())
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InputError
 from .modes import evaluating
 
 __all__ = ["Timer", "Timing", "device_name", "device_timer", "latency_cache_dir", "median_time", "time_calls",
@@ -106,7 +107,7 @@ def time_calls(fns: Sequence[Callable[[], Any]], timer: Timer, *, rounds: int = 
     """Time several callables, interleaved: each is called `warmup` times first, then every round calls each one
     `repeats` times in turn. One `Timing` per callable."""
     if rounds < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"rounds and repeats must be >= 1 and warmup >= 0, got {rounds}, {repeats}, {warmup}")
+        raise InputError(f"rounds and repeats must be >= 1 and warmup >= 0, got {rounds}, {repeats}, {warmup}")
     for fn in fns:
         if warmup:
             timer(fn, warmup)

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from .engine.optim import SGD
+from .errors import InputError
 from .search.base import SearchState, get_search
 
 __all__ = ["ToyResult", "solve", "rarts_equilibrium"]
@@ -50,7 +51,7 @@ def rarts_equilibrium(lam: float, beta: float) -> tuple[float, float, float]:
     """(ᾱ, w̄, ȳ) solving eq. (13)–(15)."""
     d = 4 * beta * lam - beta - 2 * lam
     if d == 0:
-        raise ValueError(f"no unique equilibrium for lam={lam}, beta={beta} (4βλ − β − 2λ = 0)")
+        raise InputError(f"no unique equilibrium for lam={lam}, beta={beta} (4βλ − β − 2λ = 0)")
     return 4 * beta * lam / d, (4 * beta * lam - 2 * beta) / d, (4 * beta * lam - 2 * beta - 4 * lam) / d
 
 
@@ -62,7 +63,7 @@ def solve(method: str = "rarts", *, lam: float = 10.0, beta: float = 10.0, lr: f
     """
     spec = get_search(method)
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     alpha0, w0, y0 = init
     problem = _ToyProblem(alpha0)
     w = {"w": torch.tensor(float(w0), dtype=torch.float64, requires_grad=True)}

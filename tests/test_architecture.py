@@ -86,7 +86,7 @@ def test_no_import_cycles():
 # The layers, lowest first: what each unit (a subpackage, or a module at the package root) may import from the
 # package. The schema (`recipe`, `config`) loads no algorithm: `methods` imports the built-in ones by name when a
 # method is first looked up. The search layer needs nothing from `width/`; `engine` nothing above itself.
-FOUNDATION = {"version", "_io", "modes", "timing"}  # import only each other; every unit may import them
+FOUNDATION = {"version", "_io", "modes", "timing", "errors"}  # import only each other; every unit may import them
 LAYERS: dict[str, set[str]] = {
     **{unit: set() for unit in FOUNDATION},
     "methods": set(),

@@ -37,6 +37,7 @@ from torch_pruning.pruner import function as tpf
 from ..engine import dist
 from ..engine.step import batches_on
 from ..engine.task import CLASSIFICATION
+from ..errors import InputError
 from ..modes import evaluating
 
 __all__ = ["NORMALIZER", "TAYLOR_BATCHES", "CriterionInfo", "OneShotScores", "criterion_info", "criterion_scores",
@@ -92,7 +93,7 @@ def _criterion(info: CriterionInfo, *, filters_only: bool):
 
     def wrap(fn: _Scorer) -> _Scorer:
         if info.name in _REGISTRY:
-            raise ValueError(f"criterion {info.name!r} is already registered")
+            raise InputError(f"criterion {info.name!r} is already registered")
         _REGISTRY[info.name] = (info, fn, filters_only)
         return fn
 
@@ -152,7 +153,7 @@ def criterion_info(name: str) -> CriterionInfo:
 
 def _lookup(name: str) -> tuple[CriterionInfo, _Scorer, bool]:
     if name not in _REGISTRY:
-        raise ValueError(f"criterion {name!r} is unknown; choose one of {', '.join(list_criteria())}")
+        raise InputError(f"criterion {name!r} is unknown; choose one of {', '.join(list_criteria())}")
     return _REGISTRY[name]
 
 
@@ -171,7 +172,7 @@ def tp_group(gates, i: int) -> Group:
     group = gates.groups[i]
     dg = gates.dg
     if dg is None:
-        raise ValueError("these gates carry no dependency graph (gates.dg is None); attach them with attach_gates")
+        raise InputError("these gates carry no dependency graph (gates.dg is None); attach them with attach_gates")
     modules = dict(gates.model.named_modules())
     full = list(range(group.size))
     if group.scope != "branch-input":
@@ -218,7 +219,7 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
                     CLASSIFICATION.loss(model(x), y).backward()
                     seen.append(y.shape[0])
             if not seen:
-                raise ValueError("the Taylor criterion needs training batches, but the loader yielded none")
+                raise InputError("the Taylor criterion needs training batches, but the loader yielded none")
             with torch.no_grad():
                 grads = [p.grad for p in params if p.grad is not None]
                 torch._foreach_div_(grads, float(len(seen)))
@@ -249,9 +250,9 @@ def score_channels(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCH
     """`criterion_scores` with what the pipeline records: the time it took and the batches it read."""
     info, make, filters_only = _lookup(name)
     if info.needs_data and loader is None:
-        raise ValueError(f"criterion {name!r} needs training batches (gradients of the loss); pass a loader")
+        raise InputError(f"criterion {name!r} needs training batches (gradients of the loss); pass a loader")
     if batches < 1:
-        raise ValueError(f"batches must be >= 1, got {batches}")
+        raise InputError(f"batches must be >= 1, got {batches}")
     t0 = time.perf_counter()
     importance = make()
     device = device if device is not None else next(gates.model.parameters()).device
@@ -264,7 +265,7 @@ def score_channels(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCH
                 tg = _filters(tg, group.scope)
             s = importance(tg) if len(tg) else None
             if s is None:
-                raise ValueError(f"criterion {name!r} finds no layer to score in group {group.name!r} "
+                raise InputError(f"criterion {name!r} finds no layer to score in group {group.name!r} "
                                  f"(scope {group.scope}); use another criterion or scope")
             s = torch.nan_to_num(s.detach().float().cpu(), nan=0.0)  # an all-zero group: 0/0 under "mean"
             if s.numel() != group.size:

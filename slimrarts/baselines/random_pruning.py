@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..engine.fit import fit
+from ..errors import InputError, MissingFileError
 from .base import BaselineResult, register_baseline, search_like
 
 __all__ = ["random_keep", "random_pruning", "reference_counts"]
@@ -20,7 +21,7 @@ def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Te
     out = []
     for n, k in zip(sizes, counts, strict=True):
         if not 1 <= k <= n:
-            raise ValueError(f"a group of {n} channels cannot keep {k}")
+            raise InputError(f"a group of {n} channels cannot keep {k}")
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=g)[:k]] = True
         out.append(mask)
@@ -34,17 +35,17 @@ def reference_counts(path: str, gates) -> list[int]:
     if p.is_dir():
         p = p / "width_spec.json"
     if not p.is_file():
-        raise FileNotFoundError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its "
-                                "width_spec.json)")
+        raise MissingFileError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its "
+                               "width_spec.json)")
     try:
         spec = json.loads(p.read_text())
         kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "
+        raise InputError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "
                          "point it at the run folder (or width_spec.json) of a finished run") from None
     missing = [g.name for g in gates.groups if g.name not in kept]
     if missing:
-        raise ValueError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "
+        raise InputError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "
                          "and scope?")
     return [kept[g.name] for g in gates.groups]
 

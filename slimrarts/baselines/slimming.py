@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..engine.callbacks import Event, on
 from ..engine.fit import fit
+from ..errors import InputError
 from .base import BaselineResult, register_baseline, search_like
 
 __all__ = ["bn_l1_subgradient", "slimming"]
@@ -36,7 +37,7 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
         norms = []
         for site in group.sites:
             if site.fold != "norm":
-                raise ValueError(f"slimming scores channels by BN γ, but group {group.name!r} has a gate on "
+                raise InputError(f"slimming scores channels by BN γ, but group {group.name!r} has a gate on "
                                  f"{site.module}, which is not a norm; use another scope or method")
             norms.append(modules[site.module])
         out.append(norms)

@@ -25,6 +25,7 @@ from .._io import atomic_write
 from ..data import make_loaders
 from ..engine import Callback, Event, console, dist, fit, on, resolve_device, save_atomic
 from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
+from ..errors import InputError
 from ..methods import get_method
 from ..metrics import count_params, format_count
 from ..nas.eval_net import build_eval_net, count_params_no_aux
@@ -47,7 +48,7 @@ def load_nas_recipe(source: str | os.PathLike | dict, overrides: list[str] | Non
 def _run_dir(recipe: NasRecipe, out, resume: bool, force: bool, suffix: str) -> Path:
     """The run folder, checked but not touched (it is made or cleared once the data is loaded)."""
     if resume and not out:
-        raise ValueError("resume needs out: the run folder to continue")
+        raise InputError("resume needs out: the run folder to continue")
     path = Path(out) if out else dist.from_main(lambda: default_run_dir(f"{recipe.name}-{suffix}"))
     return dist.from_main(lambda: check_run_dir(path, resume=resume, force=force))
 
@@ -193,7 +194,7 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     tr = recipe.train
     source = genotype if genotype is not None else tr.genotype
     if source is None:
-        raise ValueError("no genotype to train: set train.genotype to a genotype.json of a search run or to a known "
+        raise InputError("no genotype to train: set train.genotype to a genotype.json of a search run or to a known "
                          "name (darts_v2, darts_v1)")
     g = load_genotype(source)
     device = _start(recipe, "train")

@@ -13,6 +13,7 @@ from ..data import Loaders, make_loaders
 from ..engine import RunDir, dist, fit, prepare_run_dir, resolve_device
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import check_run_dir
+from ..errors import InputError, MissingFileError
 from ..metrics import macs_and_params
 from ..models import create_model
 from ..preflight import check_data, check_model, check_processes, model_outputs
@@ -24,14 +25,14 @@ __all__ = ["build_from_recipe", "load_weights", "model_info", "prune_recipe", "s
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load `model.weights` (a `model.pt` of `slimrarts train`, or a plain state_dict file) into `model`, strictly."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.weights: {str(path)!r} does not exist")
+        raise MissingFileError(f"model.weights: {str(path)!r} does not exist")
     state = load_checkpoint(path, what="weights file (model.weights)",
                             remedy="point model.weights at a model.pt written by slimrarts train, or a state_dict")
     state = state.get("state_dict", state)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"model.weights: {str(path)!r} does not fit model {type(model).__name__}: "
+        raise InputError(f"model.weights: {str(path)!r} does not fit model {type(model).__name__}: "
                          f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
 
 

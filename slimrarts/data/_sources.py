@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from ..errors import InputError, MissingFileError
+
 __all__ = ["PICKLE_DIRS", "Source", "find_source", "read_source", "source_key"]
 
 SPLITS = ("train", "test")
@@ -58,15 +60,15 @@ def find_source(path: Path, name: str) -> Source:
     Raises FileNotFoundError with the reason when there is none.
     """
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     if path.is_file():
         if _is_archive(path.name):
             return Source("archive", path)
-        raise FileNotFoundError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive")
+        raise MissingFileError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive")
     found = _pickle_kind(path)
     if found is not None:
         if found != name:
-            raise FileNotFoundError(f"{path} is a torchvision {found} folder, not {name}")
+            raise MissingFileError(f"{path} is a torchvision {found} folder, not {name}")
         return Source("pickle", path)
     if _is_image_folder(path):
         return Source("folder", path)
@@ -75,14 +77,14 @@ def find_source(path: Path, name: str) -> Source:
     try:
         children = sorted(c for c in path.iterdir() if _name_matches(c.name, name))
     except OSError as e:
-        raise FileNotFoundError(f"{path} cannot be listed: {e}") from e
+        raise MissingFileError(f"{path} cannot be listed: {e}") from e
     for child in children:
         if child.is_dir() and _is_image_folder(child):
             return Source("folder", child)
     for child in children:
         if child.is_file() and _is_archive(child.name):
             return Source("archive", child)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path} holds no {name} data: it is not a torchvision or train/+test/ folder itself, and has no "
         f"{PICKLE_DIRS[name]}/ folder, no train/+test/ folder or .tar/.tar.gz/.tgz archive named like {name!r}")
 
@@ -109,7 +111,7 @@ def _read_pickle_folder(path: Path, name: str) -> Decoded:
     def load(fname: str) -> dict:
         file = path / fname
         if not file.is_file():
-            raise ValueError(f"torchvision {name} folder {path} lacks the file {fname!r}")
+            raise InputError(f"torchvision {name} folder {path} lacks the file {fname!r}")
         with open(file, "rb") as f:
             return _unpickle(f, str(file))
 
@@ -142,10 +144,10 @@ def scan_archive(path: Path, splits: tuple[str, ...], *, pickle_dir: str | None 
                     roots.add(parts[:-3])
                     images[parts[-3:]] = _read_member(tar, member)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{who}cannot read the archive {path}: {e}") from e
+        raise InputError(f"{who}cannot read the archive {path}: {e}") from e
     if len(roots) > 1:
         listed = ", ".join(repr("/".join(r) + "/") for r in sorted(roots))
-        raise ValueError(f"{who}archive {path} holds split folders ({', '.join(splits)}) under several folders "
+        raise InputError(f"{who}archive {path} holds split folders ({', '.join(splits)}) under several folders "
                          f"({listed}); expected one")
     return images, pickles, tops
 
@@ -158,11 +160,11 @@ def _read_archive(path: Path, name: str) -> Decoded:
     if pickles:
         def load(fname: str) -> dict:
             if fname not in pickles:
-                raise ValueError(f"archive {path} lacks {PICKLE_DIRS[name]}/{fname}")
+                raise InputError(f"archive {path} lacks {PICKLE_DIRS[name]}/{fname}")
             return _unpickle(io.BytesIO(pickles[fname]), f"{path}:{fname}")
 
         return _from_pickles(load, name)
-    raise ValueError(f"archive {path} holds neither train/<class>/<image> and test/<class>/<image> members "
+    raise InputError(f"archive {path} holds neither train/<class>/<image> and test/<class>/<image> members "
                      f"({'/'.join(IMAGE_SUFFIXES)}) nor a {PICKLE_DIRS[name]}/ folder; its top level holds "
                      f"{sorted(tops)[:5]}")
 
@@ -183,11 +185,11 @@ def _from_pickles(load: Callable[[str], dict], name: str) -> Decoded:
             batch = load(fname)
             data = np.asarray(_get(batch, "data", fname))
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise ValueError(f"{fname}: 'data' must be a uint8 array [N, 3072], got {data.dtype} {data.shape}")
+                raise InputError(f"{fname}: 'data' must be a uint8 array [N, 3072], got {data.dtype} {data.shape}")
             images.append(torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32))
             labels.append(torch.as_tensor(np.asarray(_get(batch, label_key, fname), dtype=np.int64)))
             if len(labels[-1]) != len(images[-1]):
-                raise ValueError(f"{fname}: {len(images[-1])} images but {len(labels[-1])} labels")
+                raise InputError(f"{fname}: {len(images[-1])} images but {len(labels[-1])} labels")
         splits.append((torch.cat(images), torch.cat(labels)))
     return classes, splits[0], splits[1]
 
@@ -197,11 +199,11 @@ def _from_images(entries: dict[tuple[str, str, str], bytes], where: str) -> Deco
     classes = {split: sorted({cls for _, cls, _ in keys}) for split, keys in by_split.items()}
     for split in SPLITS:
         if not by_split[split]:
-            raise ValueError(f"{where} has no images under {split}/<class>/ ({'/'.join(IMAGE_SUFFIXES)})")
+            raise InputError(f"{where} has no images under {split}/<class>/ ({'/'.join(IMAGE_SUFFIXES)})")
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise ValueError(f"{where}: train/ and test/ have different classes (only in train: {only_train}, "
+        raise InputError(f"{where}: train/ and test/ have different classes (only in train: {only_train}, "
                          f"only in test: {only_test})")
     index = {cls: i for i, cls in enumerate(classes["train"])}
     splits = []
@@ -225,11 +227,11 @@ def _decode_loop(items: list[tuple[str, bytes]], where: str) -> torch.Tensor:
         try:
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"{where}: cannot decode {what}: {e}") from e
+            raise InputError(f"{where}: cannot decode {what}: {e}") from e
         if i == 0:
             out = torch.empty((len(items), *image.shape), dtype=torch.uint8)
         elif image.shape != out.shape[1:]:
-            raise ValueError(f"{where}: {what} is {image.shape[2]}x{image.shape[1]} pixels, the first image "
+            raise InputError(f"{where}: {what} is {image.shape[2]}x{image.shape[1]} pixels, the first image "
                              f"{items[0][0]} is {out.shape[3]}x{out.shape[2]}; all must be the same size")
         out[i] = image
     return out
@@ -249,9 +251,9 @@ def _unpickle(fileobj: io.BufferedIOBase, where: str) -> dict:
     try:
         obj = _ArrayUnpickler(fileobj, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as e:
-        raise ValueError(f"cannot read the CIFAR pickle {where}: {e}") from e
+        raise InputError(f"cannot read the CIFAR pickle {where}: {e}") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"the CIFAR pickle {where} holds a {type(obj).__name__}, expected a dict")
+        raise InputError(f"the CIFAR pickle {where} holds a {type(obj).__name__}, expected a dict")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -265,7 +267,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _get(d: dict, key: str, where: str) -> object:
     if key not in d:
-        raise ValueError(f"{where} lacks the key {key!r} (it has {sorted(map(str, d))})")
+        raise InputError(f"{where} lacks the key {key!r} (it has {sorted(map(str, d))})")
     return d[key]
 
 

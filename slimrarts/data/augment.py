@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 __all__ = ["augment_batch", "cutout_batch", "random_resized_boxes", "resized_crop_batch"]
 
 RATIO = (3 / 4, 4 / 3)  # aspect ratios (width / height) of random-resized-crop boxes, as torchvision's default
@@ -22,13 +24,13 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     left-right where `flips[b]` is true. Same as torchvision RandomCrop(H, padding=pad) then RandomHorizontalFlip.
     """
     if images.dim() != 4:
-        raise ValueError(f"augment_batch: images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        raise InputError(f"augment_batch: images must be [B, C, H, W], got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
     if offsets.shape != (b, 2) or flips.shape != (b,):
-        raise ValueError(f"augment_batch: offsets must be [{b}, 2] and flips [{b}], got {tuple(offsets.shape)} "
+        raise InputError(f"augment_batch: offsets must be [{b}, 2] and flips [{b}], got {tuple(offsets.shape)} "
                          f"and {tuple(flips.shape)}")
     if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-        raise ValueError(f"augment_batch: pad must be an int >= 0, got {pad!r}")
+        raise InputError(f"augment_batch: pad must be an int >= 0, got {pad!r}")
     device = images.device
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
     hp, wp = h + 2 * pad, w + 2 * pad
@@ -52,7 +54,7 @@ def random_resized_boxes(n: int, height: int, width: int, scale: Sequence[float]
     rlo, rhi = _check_range("ratio", ratio, upper=math.inf)
     for what, value in (("n", n), ("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if what == "n" else 1):
-            raise ValueError(f"random_resized_boxes: {what} must be an int >= {0 if what == 'n' else 1}, "
+            raise InputError(f"random_resized_boxes: {what} must be an int >= {0 if what == 'n' else 1}, "
                              f"got {value!r}")
     f64 = torch.float64
     area = height * width * (lo + (hi - lo) * torch.rand(n, _TRIES, generator=generator, dtype=f64))
@@ -86,13 +88,13 @@ def resized_crop_batch(images: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     Boxes must lie inside the images (not checked: that would sync).
     """
     if images.dim() != 4:
-        raise ValueError(f"resized_crop_batch: images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        raise InputError(f"resized_crop_batch: images must be [B, C, H, W], got shape {tuple(images.shape)}")
     b, _, h, w = images.shape
     if boxes.shape != (b, 4) or (flips is not None and flips.shape != (b,)):
-        raise ValueError(f"resized_crop_batch: boxes must be [{b}, 4] and flips [{b}] or None, got "
+        raise InputError(f"resized_crop_batch: boxes must be [{b}, 4] and flips [{b}] or None, got "
                          f"{tuple(boxes.shape)} and {None if flips is None else tuple(flips.shape)}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"resized_crop_batch: size must be an int >= 1, got {size!r}")
+        raise InputError(f"resized_crop_batch: size must be an int >= 1, got {size!r}")
     boxes = boxes.to(images.device, dtype)
     rows = _resize_weights(boxes[:, 0], boxes[:, 2], size, h)  # [B, size, H]
     cols = _resize_weights(boxes[:, 1], boxes[:, 3], size, w)  # [B, size, W]
@@ -106,11 +108,11 @@ def cutout_batch(x: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Ten
     0 (clipped at the borders), as DARTS' Cutout; rows and columns [centre - size // 2, centre - size // 2 + size).
     """
     if x.dim() != 4:
-        raise ValueError(f"cutout_batch: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        raise InputError(f"cutout_batch: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     if centres.shape != (x.shape[0], 2):
-        raise ValueError(f"cutout_batch: centres must be [{x.shape[0]}, 2], got {tuple(centres.shape)}")
+        raise InputError(f"cutout_batch: centres must be [{x.shape[0]}, 2], got {tuple(centres.shape)}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ValueError(f"cutout_batch: size must be an int >= 0, got {size!r}")
+        raise InputError(f"cutout_batch: size must be an int >= 0, got {size!r}")
     start = centres.to(x.device, torch.int64) - size // 2  # [B, 2]
     rows = torch.arange(x.shape[2], device=x.device) - start[:, :1]  # [B, H]: position inside the square
     cols = torch.arange(x.shape[3], device=x.device) - start[:, 1:]
@@ -137,6 +139,6 @@ def _check_range(what: str, values: Sequence[float], upper: float) -> tuple[floa
         lo = hi = math.nan
     if not (0 < lo <= hi <= upper and math.isfinite(hi)):
         bound = "<= 1" if upper == 1.0 else "finite"
-        raise ValueError(f"random_resized_boxes: {what} must be [min, max] with 0 < min <= max ({bound}), "
+        raise InputError(f"random_resized_boxes: {what} must be [min, max] with 0 < min <= max ({bound}), "
                          f"got {values!r}")
     return lo, hi

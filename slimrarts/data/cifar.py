@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+from ..errors import InputError, InputTypeError, MissingFileError
 from ._cache import cache_file, read_cache, write_cache
 from ._sources import PICKLE_DIRS, Decoded, Source, find_source, read_source, source_key
 from .imageset import ImageSet
@@ -60,7 +61,7 @@ def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None, *, 
     name = _check_name(name)
     for flag, value in (("download", download), ("cache", cache)):
         if not isinstance(value, bool):
-            raise TypeError(f"load_cifar: {flag} must be a bool, got {value!r}")
+            raise InputTypeError(f"load_cifar: {flag} must be a bool, got {value!r}")
     cache_dir = default_cache_dir()
     source = _resolve(name, root, download, cache_dir)
     classes, (train_x, train_y), (test_x, test_y) = _read_cached(source, name, cache_dir if cache else None)
@@ -71,18 +72,18 @@ def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None, *, 
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in _STATS:
-        raise ValueError(f"data set name must be one of {sorted(_STATS)}, got {name!r}")
+        raise InputError(f"data set name must be one of {sorted(_STATS)}, got {name!r}")
     return name.lower()
 
 
 def _resolve(name: str, root: str | os.PathLike | None, download: bool, cache_dir: Path) -> Source:
     if root is not None:
         if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"load_cifar: root must be a path (str or os.PathLike) or None, got {root!r}")
+            raise InputTypeError(f"load_cifar: root must be a path (str or os.PathLike) or None, got {root!r}")
         try:
             return find_source(Path(root).expanduser(), name)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{_TITLES[name]} ({name!r}) not found at root={os.fspath(root)!r}: {e}. An explicit root is the "
                 f"only place looked at; pass a folder or archive that holds the data set, or root=None to try "
                 f"${DATA_ENV}, the cache folder and a download.") from None
@@ -112,7 +113,7 @@ def _resolve(name: str, root: str | os.PathLike | None, download: bool, cache_di
     else:
         tried.append(f"download into {cache_dir}: skipped (download=False)")
     lines = "\n".join(f"  - {t}" for t in tried)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{_TITLES[name]} ({name!r}) not found. Places tried:\n{lines}\nTo fix: pass root= a torchvision folder "
         f"({PICKLE_DIRS[name]}), a train/+test/ image folder or a .tar/.tar.gz/.tgz archive of one (or a folder "
         f"holding one), or set ${DATA_ENV} to such a path, or allow download=True on a machine with internet.")
@@ -147,8 +148,8 @@ def _read_cached(source: Source, name: str, cache_dir: Path | None) -> Decoded:
 def _check_classes(name: str, classes: tuple[str, ...], source: Source) -> None:
     expected = _NUM_CLASSES[name]
     if len(classes) != expected:
-        raise ValueError(f"{source} has {len(classes)} classes, {_TITLES[name]} has {expected}: "
+        raise InputError(f"{source} has {len(classes)} classes, {_TITLES[name]} has {expected}: "
                          f"{list(classes)[:12]}{'...' if len(classes) > 12 else ''}")
     if name == "cifar10" and source.kind != "pickle" and classes != CIFAR10_CLASSES:
-        raise ValueError(f"{source} has classes {list(classes)}, expected the CIFAR-10 classes "
+        raise InputError(f"{source} has classes {list(classes)}, expected the CIFAR-10 classes "
                          f"{list(CIFAR10_CLASSES)} (as folder names, so that sorted order gives the standard labels)")

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..engine import dist
+from ..errors import InputError, InputTypeError
 from .cifar import load_cifar, stats_for
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
 from .imageset import ImageSet
@@ -52,7 +53,7 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
     """
     load = get_dataset(cfg.name)
     if cfg.cutout and not cfg.augment:
-        raise ValueError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
+        raise InputError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
                          "false; set data.cutout=0 or data.augment=true")
     if shard is None and dist.world_size() > 1:
         shard = (dist.rank(), dist.world_size())
@@ -60,7 +61,7 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
     batch, eval_batch = (cfg.batch_size * world, cfg.eval_batch_size * world) if per_process else \
         (cfg.batch_size, cfg.eval_batch_size)
     if world > 1 and batch % world:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch (dist.batch=global), split over "
+        raise InputError(f"data.batch_size={cfg.batch_size} is the global batch (dist.batch=global), split over "
                          f"{world} processes: give a multiple of {world}, or set dist.batch=process to make it each "
                          "process's batch")
     stream = _streams(cfg)
@@ -93,14 +94,14 @@ def _streams(cfg) -> bool:
     images would not fit in `cfg.memory_gb`."""
     if cfg.loader == "memory" or cfg.name != "imagefolder":
         if cfg.loader == "stream":
-            raise ValueError(f"data.loader=stream reads image files; data.name={cfg.name} is held in memory (set "
+            raise InputError(f"data.loader=stream reads image files; data.name={cfg.name} is held in memory (set "
                              "data.loader to auto or memory)")
         return False
     if cfg.root is None:
         return False  # the imagefolder kind names what is missing
     if cfg.loader == "stream":
         if not streamable(cfg.root):
-            raise ValueError(f"data.loader=stream: {cfg.root!r} cannot be streamed: give an ImageFolder folder, an "
+            raise InputError(f"data.loader=stream: {cfg.root!r} cannot be streamed: give an ImageFolder folder, an "
                              "uncompressed .tar of one, or a folder of .tar shards (a .tar.gz has no random access: "
                              "decompress or extract it)")
         return True
@@ -117,7 +118,7 @@ def _streams(cfg) -> bool:
 def _cifar(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     for key in ("image_size", "resize"):
         if getattr(cfg, key, None) is not None:
-            raise ValueError(f"data.{key}={getattr(cfg, key)!r} is used only by data.name=imagefolder (CIFAR stays "
+            raise InputError(f"data.{key}={getattr(cfg, key)!r} is used only by data.name=imagefolder (CIFAR stays "
                              "32x32); set it to None")
     train_set, test_set = load_cifar(cfg.name, cfg.root, download=cfg.download)
     mean, std = stats_for(cfg.name)
@@ -127,7 +128,7 @@ def _cifar(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
 @register_dataset("imagefolder")
 def _imagefolder(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     if cfg.root is None:
-        raise ValueError("data.root is None, but data.name=imagefolder needs one: a folder or .tar/.tar.gz with "
+        raise InputError("data.root is None, but data.name=imagefolder needs one: a folder or .tar/.tar.gz with "
                          "train/<class>/... and test/<class>/... (or val/<class>/...)")
     image_size, resize = imagefolder_sizes(cfg.image_size, cfg.resize)
     train_set, test_set = load_imagefolder(cfg.root, resize=resize)
@@ -150,13 +151,13 @@ def imagefolder_sizes(image_size: int | None, resize: int | None) -> tuple[int, 
     """(image_size, resize) with the ImageNet ratio 224:256 filling in what is None (224 and 256 when both are)."""
     for what, value in (("image_size", image_size), ("resize", resize)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"data.{what} must be an int >= 1 or None, got {value!r}")
+            raise InputError(f"data.{what} must be an int >= 1 or None, got {value!r}")
     if image_size is None:
         image_size = 224 if resize is None else round(resize * 224 / 256)
     if resize is None:
         resize = round(image_size * 256 / 224)
     if resize < image_size:
-        raise ValueError(f"data.resize={resize} must be >= data.image_size={image_size}: images are stored at "
+        raise InputError(f"data.resize={resize} must be >= data.image_size={image_size}: images are stored at "
                          "resize x resize and evaluated on their centre image_size crop")
     return image_size, resize
 
@@ -172,7 +173,7 @@ def _labels_of(dataset) -> torch.Tensor | None:
 def _halve(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
     dataset = loader.dataset
     if len(dataset) < 4:
-        raise ValueError(f"the training set has {len(dataset)} sample(s); the search splits it into two halves and "
+        raise InputError(f"the training set has {len(dataset)} sample(s); the search splits it into two halves and "
                          "each needs at least 2 (batch norm needs 2 per batch): give at least 4 training samples")
     labels = _labels_of(dataset)
     if labels is not None and len(labels) == len(dataset):
@@ -220,22 +221,22 @@ def as_loaders(loaders: Any, *, seed: int = 0) -> Loaders:
     if isinstance(loaders, dict):
         missing = [k for k in ("train", "test") if k not in loaders]
         if missing:
-            raise ValueError(f"loaders dict is missing {missing}; give at least 'train' and 'test'")
+            raise InputError(f"loaders dict is missing {missing}; give at least 'train' and 'test'")
         train, test = loaders["train"], loaders["test"]
         half_t, half_v = loaders.get("search_t"), loaders.get("search_v")
     elif isinstance(loaders, (tuple, list)) and len(loaders) == 2:
         train, test = loaders
         half_t = half_v = None
     else:
-        raise TypeError("loaders must be slimrarts.data.Loaders, a (train, test) pair of loaders, or a dict with "
-                        f"'train' and 'test'; got {type(loaders).__name__}")
+        raise InputTypeError("loaders must be slimrarts.data.Loaders, a (train, test) pair of loaders, or a dict with "
+                             f"'train' and 'test'; got {type(loaders).__name__}")
     if (half_t is None) != (half_v is None):
-        raise ValueError("give both search_t and search_v, or neither")
+        raise InputError("give both search_t and search_v, or neither")
     _warn_unsharded(train)
     if half_t is None:
         if not isinstance(train, DataLoader):
-            raise TypeError("to split the training set into D_t/D_v, the train loader must be a "
-                            f"torch.utils.data.DataLoader (got {type(train).__name__}); or pass search_t/search_v")
+            raise InputTypeError("to split the training set into D_t/D_v, the train loader must be a "
+                                 f"torch.utils.data.DataLoader (got {type(train).__name__}); or pass search_t/search_v")
         half_t, half_v = _halve(train, seed)
     num_classes = getattr(train, "num_classes", None)
     return Loaders(train, test, half_t, half_v, num_classes=num_classes)

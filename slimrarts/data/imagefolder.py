@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
+from ..errors import InputError, InputTypeError, MissingFileError
 from ._cache import cache_file, read_cache, write_cache
 from ._sources import IMAGE_SUFFIXES, _is_archive, _is_image_name, scan_archive
 from .cifar import default_cache_dir
@@ -41,11 +42,11 @@ def load_imagefolder(root: str | os.PathLike, *, resize: int, cache: bool = True
     and `resize`; `cache=False` neither reads nor writes that cache.
     """
     if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"load_imagefolder: root must be a path (str or os.PathLike), got {root!r}")
+        raise InputTypeError(f"load_imagefolder: root must be a path (str or os.PathLike), got {root!r}")
     if not isinstance(resize, int) or isinstance(resize, bool) or resize < 1:
-        raise ValueError(f"load_imagefolder: resize must be an int >= 1, got {resize!r}")
+        raise InputError(f"load_imagefolder: resize must be an int >= 1, got {resize!r}")
     if not isinstance(cache, bool):
-        raise TypeError(f"load_imagefolder: cache must be a bool, got {cache!r}")
+        raise InputTypeError(f"load_imagefolder: cache must be a bool, got {cache!r}")
     path = _find(Path(root).expanduser())
     if path.is_file():
         kind, listing = "archive", None
@@ -71,18 +72,18 @@ def load_imagefolder(root: str | os.PathLike, *, resize: int, cache: bool = True
 def _find(path: Path) -> Path:
     """`path` itself when it is an archive or an ImageFolder folder, else its only child folder that is one."""
     if not path.exists():
-        raise FileNotFoundError(f"load_imagefolder: root {str(path)!r} does not exist")
+        raise MissingFileError(f"load_imagefolder: root {str(path)!r} does not exist")
     if path.is_file():
         if _is_archive(path.name):
             return path
-        raise ValueError(f"load_imagefolder: root {str(path)!r} is a file but not a .tar, .tar.gz or .tgz archive")
+        raise InputError(f"load_imagefolder: root {str(path)!r} is a file but not a .tar, .tar.gz or .tgz archive")
     if _is_split_folder(path):
         return path
     children = sorted(c for c in path.iterdir() if c.is_dir() and _is_split_folder(c))
     if len(children) == 1:
         return children[0]
     found = f"several do: {[c.name for c in children]}" if children else "nor does any folder in it"
-    raise ValueError(f"load_imagefolder: root {str(path)!r} has no train/ plus test/ or val/ folders, {found}; "
+    raise InputError(f"load_imagefolder: root {str(path)!r} has no train/ plus test/ or val/ folders, {found}; "
                      "expected one ImageFolder data set (train/<class>/<image>, test/<class>/<image>)")
 
 
@@ -116,7 +117,7 @@ def _read_archive(path: Path) -> dict[Key, bytes]:
     splits = {split for split, _, _ in images}
     eval_split = next((split for split in _EVAL_SPLITS if split in splits), None)
     if _TRAIN not in splits or eval_split is None:
-        raise ValueError(f"load_imagefolder: archive {path} needs images under train/<class>/ and test/<class>/ "
+        raise InputError(f"load_imagefolder: archive {path} needs images under train/<class>/ and test/<class>/ "
                          f"(or val/<class>/), {'/'.join(IMAGE_SUFFIXES)}; it has them only under "
                          f"{sorted(s + '/' for s in splits)}")
     return {k: v for k, v in images.items() if k[0] in (_TRAIN, eval_split)}
@@ -130,13 +131,13 @@ def _ordered(entries: dict[Key, object], where: str) -> tuple[list[str], str, li
     keys = {split: sorted(k for k in entries if k[0] == split) for split in (_TRAIN, eval_split)}
     for split, found in keys.items():
         if not found:
-            raise ValueError(f"load_imagefolder: {where} has no images under {split}/<class>/ "
+            raise InputError(f"load_imagefolder: {where} has no images under {split}/<class>/ "
                              f"({'/'.join(IMAGE_SUFFIXES)})")
     classes = {split: sorted({cls for _, cls, _ in found}) for split, found in keys.items()}
     if classes[_TRAIN] != classes[eval_split]:
         only_train = sorted(set(classes[_TRAIN]) - set(classes[eval_split]))
         only_eval = sorted(set(classes[eval_split]) - set(classes[_TRAIN]))
-        raise ValueError(f"load_imagefolder: {where}: train/ and {eval_split}/ must have the same classes (class "
+        raise InputError(f"load_imagefolder: {where}: train/ and {eval_split}/ must have the same classes (class "
                          f"folders with images); only in train/: {only_train}, only in {eval_split}/: {only_eval}")
     return classes[_TRAIN], eval_split, keys[_TRAIN], keys[eval_split]
 
@@ -165,7 +166,7 @@ def _decode(item: Path | bytes, what: str, resize: int, where: str) -> torch.Ten
         data = item.read_bytes() if isinstance(item, Path) else item
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:
-        raise ValueError(f"load_imagefolder: {where}: cannot read {what}: {e}") from e
+        raise InputError(f"load_imagefolder: {where}: cannot read {what}: {e}") from e
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = TF.to_dtype(image, torch.uint8, scale=True)
     image = TF.resize(image, [resize], antialias=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError, InputTypeError
+
 __all__ = ["ImageSet"]
 
 
@@ -25,24 +27,24 @@ class ImageSet:
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"ImageSet.images must be a uint8 tensor [N, 3, H, W], got {_describe(images)}")
+            raise InputTypeError(f"ImageSet.images must be a uint8 tensor [N, 3, H, W], got {_describe(images)}")
         if images.shape[1] != 3:
-            raise ValueError(f"ImageSet.images must have 3 channels [N, 3, H, W], got shape {tuple(images.shape)}")
+            raise InputError(f"ImageSet.images must have 3 channels [N, 3, H, W], got shape {tuple(images.shape)}")
         if images.device.type != "cpu" or not images.is_contiguous():
-            raise ValueError(f"ImageSet.images must be a contiguous CPU tensor, got one on {images.device} "
+            raise InputError(f"ImageSet.images must be a contiguous CPU tensor, got one on {images.device} "
                              f"(contiguous={images.is_contiguous()})")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-            raise TypeError(f"ImageSet.labels must be an int64 tensor [N], got {_describe(labels)}")
+            raise InputTypeError(f"ImageSet.labels must be an int64 tensor [N], got {_describe(labels)}")
         if labels.device.type != "cpu" or len(labels) != len(images):
-            raise ValueError(f"ImageSet.labels must be a CPU tensor with one label per image ({len(images)}), "
+            raise InputError(f"ImageSet.labels must be a CPU tensor with one label per image ({len(images)}), "
                              f"got {len(labels)} on {labels.device}")
         if isinstance(self.classes, str) or not all(isinstance(c, str) for c in self.classes):
-            raise TypeError(f"ImageSet.classes must be a sequence of class names (str), got {self.classes!r}")
+            raise InputTypeError(f"ImageSet.classes must be a sequence of class names (str), got {self.classes!r}")
         object.__setattr__(self, "classes", tuple(self.classes))
         if len(set(self.classes)) != len(self.classes) or not self.classes:
-            raise ValueError(f"ImageSet.classes must be non-empty and unique, got {self.classes!r}")
+            raise InputError(f"ImageSet.classes must be non-empty and unique, got {self.classes!r}")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
-            raise ValueError(f"ImageSet.labels must lie in [0, {len(self.classes)}), got values in "
+            raise InputError(f"ImageSet.labels must lie in [0, {len(self.classes)}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
 
     def __len__(self) -> int:
@@ -71,10 +73,10 @@ def _as_index(indices: torch.Tensor | Sequence[int], n: int, what: str) -> torch
         seq = list(indices)
         idx = torch.as_tensor(seq) if seq else torch.empty(0, dtype=torch.int64)
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() != 1:
-        raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints, got {_describe(idx)}")
+        raise InputTypeError(f"{what} must be a 1-D integer tensor or a sequence of ints, got {_describe(idx)}")
     idx = idx.to("cpu", torch.int64)
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"{what} must lie in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}]")
+        raise InputError(f"{what} must lie in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}]")
     return idx
 
 

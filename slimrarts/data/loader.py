@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from ..errors import InputError, InputTypeError
 from .augment import augment_batch, cutout_batch, random_resized_boxes, resized_crop_batch
 from .cifar import CIFAR10_MEAN, CIFAR10_STD
 from .imageset import ImageSet, _as_index
@@ -29,7 +30,7 @@ class _PadCrop:
     def __init__(self, height: int, width: int, pad: int | None, image_size: int | None,
                  crop_scale: Sequence[float] | None) -> None:
         if image_size is not None or crop_scale is not None:
-            raise ValueError(f"DeviceLoader: image_size and crop_scale are used only with crop='rrc', got "
+            raise InputError(f"DeviceLoader: image_size and crop_scale are used only with crop='rrc', got "
                              f"image_size={image_size!r}, crop_scale={crop_scale!r} with crop='pad'")
         self.pad = 4 if pad is None else pad
         _check_int("pad", self.pad, 0)
@@ -56,10 +57,10 @@ class _ResizedCrop:
     def __init__(self, height: int, width: int, pad: int | None, image_size: int | None,
                  crop_scale: Sequence[float] | None) -> None:
         if pad is not None:
-            raise ValueError(f"DeviceLoader: pad is used only with crop='pad', got pad={pad!r} with crop='rrc'")
+            raise InputError(f"DeviceLoader: pad is used only with crop='pad', got pad={pad!r} with crop='rrc'")
         size = min(height, width) if image_size is None else image_size
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= min(height, width):
-            raise ValueError(f"DeviceLoader: image_size must be an int in [1, {min(height, width)}] (at most the "
+            raise InputError(f"DeviceLoader: image_size must be an int in [1, {min(height, width)}] (at most the "
                              f"stored {height}x{width} images' shorter side) or None, got {image_size!r}")
         scale = DEFAULT_CROP_SCALE if crop_scale is None else crop_scale
         try:
@@ -67,7 +68,7 @@ class _ResizedCrop:
         except (TypeError, ValueError):
             lo = hi = float("nan")
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"DeviceLoader: crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale!r}")
+            raise InputError(f"DeviceLoader: crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale!r}")
         self.image_size, self.crop_scale, self.stored_size = size, (lo, hi), (height, width)
         self.size = (size, size)
 
@@ -104,11 +105,11 @@ def _check_shard(shard: object, batch_size: int, drop_last: bool, who: str) -> t
     if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                     for v in shard)
             or not 0 <= shard[0] < shard[1]):
-        raise ValueError(f"{who}: shard must be (rank, world size) with 0 <= rank < world size, got {shard!r}")
+        raise InputError(f"{who}: shard must be (rank, world size) with 0 <= rank < world size, got {shard!r}")
     if shard[1] == 1:
         return None
     if drop_last and batch_size % shard[1]:
-        raise ValueError(f"{who}: batch_size={batch_size} is the global batch, split over {shard[1]} processes; it "
+        raise InputError(f"{who}: batch_size={batch_size} is the global batch, split over {shard[1]} processes; it "
                          f"must be a multiple of {shard[1]} (or give each process its own batch: dist.batch=process)")
     return shard
 
@@ -127,15 +128,15 @@ class _Batcher:
         for flag, value in (("train", train), ("augment", augment), ("shuffle", shuffle), ("drop_last", drop_last),
                             ("channels_last", channels_last)):
             if not isinstance(value, bool) and not (value is None and flag in ("augment", "shuffle", "drop_last")):
-                raise TypeError(f"{who}: {flag} must be a bool{'' if flag == 'train' else ' or None'}, "
-                                f"got {value!r}")
+                raise InputTypeError(f"{who}: {flag} must be a bool{'' if flag == 'train' else ' or None'}, "
+                                     f"got {value!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
+            raise InputTypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
         if not isinstance(crop, str) or crop not in _CROPS:
-            raise ValueError(f"{who}: crop must be one of {sorted(_CROPS)}, got {crop!r}")
+            raise InputError(f"{who}: crop must be one of {sorted(_CROPS)}, got {crop!r}")
         mean_t, std_t = _channel_stats("mean", mean, who), _channel_stats("std", std, who)
         if bool((std_t <= 0).any()):
-            raise ValueError(f"{who}: std must be > 0 per channel, got {tuple(std)}")
+            raise InputError(f"{who}: std must be > 0 per channel, got {tuple(std)}")
         self._crop = _CROPS[crop](*stored_hw, pad, image_size, crop_scale)
 
         self._device = torch.device(device)
@@ -151,7 +152,7 @@ class _Batcher:
         self.dtype = dtype
         self.epoch = 0
         if cutout and not self.augment:
-            raise ValueError(f"{who}: cutout={cutout} is applied only to augmented batches, but augment=False; "
+            raise InputError(f"{who}: cutout={cutout} is applied only to augmented batches, but augment=False; "
                              "set cutout=0 or augment=True")
         # (x / 255 - mean) / std as one multiply-add, computed in float32 (float64 if asked) and cast after.
         self._math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -160,7 +161,7 @@ class _Batcher:
 
     def _check_size(self, n: int, shard, who: str) -> None:
         if n == 0 or (self.drop_last and n < self._batch_size):
-            raise ValueError(f"{who}: {n} samples make no batch of batch_size={self._batch_size} "
+            raise InputError(f"{who}: {n} samples make no batch of batch_size={self._batch_size} "
                              f"(drop_last={self.drop_last})")
         self.shard = _check_shard(shard, self._batch_size, self.drop_last, who)
 
@@ -285,7 +286,7 @@ class DeviceLoader(_Batcher):
                  image_size: int | None = None, crop_scale: Sequence[float] | None = None, cutout: int = 0,
                  shard: tuple[int, int] | None = None) -> None:
         if not isinstance(data, ImageSet):
-            raise TypeError(f"DeviceLoader: data must be an ImageSet, got {type(data).__name__}")
+            raise InputTypeError(f"DeviceLoader: data must be an ImageSet, got {type(data).__name__}")
         self._setup("DeviceLoader", data.images.shape[2:], data.classes, batch_size, train=train, device=device,
                     mean=mean, std=std, augment=augment, shuffle=shuffle, drop_last=drop_last, seed=seed,
                     channels_last=channels_last, dtype=dtype, crop=crop, pad=pad, image_size=image_size,
@@ -332,7 +333,7 @@ class DeviceLoader(_Batcher):
 
 def _check_int(what: str, value: object, low: int, who: str = "DeviceLoader") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{who}: {what} must be an int >= {low}, got {value!r}")
+        raise InputError(f"{who}: {what} must be an int >= {low}, got {value!r}")
 
 
 def _channel_stats(what: str, values: Sequence[float], who: str = "DeviceLoader") -> torch.Tensor:
@@ -341,5 +342,5 @@ def _channel_stats(what: str, values: Sequence[float], who: str = "DeviceLoader"
     except (TypeError, ValueError):
         t = None
     if t is None or t.shape != (3,) or not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{who}: {what} must be 3 finite numbers (one per channel), got {values!r}")
+        raise InputError(f"{who}: {what} must be 3 finite numbers (one per channel), got {values!r}")
     return t

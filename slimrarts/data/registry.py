@@ -12,6 +12,8 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["describe_datasets", "get_dataset", "list_datasets", "register_dataset"]
 
 Dataset = Callable[[Any], tuple[Any, Any, dict, dict]]
@@ -21,12 +23,12 @@ _REGISTRY: dict[str, Dataset] = {}
 def register_dataset(*names: str) -> Callable[[Dataset], Dataset]:
     """Decorator registering `load(cfg)` under each of `names` (one function may read several, e.g. CIFAR-10/100)."""
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"register_dataset needs one or more non-empty names, got {names!r}")
+        raise InputError(f"register_dataset needs one or more non-empty names, got {names!r}")
 
     def add(fn: Dataset) -> Dataset:
         taken = [n for n in names if n in _REGISTRY]
         if taken:
-            raise ValueError(f"data set {taken[0]!r} is already registered")
+            raise InputError(f"data set {taken[0]!r} is already registered")
         _REGISTRY.update(dict.fromkeys(names, fn))
         return fn
 
@@ -39,7 +41,7 @@ def get_dataset(name: str) -> Dataset:
     if fn is None:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"data.name {name!r} is unknown{hint}; choose one of {describe_datasets()}")
+        raise InputError(f"data.name {name!r} is unknown{hint}; choose one of {describe_datasets()}")
     return fn
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError, InputTypeError
+
 __all__ = ["limit_per_class", "split_halves"]
 
 
@@ -37,7 +39,7 @@ def limit_per_class(labels: torch.Tensor, k: int, seed: int | None = None) -> to
     """
     labels = _check_labels(labels, "limit_per_class")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"limit_per_class: k must be an int >= 1, got {k!r}")
+        raise InputError(f"limit_per_class: k must be an int >= 1, got {k!r}")
     if seed is None:
         order = torch.arange(len(labels))
     else:
@@ -62,10 +64,10 @@ def _check_labels(labels: torch.Tensor, fn: str) -> torch.Tensor:
             or labels.dtype.is_complex or labels.dtype == torch.bool):
         shown = (f"a {labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
                  else type(labels).__name__)
-        raise TypeError(f"{fn}: labels must be a 1-D integer tensor, got {shown}")
+        raise InputTypeError(f"{fn}: labels must be a 1-D integer tensor, got {shown}")
     return labels.to("cpu", torch.int64)
 
 
 def _check_seed(seed: int, fn: str) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"{fn}: seed must be an int >= 0, got {seed!r}")
+        raise InputError(f"{fn}: seed must be an int >= 0, got {seed!r}")

@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from ..engine import dist
+from ..errors import InputError, InputTypeError
 from ._sources import _is_image_name
 from .imagefolder import _EVAL_SPLITS, _TRAIN, _decode, _find, _list_folder, _ordered
 from .imageset import _as_index
@@ -86,16 +87,16 @@ def _tar_members(paths: Sequence[Path], who: str) -> dict[tuple[str, str, str], 
                             and _is_image_name(parts[-1]):
                         key = parts[-3:]
                         if key in out:
-                            raise ValueError(f"{who}{'/'.join(key)} is in more than one shard ({out[key][0]} and "
+                            raise InputError(f"{who}{'/'.join(key)} is in more than one shard ({out[key][0]} and "
                                              f"{path})")
                         roots.add(parts[:-3])
                         out[key] = (str(path), member.offset_data, member.size)
         except tarfile.ReadError as e:
-            raise ValueError(f"{who}cannot read {path} as an uncompressed tar archive ({e}); a compressed archive "
+            raise InputError(f"{who}cannot read {path} as an uncompressed tar archive ({e}); a compressed archive "
                              "cannot be read at random: decompress it (gunzip) or extract it, or hold the set in "
                              "memory with data.loader=memory") from e
     if len(roots) > 1:
-        raise ValueError(f"{who}the archives hold split folders under several folders "
+        raise InputError(f"{who}the archives hold split folders under several folders "
                          f"({', '.join(repr('/'.join(r) + '/') for r in sorted(roots))}); expected one")
     return out
 
@@ -212,13 +213,13 @@ class StreamLoader(_Batcher):
                  pad: int | None = None, image_size: int | None = None, crop_scale: Sequence[float] | None = None,
                  cutout: int = 0, shard: tuple[int, int] | None = None, workers: int | None = None) -> None:
         if not isinstance(files, ImageFiles):
-            raise TypeError(f"StreamLoader: files must be ImageFiles (see index_imagefolder), got "
-                            f"{type(files).__name__}")
+            raise InputTypeError(f"StreamLoader: files must be ImageFiles (see index_imagefolder), got "
+                                 f"{type(files).__name__}")
         if not isinstance(resize, int) or isinstance(resize, bool) or resize < 1:
-            raise ValueError(f"StreamLoader: resize must be an int >= 1, got {resize!r}")
+            raise InputError(f"StreamLoader: resize must be an int >= 1, got {resize!r}")
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ValueError(f"StreamLoader: workers must be an int >= 0, got {workers!r}")
+            raise InputError(f"StreamLoader: workers must be an int >= 0, got {workers!r}")
         self._setup("StreamLoader", (resize, resize), files.classes, batch_size, train=train, device=device,
                     mean=mean, std=std, augment=augment, shuffle=shuffle, drop_last=drop_last, seed=seed,
                     channels_last=channels_last, dtype=dtype, crop=crop, pad=pad, image_size=image_size,

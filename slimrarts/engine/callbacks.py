@@ -16,6 +16,8 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import InputTypeError
+
 __all__ = ["Callback", "Event", "LoopState", "fire", "on"]
 
 
@@ -72,7 +74,7 @@ def on(event: Event | Iterable[Event], fn: Callable[[LoopState], None]) -> Callb
     events = (event,) if isinstance(event, Event) else tuple(event)
     bad = [e for e in events if not isinstance(e, Event)]
     if bad:
-        raise TypeError(f"on(): events must be slimrarts.engine.Event members, got {bad[0]!r}")
+        raise InputTypeError(f"on(): events must be slimrarts.engine.Event members, got {bad[0]!r}")
     return _FunctionCallback(events, fn)
 
 

@@ -8,13 +8,9 @@ from typing import Any
 import torch
 
 from .._io import atomic_file
+from ..errors import CorruptFileError
 
 __all__ = ["CorruptFileError", "save_atomic", "load_checkpoint", "rng_state", "set_rng_state"]
-
-
-class CorruptFileError(ValueError):
-    """A file slimrarts wrote cannot be read back (truncated, empty, or not slimrarts' own); the message names the
-    file and what to do."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

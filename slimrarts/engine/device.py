@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import dist
 
 __all__ = ["resolve_device"]
@@ -24,7 +25,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
+        raise InputError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
     return _this_gpu(device)
 
 

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from ..errors import InputError, PeerFailure
+
 __all__ = ["BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "PeerError", "RemoteError", "active", "all_reduce_", "any_true",
            "backend", "barrier", "broadcast_object", "choose_backend", "convert_sync_bn", "describe", "from_main",
            "init", "is_main", "launched", "local_main_first", "local_rank", "local_world_size", "peer_errors", "rank",
@@ -87,7 +89,7 @@ def choose_backend(device: str | torch.device, asked: str = "auto") -> str:
     if asked == "auto":
         return "nccl" if _wants_cuda(device) else "gloo"
     if asked == "nccl" and not _wants_cuda(device):
-        raise ValueError(f"dist.backend=nccl needs a CUDA device, but the run's device is {str(device)!r}; use "
+        raise InputError(f"dist.backend=nccl needs a CUDA device, but the run's device is {str(device)!r}; use "
                          "dist.backend=auto or gloo")
     return asked
 
@@ -105,13 +107,13 @@ def init(device: str | torch.device = "auto", *, backend: str = "auto",
     if not launched():
         return False
     if str(device).startswith("cuda:") and int(os.environ["WORLD_SIZE"]) > 1:
-        raise ValueError(f"device {str(device)!r} pins one GPU, but torchrun started {os.environ['WORLD_SIZE']} "
+        raise InputError(f"device {str(device)!r} pins one GPU, but torchrun started {os.environ['WORLD_SIZE']} "
                          "processes that each take cuda:LOCAL_RANK; set device to cuda or auto")
     chosen = choose_backend(device, backend)
     device_id = None
     if _wants_cuda(device):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
+            raise InputError(f"device {str(device)!r} was asked for but CUDA is not available here")
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device_id)
     tdist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
@@ -180,7 +182,7 @@ def all_reduce_(tensors: Iterable[torch.Tensor], op: str = "mean", *,
     if not active():
         return
     if op not in ("mean", "sum"):
-        raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+        raise InputError(f"op must be 'mean' or 'sum', got {op!r}")
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return
@@ -234,7 +236,7 @@ def broadcast_object(obj: _T, src: int = 0) -> _T:
     return box[0]
 
 
-class PeerError(RuntimeError):
+class PeerError(PeerFailure):
     """A collective failed: another process of the group died, was stopped, or stopped answering within the timeout."""
 
 

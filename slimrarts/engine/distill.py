@@ -16,14 +16,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InputError, InputTypeError
+
 __all__ = ["Distiller", "distillation_loss"]
 
 
 def _check(weight: float, temperature: float) -> None:
     if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
+        raise InputError(f"distillation weight must be in [0, 1], got {weight}")
     if not temperature > 0.0:
-        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        raise InputError(f"distillation temperature must be > 0, got {temperature}")
 
 
 def _logits(out) -> torch.Tensor:
@@ -65,7 +67,7 @@ class Distiller:
     def __init__(self, teacher: nn.Module, *, weight: float = 0.5, temperature: float = 4.0):
         _check(weight, temperature)
         if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+            raise InputTypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.temperature = float(weight), float(temperature)
         self._stash: torch.Tensor | None = None

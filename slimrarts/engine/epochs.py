@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import DivergenceBase
 from . import dist
 from .callbacks import Callback, Event, LoopState, fire
 from .checkpoint import rng_state, set_rng_state
@@ -33,7 +34,7 @@ from .rundir import RunDir
 __all__ = ["DivergenceError", "Phase", "PhaseResult", "Ticker", "run_epochs", "set_loader_epoch"]
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(DivergenceBase):
     """A phase produced a non-finite loss, weight or α; the run stopped before writing that epoch.
 
     The last checkpoint (the last good epoch) is kept, so `--resume` can continue with changed learning rates.

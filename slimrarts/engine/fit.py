@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..errors import InputError
 from ..modes import evaluating
 from . import dist
 from .callbacks import Callback, Event, LoopState, fire
@@ -59,10 +60,10 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device |
         dist.all_reduce_([sums], "sum")
         total, hits, count = sums.tolist()
         if count == 0:
-            raise ValueError("evaluate() got an empty loader")
+            raise InputError("evaluate() got an empty loader")
         return {"loss": total / count, "acc": hits / count, "n": int(count)}
     if n == 0:
-        raise ValueError("evaluate() got an empty loader")
+        raise InputError("evaluate() got an empty loader")
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
 
 
@@ -173,12 +174,12 @@ def fit(
     opt = optimizer if optimizer is not None else build_optimizer(model.parameters(), cfg.optim)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise ValueError("the training loader yields no batches (is the batch size larger than the data set?)")
+        raise InputError("the training loader yields no batches (is the batch size larger than the data set?)")
     state = LoopState(phase=phase, model=model)
     backward_hooks = [cb for cb in callbacks if cb.match(Event.AFTER_BACKWARD, state)]
     after = (lambda: fire(backward_hooks, Event.AFTER_BACKWARD, state)) if backward_hooks else None
     if dist.active() and cfg.cuda_graph and device.type == "cuda":
-        raise ValueError(f"{config_key or phase}.cuda_graph: capturing the training step of several processes in a "
+        raise InputError(f"{config_key or phase}.cuda_graph: capturing the training step of several processes in a "
                          "CUDA graph is not supported yet; set it to false under torchrun")
     step = TrainStep(dist.wrap_ddp(model, device), opt, device=device, amp=cfg.amp, after_backward=after,
                      cuda_graph=cfg.cuda_graph, loss_fn=loss_fn, task=task)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..errors import InputError
+
 __all__ = ["SGD", "Adam", "build_optimizer"]
 
 
@@ -55,9 +57,9 @@ class SGD(_DeviceLR):
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise InputError(f"lr must be > 0, got {lr}")
         if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+            raise InputError("nesterov=True needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     @torch.no_grad()
@@ -101,9 +103,9 @@ class Adam(_DeviceLR):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise InputError(f"lr must be > 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+            raise InputError(f"betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -146,6 +148,6 @@ def build_optimizer(params, cfg) -> SGD | Adam:
     if kind == "adam":
         return Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if kind != "sgd":
-        raise ValueError(f"optimizer {kind!r} is unknown; choose adam or sgd")
+        raise InputError(f"optimizer {kind!r} is unknown; choose adam or sgd")
     return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                nesterov=getattr(cfg, "nesterov", False))

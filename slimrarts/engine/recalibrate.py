@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..modes import training
 from . import dist
 from .epochs import set_loader_epoch
@@ -33,7 +34,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, *, device: 
     shard and the statistics are averaged across the ranks.
     """
     if batches < 0:
-        raise ValueError(f"recalibrate_bn: batches must be >= 0, got {batches}")
+        raise InputError(f"recalibrate_bn: batches must be >= 0, got {batches}")
     norms = batch_norms(model)
     if batches == 0 or not norms:
         return 0
@@ -58,6 +59,6 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, *, device: 
         if isinstance(before, int):
             set_loader_epoch(loader, before)
     if seen == 0:
-        raise ValueError("recalibrate_bn: the loader yields no batches")
+        raise InputError("recalibrate_bn: the loader yields no batches")
     dist.sync_buffers_([t for m in norms for t in (m.running_mean, m.running_var)])
     return seen

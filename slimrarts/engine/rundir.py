@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_write, is_temp_name
+from ..errors import InputError, MissingFileError, RunFolderError
 from .checkpoint import load_checkpoint, save_atomic, set_rng_state
 
 __all__ = ["MARKER", "RUN_MARKERS", "RunDir", "check_run_dir", "default_run_dir", "foreign_entries", "prepare_run_dir"]
@@ -61,17 +62,17 @@ def _check_deletable(path: Path) -> None:
     here = Path.cwd().resolve()
     target = path.resolve()
     if target == here or target in here.parents:
-        raise FileExistsError(f"--force would delete {str(path)!r}, which is the current folder or one of its "
-                              "parents; refusing. Choose another --out")
+        raise RunFolderError(f"--force would delete {str(path)!r}, which is the current folder or one of its "
+                             "parents; refusing. Choose another --out")
     if not (path / MARKER).is_file():
-        raise FileExistsError(f"{str(path)!r} is not empty and was not made by slimrarts (it has no {MARKER} "
-                              "file); refusing to delete it even with --force. Choose another --out")
+        raise RunFolderError(f"{str(path)!r} is not empty and was not made by slimrarts (it has no {MARKER} "
+                             "file); refusing to delete it even with --force. Choose another --out")
     foreign = foreign_entries(path)
     if foreign:
         names = ", ".join(str(f.relative_to(path)) for f in foreign[:5])
-        raise FileExistsError(f"run folder {str(path)!r} holds files slimrarts did not write ({names}"
-                              f"{' …' if len(foreign) > 5 else ''}); refusing to delete them with --force. Move them "
-                              "away or choose another --out")
+        raise RunFolderError(f"run folder {str(path)!r} holds files slimrarts did not write ({names}"
+                             f"{' …' if len(foreign) > 5 else ''}); refusing to delete them with --force. Move them "
+                             "away or choose another --out")
 
 
 def _clear_run(path: Path) -> None:
@@ -96,21 +97,21 @@ def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool 
     """What `prepare_run_dir` would do, without changing anything: raises if the folder cannot be used as asked."""
     path = Path(path)
     if resume and force:
-        raise ValueError("resume and force exclude each other: resume continues a run, force starts it again")
+        raise InputError("resume and force exclude each other: resume continues a run, force starts it again")
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"run folder {str(path)!r} exists and is not a folder")
+        raise RunFolderError(f"run folder {str(path)!r} exists and is not a folder")
     busy = path.exists() and any(path.iterdir())
     if busy and resume:
         if not (path / "recipe.yaml").is_file():
-            raise FileNotFoundError(f"cannot resume {str(path)!r}: its recipe.yaml is missing, so the settings it "
-                                    "ran with cannot be checked; restore the file, or start again with --force")
+            raise MissingFileError(f"cannot resume {str(path)!r}: its recipe.yaml is missing, so the settings it "
+                                   "ran with cannot be checked; restore the file, or start again with --force")
     elif busy and not force:
-        raise FileExistsError(f"run folder {str(path)!r} already holds a run; pass --resume to continue it, "
-                              "--force to start it again (deleting it), or choose another --out")
+        raise RunFolderError(f"run folder {str(path)!r} already holds a run; pass --resume to continue it, "
+                             "--force to start it again (deleting it), or choose another --out")
     elif busy:
         _check_deletable(path)
     elif resume:
-        raise FileNotFoundError(f"nothing to resume: run folder {str(path)!r} does not exist or is empty")
+        raise MissingFileError(f"nothing to resume: run folder {str(path)!r} does not exist or is empty")
     return path
 
 

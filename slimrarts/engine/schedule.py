@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ..errors import InputError
+
 __all__ = ["lr_at", "schedule_fn"]
 
 
@@ -39,7 +41,7 @@ def lr_at(
     if schedule == "cosine":
         t = (step - warm) / max(1, total - warm)
         return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-    raise ValueError(f"schedule {schedule!r} is unknown; choose step, cosine or constant")
+    raise InputError(f"schedule {schedule!r} is unknown; choose step, cosine or constant")
 
 
 def schedule_fn(cfg, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:

@@ -12,10 +12,12 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..errors import InputTypeError
+
 __all__ = ["OutputError", "attach_io", "logits_of"]
 
 
-class OutputError(TypeError):
+class OutputError(InputTypeError):
     """The model's output holds no logits slimrarts can find."""
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ._common import _init_weights
 from .registry import register_model
 
@@ -85,12 +86,12 @@ class MobileNetV2Cifar(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(width_mult, (int, float)) or isinstance(width_mult, bool) or width_mult <= 0:
-            raise ValueError(f"width_mult={width_mult!r} must be a positive number")
+            raise InputError(f"width_mult={width_mult!r} must be a positive number")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+            raise InputError(f"dropout={dropout!r} must be in [0, 1)")
         rows = [tuple(row) for row in setting]
         if not rows or any(len(row) != 4 or any(not isinstance(v, int) or v < 1 for v in row) for row in rows):
-            raise ValueError(f"setting={setting!r} must be a non-empty list of (t, c, n, s) rows of positive ints")
+            raise InputError(f"setting={setting!r} must be a non-empty list of (t, c, n, s) rows of positive ints")
         inplanes = _make_divisible(stem_width * width_mult, round_nearest)
         self.last_width = _make_divisible(last_width * max(1.0, width_mult), round_nearest)
         self.conv1 = nn.Conv2d(in_chans, inplanes, 3, padding=1, bias=False)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ._common import _init_weights
 from .registry import register_model
 
@@ -64,10 +65,10 @@ class PreResNet(nn.Module):
         super().__init__()
         widths = tuple(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths={widths!r} must be a non-empty sequence of positive ints")
+            raise InputError(f"widths={widths!r} must be a non-empty sequence of positive ints")
         per_block = 3 * len(widths)
         if not isinstance(depth, int) or depth < per_block + 2 or (depth - 2) % per_block:
-            raise ValueError(
+            raise InputError(
                 f"depth={depth!r}: a PreResNet with {len(widths)} stages needs depth = {per_block}·n + 2 with n >= 1 "
                 f"(e.g. {per_block + 2}, {2 * per_block + 2}, ...)"
             )

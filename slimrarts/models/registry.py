@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..errors import InputError, InputTypeError
+
 __all__ = ["create_model", "is_model", "list_models", "model_info", "register_model"]
 
 _F = TypeVar("_F", bound=Callable[..., nn.Module])
@@ -34,14 +36,14 @@ def register_model(fn: _F | None = None, *, name: str | None = None, **info: Any
     """
     unknown = sorted(set(info) - set(_DEFAULT_INFO))
     if unknown:
-        raise TypeError(f"register_model: unknown metadata key(s) {unknown}; allowed: {sorted(_DEFAULT_INFO)}")
+        raise InputTypeError(f"register_model: unknown metadata key(s) {unknown}; allowed: {sorted(_DEFAULT_INFO)}")
 
     def _register(f: _F) -> _F:
         key = f.__name__ if name is None else name
         if not isinstance(key, str) or not key or ":" in key:
-            raise ValueError(f"register_model: name={key!r} must be a non-empty string without ':'")
+            raise InputError(f"register_model: name={key!r} must be a non-empty string without ':'")
         if key in _MODELS:
-            raise ValueError(f"register_model: a model named {key!r} is already registered")
+            raise InputError(f"register_model: a model named {key!r} is already registered")
         _MODELS[key] = f
         _INFO[key] = {**_DEFAULT_INFO, **info, "name": key, "source": "zoo"}
         return f
@@ -49,7 +51,7 @@ def register_model(fn: _F | None = None, *, name: str | None = None, **info: Any
     if fn is None:
         return _register
     if not callable(fn):
-        raise TypeError(f"register_model: expected a callable or keyword arguments, got {fn!r}")
+        raise InputTypeError(f"register_model: expected a callable or keyword arguments, got {fn!r}")
     return _register(fn)
 
 
@@ -65,7 +67,7 @@ class _Source:
 
 def _zoo_create(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     if pretrained:
-        raise ValueError(f"pretrained={pretrained!r}: the zoo model {arch!r} has no pretrained weights; use False")
+        raise InputError(f"pretrained={pretrained!r}: the zoo model {arch!r} has no pretrained weights; use False")
     return _MODELS[arch](num_classes=num_classes, **kwargs)
 
 
@@ -101,7 +103,7 @@ def _tv_create(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -> 
     import torchvision
 
     if pretrained:
-        raise ValueError(
+        raise InputError(
             f"pretrained={pretrained!r} is not used for torchvision models; pass weights='DEFAULT' (or a weights "
             f"enum) instead, e.g. create_model('torchvision:{arch}', weights='DEFAULT', num_classes=1000)"
         )
@@ -122,12 +124,12 @@ _LIST_HINT = (
 def _split(name: Any, arg: str = "name") -> tuple[str | None, str, _Source]:
     """Split ``name`` into (prefix or None, architecture, source)."""
     if not isinstance(name, str):
-        raise TypeError(f"{arg} must be a str, got {type(name).__name__} ({name!r})")
+        raise InputTypeError(f"{arg} must be a str, got {type(name).__name__} ({name!r})")
     prefix, sep, arch = name.partition(":")
     if not sep:
         return None, name, _ZOO
     if prefix not in _SOURCES:
-        raise ValueError(f"{arg}={name!r}: unknown prefix {prefix!r}; allowed prefixes: {sorted(_SOURCES)} or none")
+        raise InputError(f"{arg}={name!r}: unknown prefix {prefix!r}; allowed prefixes: {sorted(_SOURCES)} or none")
     return prefix, arch, _SOURCES[prefix]
 
 
@@ -137,7 +139,7 @@ def _unknown(name: str, prefix: str | None, arch: str, source: _Source) -> Value
     if prefix is None:  # a bare timm/torchvision name is a common slip: point to the prefixed form first
         close = [f"{p}:{arch}" for p, src in _SOURCES.items() if src.has(arch)] + close
     hint = f"did you mean {close}? " if close else "no close match; "
-    return ValueError(f"unknown model name={name!r}; {hint}{_LIST_HINT}")
+    return InputError(f"unknown model name={name!r}; {hint}{_LIST_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -168,9 +170,9 @@ def create_model(name: str, num_classes: int = 10, *, pretrained: bool = False, 
     timm only. Other keyword arguments go to the model's factory.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r})")
+        raise InputTypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r})")
     if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes} must be >= 1")
+        raise InputError(f"num_classes={num_classes} must be >= 1")
     prefix, arch, source = _split(name)
     if not source.has(arch):
         raise _unknown(name, prefix, arch, source)

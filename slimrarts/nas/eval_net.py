@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .genotypes import Genotype, load_genotype
 from .operations import FactorizedReduce, ReLUConvBN, is_identity, make_op
 
@@ -82,9 +83,9 @@ class EvalNetwork(nn.Module):
         for name, value, low in (("C", C, 2), ("num_classes", num_classes, 1), ("layers", layers, 1),
                                  ("stem_multiplier", stem_multiplier, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"EvalNetwork: {name} must be an int >= {low}, got {value!r}")
+                raise InputError(f"EvalNetwork: {name} must be an int >= {low}, got {value!r}")
         if C % 2:
-            raise ValueError(f"EvalNetwork: C must be even (factorized reductions split it in halves), got {C}")
+            raise InputError(f"EvalNetwork: C must be even (factorized reductions split it in halves), got {C}")
         self.genotype = genotype
         self.layers = layers
         self.use_drop_path = False
@@ -114,7 +115,7 @@ class EvalNetwork(nn.Module):
     def set_drop_path(self, prob: float) -> None:
         """Set the drop-path probability of later training-mode forwards (in place; turns drop-path on if > 0)."""
         if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob < 1.0:
-            raise ValueError(f"drop-path probability must be a number in [0, 1), got {prob!r}")
+            raise InputError(f"drop-path probability must be a number in [0, 1), got {prob!r}")
         self.use_drop_path = self.use_drop_path or prob > 0
         self.drop_path_prob.fill_(float(prob))
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, MissingFileError
 from .operations import OPS, PRIMITIVES
 
 __all__ = ["Genotype", "DARTS_V1", "DARTS_V2", "GENOTYPES", "derive", "count_skips", "parse_genotype",
@@ -22,21 +23,21 @@ Edge = tuple[str, int]  # (operation, index of the input state: 0, 1 = the two c
 
 def _check_cell(edges: Sequence[Edge], concat: Sequence[int], what: str) -> None:
     if not edges or len(edges) % 2:
-        raise ValueError(f"genotype {what}: expected 2 edges per node (an even, non-zero count), got {len(edges)}")
+        raise InputError(f"genotype {what}: expected 2 edges per node (an even, non-zero count), got {len(edges)}")
     for k, edge in enumerate(edges):
         if not (isinstance(edge, tuple) and len(edge) == 2 and isinstance(edge[0], str)
                 and isinstance(edge[1], int) and not isinstance(edge[1], bool)):
-            raise ValueError(f"genotype {what}[{k}]: expected an (operation, input index) pair, got {edge!r}")
+            raise InputError(f"genotype {what}[{k}]: expected an (operation, input index) pair, got {edge!r}")
         name, j = edge
         if name not in OPS or name == "none":
             allowed = ", ".join(p for p in PRIMITIVES if p != "none")
-            raise ValueError(f"genotype {what}[{k}]: operation {name!r} is not allowed; choose one of {allowed}")
+            raise InputError(f"genotype {what}[{k}]: operation {name!r} is not allowed; choose one of {allowed}")
         node = k // 2
         if not 0 <= j < node + 2:
-            raise ValueError(f"genotype {what}[{k}]: node {node} can read states 0..{node + 1}, got input {j}")
+            raise InputError(f"genotype {what}[{k}]: node {node} can read states 0..{node + 1}, got input {j}")
     n_states = len(edges) // 2 + 2
     if not concat or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < n_states for c in concat):
-        raise ValueError(f"genotype {what}_concat: expected state indices in 0..{n_states - 1}, got {list(concat)}")
+        raise InputError(f"genotype {what}_concat: expected state indices in 0..{n_states - 1}, got {list(concat)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Genotype:
                 edges = tuple(tuple(e) if isinstance(e, (list, tuple)) else e for e in getattr(self, name))
                 concat = tuple(getattr(self, f"{name}_concat"))
             except TypeError:
-                raise ValueError(f"genotype {name}: expected a list of (operation, input) pairs and a list of "
+                raise InputError(f"genotype {name}: expected a list of (operation, input) pairs and a list of "
                                  "state indices") from None
             object.__setattr__(self, name, edges)
             object.__setattr__(self, f"{name}_concat", concat)
@@ -69,7 +70,7 @@ class Genotype:
     def from_dict(cls, data: dict[str, Any]) -> Genotype:
         missing = [k for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k not in data]
         if missing:
-            raise ValueError(f"genotype: missing key(s) {missing}")
+            raise InputError(f"genotype: missing key(s) {missing}")
         return cls(normal=data["normal"], normal_concat=data["normal_concat"], reduce=data["reduce"],
                    reduce_concat=data["reduce_concat"])
 
@@ -81,9 +82,9 @@ class Genotype:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"genotype: not valid JSON ({err})") from None
+            raise InputError(f"genotype: not valid JSON ({err})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"genotype: expected a JSON object, got {type(data).__name__}")
+            raise InputError(f"genotype: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
 
     def __str__(self) -> str:
@@ -101,12 +102,12 @@ def _literal(node: ast.expr, key: str) -> Any:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range" and not node.keywords:
         args = [_literal(a, key) for a in node.args]
         if not 1 <= len(args) <= 3 or not all(isinstance(a, int) for a in args):
-            raise ValueError(f"genotype text: {key}=range(...) needs 1 to 3 integers")
+            raise InputError(f"genotype text: {key}=range(...) needs 1 to 3 integers")
         return list(range(*args))
     try:
         return ast.literal_eval(node)
     except ValueError:
-        raise ValueError(f"genotype text: the value of {key} is not a literal") from None
+        raise InputError(f"genotype text: the value of {key} is not a literal") from None
 
 
 def parse_genotype(text: str) -> Genotype:
@@ -115,12 +116,12 @@ def parse_genotype(text: str) -> Genotype:
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as err:
-        raise ValueError(f"genotype text: not a Genotype(...) expression ({err.msg})") from None
+        raise InputError(f"genotype text: not a Genotype(...) expression ({err.msg})") from None
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "Genotype"):
-        raise ValueError("genotype text: expected Genotype(normal=..., normal_concat=..., reduce=..., "
+        raise InputError("genotype text: expected Genotype(normal=..., normal_concat=..., reduce=..., "
                          "reduce_concat=...)")
     if tree.args:
-        raise ValueError("genotype text: give the fields by name (normal=..., normal_concat=..., ...)")
+        raise InputError("genotype text: give the fields by name (normal=..., normal_concat=..., ...)")
     return Genotype.from_dict({kw.arg: _literal(kw.value, str(kw.arg)) for kw in tree.keywords})
 
 
@@ -170,7 +171,7 @@ def derive(alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor, steps: int = 
     for name, alpha in (("alpha_normal", alpha_normal), ("alpha_reduce", alpha_reduce)):
         alpha = torch.as_tensor(alpha).detach().float().cpu()
         if alpha.shape != (n_edges, len(primitives)):
-            raise ValueError(f"derive: {name} must have shape ({n_edges}, {len(primitives)}) for steps={steps}, "
+            raise InputError(f"derive: {name} must have shape ({n_edges}, {len(primitives)}) for steps={steps}, "
                              f"got {tuple(alpha.shape)}")
         out.append(_derive_cell(torch.softmax(alpha, dim=-1), steps, primitives))
     multiplier = steps if multiplier is None else multiplier
@@ -182,7 +183,7 @@ def count_skips(genotype: Genotype, cell: str = "normal") -> int:
     """Number of skip_connect edges in the `normal` cell (what "architecture collapse" counts), `reduce`, or `both`."""
     cells = {"normal": (genotype.normal,), "reduce": (genotype.reduce,), "both": (genotype.normal, genotype.reduce)}
     if cell not in cells:
-        raise ValueError(f"cell must be one of {', '.join(cells)}, got {cell!r}")
+        raise InputError(f"cell must be one of {', '.join(cells)}, got {cell!r}")
     return sum(op == "skip_connect" for edges in cells[cell] for op, _ in edges)
 
 
@@ -198,6 +199,6 @@ def load_genotype(spec: str | os.PathLike | dict | Genotype) -> Genotype:
         return GENOTYPES[key.lower()]
     path = Path(key)
     if not path.is_file():
-        raise FileNotFoundError(f"genotype {key!r} is neither a known name ({', '.join(GENOTYPES)}) nor a file")
+        raise MissingFileError(f"genotype {key!r} is neither a known name ({', '.join(GENOTYPES)}) nor a file")
     text = path.read_text()
     return Genotype.from_json(text) if text.lstrip().startswith("{") else parse_genotype(text)

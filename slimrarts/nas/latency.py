@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .._io import atomic_write
+from ..errors import InputError
 from ..metrics import count_macs, measure_latency
 from ..modes import evaluating
 from ..timing import device_name, latency_cache_dir
@@ -127,9 +128,9 @@ def op_costs(net: SearchNetwork, mode: str = "latency", *, device: torch.device 
     """Cost tables of `net`'s normal and reduction cells: measured latency (ms) or MACs per image (torch-pruning's
     count, as `slimrarts.metrics.count_macs`: convs plus one per element of norms, activations and pools)."""
     if mode not in COST_MODES:
-        raise ValueError(f"cost mode {mode!r} is unknown; choose one of {', '.join(COST_MODES)}")
+        raise InputError(f"cost mode {mode!r} is unknown; choose one of {', '.join(COST_MODES)}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        raise InputError(f"batch must be an int >= 1, got {batch!r}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     records = edge_shapes(net, input_size)
     shapes = sorted({(r["C"], r["H"], r["W"], r["stride"]) for r in records})
@@ -158,12 +159,12 @@ def op_costs(net: SearchNetwork, mode: str = "latency", *, device: torch.device 
 def cost_penalty(arch: list[torch.Tensor], costs: list[torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
     """μ·Σ_cells Σ_e ⟨softmax(α_e), Lat_e⟩ as a callable for `NetProblem(penalty=...)` (α and costs paired in order)."""
     if len(arch) != len(costs):
-        raise ValueError(f"cost_penalty: {len(arch)} α tensors but {len(costs)} cost tables")
+        raise InputError(f"cost_penalty: {len(arch)} α tensors but {len(costs)} cost tables")
     for a, c in zip(arch, costs, strict=True):
         if a.shape != c.shape:
-            raise ValueError(f"cost_penalty: α of shape {tuple(a.shape)} paired with costs of shape {tuple(c.shape)}")
+            raise InputError(f"cost_penalty: α of shape {tuple(a.shape)} paired with costs of shape {tuple(c.shape)}")
     if mu < 0:
-        raise ValueError(f"cost_penalty: mu must be >= 0, got {mu}")
+        raise InputError(f"cost_penalty: mu must be >= 0, got {mu}")
     tables = [c.detach().to(a.device, torch.float32) for a, c in zip(arch, costs, strict=True)]
 
     def penalty() -> torch.Tensor:

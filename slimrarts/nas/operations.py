@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
+
 __all__ = ["PRIMITIVES", "OPS", "ReLUConvBN", "DilConv", "SepConv", "FactorizedReduce", "Zero", "make_op",
            "is_identity"]
 
@@ -53,7 +55,7 @@ class FactorizedReduce(nn.Module):
     def __init__(self, c_in: int, c_out: int, affine: bool = True):
         super().__init__()
         if c_out % 2:
-            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+            raise InputError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
@@ -102,9 +104,9 @@ def make_op(name: str, c: int, stride: int, affine: bool, *, search: bool = Fals
     """The operation `name` on `c` channels; `search=True` follows a pooling op with a non-affine BN, as DARTS'
     search net does (so a pool's output is on the scale of the conv ops' outputs)."""
     if name not in OPS:
-        raise ValueError(f"operation {name!r} is unknown; choose one of {', '.join(OPS)}")
+        raise InputError(f"operation {name!r} is unknown; choose one of {', '.join(OPS)}")
     if stride not in (1, 2):
-        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        raise InputError(f"stride must be 1 or 2, got {stride!r}")
     op = OPS[name](c, stride, affine)
     if search and "pool" in name:
         op = nn.Sequential(op, nn.BatchNorm2d(c, affine=False))

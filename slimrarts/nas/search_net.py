@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .genotypes import Genotype, derive
 from .operations import PRIMITIVES, FactorizedReduce, ReLUConvBN, make_op
 
@@ -83,12 +84,12 @@ class SearchNetwork(nn.Module):
         for name, value, low in (("C", C, 2), ("num_classes", num_classes, 1), ("layers", layers, 1),
                                  ("steps", steps, 1), ("stem_multiplier", stem_multiplier, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"SearchNetwork: {name} must be an int >= {low}, got {value!r}")
+                raise InputError(f"SearchNetwork: {name} must be an int >= {low}, got {value!r}")
         if C % 2:
-            raise ValueError(f"SearchNetwork: C must be even (factorized reductions split it in halves), got {C}")
+            raise InputError(f"SearchNetwork: C must be even (factorized reductions split it in halves), got {C}")
         multiplier = steps if multiplier is None else multiplier
         if not 1 <= multiplier <= steps:
-            raise ValueError(f"SearchNetwork: multiplier must be in 1..steps={steps}, got {multiplier}")
+            raise InputError(f"SearchNetwork: multiplier must be in 1..steps={steps}, got {multiplier}")
         self.primitives = tuple(primitives)
         self.steps, self.multiplier, self.layers = steps, multiplier, layers
         c_curr = stem_multiplier * C

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from ..engine import dist
+from ..errors import InputError
 from ..methods import MethodInfo, get_method, list_methods, register_method
 
 __all__ = ["Problem", "SearchState", "SearchMethod", "register_search", "get_search", "list_searches",
@@ -61,7 +62,7 @@ class SearchState:
     def step_weights(self, which: str) -> None:
         """Optimizer step of w or y, after clipping their gradient norm when `grad_clip` is set (no host sync)."""
         if which not in ("w", "y"):
-            raise ValueError(f"which must be 'w' or 'y', got {which!r}")
+            raise InputError(f"which must be 'w' or 'y', got {which!r}")
         params, opt = (self.w_list, self.opt_w) if which == "w" else (self.y_list, self.opt_y)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
@@ -74,7 +75,7 @@ class SearchState:
     @property
     def y_list(self) -> list[torch.Tensor]:
         if self.y is None:
-            raise ValueError("this method needs the second weight copy y; build the state with two_nets=True")
+            raise InputError("this method needs the second weight copy y; build the state with two_nets=True")
         return list(self.y.values())
 
 
@@ -142,7 +143,7 @@ SearchMethod = MethodInfo  # a search algorithm's registry record (kind "search"
 def register_search(name: str, *, two_nets: bool, data: str, passes: int, source: str, description: str):
     """Decorator registering `step(problem, state, batch_t, batch_v)` as search method `name`."""
     if data not in ("split", "whole"):
-        raise ValueError(f"data must be 'split' or 'whole', got {data!r}")
+        raise InputError(f"data must be 'split' or 'whole', got {data!r}")
     return register_method(name, kind="search", source=source, description=description, has_alpha=True,
                            supports_l1=True, two_nets=two_nets, data=data, passes=passes)
 

@@ -12,6 +12,7 @@ from ..engine.epochs import PhaseResult, run_epochs
 from ..engine.graph import GraphedStep
 from ..engine.schedule import schedule_fn
 from ..engine.step import batches_on
+from ..errors import InputError
 from ..methods import get_method
 from .base import SearchState
 from .problem import NetProblem, make_state
@@ -171,18 +172,18 @@ def run_search(
     """
     info = get_method(method)
     if info.step is None:
-        raise ValueError(f"method {method!r} is a {info.kind}, not a search algorithm: it has no search step")
+        raise InputError(f"method {method!r} is a {info.kind}, not a search algorithm: it has no search step")
     if info.data == "whole" and loader_whole is None:
-        raise ValueError(f"search method {method!r} trains on the whole training set: pass loader_whole")
+        raise InputError(f"search method {method!r} trains on the whole training set: pass loader_whole")
     if info.data == "split" and (loader_t is None or loader_v is None):
-        raise ValueError(f"search method {method!r} needs both halves: pass loader_t and loader_v")
+        raise InputError(f"search method {method!r} needs both halves: pass loader_t and loader_v")
     callbacks = list(callbacks)
     if cuda_graph and dist.active() and problem.device.type == "cuda":
-        raise ValueError("search.cuda_graph: capturing the search step of several processes in a CUDA graph is not "
+        raise InputError("search.cuda_graph: capturing the search step of several processes in a CUDA graph is not "
                          "supported yet; set it to false under torchrun")
     n_iter = len(loader_whole) if info.data == "whole" else min(len(loader_t), len(loader_v))
     if n_iter == 0:
-        raise ValueError("the search loaders yield no batches (batch size larger than a half of the data?)")
+        raise InputError("the search loaders yield no batches (batch size larger than a half of the data?)")
     search = _Search(problem, state, info, loader_t=loader_t, loader_v=loader_v, loader_whole=loader_whole,
                      n_iter=n_iter, epochs=epochs, optim_w=optim_w, optim_y=optim_y, optim_arch=optim_arch,
                      channels_last=channels_last, cuda_graph=cuda_graph)

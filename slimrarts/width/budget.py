@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..errors import InputError, InputTypeError
 from .cost import KINDS, CostFunction, group_layers
 from .groups import check_repeats
 
@@ -58,7 +59,7 @@ def format_cost(value: float, kind: str) -> str:
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"budget kind {kind!r} is unknown; choose from {', '.join(KINDS)}")
+        raise InputError(f"budget kind {kind!r} is unknown; choose from {', '.join(KINDS)}")
 
 
 def parse_budget(value: float | str, kind: str, dense: float) -> float:
@@ -72,9 +73,9 @@ def parse_budget(value: float | str, kind: str, dense: float) -> float:
     what = ("a fraction of the dense cost (0.5, '0.5', '50%') or "
             + ("a time with a unit ('3.5ms', '800us')" if kind == "latency" else "a count ('20M', '1.2M', 2e7)"))
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"{kind} budget {value!r} must be {what}")
+        raise InputTypeError(f"{kind} budget {value!r} must be {what}")
     if not dense > 0:
-        raise ValueError(f"the dense {kind} is {dense}; a budget needs a positive dense cost")
+        raise InputError(f"the dense {kind} is {dense}; a budget needs a positive dense cost")
     unit = ""
     if isinstance(value, str):
         text = value.strip()
@@ -82,31 +83,31 @@ def parse_budget(value: float | str, kind: str, dense: float) -> float:
             try:
                 pct = float(text[:-1])
             except ValueError:
-                raise ValueError(f"{kind} budget {value!r} is not a percentage; it must be {what}") from None
+                raise InputError(f"{kind} budget {value!r} is not a percentage; it must be {what}") from None
             if not 0 < pct <= 100:
-                raise ValueError(f"{kind} budget {value!r} must be a percentage in (0%, 100%]")
+                raise InputError(f"{kind} budget {value!r} must be a percentage in (0%, 100%]")
             return pct / 100 * dense
         match = _NUMBER.match(text)
         if not match:
-            raise ValueError(f"{kind} budget {value!r} is not understood; it must be {what}")
+            raise InputError(f"{kind} budget {value!r} is not understood; it must be {what}")
         number, unit = float(match.group(1)), match.group(2)
     else:
         number = float(value)
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{kind} budget {value!r} must be positive and finite; it must be {what}")
+        raise InputError(f"{kind} budget {value!r} must be positive and finite; it must be {what}")
     if not unit:
         if number <= 1:
             return number * dense
         if kind == "latency":
-            raise ValueError(f"latency budget {value!r} needs a unit ('3.5ms'); a bare number is a fraction up to 1")
+            raise InputError(f"latency budget {value!r} needs a unit ('3.5ms'); a bare number is a fraction up to 1")
         return number
     if kind == "latency":
         if unit not in _TIME_UNITS:
-            raise ValueError(f"latency budget {value!r}: unit {unit!r} is not one of {', '.join(_TIME_UNITS)}")
+            raise InputError(f"latency budget {value!r}: unit {unit!r} is not one of {', '.join(_TIME_UNITS)}")
         return number * _TIME_UNITS[unit]
     if unit.lower() not in _COUNT_SUFFIX:
         hint = " (a time unit: use kind='latency')" if unit in _TIME_UNITS else ""
-        raise ValueError(f"{kind} budget {value!r}: suffix {unit!r} is not one of K, M, G, T{hint}; it must be {what}")
+        raise InputError(f"{kind} budget {value!r}: suffix {unit!r} is not one of K, M, G, T{hint}; it must be {what}")
     return number * _COUNT_SUFFIX[unit.lower()]
 
 
@@ -120,11 +121,11 @@ def _structure(source) -> tuple[list, list[dict[str, str]], list[str]]:
 def _check_patterns(patterns: Sequence[str], names: list[str], arg: str) -> None:
     for p in patterns:
         if not isinstance(p, str) or not p:
-            raise TypeError(f"{arg} patterns must be non-empty strings (module-name globs), got {p!r}")
+            raise InputTypeError(f"{arg} patterns must be non-empty strings (module-name globs), got {p!r}")
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             close = difflib.get_close_matches(p, names, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"{arg} pattern {p!r} matches no module of the model{hint}")
+            raise InputError(f"{arg} pattern {p!r} matches no module of the model{hint}")
 
 
 def _group_matches(pattern: str, group, roles: dict[str, str]) -> bool:
@@ -151,7 +152,7 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
     """
     groups, layers, names = _structure(source)
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+        raise InputError(f"min_channels must be an int >= 1, got {min_channels!r}")
     if isinstance(exclude, str):
         exclude = [exclude]
     exclude = list(exclude)
@@ -164,7 +165,7 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
         caps = {"*": max_pruned}
     for p, frac in caps.items():
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-            raise ValueError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
+            raise InputError(f"max_pruned[{p!r}] must be a fraction in [0, 1], got {frac!r}")
     reps = check_repeats(len(groups), repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups],
                          "repeat")
     for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
@@ -203,7 +204,7 @@ class _Grid:
 def _setup(cost_model, kind, min_channels, round_to, exclude, max_pruned, repeat):
     _check_kind(kind)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be an int >= 1 or None, got {round_to!r}")
+        raise InputError(f"round_to must be an int >= 1 or None, got {round_to!r}")
     fn: CostFunction = cost_model.function(kind)
     lows = min_kept(cost_model, min_channels=min_channels, exclude=exclude, max_pruned=max_pruned, repeat=repeat)
     groups = _structure(cost_model)[0]
@@ -225,7 +226,7 @@ def budget_floor(cost_model, kind: str = "macs", *, min_channels: int = 1, round
 def _floor_error(kind, target, floor, dense, settings: str) -> ValueError:
     fraction_hint = (f" (for a fraction of the dense cost, pass '{target:.0%}' or use parse_budget)"
                      if target <= 1 and kind != "latency" else "")
-    return ValueError(
+    return InputError(
         f"{kind} budget {format_cost(target, kind)}{fraction_hint} is below the smallest reachable "
         f"{format_cost(floor, kind)} ({floor / dense:.1%} of the dense {format_cost(dense, kind)}) with {settings}. "
         f"Raise the budget, loosen those settings, or gate more channels: wider scopes (e.g. scope "
@@ -262,9 +263,9 @@ def select_budget(scores: Sequence[torch.Tensor], cost_model, target: float | st
     if isinstance(target, str):
         target = parse_budget(target, kind, fn.dense)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
-        raise ValueError(f"target must be a positive cost or a budget string ('50%', '20M', '3.5ms'), got {target!r}")
+        raise InputError(f"target must be a positive cost or a budget string ('50%', '20M', '3.5ms'), got {target!r}")
     if len(scores) != len(fn.sizes) or any(s.numel() != n for s, n in zip(scores, fn.sizes, strict=True)):
-        raise ValueError(f"scores must hold one tensor per group with the group's size ({len(fn.sizes)} groups)")
+        raise InputError(f"scores must hold one tensor per group with the group's size ({len(fn.sizes)} groups)")
     floor = fn.value([g.lo for g in grids])
     if floor > target:
         excluded = [exclude] if isinstance(exclude, str) else list(exclude)

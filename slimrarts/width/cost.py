@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..metrics import call_macs
 from ..modes import evaluating
 from .gates import Gates
@@ -132,7 +133,7 @@ class CostModel:
     def function(self, kind: str) -> CostFunction:
         """The `CostFunction` of `kind` ('macs' or 'params'; a `LatencyModel` gives 'latency')."""
         if kind not in self._functions:
-            raise ValueError(f"cost kind {kind!r} is not in this model; choose from {', '.join(self._functions)}"
+            raise InputError(f"cost kind {kind!r} is not in this model; choose from {', '.join(self._functions)}"
                              + ("; build a latency model for 'latency'" if kind == "latency" else ""))
         return self._functions[kind]
 
@@ -148,11 +149,11 @@ class CostModel:
 def kept_counts(kept: Sequence[int] | Sequence[torch.Tensor], sizes: Sequence[int]) -> list[int]:
     """Kept α entries per group from counts or keep masks, checked against the group sizes."""
     if len(kept) != len(sizes):
-        raise ValueError(f"got {len(kept)} kept counts for {len(sizes)} groups")
+        raise InputError(f"got {len(kept)} kept counts for {len(sizes)} groups")
     out = [int(k.sum()) if isinstance(k, torch.Tensor) else int(k) for k in kept]
     for g, (k, n) in enumerate(zip(out, sizes, strict=True)):
         if not 0 <= k <= n:
-            raise ValueError(f"group {g} keeps {k} of {n} channels; allowed 0..{n}")
+            raise InputError(f"group {g} keeps {k} of {n} channels; allowed 0..{n}")
     return out
 
 
@@ -163,7 +164,7 @@ def group_layers(gates: Gates) -> list[dict[str, str]]:
     outputs with one function); 'inout' a layer that reads and writes the group's channels (two widths).
     """
     if gates.dg is None:
-        raise ValueError("these gates have no dependency graph (the model could not be traced)")
+        raise InputError("these gates have no dependency graph (the model could not be traced)")
     model, dg = gates.model, gates.dg
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
@@ -205,7 +206,7 @@ def _width_groups(layers: list[dict[str, str]]) -> tuple[dict[str, int], dict[st
             for side, table in (("in", ins), ("out", outs)):
                 if role in (side, "both", "inout"):
                     if table.get(name, g) != g:
-                        raise ValueError(f"the {side}-width of {name} is changed by two groups "
+                        raise InputError(f"the {side}-width of {name} is changed by two groups "
                                          f"({table[name]} and {g}); the cost model cannot count it")
                     table[name] = g
             if role == "both":
@@ -387,7 +388,7 @@ def build_cost_model(gates: Gates, input_size: Sequence[int] | None = None) -> C
     ins, outs, tied = _width_groups(layers)
     if input_size is None:
         if gates.example_input is None:
-            raise ValueError("pass input_size=(C, H, W): these gates have no example input")
+            raise InputError("pass input_size=(C, H, W): these gates have no example input")
         input_size = tuple(gates.example_input.shape[1:])
     first = next(model.parameters())
     x = torch.randn((1, *input_size), device=first.device, dtype=first.dtype)
@@ -479,7 +480,7 @@ class _Penalty:
         device = alphas[0].device
         sizes = [a.numel() for a in alphas]
         if sizes != fn.sizes:
-            raise ValueError(f"alphas have sizes {sizes[:5]}... but the cost function's groups have {fn.sizes[:5]}...")
+            raise InputError(f"alphas have sizes {sizes[:5]}... but the cost function's groups have {fn.sizes[:5]}...")
         n = len(sizes)
         self.owner = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(sizes, device=device))
         fits = [f.bilinear() for _, _, f in fn.terms]
@@ -536,9 +537,9 @@ def cost_penalty(fn: CostFunction, alphas: list[torch.Tensor], mu: float = 1.0,
     pull fades on channels with |α| ≫ τ. No host synchronisation: the term is a few vector ops on α's device.
     """
     if not alphas:
-        raise ValueError("there are no gated channels: a cost term needs at least one α")
+        raise InputError("there are no gated channels: a cost term needs at least one α")
     if mu < 0:
-        raise ValueError(f"mu must be >= 0, got {mu}")
+        raise InputError(f"mu must be >= 0, got {mu}")
     if tau is not None and tau <= 0:
-        raise ValueError(f"tau must be > 0 or None, got {tau}")
+        raise InputError(f"tau must be > 0 or None, got {tau}")
     return _Penalty(fn, alphas, mu, tau)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .groups import ChannelGroup, Skipped, find_groups
 from .skipped import warn_skipped
 
@@ -91,7 +92,7 @@ class Gates:
             if score.numel() == group.size and group.repeat > 1:
                 score = score.abs().view(group.repeat, group.num_alphas).mean(0)
             elif score.numel() != group.num_alphas:
-                raise ValueError(f"group {group.name!r}: {score.numel()} scores for {group.size} channels "
+                raise InputError(f"group {group.name!r}: {score.numel()} scores for {group.size} channels "
                                  f"({group.num_alphas} α entries)")
             out.append(score)
         return out

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from ..errors import InputError
 from .trace import all_groups, build_graph, reshape_problem, unmapped
 
 __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
@@ -412,9 +413,9 @@ def find_groups(
     scopes = tuple(scopes)
     bad = [s for s in scopes if s not in SCOPES]
     if bad:
-        raise ValueError(f"scope {bad[0]!r} is unknown; choose from {', '.join(SCOPES)}")
+        raise InputError(f"scope {bad[0]!r} is unknown; choose from {', '.join(SCOPES)}")
     if "branch-input" in scopes and "coupled" in scopes:
-        raise ValueError("scopes 'branch-input' and 'coupled' gate the same residual channels; choose one of them")
+        raise InputError("scopes 'branch-input' and 'coupled' gate the same residual channels; choose one of them")
     names = {m: n for n, m in model.named_modules()}
     try:
         dg = build_graph(model, example_input)
@@ -472,7 +473,7 @@ def check_repeats(n: int, repeats: Sequence[int] | None, name: str = "repeats") 
         return [1] * n
     out = [_as_int(r) for r in repeats]
     if len(out) != n or any(r is None or r < 1 for r in out):
-        raise ValueError(f"{name} must hold one int >= 1 per group ({n} groups), got {repeats!r}")
+        raise InputError(f"{name} must hold one int >= 1 per group ({n} groups), got {repeats!r}")
     return out
 
 

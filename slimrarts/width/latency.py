@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..errors import InputError
 from ..timing import Timer, Timing, device_name, device_timer, latency_cache_dir, median_time, time_models
 from .cost import Bilinear, CostFunction, CostModel, LayerCall, build_cost_model
 from .gates import Gates, strip_hooks, ungated_copy
@@ -202,9 +203,9 @@ def build_latency_model(gates: Gates, cost_model: CostModel | None = None, *, de
     `timer(fn, n)` returns n seconds, one per call of fn (default: CUDA events on CUDA, a wall clock elsewhere).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if any(not 0 < f < 1 for f in grid):
-        raise ValueError(f"grid fractions must lie in (0, 1), got {tuple(grid)}")
+        raise InputError(f"grid fractions must lie in (0, 1), got {tuple(grid)}")
     cost_model = cost_model if cost_model is not None else build_cost_model(gates)
     first = next(gates.model.parameters())
     device = torch.device(device) if device is not None else first.device
@@ -348,7 +349,7 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
     met; a miss also warns.
     """
     if max_rounds < 1:
-        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        raise InputError(f"max_rounds must be >= 1, got {max_rounds}")
     model_target = float(target_s)
     history: list[dict] = []
     result = best = None  # best: the met cut closest to the target

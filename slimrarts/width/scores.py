@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .gates import Gates
 from .surgery import fold_gates
 
@@ -74,6 +75,6 @@ def search_scores(gates: Gates, kind: str, importance: list[torch.Tensor] | None
                                                                           strict=True)])
     if kind == "grad":
         if importance is None:
-            raise ValueError("search.score=grad needs the importance the search accumulated; none was kept")
+            raise InputError("search.score=grad needs the importance the search accumulated; none was kept")
         return normalise_per_group([i.detach().clone() for i in importance])
-    raise ValueError(f"search.score={kind!r} is not known; allowed: {', '.join(SCORES)}")
+    raise InputError(f"search.score={kind!r} is not known; allowed: {', '.join(SCORES)}")

@@ -25,6 +25,7 @@ import torch
 
 from ..engine import dist
 from ..engine.callbacks import Callback, Event, LoopState
+from ..errors import InputError
 from ..timing import time_models
 from .budget import budget_floor, format_cost, min_kept, parse_budget, select_budget
 from .cost import build_cost_model, cost_penalty
@@ -41,11 +42,11 @@ logger = logging.getLogger(__name__)
 def _check_common(alphas: list[torch.Tensor], min_channels: int, round_to: int | None,
                   repeats: list[int] | None) -> list[int]:
     if min_channels < 1:
-        raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+        raise InputError(f"min_channels must be >= 1, got {min_channels}")
     if round_to is not None and round_to < 1:
-        raise ValueError(f"round_to must be >= 1 or None, got {round_to}")
+        raise InputError(f"round_to must be >= 1 or None, got {round_to}")
     if not alphas:
-        raise ValueError("there are no gated channels to select from")
+        raise InputError("there are no gated channels to select from")
     return check_repeats(len(alphas), repeats)
 
 
@@ -80,7 +81,7 @@ def _floors(sizes: list[int], repeats: list[int], min_channels: int, min_kept: l
     if min_kept is None:
         return floor
     if len(min_kept) != len(sizes):
-        raise ValueError(f"min_kept must hold one count per group ({len(sizes)} groups), got {len(min_kept)}")
+        raise InputError(f"min_kept must hold one count per group ({len(sizes)} groups), got {len(min_kept)}")
     return [min(n, max(f, int(m))) for n, f, m in zip(sizes, floor, min_kept, strict=True)]
 
 
@@ -100,7 +101,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
     """
     repeats = _check_common(alphas, min_channels, round_to, repeats)
     if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        raise InputError(f"ratio must be in [0, 1), got {ratio}")
     scores = [a.detach().abs().float().cpu().flatten() for a in alphas]
     sizes = [s.numel() for s in scores]
     total = sum(n * r for n, r in zip(sizes, repeats, strict=True))
@@ -123,7 +124,7 @@ def select_ratio(alphas: list[torch.Tensor], ratio: float, *, min_channels: int 
         pruned += repeats[g]
         walk.append((idx, pruned))
     if pruned < target - max(repeats) // 2:
-        raise ValueError(f"ratio {ratio} asks to prune {target} of {total} channels but min_channels={min_channels} "
+        raise InputError(f"ratio {ratio} asks to prune {target} of {total} channels but min_channels={min_channels} "
                          f"(and prune.exclude / prune.max_pruned) allow only {pruned}; lower the ratio or those limits")
     stop = len(walk)
     if walk and walk[-1][1] > target:  # overshot with the last entry: drop it if that gets closer (or as close)
@@ -219,7 +220,7 @@ class Selection:
                     wider.append("coupled" + (" (instead of branch-input)" if "branch-input" in p.scope else ""))
                 if "branch-input" not in p.scope and "coupled" not in p.scope:
                     wider.append("branch-input")
-                raise ValueError(
+                raise InputError(
                     f"prune.budget: {budget.kind} target {format_cost(sel.target, budget.kind)} "
                     f"({sel.target / sel.dense:.1%} of dense) is below the smallest reachable with scope {where}: "
                     f"{format_cost(sel.floor, budget.kind)} ({sel.floor / sel.dense:.1%}), every gated group at "
@@ -254,7 +255,7 @@ class Selection:
         floor_s, spread = dist.from_main(measure) if dist.active() else measure()
         self.measured_floor = floor_s
         if floor_s > self.target * (1 + max(0.05, spread)):
-            raise ValueError(
+            raise InputError(
                 f"prune.budget: latency target {format_cost(self.target, 'latency')} is below the measured time of "
                 f"the smallest network scope {'+'.join(scopes)} reaches on {where} at batch {budget.batch_size}: "
                 f"{format_cost(floor_s, 'latency')} (run-to-run spread {spread:.0%}; the per-layer model predicted "

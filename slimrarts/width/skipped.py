@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..modes import evaluating
 
 if TYPE_CHECKING:
@@ -103,10 +104,10 @@ def require_groups(gates: Gates, scope: str | Iterable[str] | None = None) -> No
     head = f"nothing to prune in this model for scope {'+'.join(scopes) or '?'}"
     entries = list(gates.skipped) + list(gates.out_of_scope)
     if not entries:
-        raise ValueError(f"{head}: it has no conv or linear layer with prunable outputs (only layers whose outputs "
+        raise InputError(f"{head}: it has no conv or linear layer with prunable outputs (only layers whose outputs "
                          "are the model's outputs)")
     lines = "\n".join(f"  - {s.name}: {s.reason}" for s in entries)
-    raise ValueError(f"{head}; {len(entries)} channel groups were not gated:\n{lines}")
+    raise InputError(f"{head}; {len(entries)} channel groups were not gated:\n{lines}")
 
 
 def reason_kind(reason: str) -> str:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..engine.checkpoint import CorruptFileError, load_checkpoint, save_atomic
+from ..errors import InputError
 from ..modes import evaluating
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
@@ -94,7 +95,7 @@ def _check_tiled(group: ChannelGroup, kept: list[int]) -> None:
     n = group.num_alphas
     first = sorted(c for c in kept if c < n)
     if sorted(kept) != [r * n + c for r in range(group.repeat) for c in first]:
-        raise ValueError(f"group {group.name!r}: kept channels must be the same positions in each of its "
+        raise InputError(f"group {group.name!r}: kept channels must be the same positions in each of its "
                          f"{group.repeat} blocks of {n} channels (grouped convolutions)")
 
 
@@ -115,10 +116,10 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
     """
     model = gates.model
     if len(keep) != len(gates.groups):
-        raise ValueError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
+        raise InputError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
     for group, k in zip(gates.groups, keep, strict=True):
         if k.numel() != group.num_alphas:
-            raise ValueError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has "
+            raise InputError(f"keep mask of group {group.name!r} has {k.numel()} entries; its α has "
                              f"{group.num_alphas} ({group.size} channels, {group.repeat} per entry: reduce "
                              "per-channel scores with Gates.entry_scores before selecting)")
     with torch.no_grad(), evaluating(model):
@@ -155,7 +156,7 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
 def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None = None) -> nn.Module:
     """Prune a freshly built `model` (same architecture as the original) to the widths in `spec`, in place."""
     if spec.get("format") != SPEC_FORMAT:
-        raise ValueError(f"width spec format {spec.get('format')!r} is not supported (expected {SPEC_FORMAT})")
+        raise InputError(f"width spec format {spec.get('format')!r} is not supported (expected {SPEC_FORMAT})")
     if example_input is None:
         shape = spec.get("input_shape") or [1, 3, 32, 32]
         example_input = torch.randn(*shape, device=next(model.parameters()).device)
@@ -166,7 +167,7 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
     for entry in spec["groups"]:
         group = by_name.get(entry["name"])
         if group is None or group.size != entry["size"] or group.repeat != entry.get("repeat", 1):
-            raise ValueError(f"width spec group {entry['name']!r} (size {entry['size']}) does not exist in this model; "
+            raise InputError(f"width spec group {entry['name']!r} (size {entry['size']}) does not exist in this model; "
                              "was it built with the same architecture and arguments?")
         _check_tiled(group, entry["kept"])
         ordered.append(group)
@@ -200,7 +201,7 @@ def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_locat
     if model is None:
         info = spec.get("model")
         if not info or not info.get("name") or build is None:
-            raise ValueError(f"{path} does not record which model it was cut from; pass the original model=...")
+            raise InputError(f"{path} does not record which model it was cut from; pass the original model=...")
         model = build(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
     else:
         model = copy.deepcopy(model)  # the caller's model is never cut in place, even when loading fails
@@ -212,6 +213,6 @@ def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_locat
     except RuntimeError as err:  # shape mismatches
         mismatch = str(err).split("\n", 1)[-1].strip()[:400]
     if mismatch:
-        raise ValueError(f"the weights in {str(path)!r} do not fit the model cut to its width spec ({mismatch}); "
+        raise InputError(f"the weights in {str(path)!r} do not fit the model cut to its width spec ({mismatch}); "
                          "was it cut from another architecture or other arguments?")
     return model.eval()
