@@ -31,7 +31,7 @@ from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
 from .models.io import attach_io
-from .preflight import check_data, check_model, finite_model, frozen_layers, model_outputs
+from .preflight import check_data, check_first_batches, check_model, finite_model, frozen_layers, model_outputs
 from .recipe import Recipe, load_recipe, save_or_check_recipe
 from .report import build_report
 from .search.base import SearchState
@@ -254,13 +254,15 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     if run_dir is not None:  # fail now; nothing is deleted before the checks below
         dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders = as_loaders(loaders, seed=recipe.seed)
+    check_first_batches(loaders, task, ("train", "search_t", "search_v"))
     started = time.perf_counter()
     model = copy.deepcopy(model).to(dev)
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = dist.convert_sync_bn(model)
     io_hooks = attach_io(model, input_fn, output_fn)
     x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
-    loaders = check_data(loaders, model_outputs(model, x))
+    check_first_batches(loaders, task, ("test",), read=False)  # its first batch: checked as it is first evaluated
+    loaders = check_data(loaders, model_outputs(model, x), task)
     rd = RunDir(run_dir) if run_dir is not None else None
     if rd is not None:  # rank 0 alone makes the folder and writes; every rank gets its error, if any
         dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),

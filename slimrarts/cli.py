@@ -122,13 +122,14 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     """Compare run folders in one table (Markdown), optionally with plots."""
+    from ._io import atomic_write
     from .engine import console
     from .runs import compare_runs
 
     text = compare_runs([Path(p) for p in args.runs], plot=args.plot)
     console.print(text, markup=False, highlight=False)
     if args.md:
-        Path(args.md).write_text(text + "\n")
+        atomic_write(args.md, text + "\n")
     return 0
 
 
@@ -204,11 +205,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"slimrarts {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # out of memory (CUDA's OutOfMemoryError, or the CPU allocator's) is the batch
+        if not _out_of_memory(err) or os.environ.get("SLIMRARTS_DEBUG"):
+            raise
+        print(f"slimrarts {args.command}: error: out of memory ({str(err).splitlines()[0][:200]}); lower "
+              "data.batch_size (--set data.batch_size=<smaller>) and continue with --resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"slimrarts {args.command}: interrupted after {time.perf_counter() - t0:.0f} s; "
               "continue with --resume --out <run folder>", file=sys.stderr)
         return 130
     # anything else is a bug: Python prints its traceback and exits 1
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 def _as_rank(fn):

@@ -11,18 +11,27 @@ import torch
 import torch.nn as nn
 
 from .engine import dist
-from .errors import InputError, InputTypeError
+from .engine.task import CLASSIFICATION, Task
+from .errors import DataError, InputError, InputTypeError
 from .models.io import OutputError, logits_of
 from .modes import evaluating
 
-__all__ = ["CheckedLoader", "check_data", "check_model", "check_processes", "finite_model", "frozen_layers",
-           "model_outputs"]
+__all__ = ["CheckedLoader", "check_data", "check_first_batches", "check_model", "check_processes", "finite_model",
+           "frozen_layers", "model_outputs"]
 
 
 def check_model(model: nn.Module) -> None:
     """The model can be trained in fp32 here: real (not meta) floating parameters, fp32, some trainable."""
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise InputTypeError(f"the model is wrapped in {type(model).__name__}: pass the module inside it "
+                             "(model.module); slimrarts adds and removes channels, which a wrapper's replicas and "
+                             "buckets do not follow. For several GPUs, run slimrarts under torchrun")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise InputTypeError("the model is a torch.compile'd module: pass the original one (model._orig_mod); a "
+                             "compiled graph is specialised to the widths slimrarts changes. Compile the slim "
+                             "model afterwards")
     params = list(model.parameters())
     if not params:
         raise InputError("the model has no parameters: there is nothing to prune or train")
@@ -76,20 +85,32 @@ def _label_error(where: str, label: int, num_classes: int, batch: int | None = N
                       f"{fix}, or fix the labels")
 
 
-class CheckedLoader:
-    """A user's loader whose labels are checked on every batch as it streams (on the CPU, before the batch moves to
-    the device, so no sync and no device assert), failing at the first bad batch with its index."""
+def _nonfinite_error(where: str, batch: int | None = None) -> DataError:
+    at = f"the {where} loader's batch {batch}" if batch is not None else f"the {where} loader's first batch"
+    return DataError(f"{at} has non-finite input values (NaN or inf): this is a data problem, not a learning rate "
+                     "one; check the dataset's files and its transform (a normalisation dividing by a zero std?)")
 
-    def __init__(self, loader, num_classes: int, where: str):
-        self.loader, self.num_classes, self.where = loader, num_classes, where
+
+class CheckedLoader:
+    """A user's loader whose batches are checked as they stream — labels in range and finite inputs (on the CPU,
+    before the batch moves to the device, so no sync and no device assert) — failing at the first bad batch with
+    its index."""
+
+    def __init__(self, loader, num_classes: int, where: str, task: Task = CLASSIFICATION):
+        self.loader, self.num_classes, self.where, self.task = loader, num_classes, where, task
 
     def __iter__(self) -> Iterator:
         for i, batch in enumerate(self.loader):
-            y = batch[1]
+            if i == 0:
+                self.task.check(batch, self.where)
+            x, y = batch[0], batch[1]
             if isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.numel():
                 lo, hi = torch.aminmax(y)
                 if lo < 0 or hi >= self.num_classes:
                     raise _label_error(self.where, int(lo if lo < 0 else hi), self.num_classes, i)
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.is_floating_point():
+                if not torch.isfinite(x).all():
+                    raise _nonfinite_error(self.where, i)
             yield batch
 
     def __len__(self) -> int:
@@ -107,7 +128,48 @@ def _size(loader) -> int | None:
     return n
 
 
-def check_data(loaders, num_classes: int):
+def _describe_loader(loader) -> str:
+    parts = []
+    n = _size(loader)
+    if n is not None:
+        parts.append(f"{n} samples")
+    for attr in ("batch_size", "drop_last"):
+        if getattr(loader, attr, None) is not None:
+            parts.append(f"{attr}={getattr(loader, attr)}")
+    return ", ".join(parts)
+
+
+def check_first_batches(loaders, task: Task = CLASSIFICATION,
+                        which: tuple[str, ...] = ("train", "search_t", "search_v"), *, read: bool = True) -> None:
+    """One look at the first batch of each user loader of `which` (the library's own, which know their label
+    range, are trusted): it has batches, they read as `task`'s and their inputs are finite. Fails naming the
+    loader. With `read=False` only the number of batches is checked (the test set is not read before its first
+    evaluation; `CheckedLoader` checks its first batch then)."""
+    for where in which:
+        loader = getattr(loaders, where)
+        if getattr(loader, "label_range", None) is not None:
+            continue
+        try:
+            n = len(loader)
+        except TypeError:
+            raise DataError(f"the {where} loader has no length (an IterableDataset without __len__?): slimrarts needs "
+                            "the batches per epoch for its schedules; give the dataset a __len__, or use a map-style "
+                            "Dataset") from None
+        if n == 0:
+            raise DataError(f"the {where} loader yields no batches ({_describe_loader(loader)}): with drop_last=True "
+                            "a set smaller than one batch gives none; lower the batch size or set drop_last=False")
+        if not read:
+            continue
+        batch = next(iter(loader), None)
+        if batch is None:
+            raise DataError(f"the {where} loader yields no batches ({_describe_loader(loader)})")
+        task.check(batch, where)
+        x = batch[0]
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise _nonfinite_error(where)
+
+
+def check_data(loaders, num_classes: int, task: Task = CLASSIFICATION):
     """Labels in range of the model's outputs (all labels at once for the library's loaders; per batch as they
     stream for other loaders, which are wrapped in `CheckedLoader`), and enough training samples for two halves.
     Returns the loaders with the wrappers in place."""
@@ -126,7 +188,7 @@ def check_data(loaders, num_classes: int):
             if lo < 0 or hi >= num_classes:
                 raise _label_error(where, lo if lo < 0 else hi, num_classes)
         elif not isinstance(loader, CheckedLoader):
-            replaced[where] = CheckedLoader(loader, num_classes, where)
+            replaced[where] = CheckedLoader(loader, num_classes, where, task)
     for where, loader in replaced.items():
         setattr(loaders, where, loader)
     return loaders

@@ -8,6 +8,7 @@ import datetime
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,10 @@ def _valid_device(v: str) -> bool:
 
 
 DEVICE_FIELD = dict(check=_valid_device, allowed="auto, cpu, cuda, cuda:N or mps")  # shared by the recipe schemas
+# a recipe's name names its default run folder (runs/<name>/<time>): one plain folder name, never a path
+NAME_FIELD = dict(check=lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) is not None,
+                  allowed="a plain name of letters, digits, '.', '_' and '-' (it names the run folder runs/<name>/; "
+                          "no '/', no '..'): choose the folder itself with --out")
 
 
 _positive = dict(check=lambda v: v > 0, allowed="a number > 0")
@@ -317,7 +322,7 @@ class ReportConfig:
 class Recipe:
     """A whole run. Sections that a command does not use are ignored by it."""
 
-    name: str = "run"
+    name: str = field("run", **NAME_FIELD)
     seed: int = 0
     device: str = field("auto", **DEVICE_FIELD)
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .errors import MissingFileError
+from ._io import read_json
+from .errors import FileProblem, MissingFileError
 from .metrics import format_count
 from .report import markdown_table
 
@@ -17,7 +17,10 @@ def read_report(run: Path) -> dict:
     path = Path(run) / "report.json"
     if not path.is_file():
         raise MissingFileError(f"{run}: no report.json (has the run finished? resume it with --resume --out {run})")
-    return json.loads(path.read_text())
+    report = read_json(path)
+    if not isinstance(report, dict):
+        raise FileProblem(f"{path} holds a JSON {type(report).__name__}, not a slimrarts report")
+    return report
 
 
 def _pct(v) -> str:
@@ -89,7 +92,7 @@ def plot_run(run: Path) -> list[Path]:
         out.append(run / "widths.png")
     alphas_path = run / "alphas.json"
     if alphas_path.is_file():
-        values = [v for group in json.loads(alphas_path.read_text())["alphas"] for v in group]
+        values = [v for group in read_json(alphas_path)["alphas"] for v in group]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.hist([abs(v) for v in values], bins=60, color="#1f77b4")
         ax.set_xlabel("|α|")

@@ -3,11 +3,11 @@ counts as a reference run (the RARTS paper's "random pruning", Table 6)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .._io import read_json
 from ..engine.fit import fit
 from ..errors import InputError, MissingFileError
 from .base import BaselineResult, register_baseline, search_like
@@ -38,7 +38,7 @@ def reference_counts(path: str, gates) -> list[int]:
         raise MissingFileError(f"prune.reference: {str(p)!r} does not exist (give a run folder or its "
                                "width_spec.json)")
     try:
-        spec = json.loads(p.read_text())
+        spec = read_json(p, what="prune.reference: ")
         kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write
+from .._io import atomic_write, read_json
 from ..data import make_loaders
 from ..engine import Callback, Event, console, dist, fit, on, resolve_device, save_atomic
 from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
@@ -87,7 +87,7 @@ class _AlphaLog(Callback):
         self.path = path
         self.epochs: dict[int, dict] = {}
         if resume and path.is_file():
-            self.epochs = {e["epoch"]: e for e in json.loads(path.read_text())["epochs"]}
+            self.epochs = {e["epoch"]: e for e in read_json(path)["epochs"]}
 
     def apply(self, event: Event, state) -> None:
         if not dist.is_main():  # rank 0 alone writes
@@ -118,8 +118,8 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     g = result.genotype
     if not dist.is_main():  # the genotype is the same on every rank; rank 0 writes it
         return 0
-    (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
-    (run_dir / "genotype.txt").write_text(str(g) + "\n")
+    atomic_write(run_dir / "genotype.json", g.to_json(indent=1) + "\n")
+    atomic_write(run_dir / "genotype.txt", str(g) + "\n")
     method = get_method(recipe.search.method, "search")
     num_classes = loaders.num_classes or 10
     report = {
@@ -212,7 +212,7 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
                            per_process=recipe.dist.batch == "process")
     _prepare(run_dir, recipe, resume, force)
     if dist.is_main():
-        (run_dir / "genotype.json").write_text(g.to_json(indent=1) + "\n")
+        atomic_write(run_dir / "genotype.json", g.to_json(indent=1) + "\n")
     console.print(f"[bold]run folder[/] {run_dir}")
     num_classes = loaders.num_classes or 10
     torch.manual_seed(recipe.seed)

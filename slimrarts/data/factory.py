@@ -8,7 +8,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from ..engine import dist
 from ..errors import InputError, InputTypeError
@@ -170,20 +179,64 @@ def _labels_of(dataset) -> torch.Tensor | None:
     return None
 
 
+_PASS_HALVES = ("pass search_t and search_v loaders yourself (each over one half of the training set, sampled as you "
+                "like)")
+
+
+def _user_sampling(loader: DataLoader) -> tuple[torch.Tensor | None, WeightedRandomSampler | None]:
+    """What the user's training loader draws: the sample indices (None: all of them) and a weighted sampler whose
+    weights the halves keep (None: uniform). A sampling the halves cannot keep is refused, saying what to pass."""
+    if loader.batch_size is None:
+        raise InputError(f"the train loader has a batch_sampler ({type(loader.batch_sampler).__name__}): slimrarts "
+                         f"cannot split its batches into the search halves D_t / D_v; {_PASS_HALVES}, or give the "
+                         "DataLoader batch_size= (and sampler=) instead")
+    s = loader.sampler
+    if isinstance(s, (RandomSampler, SequentialSampler, DistributedSampler)):
+        return None, None
+    if dist.world_size() == 1 and isinstance(s, SubsetRandomSampler):
+        return torch.as_tensor(list(s.indices), dtype=torch.int64), None
+    if dist.world_size() == 1 and isinstance(s, WeightedRandomSampler):
+        return None, s
+    raise InputError(f"the train loader's sampler is a {type(s).__name__}, which slimrarts cannot carry into the "
+                     f"search halves D_t / D_v{' in a process group' if dist.world_size() > 1 else ''}; "
+                     f"{_PASS_HALVES}, or use shuffle=True, a SubsetRandomSampler or a WeightedRandomSampler")
+
+
 def _halve(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
+    """The two search halves of the user's training loader, drawn as it draws: over its sampler's subset, with its
+    sampler's weights; each with the loader's batch size, workers, collate function and drop_last."""
     dataset = loader.dataset
-    if len(dataset) < 4:
-        raise InputError(f"the training set has {len(dataset)} sample(s); the search splits it into two halves and "
+    if isinstance(dataset, IterableDataset):
+        raise InputError(f"the train loader's dataset is an IterableDataset ({type(dataset).__name__}): slimrarts "
+                         f"splits the training set into the search halves D_t / D_v by index; {_PASS_HALVES}, or "
+                         "use a map-style Dataset")
+    pool, weighted = _user_sampling(loader)
+    n = len(dataset) if pool is None else len(pool)
+    if n < 4:
+        raise InputError(f"the training set has {n} sample(s); the search splits it into two halves and "
                          "each needs at least 2 (batch norm needs 2 per batch): give at least 4 training samples")
     labels = _labels_of(dataset)
     if labels is not None and len(labels) == len(dataset):
-        idx_t, idx_v = split_halves(labels, seed=seed)
+        idx_t, idx_v = split_halves(labels if pool is None else labels[pool], seed=seed)
     else:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        idx_t, idx_v = order[: (len(order) + 1) // 2].sort().values, order[(len(order) + 1) // 2:].sort().values
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        idx_t, idx_v = order[: (n + 1) // 2].sort().values, order[(n + 1) // 2:].sort().values
+    if pool is not None:
+        idx_t, idx_v = pool[idx_t], pool[idx_v]
     out = []
-    for idx in (idx_t, idx_v):
+    for k, idx in enumerate((idx_t, idx_v)):
         half = Subset(dataset, idx.tolist())
+        if weighted is not None:  # the user's weights, restricted to the half; as many draws as its share
+            weights = torch.as_tensor(weighted.weights, dtype=torch.double)[idx]
+            draws = max(1, round(weighted.num_samples * len(idx) / len(dataset)))
+            if not weighted.replacement:
+                draws = min(draws, int((weights > 0).sum()))
+            sampler = WeightedRandomSampler(weights, draws, replacement=weighted.replacement,
+                                            generator=torch.Generator().manual_seed(seed + k))
+            out.append(DataLoader(half, batch_size=loader.batch_size, sampler=sampler,
+                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                  pin_memory=loader.pin_memory, drop_last=loader.drop_last))
+            continue
         if dist.world_size() > 1:  # each process its share, reshuffled per epoch (set_epoch) from the seed
             sampler = DistributedSampler(half, shuffle=True, seed=seed, drop_last=loader.drop_last)
             out.append(DataLoader(half, batch_size=loader.batch_size, sampler=sampler,

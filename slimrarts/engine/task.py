@@ -2,7 +2,7 @@
 
 Training (`fit`, `TrainStep`), evaluation (`evaluate`), the search's losses (`search.problem.NetProblem`) and the
 pipeline (`prune()`) take a `Task` instead of assuming cross-entropy and top-1 accuracy. `Classification` is the
-only one so far; a task for segmentation or detection implements the same four methods.
+only one so far; a task for segmentation or detection implements the same methods.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import DataError
 
 __all__ = ["CLASSIFICATION", "Classification", "Task"]
 
@@ -37,6 +39,11 @@ class Task(Protocol):
         """The metric's denominator on this batch (samples)."""
         ...
 
+    def check(self, batch: Any, where: str) -> None:
+        """Raise `DataError` naming the `where` loader when a batch cannot be read as this task's (the pre-flight
+        look at each loader's first batch)."""
+        ...
+
 
 class Classification:
     """Cross-entropy and top-1 accuracy over `[batch, classes]` logits (of a tuple output, the first element: the
@@ -60,6 +67,32 @@ class Classification:
 
     def count(self, target: torch.Tensor) -> int:
         return target.shape[0]
+
+    def check(self, batch: Any, where: str) -> None:
+        at = f"the {where} loader's first batch"
+        if isinstance(batch, dict):
+            raise DataError(f"{at} is a dict (keys {sorted(map(str, batch))}); the classification task reads "
+                            "(images, labels) pairs: make the dataset return a tuple (or wrap the loader so it yields "
+                            "them)")
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError(f"{at} is a {type(batch).__name__}; the classification task reads (images, labels) pairs")
+        x, y = batch[0], batch[1]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise DataError(f"{at} holds a {type(x).__name__} and a {type(y).__name__}; give tensors (the "
+                            "DataLoader's default collate makes them from a dataset of (tensor, int) pairs)")
+        shape = tuple(y.shape)
+        if y.is_floating_point() or y.dtype == torch.bool:
+            kind = "one-hot or soft" if y.dim() == 2 else y.dtype
+            raise DataError(f"{at} has {kind} labels ({y.dtype}, shape {shape}); the classification task needs "
+                            "integer class indices of shape [batch]: " +
+                            ("y.argmax(1)" if y.dim() == 2 else "y.long()") + " in the dataset or a collate_fn")
+        if y.dim() == 2:
+            raise DataError(f"{at} has labels of shape {shape}, which look one-hot; give class indices of shape "
+                            "[batch] (y.argmax(1))")
+        if y.dim() != 1:
+            raise DataError(f"{at} has labels of shape {shape}; the classification task needs shape [batch]")
+        if x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{at} has {x.shape[0] if x.dim() else 0} images but {y.shape[0]} labels")
 
 
 CLASSIFICATION = Classification()

@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..config import field
 from ..methods import describe_methods, list_methods
-from ..recipe import DEVICE_FIELD, ArchOptimConfig, DataConfig, DistConfig, OptimConfig, TrainConfig
+from ..recipe import DEVICE_FIELD, NAME_FIELD, ArchOptimConfig, DataConfig, DistConfig, OptimConfig, TrainConfig
 
 __all__ = ["NasNetConfig", "CostConfig", "NasSearchConfig", "NasTrainConfig", "NasRecipe"]
 
@@ -88,7 +88,7 @@ class NasTrainConfig(TrainConfig):
 class NasRecipe:
     """A topology search (`search`, `net`, `cost`) and the training of the evaluation net it finds (`train`)."""
 
-    name: str = "darts"
+    name: str = field("darts", **NAME_FIELD)
     seed: int = 0
     device: str = field("auto", **DEVICE_FIELD)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64))

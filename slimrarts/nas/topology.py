@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write, read_json
 from ..engine import dist
 from ..engine.callbacks import Callback
 from ..search.loop import search_from_section
@@ -56,10 +57,10 @@ def search_costs(net: SearchNetwork, recipe: NasRecipe, run_dir: Path | None = N
 
     def tables() -> OpCosts:
         if resume and path is not None and path.is_file():
-            return _costs_from(json.loads(path.read_text()))
+            return _costs_from(read_json(path))
         costs = op_costs(net, c.mode, batch=c.batch, warmup=c.warmup, repeats=c.repeats)
         if path is not None:
-            path.write_text(json.dumps(costs.to_dict(), indent=1))
+            atomic_write(path, json.dumps(costs.to_dict(), indent=1))
         return costs
 
     if not dist.active():
