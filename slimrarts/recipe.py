@@ -128,6 +128,11 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # a state_dict file to start from (e.g. a trained baseline)
 
+    def validate(self, where: str) -> None:
+        if "num_classes" in self.kwargs:
+            raise ConfigError(f"{where}.kwargs.num_classes: the number of classes comes from the data set (data.name); "
+                              "remove it from the model's arguments")
+
 
 _MILESTONES = dict(default_factory=lambda: [0.5, 0.75], check=lambda v: all(0 < m < 1 for m in v) and v == sorted(v),
                    allowed="increasing fractions of the epochs, each in (0, 1)")

@@ -318,3 +318,18 @@ def test_read_json_names_a_binary_file_and_jsonl_names_the_line(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"a": 1}) + "\n\n{\"a\": \n")
     with pytest.raises(FileProblem, match=r"m\.jsonl: line 3 is not valid JSON"):
         read_jsonl(tmp_path / "m.jsonl")
+
+
+# ---- settings the data set or the model does not fit -------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, named", [({"num_classes": 100}, "model.kwargs.num_classes"),
+                                           ({"in_channels": 1}, "unexpected keyword argument 'in_channels'"),
+                                           ({}, "data.image_size: only used by data.name=imagefolder")])
+def test_settings_the_data_or_model_does_not_fit_are_named_before_training(kwargs, named, tmp_path, tiny_archive,
+                                                                          capsys):
+    extra = {"model": {"name": "tiny_preresnet", "kwargs": kwargs}}
+    if not kwargs:  # CIFAR stays 32x32: an image size is refused, not silently ignored
+        extra["data"] = {"name": "cifar10", "root": tiny_archive, "batch_size": 25, "image_size": 64}
+    out = tmp_path / "run"
+    assert main(["run", _recipe(tmp_path, tiny_archive, **extra), "--out", str(out)]) == 2
+    assert named in capsys.readouterr().err and not out.exists()

@@ -13,7 +13,7 @@ from ..data import Loaders, make_loaders
 from ..engine import RunDir, dist, fit, prepare_run_dir, resolve_device
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import check_run_dir
-from ..errors import InputError, MissingFileError
+from ..errors import ConfigError, InputError, MissingFileError, SlimrartsError
 from ..metrics import macs_and_params
 from ..models import create_model
 from ..preflight import check_data, check_model, check_processes, model_outputs
@@ -57,7 +57,13 @@ def build_from_recipe(recipe: Recipe, device: torch.device,
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last,
                            per_process=recipe.dist.batch == "process")
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
+    try:
+        model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)
+    except TypeError as err:  # a constructor argument the model does not take
+        if isinstance(err, SlimrartsError):
+            raise
+        raise ConfigError(f"model.kwargs={recipe.model.kwargs}: {recipe.model.name} cannot be built with them "
+                          f"({err}); see the model's constructor for the arguments it takes") from None
     if recipe.model.weights:
         load_weights(model, recipe.model.weights)
     return loaders, model
