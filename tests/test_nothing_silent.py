@@ -333,3 +333,21 @@ def test_settings_the_data_or_model_does_not_fit_are_named_before_training(kwarg
     out = tmp_path / "run"
     assert main(["run", _recipe(tmp_path, tiny_archive, **extra), "--out", str(out)]) == 2
     assert named in capsys.readouterr().err and not out.exists()
+
+
+def test_a_reference_spec_of_another_model_fails_before_training(tiny_sets, tmp_path, monkeypatch):
+    import slimrarts.baselines.random_pruning as random_pruning
+
+    torch.manual_seed(0)
+    cfg = dict(TINY, search={"method": "random", "epochs": 1}, prune={"scope": ["internal"]})
+    spec = slimrarts.prune(create_model("tiny_preresnet"), _float_loaders(tiny_sets), 0.4, config=cfg,
+                           progress=False).width_spec
+    for g in spec["groups"]:
+        g["kept"] = list(range(len(g["kept"]) + 1000))  # wider than the group: another model's widths
+    run = tmp_path / "ref"
+    run.mkdir()
+    (run / "width_spec.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(random_pruning, "fit", lambda *a, **k: pytest.fail("training started"))
+    cfg = dict(cfg, prune={"scope": ["internal"], "reference": str(run)})
+    with pytest.raises(InputError, match=r"prune.reference .* keeps \d+ channels of group .* which has \d+"):
+        slimrarts.prune(create_model("tiny_preresnet"), _float_loaders(tiny_sets), 0.4, config=cfg, progress=False)

@@ -47,6 +47,12 @@ def reference_counts(path: str, gates) -> list[int]:
     if missing:
         raise InputError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "
                          "and scope?")
+    for g in gates.groups:  # a count the group cannot hold (another model's widths) or cannot be cut to exactly
+        n, channels = kept[g.name], g.size
+        if not 1 <= n <= channels or n % g.repeat:
+            raise InputError(f"prune.reference {str(p)!r} keeps {n} channels of group {g.name!r}, which has "
+                             f"{channels}{f' in blocks of {g.repeat}' if g.repeat > 1 else ''}: was it a run of the "
+                             "same model and scope?")
     return [kept[g.name] for g in gates.groups]
 
 
