@@ -183,7 +183,7 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
         shape = spec.get("input_shape") or [1, 3, 32, 32]
         example_input = torch.randn(*shape, device=next(model.parameters()).device)
     scopes = sorted({g["scope"] for g in spec["groups"]})
-    groups, _, dg = find_groups(model, example_input, scopes)
+    groups, _, dg = find_groups(model, example_input, scopes, check_gaps=False)  # the cut was decided already
     by_name = {g.name: g for g in groups}
     ordered, kept = [], []
     for entry in spec["groups"]:
