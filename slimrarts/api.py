@@ -165,6 +165,7 @@ def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, S
     gates = attach_gates(model, x[:2], recipe.prune.scope, ignored=[m for _, m in frozen])
     gates.skipped.extend(Skipped(name, "frozen: its weight does not require grad, so it is not trained or pruned",
                                  channels=m.weight.shape[0]) for name, m in frozen)
+    gates.guard_untraced(recipe.prune.exclude)  # a module the trace did not see stops the run at its first call
     _check_gates(gates, recipe)
     return gates, Selection.prepare(gates, recipe, tuple(x.shape[1:]), x.device)
 
@@ -351,7 +352,7 @@ def finetune(run: PruneRun) -> None:
 def finish(run: PruneRun) -> PruneResult:
     """Stage 7: time the slim model against the dense one (if asked), build the report, write the run folder."""
     recipe, model, x = run.recipe, run.model, run.example
-    for handle in run.io_hooks:
+    for handle in run.io_hooks + (run.gates.guards if run.gates is not None else []):  # guards: see _attach
         handle.remove()
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = run.model = dist.revert_sync_bn(model)

@@ -12,6 +12,7 @@ from .cost import build_cost_model as build_cost_model
 from .cost import cost_penalty as cost_penalty
 from .cost import group_layers as group_layers
 from .coverage import coverage as coverage
+from .flow import UntracedCallError as UntracedCallError
 from .gates import Gates as Gates
 from .gates import attach_gates as attach_gates
 from .gates import ungated_copy as ungated_copy
@@ -44,7 +45,8 @@ from .surgery import save_slim as save_slim
 __all__ = [
     "SCOPES", "Selection",
     "ChannelGroup", "ChannelSelect", "CostFunction", "CostModel", "CoverageWarning", "GateSite", "Gates",
-    "LatencyModel", "Skipped", "TightenResult", "Timing", "apply_spec", "attach_gates", "budget_floor",
+    "LatencyModel", "Skipped", "TightenResult", "Timing", "UntracedCallError", "apply_spec", "attach_gates",
+    "budget_floor",
     "build_cost_model", "build_latency_model", "cost_penalty", "coverage", "find_groups", "fold_gates",
     "group_layers", "layer_widths", "load_slim", "min_kept", "parse_budget", "prox_l1_", "prunable_channels",
     "pruned_ratio", "remove_channels", "require_groups", "save_slim", "select_budget", "select_l1", "select_ratio",

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import InputError, InputTypeError
 from .cost import KINDS, CostFunction, group_layers
+from .flow import matches
 from .groups import check_repeats
 
 __all__ = ["budget_floor", "min_kept", "parse_budget", "select_budget"]
@@ -137,7 +138,7 @@ def _group_matches(pattern: str, group, roles: dict[str, str]) -> bool:
 
 def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
              max_pruned: float | Mapping[str, float] | None = None,
-             repeat: Sequence[int] | None = None) -> list[int]:
+             repeat: Sequence[int] | None = None, untraced: Sequence[str] = ()) -> list[int]:
     """The fewest α entries each group may keep under `min_channels`, `exclude` and `max_pruned`.
 
     `source` is a `CostModel`, `LatencyModel` or `Gates`. `exclude`: module-name globs (fnmatch) whose output
@@ -145,7 +146,8 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
     gate sites or a layer whose output width it changes matches; a layer's input channels may still shrink with
     the group feeding it. `max_pruned`: the largest pruned share per group, one fraction for all or
     {glob: fraction} (the smallest matching fraction counts; Torch-Pruning's `max_pruning_ratio`). `min_channels`
-    counts channels; `repeat[g]` channels share one α entry (grouped convs; default 1).
+    counts channels; `repeat[g]` channels share one α entry (grouped convs; default 1). `untraced`: modules the trace
+    did not run (`flow.Gaps.untraced`), which an `exclude` pattern lets run (no warning that it changes nothing).
 
     Raises:
         ValueError: a pattern that matches no module (with close names), a fraction outside [0, 1].
@@ -169,6 +171,8 @@ def min_kept(source, *, min_channels: int = 1, exclude: Sequence[str] = (),
     reps = check_repeats(len(groups), repeat if repeat is not None else [getattr(g, "repeat", 1) for g in groups],
                          "repeat")
     for p, arg in [(p, "exclude") for p in exclude] + [(p, "max_pruned") for p in caps if p != "*"]:
+        if arg == "exclude" and any(matches(n, [p]) for n in untraced):
+            continue
         if not any(_group_matches(p, g, r) for g, r in zip(groups, layers, strict=True)):
             warnings.warn(f"{arg} pattern {p!r} matches no layer whose channels a gated group prunes; it changes "
                           "nothing (inputs of a layer are pruned with the layer before it)", UserWarning, stacklevel=3)

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
+from .flow import gaps, guard
 from .groups import ChannelGroup, Skipped, find_groups
-from .skipped import warn_skipped
+from .skipped import warn_gaps, warn_skipped
 
 __all__ = ["strip_hooks", "ungated_copy", "Gates", "attach_gates"]
 
@@ -32,7 +33,10 @@ class Gates:
     the model's parameters, so `model.parameters()` and `torch.func.functional_call` leave it alone.
 
     `skipped` lists the groups of the asked scopes that could not be gated exactly (coverage gaps, each with its
-    reason); `out_of_scope` the groups that only another scope would consider.
+    reason); `out_of_scope` the groups that only another scope would consider. `gaps` (`flow.Gaps`) says what the
+    trace did not show: modules it did not see (`gaps.untraced`: those that did not run) and tied parameters.
+    `guards` are the hooks `guard_untraced` put on the untraced modules; they outlive `remove()` (fine-tuning runs
+    after the cut) and go with `unguard()`.
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], skipped: list[Skipped], dg=None,
@@ -42,6 +46,8 @@ class Gates:
         self.out_of_scope = [s for s in skipped if s.kind == "out_of_scope"]
         self.example_input = example_input
         self.scopes: tuple[str, ...] = tuple(sorted({g.scope for g in groups}))  # attach_gates sets the asked ones
+        self.gaps = gaps(dg)
+        self.guards: list = []
         device = next(model.parameters()).device
         self.alphas = [torch.ones(g.num_alphas, device=device, requires_grad=True) for g in groups]
         self._handles: list = []
@@ -117,10 +123,22 @@ class Gates:
                            for a, k in zip(self.alphas, keep, strict=True)])
 
     def remove(self) -> None:
-        """Remove every hook: the model computes as if ungated again."""
+        """Remove every gate hook: the model computes as if ungated again (the `guards` stay)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def guard_untraced(self, exclude: Iterable[str] = ()) -> None:
+        """Make every module that did not run in the trace (`gaps.untraced`) raise `flow.UntracedCallError` at its
+        first call, except those matching (or under a module matching) an `exclude` glob: `prune()` keeps this on
+        through the search and fine-tuning, and takes it off (`unguard`) before it returns the slim model."""
+        self.guards += guard(self.model, self.gaps.untraced, exclude)
+
+    def unguard(self) -> None:
+        """Remove the hooks of `guard_untraced`."""
+        for h in self.guards:
+            h.remove()
+        self.guards.clear()
 
     def state_dict(self) -> dict:
         return {"alphas": [a.detach().clone() for a in self.alphas]}
@@ -151,6 +169,8 @@ def attach_gates(model: nn.Module, example_input: torch.Tensor, scope: str | Ite
     gates.scopes = scopes
     if warn and gates.skipped:
         warn_skipped(gates, stacklevel=2)
+    if warn:
+        warn_gaps(gates, stacklevel=2)
     return gates
 
 
@@ -159,10 +179,10 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwar
 
 
 def ungated_copy(gates: Gates) -> nn.Module:
-    """A deep copy of the gated model without the gates' hooks (any other hook kept): the dense network as the user
-    built it. The copy's hooks are found by the ids of the gates' handles in torch's per-module hook tables."""
+    """A deep copy of the gated model without the gates' hooks and guards (any other hook kept): the dense network as
+    the user built it. The copy's hooks are found by the ids of the gates' handles in torch's per-module hook tables."""
     model = copy.deepcopy(gates.model)
-    ids = {h.id for h in gates._handles}
+    ids = {h.id for h in gates._handles + gates.guards}
     for m in model.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(m, name, None)

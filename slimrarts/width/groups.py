@@ -15,6 +15,8 @@ entry as `repeat` channels (`select_ratio(..., repeats=...)`).
 
 Groups that cannot be gated exactly are returned as `Skipped` with the reason; groups that belong to a scope that was
 not asked for are returned as `Skipped` with `kind="out_of_scope"`, so a model never comes back with nothing said.
+So are groups that a module the trace did not see may read or write, and groups that would cut a parameter held by
+two modules (`width/flow.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from ..errors import InputError
-from .trace import all_groups, build_graph, reshape_problem, unmapped
+from .flow import Gaps, find_unseen, set_gaps
+from .trace import all_groups, build_graph, calls, reshape_problem, training_calls, unmapped
 
 __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
 
@@ -404,11 +407,15 @@ def find_groups(
     example_input: torch.Tensor,
     scopes: Iterable[str] = ("internal",),
     ignored: Iterable[nn.Module] = (),
+    check_gaps: bool = True,
 ) -> tuple[list[ChannelGroup], list[Skipped], tp.DependencyGraph | None]:
     """The gateable channel groups of `model` for the given scopes, the groups not gated with reasons, and the graph.
 
     The skipped list holds kind "unsupported" entries (in the asked scopes, but not gateable exactly) and kind
-    "out_of_scope" entries (gateable only with another scope, or not at all).
+    "out_of_scope" entries (gateable only with another scope, or not at all). With `check_gaps` (the default), a
+    group is also skipped when a module the trace did not see may touch its channels, or when it would cut a
+    parameter held by two modules (`flow.Gaps`, kept with the graph: `flow.gaps(dg)`); a cut already decided
+    (`apply_spec`) passes False.
     """
     scopes = tuple(scopes)
     bad = [s for s in scopes if s not in SCOPES]
@@ -425,6 +432,9 @@ def find_groups(
                             members=layers)], None
     param_names = {id(p): n for n, p in model.named_parameters()}
     failed = unmapped(dg)
+    found = (Gaps.of(model, find_unseen(model, dg, calls(dg), training_calls(model, example_input)))
+             if check_gaps else Gaps())
+    set_gaps(dg, found)
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = []
     for group, root, failure in all_groups(dg, list(ignored)):
@@ -448,6 +458,9 @@ def find_groups(
             entrances = _branch_inputs(view) if list(view.items[0].idxs) == list(range(view.size)) else []
             for norm, consumers in entrances:
                 entry = _branch_input_group(view, norm, consumers)
+                if isinstance(entry, ChannelGroup) and (
+                        gap := found.reason(entry.name, {norm, *view.downstream(norm)}, names)):
+                    entry = Skipped(entry.name, gap, entry.size, members=entry.members)
                 (groups if isinstance(entry, ChannelGroup) else skipped).append(entry)
             if entrances:
                 continue
@@ -455,6 +468,8 @@ def find_groups(
         if scope not in scopes:
             skipped.append(Skipped(gname, _out_of_scope(coupled, scopes, why), view.size, "out_of_scope", members))
             continue
+        if why is None:
+            why = found.reason(gname, view.handler, names)
         if why is not None:
             skipped.append(Skipped(gname, why, view.size, members=members))
             continue

@@ -208,7 +208,7 @@ class Selection:
                 sel.latency_model = measure()
         if p.exclude or p.max_pruned is not None:
             sel.min_kept = min_kept(sel.cost_model, min_channels=p.min_channels, exclude=p.exclude,
-                                    max_pruned=p.max_pruned)
+                                    max_pruned=p.max_pruned, untraced=gates.gaps.untraced)
         if budget is not None:
             source = sel._source()
             sel.floor, sel.dense = budget_floor(source, budget.kind, **sel._limits())

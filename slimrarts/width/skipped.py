@@ -17,7 +17,7 @@ from ..modes import evaluating
 if TYPE_CHECKING:
     from .gates import Gates
 
-__all__ = ["CoverageWarning", "layer_macs", "reason_kind", "require_groups", "skipped_macs_share"]
+__all__ = ["CoverageWarning", "layer_macs", "reason_kind", "require_groups", "skipped_macs_share", "warn_gaps"]
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -90,6 +90,35 @@ def warn_skipped(gates: Gates, stacklevel: int = 1) -> None:
         f"e.g. {first.name}: {first.reason}", CoverageWarning, stacklevel=stacklevel + 1)
 
 
+def _listed(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def warn_gaps(gates: Gates, stacklevel: int = 1) -> None:
+    """A CoverageWarning for each kind of what the trace does not show (`gates.gaps`), naming the modules or
+    parameters and the groups left unpruned for them: tied parameters; modules the trace did not see."""
+    found = gates.gaps
+    for cause in ("tied", "unseen"):
+        groups = [g for g, c in found.skipped.items() if c == cause]
+        if cause == "tied" and groups:
+            params = [f"{p} (held by {' and '.join(hs)})" for p, hs in found.tied.items()]
+            text = (f"tied parameters: {_listed(params)}; the channel groups that would cut them are not pruned "
+                    f"({_listed(groups)}; reasons in report['skipped']). Untie them (a Parameter for each module) to "
+                    "prune those channels")
+        elif cause == "unseen" and (groups or found.untraced):
+            what = {"untraced": "did not run", "training_only": "runs in training mode only", "unused": "output unused"}
+            mods = [f"{u.name} ({what[u.kind]})" for u in found.unseen]
+            text = (f"the traced forward did not see {_listed(mods)}; the channel groups they may read or write are "
+                    f"not pruned ({_listed(groups) if groups else 'none were gated'}; reasons in report['skipped'])")
+            if found.untraced:
+                text += (". A module that did not run sits on a branch the trace did not take (data-dependent control "
+                         "flow): if prune() calls it during the search or fine-tuning, the run stops there. Make the "
+                         "branch static, or add the module to prune.exclude to let it run")
+        else:
+            continue
+        warnings.warn(text, CoverageWarning, stacklevel=stacklevel + 1)
+
+
 def require_groups(gates: Gates, scope: str | Iterable[str] | None = None) -> None:
     """Raise ValueError (before any training) when `gates` gated nothing, listing every reason given.
 
@@ -112,7 +141,8 @@ def require_groups(gates: Gates, scope: str | Iterable[str] | None = None) -> No
 
 def reason_kind(reason: str) -> str:
     """A reason without the layer names, to count kinds of gaps."""
-    for key, text in (("grouped", "grouped convolution"), ("jointly", "GroupNorm/LayerNorm"),
+    for key, text in (("tied weights", "tied parameters"), ("traced", "a module the trace did not see"),
+                      ("grouped", "grouped convolution"), ("jointly", "GroupNorm/LayerNorm"),
                       ("reshape", "reshape that moves channels"), ("concatenation", "concatenation"),
                       ("split", "split"), ("slice", "slice"), ("parameter", "parameter outside a layer"),
                       ("cannot map", "torch-pruning index mapping failed"), ("converge", "search did not converge"),

@@ -1,11 +1,17 @@
-"""Make a gated model physically slimmer: fold α into the weights, remove channels, verify, save and reload."""
+"""Make a gated model physically slimmer: fold α into the weights, remove channels, verify, save and reload.
+
+Every rebuilt parameter keeps the `requires_grad` of the one it replaces (a frozen BatchNorm or conv stays frozen in
+fine-tuning). A frozen norm that carries a gate still takes α into its γ and β at the cut: that is the searched
+network (with α at 1, as the one-shot baselines leave it, its kept values are the dense ones).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,6 +80,21 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+@contextlib.contextmanager
+def _keeping_grad_flags(model: nn.Module) -> Iterator[None]:
+    """Inside the block parameters are rebuilt narrower (torch-pruning makes new ones, all requiring grad); after it
+    each has the `requires_grad` of the one it replaced, so what the user froze stays frozen."""
+    flags = [(m, name, p.requires_grad) for m in model.modules() for name, p in m._parameters.items()
+             if p is not None]
+    try:
+        yield
+    finally:
+        for m, name, flag in flags:
+            p = m._parameters.get(name)
+            if p is not None and p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
 def _prune_group(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, removed: list[int]) -> None:
     modules = dict(model.named_modules())
     if not removed:
@@ -133,8 +154,9 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         removed = [sorted(set(range(g.size)) - set(k)) for g, k in zip(gates.groups, kept, strict=True)]
         gates.remove()
         fold_gates(gates)
-        for group, rem in zip(gates.groups, removed, strict=True):
-            _prune_group(model, gates.dg, group, rem)
+        with _keeping_grad_flags(model):
+            for group, rem in zip(gates.groups, removed, strict=True):
+                _prune_group(model, gates.dg, group, rem)
         _insert_selects(model, gates.groups, kept)
         after = layer_widths(model)
         spec: dict[str, Any] = {
@@ -161,7 +183,7 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
         shape = spec.get("input_shape") or [1, 3, 32, 32]
         example_input = torch.randn(*shape, device=next(model.parameters()).device)
     scopes = sorted({g["scope"] for g in spec["groups"]})
-    groups, _, dg = find_groups(model, example_input, scopes)
+    groups, _, dg = find_groups(model, example_input, scopes, check_gaps=False)  # the cut was decided already
     by_name = {g.name: g for g in groups}
     ordered, kept = [], []
     for entry in spec["groups"]:
@@ -172,8 +194,9 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
         _check_tiled(group, entry["kept"])
         ordered.append(group)
         kept.append(entry["kept"])
-    for group, keep in zip(ordered, kept, strict=True):
-        _prune_group(model, dg, group, sorted(set(range(group.size)) - set(keep)))
+    with _keeping_grad_flags(model):
+        for group, keep in zip(ordered, kept, strict=True):
+            _prune_group(model, dg, group, sorted(set(range(group.size)) - set(keep)))
     _insert_selects(model, ordered, kept)
     return model
 

@@ -9,11 +9,17 @@ Two of torch-pruning's internals are wrapped here, and only here (tested against
   node is mapped on its own; a node that fails is recorded in `unmapped(dg)` and every group that reaches it is
   skipped with the error as its reason.
 - `dependency.graph.Group`: a group that grows without end (ReXNet's partial-channel residuals) raises `Diverged`.
+
+The graph comes from one forward pass in eval mode; `build_graph` also records which modules that pass ran and the
+autograd nodes of their inputs and outputs (`calls(dg)`), and `training_calls` runs the model once more in training
+mode, leaving no trace in its buffers or the random streams, to see what runs only there.
+`width/flow.py` reads both to find what the trace did not see.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -25,10 +31,10 @@ from torch_pruning import ops
 from torch_pruning.dependency import graph as _tp_graph
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
 
-from ..modes import evaluating
+from ..modes import evaluating, training
 
-__all__ = ["DIVERGED", "Diverged", "all_groups", "build_graph", "pruning_group", "reshape_problem", "tolerant_mapping",
-           "unmapped"]
+__all__ = ["DIVERGED", "Calls", "Diverged", "all_groups", "build_graph", "calls", "pruning_group", "reshape_problem",
+           "tolerant_mapping", "training_calls", "unmapped"]
 
 DIVERGED = ("torch-pruning's dependency search did not converge on this group (a residual that adds into part of "
             "the channels, as in ReXNet, maps indices without end)")
@@ -157,10 +163,91 @@ def unmapped(dg: tp.DependencyGraph) -> dict:
     return getattr(dg, _UNMAPPED_ATTR, {})
 
 
+@dataclasses.dataclass
+class Calls:
+    """The modules one forward pass ran, each with the tensors it read and returned (every call's, in order).
+
+    `build_graph` keeps the tensors' autograd nodes (`grad_fn`s, which the graph's nodes hold too) instead of the
+    tensors; `training_calls` keeps the tensors.
+    """
+
+    inputs: dict[nn.Module, list] = dataclasses.field(default_factory=dict)
+    outputs: dict[nn.Module, list] = dataclasses.field(default_factory=dict)
+
+    def ran(self, module: nn.Module) -> bool:
+        return module in self.outputs
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a module's arguments or output (tuples, lists, dicts and namedtuples opened)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module) -> Iterator[Calls]:
+    """Record every module call of the forward passes inside the block (before any other forward hook rewrites an
+    output, e.g. the model's output adapter)."""
+    record = Calls()
+
+    def hook(module, args, kwargs, output):
+        record.inputs.setdefault(module, []).extend(_tensors((args, kwargs)))
+        record.outputs.setdefault(module, []).extend(_tensors(output))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True, prepend=True) for m in model.modules()]
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_CALLS_ATTR = "_slimrarts_calls"
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map."""
-    with evaluating(model), tolerant_mapping():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map; `calls(dg)` says
+    which modules its forward pass ran."""
+    with evaluating(model), tolerant_mapping(), _recording(model) as record:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    as_nodes = Calls({m: [t.grad_fn for t in ts] for m, ts in record.inputs.items()},
+                     {m: [t.grad_fn for t in ts] for m, ts in record.outputs.items()})
+    setattr(dg, _CALLS_ATTR, as_nodes)
+    return dg
+
+
+def calls(dg: tp.DependencyGraph) -> Calls | None:
+    """The modules the graph's traced forward ran, with the `grad_fn`s of their inputs and outputs (None for a graph
+    not made by `build_graph`)."""
+    return getattr(dg, _CALLS_ATTR, None)
+
+
+def training_calls(model: nn.Module, example_input: torch.Tensor) -> Calls | None:
+    """The modules one forward pass in training mode runs (auxiliary heads, training-only branches), with the tensors
+    they read and returned (recorded by autograd, so that a tensor can be followed back to the modules it was made
+    from; no backward pass is made); None when that pass fails (e.g. a batch norm over one value per channel).
+
+    The buffers (BatchNorm statistics, counters) are put back and the random streams (dropout) are left where they
+    were, so nothing of this pass shows in the run.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = [example_input.device] if example_input.device.type == "cuda" else []
+    x = example_input.detach().clone().requires_grad_(example_input.is_floating_point())  # every tensor gets a grad_fn
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices), training(model), _recording(model) as record:
+            model(x)
+        return record
+    except Exception:  # noqa: BLE001 - then only the traced pass counts as seen
+        return None
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
