@@ -426,8 +426,10 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
             method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ..., `slimming`, `random`.
         scope: the gated channels: `internal`, `branch-input`, `coupled` (or a list). search_epochs,
             finetune_epochs: `search.epochs`, `finetune.epochs`. device: `auto`, `cpu`, `cuda`, ...
-        run_dir: checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json`, `slim.pt` go here;
-            `resume=True` continues an interrupted run, `force=True` replaces an earlier one.
+        run_dir: checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json`, `slim.pt` go here,
+            with the run's record (`recipe.yaml`, `fingerprint.json`, `settings_history.json`); the folder is locked
+            for this call. `resume=True` continues an interrupted run (from the same model and data: checked),
+            `force=True` replaces an earlier one.
         example_input: a batch to trace the model with (default: the first of D_t). model_info: `{"name", "kwargs",
             "num_classes"}` recorded in `slim.pt` for `slimrarts.load`. input_fn / output_fn: build the model's
             input from a batch tensor (a dict is passed as keywords) / read the [batch, classes] logits from its
@@ -444,6 +446,9 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
         TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
         DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved and the last good
             checkpoint stays for `--resume`.
+        RunLockedError: another live process holds `run_dir`.
+        ResumeMismatchError: `resume` with another model, other starting weights, other data or other versions
+            than the run started from (named), or changed settings for a finished run.
 
     Under torchrun (after `slimrarts.engine.dist.init()`) call it on every rank with the same arguments: each trains
     on its shard of every batch, the selection is made once, rank 0 alone writes, every rank returns the same.
