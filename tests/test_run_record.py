@@ -145,7 +145,8 @@ def test_a_mid_run_resume_records_which_epochs_ran_under_which_values(tmp_path, 
 # ---- 2. a resume checks what it resumes ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("other, message", [
-    (lambda: _model(name="tiny_resnet"), "the model differs from the one this run started from: parameter "),
+    (lambda: _model(name="tiny_resnet"),
+     "the model differs from the one this run started from (ResNetCifar here, PreResNet in the run): parameter "),
     (lambda: _model(widths=(8, 8, 16)),
      "the model differs from the one this run started from: parameter conv1.weight has shape (8, 3, 3, 3) here, "
      "(4, 3, 3, 3) in the run"),
