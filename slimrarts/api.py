@@ -23,7 +23,7 @@ from .engine.distill import Distiller
 from .engine.epochs import PhaseResult
 from .engine.fit import evaluate, fit
 from .engine.recalibrate import recalibrate_bn
-from .engine.rundir import RunDir, check_run_dir, prepare_run_dir
+from .engine.rundir import RunDir, check_run_dir
 from .engine.step import batches_on
 from .engine.task import CLASSIFICATION, Task
 from .errors import InputError, InputTypeError
@@ -32,8 +32,9 @@ from .metrics import macs_and_params
 from .models import create_model
 from .models.io import attach_io
 from .preflight import check_data, check_first_batches, check_model, finite_model, frozen_layers, model_outputs
-from .recipe import Recipe, load_recipe, save_or_check_recipe
+from .recipe import Recipe, load_recipe
 from .report import build_report
+from .runfolder import OpenRun, open_run
 from .search.base import SearchState
 from .search.loop import search_from_section
 from .search.problem import NetProblem
@@ -239,6 +240,12 @@ class PruneRun:
     cost_after: tuple[int, int] = (0, 0)
     recalibrated: int = 0
     finetune_phase: PhaseResult | None = None
+    opened: OpenRun | None = None  # the run folder, locked by this process until `close()` (rank 0)
+
+    def close(self) -> None:
+        """Free the run folder for other processes (`finish` does; `prune()` also when a stage fails)."""
+        if self.opened is not None:
+            self.opened.close()
 
     def test(self) -> dict:
         """The model's loss and metric on the test set (read for the report only: it chooses nothing)."""
@@ -252,12 +259,12 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     """Stage 1: check the run folder, the data and the model against each other (before any training), copy the
     model to the device, make the run folder, and measure the dense model (cost, test accuracy)."""
     dev = resolve_device(recipe.device)
-    if run_dir is not None:  # fail now; nothing is deleted before the checks below
+    if run_dir is not None:  # fail now (a bad folder, or one another process holds); nothing is deleted yet
         dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders = as_loaders(loaders, seed=recipe.seed)
     check_first_batches(loaders, task, ("train", "search_t", "search_v"))
     started = time.perf_counter()
-    model = copy.deepcopy(model).to(dev)
+    source, model = model, copy.deepcopy(model).to(dev)
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = dist.convert_sync_bn(model)
     io_hooks = attach_io(model, input_fn, output_fn)
@@ -265,17 +272,21 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     check_first_batches(loaders, task, ("test",), read=False)  # its first batch: checked as it is first evaluated
     loaders = check_data(loaders, model_outputs(model, x), task)
     rd = RunDir(run_dir) if run_dir is not None else None
-    if rd is not None:  # rank 0 alone makes the folder and writes; every rank gets its error, if any
-        dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
-                                save_or_check_recipe(recipe, rd.path, resume)))
-    torch.manual_seed(recipe.seed)
-    run = PruneRun(recipe=recipe, method=get_method(recipe.search.method), device=dev, loaders=loaders, model=model,
-                   example=x.float(), task=task, run_dir=rd, resume=resume, progress=progress,
-                   model_info=model_info, io_hooks=io_hooks, started=started)
-    run.cost_before = macs_and_params(model, (1, *x.shape[1:]))
-    run.accuracy["dense"] = run.test()["acc"]
-    if recipe.finetune.distill is not None or recipe.report.latency:
-        run.dense_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # the folder locked for this run, checked against what it started from, made or resumed (rank 0)
+    opened = open_run(run_dir, recipe, resume=resume, force=force, model=source, loaders=loaders) if rd else None
+    try:
+        torch.manual_seed(recipe.seed)
+        run = PruneRun(recipe=recipe, method=get_method(recipe.search.method), device=dev, loaders=loaders,
+                       model=model, example=x.float(), task=task, run_dir=rd, resume=resume, progress=progress,
+                       model_info=model_info, io_hooks=io_hooks, started=started, opened=opened)
+        run.cost_before = macs_and_params(model, (1, *x.shape[1:]))
+        run.accuracy["dense"] = run.test()["acc"]
+        if recipe.finetune.distill is not None or recipe.report.latency:
+            run.dense_model = copy.deepcopy(model).eval().requires_grad_(False)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
     return run
 
 
@@ -368,10 +379,12 @@ def finish(run: PruneRun) -> PruneResult:
                           accuracy=run.accuracy, test_loss=fine.final.get("test_loss"), search=run.search_phase,
                           finetune=fine, total_s=time.perf_counter() - run.started, device=run.device, note=run.note,
                           data=getattr(run.loaders, "info", None),
-                          budget=run.selection.report(run.keep, run.cost_after), latency=speed)
+                          budget=run.selection.report(run.keep, run.cost_after), latency=speed,
+                          history=run.run_dir.history() if run.run_dir is not None and dist.is_main() else None)
     if run.run_dir is not None and dist.is_main():
         _write_run(run, report)
     report = dist.broadcast_object(report)  # every rank returns rank 0's report
+    run.close()
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", run.method.name,
                 100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
                 100 * (run.accuracy["slim_after_finetune"] or 0.0), 100 * run.accuracy["dense"])
@@ -416,8 +429,10 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
             method (`slimrarts.methods.list_methods()`): `rarts` (default), `darts1`, ..., `slimming`, `random`.
         scope: the gated channels: `internal`, `branch-input`, `coupled` (or a list). search_epochs,
             finetune_epochs: `search.epochs`, `finetune.epochs`. device: `auto`, `cpu`, `cuda`, ...
-        run_dir: checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json`, `slim.pt` go here;
-            `resume=True` continues an interrupted run, `force=True` replaces an earlier one.
+        run_dir: checkpoints, `metrics.jsonl`, `report.json`, `width_spec.json`, `alphas.json`, `slim.pt` go here,
+            with the run's record (`recipe.yaml`, `fingerprint.json`, `settings_history.json`); the folder is locked
+            for this call. `resume=True` continues an interrupted run (from the same model and data: checked),
+            `force=True` replaces an earlier one.
         example_input: a batch to trace the model with (default: the first of D_t). model_info: `{"name", "kwargs",
             "num_classes"}` recorded in `slim.pt` for `slimrarts.load`. input_fn / output_fn: build the model's
             input from a batch tensor (a dict is passed as keywords) / read the [batch, classes] logits from its
@@ -434,6 +449,9 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
         TypeError: `model` is not an `nn.Module`, or `loaders` has an unsupported type.
         DivergenceError: a loss, weight or α became non-finite; nothing of that epoch is saved and the last good
             checkpoint stays for `--resume`.
+        RunLockedError: another live process holds `run_dir`.
+        ResumeMismatchError: `resume` with another model, other starting weights, other data or other versions
+            than the run started from (named), or changed settings for a finished run.
 
     Under torchrun (after `slimrarts.engine.dist.init()`) call it on every rank with the same arguments: each trains
     on its shard of every batch, the selection is made once, rank 0 alone writes, every rank returns the same.
@@ -448,12 +466,15 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
                              search_epochs=search_epochs, finetune_epochs=finetune_epochs, device=device)
     run = prepare(model, loaders, recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
                   example_input=example_input, model_info=model_info, input_fn=input_fn, output_fn=output_fn)
-    search(run)
-    select(run)
-    remove(run)
-    recalibrate(run)
-    finetune(run)
-    return finish(run)
+    try:
+        search(run)
+        select(run)
+        remove(run)
+        recalibrate(run)
+        finetune(run)
+        return finish(run)
+    finally:
+        run.close()
 
 
 def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:

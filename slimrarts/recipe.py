@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import re
@@ -17,6 +15,7 @@ import yaml
 from ._io import atomic_write
 from .config import ConfigError, build, deep_merge, field, resume_safe_keys, set_by_path, to_dict
 from .data.registry import describe_datasets, list_datasets
+from .errors import ResumeMismatchError
 from .methods import describe_methods, get_method, list_methods
 
 __all__ = [
@@ -39,6 +38,10 @@ __all__ = [
     "parse_overrides",
     "dump_recipe",
     "save_or_check_recipe",
+    "resume_changes",
+    "legacy_settings",
+    "apply_settings",
+    "note_changes_in_recipe",
     "read_recipe_yaml",
     "DEVICE_FIELD",
     "RESUME_SAFE",
@@ -476,29 +479,49 @@ def _stored_recipe(path: Path, schema: type) -> dict:
         return stored  # compared as written: every difference is then named
 
 
-def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) -> None:
-    """Write the resolved recipe into the run folder; on resume, check it against the stored one instead.
+def legacy_settings(recipe: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The keys of `ADDED_LATER` that the run folder's recipe.yaml lacks (it was made before they existed), with
+    the value it ran with, for this recipe's schema. Apply them with `apply_settings` on every process."""
+    path = Path(run_dir) / "recipe.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}  # `resume_changes` names the damaged file
+    return {key: legacy for key, legacy in ADDED_LATER.items()
+            if not _has_key(raw, key) and hasattr(recipe, key.split(".")[0])}
 
-    A resume under other settings would mix two experiments in one folder and lose the record of the first, so a
-    difference is an error naming the keys, except for the device, logging and the keys of `RESUME_SAFE`
-    (learning rates, λ, β, the cost weight, gradient clipping): those may change, e.g. to continue after a
-    divergence stop; each change is appended to `recipe_changes.json` and `recipe.yaml` then holds the new values.
-    A run folder without its `recipe.yaml` cannot be resumed.
+
+def apply_settings(recipe: Any, values: dict[str, Any]) -> None:
+    """Set dotted `values` on `recipe` (in place)."""
+    for key, value in values.items():
+        _set_attr_path(recipe, key, value)
+
+
+def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tuple[str, Any]] = (),
+                   finished: bool = False) -> list[tuple[str, Any, Any]]:
+    """Check `recipe` against the settings the run in `run_dir` last ran with and return the changes as
+    `(key, old, new)`; nothing is written.
+
+    Those settings are its `recipe.yaml` (what it started with; a folder made before that file was kept as it
+    started holds the last resume's settings) with the `earlier` changes of its resumes applied, in order, as
+    `(key, new value)`. A resume under other settings would mix two experiments in one folder, so a difference is
+    an error naming the keys, except for the device, logging and the keys of `RESUME_SAFE` (learning rates, λ, β,
+    the cost weight, gradient clipping), which may change, e.g. to continue after a divergence stop. A `finished`
+    run (nothing is left to run) refuses those too: nothing would run under them. Keys of `ADDED_LATER` that the
+    folder's recipe.yaml lacks are set on `recipe` to the value the run was made with (logged).
     """
     path = Path(run_dir) / "recipe.yaml"
-    if not resume:
-        dump_recipe(recipe, path)
-        return
     if not path.is_file():
         raise ConfigError(f"cannot resume {str(run_dir)!r}: its recipe.yaml is missing, so the settings it ran with "
                           "cannot be checked; restore the file, or start again with --force")
     stored = _stored_recipe(path, type(recipe))
-    raw = yaml.safe_load(path.read_text()) or {}
-    for key, legacy in ADDED_LATER.items():  # older folders resume as they were made
-        if not _has_key(raw, key) and _has_key(stored, key) and hasattr(recipe, key.split(".")[0]):
-            logger.warning("%s was made before %s existed: resumed with %s=%r", run_dir, key, key, legacy)
-            _set_attr_path(recipe, key, legacy)
-            set_by_path(stored, key, legacy)
+    legacy = legacy_settings(recipe, run_dir)
+    for key, value in legacy.items():  # older folders resume as they were made
+        logger.warning("%s was made before %s existed: resumed with %s=%r", run_dir, key, key, value)
+        set_by_path(stored, key, value)
+    apply_settings(recipe, legacy)
+    for key, value in earlier:
+        set_by_path(stored, key, value)
     diffs = _differences(stored, to_dict(recipe))
     safe = resume_safe_keys(type(recipe))
     unsafe = [d for d in diffs if d[0] not in safe]
@@ -507,13 +530,43 @@ def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool) 
         raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: {shown}"
                           f"{' …' if len(unsafe) > 6 else ''}. Resume with the same recipe and --set values (only "
                           f"{', '.join(safe)} may change), or start a new run")
-    if diffs:
-        log = Path(run_dir) / "recipe_changes.json"
-        history = json.loads(log.read_text()) if log.is_file() else []
-        history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "changes": [{"key": k, "old": old, "new": new} for k, old, new in diffs]})
-        log.write_text(json.dumps(history, indent=1) + "\n")
-        dump_recipe(recipe, path)
+    if diffs and finished:
+        shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in diffs[:6])
+        raise ResumeMismatchError(
+            f"cannot resume {str(run_dir)!r} with changed settings ({shown}{' …' if len(diffs) > 6 else ''}): the run "
+            "is finished (its report.json is written), so nothing would run under them and its record would no "
+            "longer say what produced its model. Resume it with the settings it ran with (without these --set "
+            "values), or start a new run with them (another --out)")
+    return diffs
+
+
+def save_or_check_recipe(recipe: Any, run_dir: str | os.PathLike, resume: bool, *,
+                         earlier: list[tuple[str, Any]] = (), finished: bool = False) -> list[tuple[str, Any, Any]]:
+    """Write the resolved recipe into the run folder (a new run), or check it against the settings the run ran
+    with (`resume`, see `resume_changes`) and return the changes. A resume never rewrites recipe.yaml's settings:
+    the changes are the run's record to keep (`slimrarts.runfolder.open_run` records them)."""
+    if not resume:
+        dump_recipe(recipe, Path(run_dir) / "recipe.yaml")
+        return []
+    return resume_changes(recipe, run_dir, earlier=earlier, finished=finished)
+
+
+_HEADER = "# "
+
+
+def note_changes_in_recipe(run_dir: str | os.PathLike, segments: list[dict]) -> None:
+    """Put the changes the run's resumes made (the `segments` of its settings history) as comments at the top of
+    its recipe.yaml; the settings below them stay those the run started with, byte for byte."""
+    path = Path(run_dir) / "recipe.yaml"
+    lines = path.read_text().splitlines(keepends=True)
+    body = "".join(lines[next((i for i, ln in enumerate(lines) if not ln.startswith(_HEADER)), len(lines)):])
+    notes = [f"{_HEADER}  {seg.get('kind', 'resume')} {seg.get('segment', '?')} ({seg.get('time', '?')}): "
+             + "; ".join(f"{c['key']} {c['old']!r} -> {c['new']!r}" for c in seg["changes"]) + "\n"
+             for seg in segments if seg.get("changes")]
+    head = [f"{_HEADER}The settings this run started with. Resumes changed some of them (settings_history.json\n",
+            f"{_HEADER}and report.json's settings_history say from which phase and epoch each change ran):\n"]
+    head = head if notes else []
+    atomic_write(path, "".join(head + notes) + body)
 
 
 def dump_recipe(recipe: Any, path: str | os.PathLike) -> None:

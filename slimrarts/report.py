@@ -5,18 +5,19 @@ A report is a plain dict, written as `report.json`; its keys are listed in `buil
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from rich.table import Table
 
-from .config import to_dict
+from .config import set_by_path, to_dict
 from .engine import dist
 from .metrics import format_count
 from .timing import device_name
 from .version import __version__
 
-__all__ = ["build_report", "machine_info", "markdown_table", "summary_table"]
+__all__ = ["build_report", "machine_info", "markdown_table", "starting_settings", "summary_table"]
 
 
 def machine_info(device: torch.device) -> dict:
@@ -32,7 +33,8 @@ def _change(before: int, after: int) -> dict:
 def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[int, int],
                  cost_after: tuple[int, int], input_size: list[int], accuracy: dict, test_loss: float | None,
                  search, finetune, total_s: float, device: torch.device, note: str = "",
-                 data: dict | None = None, budget: dict | None = None, latency: dict | None = None) -> dict[str, Any]:
+                 data: dict | None = None, budget: dict | None = None, latency: dict | None = None,
+                 history: list[dict] | None = None) -> dict[str, Any]:
     """The report of one pruning run.
 
     Keys: `slimrarts` (version), `method`, `method_note` (its source, or what a baseline did), `mode`, `scope`,
@@ -43,9 +45,12 @@ def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[
     `slim_after_finetune`: test accuracy, final epochs), `test_loss_final`,
     `removal_max_abs_diff`, `time_s` and images/s of the search (or sparsity) phase and of fine-tuning, `groups`
     (name, scope, size, sites, kept), `skipped` (groups left whole, with reasons), `layers` (widths before/after),
-    `settings` (the resolved recipe), `machine`, `data` (when the loaders describe it), `budget` (mode budget, or
-    ℓ1 with a budget: what was asked, the floor, predicted and achieved cost) and `latency` (measured dense and
-    slim time per forward, spread, speed-up, and the share of the MACs reduction realised as speed-up).
+    `settings` (the resolved recipe the run started with), `settings_history` (with a run folder: each start and
+    resume of the run, the phase and epoch it continued from and the settings it changed, so which epochs ran under
+    which values; see `engine.rundir.RunDir.history`), `machine`, `data` (when the loaders describe it), `budget`
+    (mode budget, or ℓ1 with a budget: what was asked, the floor, predicted and achieved cost) and `latency`
+    (measured dense and slim time per forward, spread, speed-up, and the share of the MACs reduction realised as
+    speed-up).
 
     `search` and `finetune` are `PhaseResult`s (`search` None for a one-shot criterion).
     """
@@ -79,13 +84,25 @@ def build_report(*, method, recipe, gates, keep, spec: dict, cost_before: tuple[
         "budget": budget,
         "latency": latency,
         "layers": spec["layers"],
-        "settings": to_dict(recipe),
+        "settings": starting_settings(to_dict(recipe), history or []),
         "machine": machine_info(device),
         "final_epoch_note": "accuracies are of the final epoch; the test set chooses nothing",
     }
+    if history is not None:
+        report["settings_history"] = history
     if data:
         report["data"] = data
     return report
+
+
+def starting_settings(settings: dict, history: list[dict]) -> dict:
+    """`settings` (those the last segment of a run ran with) as the run started: every change its resumes made
+    (the segments of `history`) undone, latest first."""
+    out = copy.deepcopy(settings)
+    for segment in reversed(history):
+        for change in reversed(segment.get("changes", [])):
+            set_by_path(out, change["key"], change["old"])
+    return out
 
 
 def _pct(v: float | None) -> str:

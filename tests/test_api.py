@@ -318,14 +318,17 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_archive, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "train.optim.momentum" in err and "0.9" in err and "0.5" in err
-    assert (out / "recipe.yaml").read_text() == before and not (out / "recipe_changes.json").exists()
+    assert (out / "recipe.yaml").read_text() == before
     assert main(["train", recipe, "--out", str(out), "--resume", "--no-progress"]) == 0
-    # a learning rate is one of the keys a resume may change (after a divergence stop): recorded, not refused
+    # a learning rate is one of the keys a resume may change (after a divergence stop), but this run is finished:
+    # nothing would train under the new value, so it is refused rather than written into the run's record
+    model = (out / "model.pt").read_bytes()
     assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.optim.lr=0.02",
-                 "--no-progress"]) == 0
-    changes = json.loads((out / "recipe_changes.json").read_text())
-    assert changes[-1]["changes"] == [{"key": "train.optim.lr", "old": 0.05, "new": 0.02}]
-    assert "lr: 0.02" in (out / "recipe.yaml").read_text()
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train.optim.lr: 0.05 → 0.02" in err and "finished" in err
+    assert (out / "recipe.yaml").read_text() == before and (out / "model.pt").read_bytes() == model
+    assert json.loads((out / "report.json").read_text())["settings_history"][-1]["changes"] == []
 
 
 def test_bad_combinations_fail_before_training(tiny_sets):

@@ -104,10 +104,11 @@ LAYERS: dict[str, set[str]] = {
     "report": {"config", "engine", "metrics", "version"},
     "runs": {"metrics", "report"},
     "toy": {"engine", "search"},
+    "runfolder": {"engine", "recipe"},  # opening a run folder: lock, fingerprint and settings checks, its record
     "api": {"baselines", "config", "data", "engine", "methods", "metrics", "models", "preflight", "recipe", "report",
-            "search", "width"},
+            "runfolder", "search", "width"},
     "commands": {"api", "config", "data", "engine", "methods", "metrics", "models", "nas", "preflight", "recipe",
-                 "version"},
+                 "runfolder", "version"},
     "cli": {"commands", "config", "engine", "methods", "metrics", "models", "recipe", "report", "runs", "version"},
     "__main__": {"cli"},
     "slimrarts": {"api", "version"},  # the package's __init__: the public names

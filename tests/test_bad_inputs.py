@@ -123,8 +123,11 @@ def test_a_diverging_run_stops_with_the_setting_at_fault_and_resumes(tmp_path, t
     assert not (bad / "checkpoints" / "search.pt").exists()  # the diverged epoch was not saved
     # --resume may lower the learning rate: the run then equals one made with that rate from the start
     assert main(["run", recipe, "--out", str(bad), "--resume", "--set", "search.optim.lr=0.05", "--no-progress"]) == 0
-    changes = json.loads((bad / "recipe_changes.json").read_text())
-    assert changes[0]["changes"] == [{"key": "search.optim.lr", "old": 1e6, "new": 0.05}]
+    start, resumed = json.loads((bad / "settings_history.json").read_text())["segments"]
+    assert start["changes"] == [] and start["from"] == {"phase": "search", "epoch": 0}
+    assert resumed["changes"] == [{"key": "search.optim.lr", "old": 1e6, "new": 0.05}]
+    assert resumed["from"] == {"phase": "search", "epoch": 0}  # every epoch of the model ran at 0.05
+    assert json.loads((bad / "report.json").read_text())["settings_history"] == [start, resumed]
     good = tmp_path / "good"
     assert main(["run", recipe, "--out", str(good), "--no-progress"]) == 0
     a = torch.load(bad / "slim.pt", weights_only=True)["state_dict"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .._io import atomic_write, read_json
 from ..data import make_loaders
 from ..engine import Callback, Event, console, dist, fit, on, resolve_device, save_atomic
-from ..engine.rundir import check_run_dir, default_run_dir, prepare_run_dir
+from ..engine.rundir import RunDir, check_run_dir, default_run_dir
 from ..errors import InputError
 from ..methods import get_method
 from ..metrics import count_params, format_count
@@ -34,7 +34,8 @@ from ..nas.recipe import NasRecipe
 from ..nas.search_net import SearchNetwork
 from ..nas.topology import search_topology
 from ..preflight import check_processes
-from ..recipe import load_recipe, save_or_check_recipe
+from ..recipe import load_recipe
+from ..runfolder import OpenRun, open_run
 from ..version import __version__
 
 __all__ = ["search_command", "train_command", "AuxLoss", "load_nas_recipe"]
@@ -61,10 +62,12 @@ def _start(recipe: NasRecipe, section: str) -> torch.device:
     return device
 
 
-def _prepare(run_dir: Path, recipe: NasRecipe, resume: bool, force: bool) -> None:
-    """Make (or clear) the run folder and write or check its recipe: rank 0 alone, its error raised on every rank."""
-    dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
-                            save_or_check_recipe(recipe, run_dir, resume)))
+def _prepare(run_dir: Path, recipe: NasRecipe, resume: bool, force: bool, loaders,
+             model: torch.nn.Module | None = None) -> OpenRun:
+    """Lock, check and make (or clear) the run folder and write or check its record (`runfolder.open_run`): rank 0
+    alone, its error raised on every rank. The search net is built from the recipe alone (recipe.yaml checks it),
+    so a search records no model; the evaluation net is recorded (its genotype file may have changed)."""
+    return open_run(run_dir, recipe, resume=resume, force=force, model=model, loaders=loaders)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -111,7 +114,12 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
     t0 = time.perf_counter()
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=recipe.search.channels_last,
                            per_process=recipe.dist.batch == "process")
-    _prepare(run_dir, recipe, resume, force)
+    with _prepare(run_dir, recipe, resume, force, loaders):
+        return _search(recipe, loaders, run_dir, device, t0, resume=resume, progress=progress)
+
+
+def _search(recipe: NasRecipe, loaders, run_dir: Path, device: torch.device, t0: float, *, resume: bool,
+            progress: bool) -> int:
     console.print(f"[bold]run folder[/] {run_dir}")
     result = search_topology(recipe, loaders, device=device, run_dir=run_dir, resume=resume, progress=progress,
                              callbacks=[_AlphaLog(run_dir / "alphas.json", resume)])
@@ -136,7 +144,7 @@ def search_command(recipe_path: str | os.PathLike | dict, overrides: list[str] |
         "seed": recipe.seed, "device": str(device), "threads": torch.get_num_threads(),
         "processes": dist.describe(),
         "versions": {"slimrarts": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "data": loaders.info,
+        "data": loaders.info, "settings_history": RunDir(run_dir).history(),
     }
     _write_json(run_dir / "report.json", report)
     try:
@@ -210,14 +218,21 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
     aux_weight = tr.auxiliary_weight
     loaders = make_loaders(data_cfg, device, seed=recipe.seed, channels_last=tr.channels_last,
                            per_process=recipe.dist.batch == "process")
-    _prepare(run_dir, recipe, resume, force)
-    if dist.is_main():
-        atomic_write(run_dir / "genotype.json", g.to_json(indent=1) + "\n")
-    console.print(f"[bold]run folder[/] {run_dir}")
     num_classes = loaders.num_classes or 10
     torch.manual_seed(recipe.seed)
     model = build_eval_net(g, num_classes=num_classes, C=tr.C, layers=tr.layers, auxiliary=aux_weight > 0,
                            drop_path=tr.drop_path).to(device)
+    with _prepare(run_dir, recipe, resume, force, loaders, model):
+        return _train_eval_net(recipe, g, model, loaders, run_dir, device, notes, cutout, resume=resume,
+                               progress=progress)
+
+
+def _train_eval_net(recipe: NasRecipe, g: Genotype, model: torch.nn.Module, loaders, run_dir: Path,
+                    device: torch.device, notes: list[str], cutout: int, *, resume: bool, progress: bool) -> int:
+    tr, aux_weight, num_classes = recipe.train, recipe.train.auxiliary_weight, loaders.num_classes or 10
+    if dist.is_main():
+        atomic_write(run_dir / "genotype.json", g.to_json(indent=1) + "\n")
+    console.print(f"[bold]run folder[/] {run_dir}")
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = dist.convert_sync_bn(model)
     callbacks = [on(Event.EPOCH_START, _drop_path_schedule(model, tr.drop_path, tr.epochs))]
@@ -243,7 +258,7 @@ def train_command(recipe_path: str | os.PathLike | dict, overrides: list[str] | 
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
               "images_per_s": result.images_per_s, "auxiliary_weight": aux_weight, "drop_path": tr.drop_path,
               "cutout": cutout, "notes": notes, "seed": recipe.seed, "device": str(device), "data": loaders.info,
-              "processes": dist.describe()}
+              "processes": dist.describe(), "settings_history": RunDir(run_dir).history()}
     _write_json(run_dir / "report.json", report)
     console.print(f"test acc (final epoch) {100 * report['test_acc']:.2f}% · params {format_count(report['params'])}"
                   f" · {result.train_s:.0f} s")

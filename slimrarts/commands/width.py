@@ -10,14 +10,15 @@ import torch
 
 from ..api import prune
 from ..data import Loaders, make_loaders
-from ..engine import RunDir, dist, fit, prepare_run_dir, resolve_device
+from ..engine import RunDir, dist, fit, resolve_device
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import check_run_dir
 from ..errors import ConfigError, InputError, MissingFileError, SlimrartsError
 from ..metrics import macs_and_params
 from ..models import create_model
 from ..preflight import check_data, check_model, check_processes, model_outputs
-from ..recipe import Recipe, save_or_check_recipe
+from ..recipe import Recipe
+from ..runfolder import open_run
 
 __all__ = ["build_from_recipe", "load_weights", "model_info", "prune_recipe", "start_processes", "train_recipe"]
 
@@ -92,8 +93,12 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
     check_model(model)
     check_data(loaders, model_outputs(model, next(iter(loaders.test))[0][:2].float()))
     rd = RunDir(run_dir)
-    dist.from_main(lambda: (prepare_run_dir(run_dir, resume=resume, force=force),
-                            save_or_check_recipe(recipe, rd.path, resume)))
+    with open_run(run_dir, recipe, resume=resume, force=force, model=model, loaders=loaders):
+        return _train(recipe, model, loaders, rd, device, resume=resume, progress=progress)
+
+
+def _train(recipe: Recipe, model: torch.nn.Module, loaders: Loaders, rd: RunDir, device: torch.device, *,
+           resume: bool, progress: bool) -> dict:
     macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
     sync_bn = recipe.dist.sync_bn and dist.world_size() > 1
     if sync_bn:
@@ -110,6 +115,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
               "images_per_s": result.images_per_s, "device": str(device), "processes": dist.describe()}
     if dist.is_main():
+        report["settings_history"] = rd.history()
         rd.save_tensors("model.pt", {"state_dict": model.state_dict(), "model": json.dumps(info)})
         rd.write_json("report.json", report)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -308,6 +309,18 @@ class DeviceLoader(_Batcher):
         """The smallest and largest label this loader holds (one host sync: for checks before training)."""
         lo, hi = torch.aminmax(self._labels)
         return int(lo), int(hi)
+
+    def label_counts(self) -> list[int]:
+        """How many samples hold each label 0, 1, ... (one host sync: for the run's fingerprint)."""
+        return torch.bincount(self._labels).tolist()
+
+    def sample_digest(self, indices: Sequence[int]) -> str:
+        """SHA-256 of the stored (not augmented) images and the labels at `indices` (for the run's fingerprint)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self._device)
+        h = hashlib.sha256()
+        for t in (self._images.index_select(0, idx), self._labels.index_select(0, idx)):
+            h.update(t.cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._batches(self._next_epoch())

@@ -13,6 +13,7 @@ then gets its random-resized crop, flip, normalisation and cutout on the device,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tarfile
 import warnings
@@ -243,6 +244,25 @@ class StreamLoader(_Batcher):
         """The smallest and largest label of the files (no decoding)."""
         lo, hi = torch.aminmax(self.files.labels)
         return int(lo), int(hi)
+
+    def label_counts(self) -> list[int]:
+        """How many files hold each label 0, 1, ... (no decoding: for the run's fingerprint)."""
+        return torch.bincount(self.files.labels).tolist()
+
+    def sample_digest(self, indices: Sequence[int]) -> str:
+        """SHA-256 of the identity of the files at `indices` (class folder, name and size of a file; archive name,
+        offset and size of a tar member) and their labels. The pixels are not read: decoding is the workers' job,
+        and the identity is enough to tell another set (for the run's fingerprint)."""
+        h = hashlib.sha256()
+        for i in indices:
+            item = self.files.items[i]
+            if isinstance(item, tuple):
+                who = f"{Path(item[0]).name}@{item[1]}+{item[2]}"
+            else:
+                path = Path(item)
+                who = f"{path.parent.name}/{path.name}+{path.stat().st_size}"
+            h.update(f"{who}:{int(self.files.labels[i])};".encode())
+        return h.hexdigest()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, params, centres = self._plan(self._next_epoch())

@@ -205,6 +205,8 @@ def run_epochs(phase: Phase, *, name: str, epochs: int, steps_per_epoch: int, de
         train_s = ckpt.get("train_s", 0.0)
         if ckpt.get("stopped"):  # a stopping rule ended the phase at that epoch
             start, state.stop = epochs, True
+    if writer is not None and start < epochs:  # the run's record: where this start or resume began its work
+        writer.note_first_epoch(name, start)
     t_start = time.perf_counter()
     fire(callbacks, Event.PHASE_START, state)
     with make_progress(progress) as bar:

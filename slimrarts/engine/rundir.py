@@ -10,24 +10,29 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._io import atomic_write, is_temp_name
-from ..errors import InputError, MissingFileError, RunFolderError
+from ..errors import CorruptFileError, InputError, MissingFileError, RunFolderError
 from .checkpoint import load_checkpoint, save_atomic, set_rng_state
+from .runlock import LOCK_FILE, check_unlocked
 
-__all__ = ["MARKER", "RUN_MARKERS", "RunDir", "check_run_dir", "default_run_dir", "foreign_entries", "prepare_run_dir"]
+__all__ = ["FINGERPRINT", "HISTORY", "MARKER", "RUN_MARKERS", "RunDir", "check_run_dir", "default_run_dir",
+           "foreign_entries", "prepare_run_dir"]
 
 MARKER = ".slimrarts-run"  # written into every run folder at creation; --force deletes only folders holding it
 RUN_MARKERS = (MARKER,)
-# what slimrarts writes into a run folder: the only entries --force may delete
+FINGERPRINT = "fingerprint.json"  # the model, data and versions the run started from (checked on resume)
+HISTORY = "settings_history.json"  # every start and resume: where it continued, which settings it changed
+# what slimrarts writes into a run folder: the only entries --force may delete (the lock file it keeps)
 RUN_FILES = frozenset({
-    MARKER, "recipe.yaml", "recipe_changes.json", "metrics.jsonl", "report.json", "width_spec.json", "alphas.json",
-    "slim.pt", "model.pt", "genotype.json", "genotype.txt", "cells.png", "costs.json", "widths.png", "alphas.png",
-    "latency.json",
+    MARKER, LOCK_FILE, "recipe.yaml", "recipe_changes.json", FINGERPRINT, HISTORY, "metrics.jsonl", "report.json",
+    "width_spec.json", "alphas.json", "slim.pt", "model.pt", "genotype.json", "genotype.txt", "cells.png",
+    "costs.json", "widths.png", "alphas.png", "latency.json",
 })
 RUN_DIRS = {"checkpoints": (".pt",)}  # folders slimrarts writes, and the suffixes of the files it puts there
 
@@ -76,14 +81,20 @@ def _check_deletable(path: Path) -> None:
 
 
 def _clear_run(path: Path) -> None:
-    """Delete what slimrarts wrote in `path` (checked by `_check_deletable`); the folder itself stays."""
+    """Delete what slimrarts wrote in `path` (checked by `_check_deletable`); the folder, its marker and its lock
+    file (which the process clearing it holds) stay."""
     for entry in path.iterdir():
         if entry.is_dir():
             for f in entry.iterdir():
                 f.unlink()
             entry.rmdir()
-        elif entry.name != MARKER:
+        elif entry.name not in (MARKER, LOCK_FILE):
             entry.unlink()
+
+
+def _holds_a_run(path: Path) -> bool:
+    """Whether folder `path` holds anything but the lock file (which stays when a run is started again)."""
+    return path.exists() and any(entry.name != LOCK_FILE for entry in path.iterdir())
 
 
 def _write_marker(path: Path) -> None:
@@ -93,14 +104,18 @@ def _write_marker(path: Path) -> None:
                                            "created": _dt.datetime.now().isoformat(timespec="seconds")}) + "\n")
 
 
-def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
-    """What `prepare_run_dir` would do, without changing anything: raises if the folder cannot be used as asked."""
+def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False,
+                  locked: bool = False) -> Path:
+    """What `prepare_run_dir` would do, without changing anything: raises if the folder cannot be used as asked
+    (`RunLockedError` while another live process holds it; `locked`: this process holds it, see `runlock`)."""
     path = Path(path)
     if resume and force:
         raise InputError("resume and force exclude each other: resume continues a run, force starts it again")
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"run folder {str(path)!r} exists and is not a folder")
-    busy = path.exists() and any(path.iterdir())
+    if not locked:
+        check_unlocked(path)
+    busy = _holds_a_run(path)
     if busy and resume:
         if not (path / "recipe.yaml").is_file():
             raise MissingFileError(f"cannot resume {str(path)!r}: its recipe.yaml is missing, so the settings it "
@@ -115,16 +130,18 @@ def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool 
     return path
 
 
-def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
+def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool = False,
+                    locked: bool = False) -> Path:
     """Make `path` ready for a run, after every check of `check_run_dir`.
 
     A missing or empty folder is created (with the marker file that makes it a slimrarts run folder). An existing
     non-empty folder is an error unless `resume` (continue it; it must hold its recipe.yaml) or `force` (start
     again: only in a folder slimrarts made, deleting only the files slimrarts wrote there, never the current
-    folder or a parent of it; any other file makes it refuse, naming the file).
+    folder or a parent of it; any other file makes it refuse, naming the file). A run holds the folder's lock
+    around this (`slimrarts.runfolder.open_run`; `locked` says it does).
     """
-    path = check_run_dir(path, resume=resume, force=force)
-    if path.exists() and any(path.iterdir()):
+    path = check_run_dir(path, resume=resume, force=force, locked=locked)
+    if _holds_a_run(path):
         if resume:
             return path
         _clear_run(path)
@@ -174,6 +191,49 @@ class RunDir:
         path = self.path / name
         save_atomic(obj, path)
         return path
+
+    def read_json(self, name: str, what: str) -> Any:
+        """The JSON file `name` (None if missing); a damaged one fails naming it (`what` says what it holds)."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CorruptFileError(f"{str(path)!r} ({what}) is damaged ({type(err).__name__}); restore it, or start "
+                                   "the run again with --force") from None
+
+    # ---- the run's record: every start and resume ------------------------------------------------------------------
+
+    def history(self) -> list[dict]:
+        """The segments of `settings_history.json`, oldest first ([] for a folder made before it existed).
+
+        A segment is one start or resume: `kind` (start | resume), `time`, `pid`, `host`, `slimrarts` (version),
+        `changes` (`{key, old, new}` for each setting it changed from those the epochs before it ran with) and
+        `from` (`{phase, epoch}`: the first epoch it ran; null while it ran none: it stopped before its first
+        epoch, or nothing was left to run)."""
+        data = self.read_json(HISTORY, "the run's settings history")
+        return list(data.get("segments", [])) if isinstance(data, dict) else []
+
+    def begin_segment(self, kind: str, changes: list[dict]) -> dict:
+        """Append a segment to `settings_history.json` (see `history`) and return it."""
+        from ..version import __version__
+
+        segments = self.history()
+        segment = {"segment": len(segments), "kind": kind,
+                   "time": _dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid(),
+                   "host": socket.gethostname(), "slimrarts": __version__, "changes": changes, "from": None}
+        self.write_json(HISTORY, {"segments": [*segments, segment]})
+        return segment
+
+    def note_first_epoch(self, phase: str, epoch: int) -> None:
+        """Record the first epoch the current segment runs (once: later phases of the same process leave it)."""
+        if not (self.path / HISTORY).is_file():
+            return
+        segments = self.history()
+        if segments and segments[-1].get("from") is None:
+            segments[-1]["from"] = {"phase": phase, "epoch": epoch}
+            self.write_json(HISTORY, {"segments": segments})
 
     # ---- metrics ---------------------------------------------------------------------------------------------------
 
