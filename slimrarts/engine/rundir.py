@@ -27,7 +27,7 @@ RUN_MARKERS = (MARKER,)
 RUN_FILES = frozenset({
     MARKER, "recipe.yaml", "recipe_changes.json", "metrics.jsonl", "report.json", "width_spec.json", "alphas.json",
     "slim.pt", "model.pt", "genotype.json", "genotype.txt", "cells.png", "costs.json", "widths.png", "alphas.png",
-    "latency.json",
+    "latency.json", "export.json", "slim.onnx", "slim.pt2",  # the last three: `slimrarts export`'s defaults
 })
 RUN_DIRS = {"checkpoints": (".pt",)}  # folders slimrarts writes, and the suffixes of the files it puts there
 
