@@ -129,6 +129,11 @@ def _pt2_runner(data: bytes):
     return run
 
 
+def _excess(check: dict) -> float:
+    """max |Δ| in units of its tolerance (above 1: the check fails)."""
+    return check["max_abs_diff"] / max(check["tolerance"], 1e-30)
+
+
 def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], atol: float, rtol: float) -> dict:
     """max |Δ| over the outputs and the tolerance it is held to (the worst output by |Δ| / tolerance)."""
     if len(got) != len(reference):
@@ -140,11 +145,11 @@ def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], atol: float
         if tuple(out.shape) != tuple(ref.shape):
             return {"max_abs_diff": float("inf"), "max_abs_ref": float("nan"), "tolerance": 0.0,
                     "problem": f"an output of shape {list(out.shape)} instead of {list(ref.shape)}"}
-        diff = (out.float() - ref).abs().max().item() if ref.numel() else 0.0
+        diff = (out.detach().float().cpu() - ref).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() if ref.numel() else 0.0
-        tol = atol + rtol * scale
-        entry = {"max_abs_diff": diff if diff == diff else float("inf"), "max_abs_ref": scale, "tolerance": tol}
-        if worst is None or entry["max_abs_diff"] / tol > worst["max_abs_diff"] / worst["tolerance"]:
+        entry = {"max_abs_diff": diff if diff == diff else float("inf"), "max_abs_ref": scale,
+                 "tolerance": atol + rtol * scale}
+        if worst is None or _excess(entry) > _excess(worst):
             worst = entry
     return worst or {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tolerance": atol}
 
@@ -223,7 +228,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
             xc = xc.to(device)
             result = _compare(_leaves(model(xc)), run(xc), atol, rtol)
             checks.append({"batch_size": int(xc.shape[0]), **result})
-    worst = max(checks, key=lambda c: c["max_abs_diff"] / max(c["tolerance"], 1e-30))
+    worst = max(checks, key=_excess)
     for c in checks:
         if c.get("problem") or not c["max_abs_diff"] <= c["tolerance"]:
             what = c.get("problem") or f"max |Δ| {c['max_abs_diff']:.3g} > tolerance {c['tolerance']:.3g}"
