@@ -31,6 +31,7 @@ from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
 from .models.io import attach_io
+from .models.provenance import infer_model_info
 from .preflight import check_data, check_first_batches, check_model, finite_model, frozen_layers, model_outputs
 from .recipe import Recipe, load_recipe
 from .report import build_report
@@ -434,9 +435,11 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
             for this call. `resume=True` continues an interrupted run (from the same model and data: checked),
             `force=True` replaces an earlier one.
         example_input: a batch to trace the model with (default: the first of D_t). model_info: `{"name", "kwargs",
-            "num_classes"}` recorded in `slim.pt` for `slimrarts.load`. input_fn / output_fn: build the model's
-            input from a batch tensor (a dict is passed as keywords) / read the [batch, classes] logits from its
-            output (default: a tensor, `.logits`, a dict's `logits` or first value, a tuple's first element).
+            "num_classes"}` recorded in `slim.pt` for `slimrarts.load` (default: inferred for models built by
+            `create_model`, timm or torchvision, verified by rebuilding; none when unsure). input_fn / output_fn:
+            build the model's input from a batch tensor (a dict is passed as keywords) / read the [batch, classes]
+            logits from its output (default: a tensor, `.logits`, a dict's `logits` or first value, a tuple's first
+            element).
 
     Returns:
         A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report`
@@ -465,7 +468,8 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
     recipe = _resolve_recipe(config, ratio=ratio, budget=budget, mode=mode, method=method, scope=scope,
                              search_epochs=search_epochs, finetune_epochs=finetune_epochs, device=device)
     run = prepare(model, loaders, recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
-                  example_input=example_input, model_info=model_info, input_fn=input_fn, output_fn=output_fn)
+                  example_input=example_input, input_fn=input_fn, output_fn=output_fn,
+                  model_info=model_info if model_info is not None else infer_model_info(model))
     try:
         search(run)
         select(run)

@@ -1,4 +1,4 @@
-"""`slimrarts` command line: run (prune), train, cell-search (DARTS cell), report, info.
+"""`slimrarts` command line: run (prune), train, cell-search (DARTS cell), export, report, info.
 
 `run`, `train` and `cell-search` also run over several processes: `torchrun --nproc_per_node=N -m slimrarts run
 <recipe>` (every process runs the command on its share of each batch; rank 0 alone prints and writes).
@@ -133,6 +133,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Export a run's slim model as ONNX or a PyTorch 2 program, checked against PyTorch (recorded in export.json)."""
+    from .commands.export import export_run
+    from .engine import console
+
+    r = export_run(args.target, format=args.format, out=args.out, dynamic_batch=args.dynamic_batch,
+                   batch_size=args.batch_size)
+    how = f"opset {r['opset']}, {r['exporter']}" if r["opset"] else r["exporter"]
+    batch = f"dynamic batch, checked at {r['batch_sizes']}" if r["dynamic_batch"] else f"batch {r['traced_batch']}"
+    lines = [f"wrote {r['file']} ({r['format']}, {how}, {batch})", f"checked against PyTorch on {r['inputs']}",
+             f"max |Δ| {r['max_abs_diff']:.3g} <= tolerance {r['tolerance']:.3g} (atol {r['atol']:g} + rtol "
+             f"{r['rtol']:g} × max|output|) in {r['runtime']}"]
+    if "recorded_in" in r:
+        lines.append(f"recorded in {r['recorded_in']}")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_info(args) -> int:
     """Versions, devices, registered models and methods."""
     import platform
@@ -181,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", help="also write the Markdown table to this file")
     p.add_argument("--plot", action="store_true", help="write widths and α-histogram PNGs (needs matplotlib)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("target", help="a run folder holding slim.pt, or a slim.pt")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+                   help="onnx (checked in onnxruntime; needs the deploy extra) or pt2 (torch.export; loads with torch "
+                        "alone); default onnx")
+    p.add_argument("--out", help="the file to write (default: slim.onnx / slim.pt2 beside slim.pt)")
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis, checked at two batch sizes")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="the batch size exported (fixed) or first checked (dynamic); default 1")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.set_defaults(fn=cmd_info)
     args = parser.parse_args(argv)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["EXIT_CODES", "ConfigError", "CorruptFileError", "DataError", "DivergenceBase", "FileProblem",
-           "InputError", "InputTypeError", "MissingFileError", "PeerFailure", "ResumeMismatchError",
-           "RunFolderError", "RunLockedError", "SlimrartsError", "describe_os_error"]
+__all__ = ["EXIT_CODES", "ConfigError", "CorruptFileError", "DataError", "DivergenceBase", "ExportMismatchError",
+           "FileProblem", "InputError", "InputTypeError", "MissingExtraError", "MissingFileError", "PeerFailure",
+           "ResumeMismatchError", "RunFolderError", "RunLockedError", "SlimrartsError", "describe_os_error"]
 
 EXIT_CODES = {
     0: "done",
@@ -75,6 +75,16 @@ class RunLockedError(SlimrartsError):
     """Another live slimrarts process holds the run folder."""
 
     exit_code = 4
+
+
+class MissingExtraError(SlimrartsError, ImportError):
+    """An optional dependency is not installed; the message names the packages and the extra that installs them
+    (`pip install "slimrarts[deploy]"`)."""
+
+
+class ExportMismatchError(SlimrartsError, RuntimeError):
+    """An exported file (ONNX, pt2) does not compute what the PyTorch model computes; the message names the format,
+    the batch size, the max |Δ| and the tolerance. Nothing was written."""
 
 
 class DivergenceBase(SlimrartsError, RuntimeError):

@@ -105,13 +105,14 @@ LAYERS: dict[str, set[str]] = {
     "runs": {"metrics", "report"},
     "toy": {"engine", "search"},
     "runfolder": {"engine", "recipe"},  # opening a run folder: lock, fingerprint and settings checks, its record
+    "deploy": set(),  # export and its check: torch, onnx and onnxruntime over the foundation only
     "api": {"baselines", "config", "data", "engine", "methods", "metrics", "models", "preflight", "recipe", "report",
             "runfolder", "search", "width"},
-    "commands": {"api", "config", "data", "engine", "methods", "metrics", "models", "nas", "preflight", "recipe",
-                 "runfolder", "version"},
+    "commands": {"api", "config", "data", "deploy", "engine", "methods", "metrics", "models", "nas", "preflight",
+                 "recipe", "runfolder", "version", "width"},
     "cli": {"commands", "config", "engine", "methods", "metrics", "models", "recipe", "report", "runs", "version"},
     "__main__": {"cli"},
-    "slimrarts": {"api", "version"},  # the package's __init__: the public names
+    "slimrarts": {"api", "deploy", "version"},  # the package's __init__: the public names
 }
 
 

@@ -12,7 +12,12 @@ from torch import nn
 
 from ..errors import InputError, InputTypeError
 
-__all__ = ["create_model", "is_model", "list_models", "model_info", "register_model"]
+__all__ = ["TAG", "create_model", "is_model", "list_models", "model_info", "register_model"]
+
+# The attribute `create_model` sets on each model it builds: {"name", "num_classes", "kwargs"} of the call (weights
+# left out: slim.pt carries its own), read by `provenance.infer_model_info`. An instance attribute: it survives
+# copy.deepcopy and pickling.
+TAG = "_slimrarts_model_info"
 
 _F = TypeVar("_F", bound=Callable[..., nn.Module])
 
@@ -167,7 +172,8 @@ def create_model(name: str, num_classes: int = 10, *, pretrained: bool = False, 
     """Build a model by name: a zoo name, ``timm:<name>`` (``timm.create_model``) or ``torchvision:<name>``.
 
     torchvision models are built with ``weights=None`` unless ``weights`` is passed; ``pretrained`` applies to
-    timm only. Other keyword arguments go to the model's factory.
+    timm only. Other keyword arguments go to the model's factory. The model is tagged with the call (`TAG`), so
+    that `slimrarts.prune` can record how to rebuild it.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise InputTypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r})")
@@ -176,7 +182,10 @@ def create_model(name: str, num_classes: int = 10, *, pretrained: bool = False, 
     prefix, arch, source = _split(name)
     if not source.has(arch):
         raise _unknown(name, prefix, arch, source)
-    return source.create(arch, num_classes, pretrained, **kwargs)
+    model = source.create(arch, num_classes, pretrained, **kwargs)
+    recorded = {k: v for k, v in kwargs.items() if not (prefix == "torchvision" and k == "weights")}
+    model.__dict__[TAG] = {"name": name, "num_classes": num_classes, "kwargs": recorded}
+    return model
 
 
 def model_info(name: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from .surgery import apply_spec as apply_spec
 from .surgery import fold_gates as fold_gates
 from .surgery import layer_widths as layer_widths
 from .surgery import load_slim as load_slim
+from .surgery import read_slim_spec as read_slim_spec
 from .surgery import remove_channels as remove_channels
 from .surgery import save_slim as save_slim
 
@@ -49,6 +50,6 @@ __all__ = [
     "budget_floor",
     "build_cost_model", "build_latency_model", "cost_penalty", "coverage", "find_groups", "fold_gates",
     "group_layers", "layer_widths", "load_slim", "min_kept", "parse_budget", "prox_l1_", "prunable_channels",
-    "pruned_ratio", "remove_channels", "require_groups", "save_slim", "select_budget", "select_l1", "select_ratio",
-    "tighten", "time_models", "ungated_copy",
+    "pruned_ratio", "read_slim_spec", "remove_channels", "require_groups", "save_slim", "select_budget", "select_l1",
+    "select_ratio", "tighten", "time_models", "ungated_copy",
 ]

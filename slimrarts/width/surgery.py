@@ -25,7 +25,8 @@ from .gates import Gates
 from .groups import ChannelGroup, find_groups
 from .trace import pruning_group
 
-__all__ = ["ChannelSelect", "fold_gates", "remove_channels", "layer_widths", "apply_spec", "save_slim", "load_slim"]
+__all__ = ["ChannelSelect", "fold_gates", "remove_channels", "layer_widths", "apply_spec", "save_slim", "load_slim",
+           "read_slim_spec"]
 
 SPEC_FORMAT = 1
 
@@ -207,13 +208,7 @@ def save_slim(path: str | os.PathLike, model: nn.Module, spec: dict, model_info:
     save_atomic({"spec": json.dumps(payload_spec), "state_dict": model.state_dict()}, path)
 
 
-def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu",
-              build: Callable[..., nn.Module] | None = None) -> nn.Module:
-    """Rebuild a slim model saved by `save_slim`: the original architecture, cut to the spec, then its weights.
-
-    Without `model`, the architecture is built by `build(name, num_classes=..., **kwargs)` from the model name and
-    arguments the spec records (`slimrarts.load` passes `slimrarts.models.create_model`).
-    """
+def _read_slim(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, dict]:
     payload = load_checkpoint(path, map_location, what="slim model", keys=("spec", "state_dict"),
                               remedy="re-run the pruning that wrote it (its run folder's checkpoints are kept)")
     try:
@@ -221,10 +216,29 @@ def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_locat
     except (TypeError, ValueError):
         raise CorruptFileError(f"{str(path)!r}: the width spec inside this slim model is not valid JSON; re-run the "
                                "pruning that wrote it") from None
+    return payload, spec
+
+
+def read_slim_spec(path: str | os.PathLike) -> dict:
+    """The width spec saved in a `slim.pt` (kept channels, layer widths, `input_shape`, the `model` it was cut
+    from)."""
+    return _read_slim(path)[1]
+
+
+def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu",
+              build: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """Rebuild a slim model saved by `save_slim`: the original architecture, cut to the spec, then its weights.
+
+    Without `model`, the architecture is built by `build(name, num_classes=..., **kwargs)` from the model name and
+    arguments the spec records (`slimrarts.load` passes `slimrarts.models.create_model`).
+    """
+    payload, spec = _read_slim(path, map_location)
     if model is None:
         info = spec.get("model")
         if not info or not info.get("name") or build is None:
-            raise InputError(f"{path} does not record which model it was cut from; pass the original model=...")
+            raise InputError(f"{path} does not record which model it was cut from (slimrarts could not name the "
+                             "model it pruned); pass the original, uncut architecture: slimrarts.load(path, "
+                             "model=YourModel(...))")
         model = build(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
     else:
         model = copy.deepcopy(model)  # the caller's model is never cut in place, even when loading fails

@@ -1,0 +1,255 @@
+"""Export a model (a slim one, or any other) for deployment, as ONNX or as a PyTorch 2 exported program, and check
+the file against PyTorch before it is written.
+
+    record = slimrarts.export(model, "slim.onnx", x, format="onnx", dynamic_batch=True)
+
+`onnx`: `torch.onnx.export(..., dynamo=True)` (the torch.export-based exporter, PyTorch's default since 2.9; the
+TorchScript one is deprecated and to be removed) at the fixed opset `OPSET`, one self-contained file; checked in an
+onnxruntime `InferenceSession` on the `CPUExecutionProvider`. Needs the `deploy` extra (onnx, onnxruntime,
+onnxscript). `pt2`: `torch.export.export` + `torch.export.save`; checked by `torch.export.load(...).module()`. An
+exported program is a graph of ATen operators: it loads with torch alone, without slimrarts (the slim model's
+`ChannelSelect` becomes an `index_select`).
+
+The check: every check input runs through the PyTorch model (eval mode, no gradients) and through the bytes of the
+file; for each output, max |Δ| must be at most `atol + rtol · max|reference|` (fp32: atol = rtol = 1e-4). Only a
+file that passes is written (atomically: `_io.atomic_write`); otherwise `ExportMismatchError` names the max |Δ| and
+the tolerance. With `dynamic_batch` the batch axis is dynamic (ONNX: a symbolic `batch` dimension; pt2:
+`torch.export.Dim("batch", min=1)`) and the file is checked at two batch sizes. This module imports only the
+foundation (errors, _io, modes, version) and torch; onnx and onnxruntime are imported when asked for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._io import atomic_write
+from .errors import ExportMismatchError, InputError, InputTypeError, MissingExtraError
+from .modes import evaluating
+from .version import __version__
+
+__all__ = ["ATOL", "FORMATS", "OPSET", "RTOL", "check_batch_sizes", "export", "require_deploy_extra"]
+
+FORMATS = ("onnx", "pt2")
+OPSET = 18  # the dynamo exporter's own opset (torchlib) on torch 2.14: no version conversion; onnxruntime >= 1.14
+ATOL = 1e-4
+RTOL = 1e-4  # relative to the largest |output| of the PyTorch model on that input
+DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+INSTALL_HINT = 'pip install "slimrarts[deploy]"'
+
+
+def require_deploy_extra(what: str = "format='onnx'") -> dict[str, str]:
+    """The versions of onnx, onnxruntime and onnxscript; `MissingExtraError` naming the extra if any is missing."""
+    missing, versions = [], {}
+    for name in DEPLOY_PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+            continue
+        versions[name] = str(getattr(module, "__version__", None) or importlib.metadata.version(name))
+    if missing:
+        raise MissingExtraError(f"{what} needs the deploy extra (onnx, onnxruntime, onnxscript; missing: "
+                                f"{', '.join(missing)}): {INSTALL_HINT}")
+    return versions
+
+
+def check_batch_sizes(batch: int, dynamic: bool) -> tuple[int, list[int]]:
+    """(the batch the export traces at, the batch sizes it is checked at): fixed, `batch` for both; dynamic, traced
+    at max(2, batch) (torch.export specialises a dimension of size 1) and checked at `batch` and 2·batch + 1."""
+    if not dynamic:
+        return batch, [batch]
+    return max(2, batch), [batch, 2 * batch + 1]
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` rows of `x`, cycling through its rows."""
+    return x if x.shape[0] == n else x[torch.arange(n, device=x.device) % x.shape[0]]
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _onnx_bytes(model: nn.Module, x: torch.Tensor, dynamic: bool) -> bytes:
+    """The ONNX model of `model` traced at `x`, serialised (weights inside: one file)."""
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+    program = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=OPSET, dynamic_shapes=shapes,
+                                input_names=["input"], verbose=False, optimize=True)
+    proto = program.model_proto
+    try:
+        return proto.SerializeToString()
+    except ValueError as err:  # protobuf's 2 GiB limit
+        raise InputError(f"the ONNX model is too large for one file ({err}); export it as format='pt2'") from None
+
+
+def _pt2_bytes(model: nn.Module, x: torch.Tensor, dynamic: bool) -> bytes:
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+    program = torch.export.export(model, (x,), dynamic_shapes=shapes, strict=False)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def _onnx_runner(data: bytes):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(o) for o in session.run(None, {name: x.detach().cpu().numpy()})]
+
+    return run
+
+
+def _pt2_runner(data: bytes):
+    module = torch.export.load(io.BytesIO(data)).module()
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _leaves(module(x))
+
+    return run
+
+
+def _excess(check: dict) -> float:
+    """max |Δ| in units of its tolerance (above 1: the check fails)."""
+    return check["max_abs_diff"] / max(check["tolerance"], 1e-30)
+
+
+def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], atol: float, rtol: float) -> dict:
+    """max |Δ| over the outputs and the tolerance it is held to (the worst output by |Δ| / tolerance)."""
+    if len(got) != len(reference):
+        return {"max_abs_diff": float("inf"), "max_abs_ref": float("nan"), "tolerance": 0.0,
+                "problem": f"{len(got)} outputs instead of {len(reference)}"}
+    worst = None
+    for ref, out in zip(reference, got, strict=True):
+        ref = ref.detach().float().cpu()
+        if tuple(out.shape) != tuple(ref.shape):
+            return {"max_abs_diff": float("inf"), "max_abs_ref": float("nan"), "tolerance": 0.0,
+                    "problem": f"an output of shape {list(out.shape)} instead of {list(ref.shape)}"}
+        diff = (out.detach().float().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        entry = {"max_abs_diff": diff if diff == diff else float("inf"), "max_abs_ref": scale,
+                 "tolerance": atol + rtol * scale}
+        if worst is None or _excess(entry) > _excess(worst):
+            worst = entry
+    return worst or {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tolerance": atol}
+
+
+def _check_args(model, example_input, format, check_inputs, dynamic_batch, atol, rtol) -> list[torch.Tensor]:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if format not in FORMATS:
+        raise InputError(f"format={format!r} is not an export format; allowed: {', '.join(FORMATS)}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
+        raise InputTypeError("example_input must be a batch tensor [batch, ...] with at least one row, got "
+                             f"{type(example_input).__name__}"
+                             f"{list(example_input.shape) if isinstance(example_input, torch.Tensor) else ''}")
+    if example_input.dtype != torch.float32:
+        raise InputError(f"example_input is {example_input.dtype}; the check's tolerance is for float32 models and "
+                         "inputs (convert with model.float() and x.float())")
+    if not (atol >= 0 and rtol >= 0):
+        raise InputError(f"atol={atol}, rtol={rtol}: tolerances must be >= 0")
+    batch = example_input.shape[0]
+    if check_inputs is None:
+        return [_rows(example_input, b) for b in check_batch_sizes(batch, dynamic_batch)[1]]
+    inputs = list(check_inputs)
+    row = list(example_input.shape[1:])
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or list(x.shape[1:]) != row:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"check_inputs[{i}] must be a tensor [batch, *{row}] like example_input, got {got}")
+        if not dynamic_batch and x.shape[0] != batch:
+            raise InputError(f"check_inputs[{i}] has batch {x.shape[0]}; a fixed-batch export runs at the batch of "
+                             f"example_input ({batch}) only (dynamic_batch=True for any batch)")
+    if not inputs or (dynamic_batch and len({x.shape[0] for x in inputs}) < 2):
+        raise InputError("check_inputs must hold at least one batch, and with dynamic_batch=True batches of at "
+                         "least two sizes")
+    return inputs
+
+
+def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *, format: str = "onnx",
+           dynamic_batch: bool = False, check_inputs: Sequence[torch.Tensor] | None = None, atol: float = ATOL,
+           rtol: float = RTOL, inputs: str | None = None) -> dict[str, Any]:
+    """Export `model` to `path` as `format` ("onnx" or "pt2"), check the file against PyTorch, write it if it passes.
+
+    Args:
+        model: any `nn.Module` taking one batch tensor (e.g. `slimrarts.load(run_dir)` or `PruneResult.model`); run in
+            eval mode (its training flags are restored), on its own device.
+        path: the file to write (replaced atomically; on any failure the former file stays).
+        example_input: a float32 batch the export traces at (fixed batch: the exported batch size).
+        dynamic_batch: a dynamic batch axis (ONNX: `batch`; pt2: `torch.export.Dim("batch", min=1)`), traced at
+            max(2, batch) and checked at batch and 2·batch + 1 (`check_batch_sizes`) unless `check_inputs` say.
+        check_inputs: the batches the file is checked on (default: `example_input`'s rows at the checked sizes).
+            Real images are better than random ones: the command line passes test images of the run's data.
+        atol, rtol: the check's tolerance, max |Δ| <= atol + rtol · max|PyTorch output| for each output of each
+            check input (fp32; default 1e-4 and 1e-4).
+        inputs: how the check inputs were made, for the record.
+
+    Returns:
+        The check's record: `format`, `file`, `exporter`, `opset` (onnx), `runtime`, the versions of torch,
+        onnx, onnxruntime and onnxscript (onnx), `inputs`, `input_shape`, `dynamic_batch`, `traced_batch`,
+        `batch_sizes` checked, `max_abs_diff`, `tolerance` (`atol`, `rtol`) and one entry per check in `checks`.
+
+    Raises:
+        MissingExtraError: format="onnx" without onnx, onnxruntime or onnxscript (`pip install "slimrarts[deploy]"`).
+        ExportMismatchError: the file's outputs differ from PyTorch's beyond the tolerance (nothing written).
+        InputError, InputTypeError: a bad argument.
+    """
+    checks_in = _check_args(model, example_input, format, check_inputs, dynamic_batch, atol, rtol)
+    versions = require_deploy_extra() if format == "onnx" else {}
+    device = _device(model)
+    batch = example_input.shape[0]
+    traced = check_batch_sizes(batch, dynamic_batch)[0]
+    x = _rows(example_input, traced).to(device)
+    with evaluating(model), torch.no_grad():
+        data = (_onnx_bytes if format == "onnx" else _pt2_bytes)(model, x, dynamic_batch)
+        run = (_onnx_runner if format == "onnx" else _pt2_runner)(data)
+        checks = []
+        for xc in checks_in:
+            xc = xc.to(device)
+            result = _compare(_leaves(model(xc)), run(xc), atol, rtol)
+            checks.append({"batch_size": int(xc.shape[0]), **result})
+    worst = max(checks, key=_excess)
+    for c in checks:
+        if c.get("problem") or not c["max_abs_diff"] <= c["tolerance"]:
+            what = c.get("problem") or f"max |Δ| {c['max_abs_diff']:.3g} > tolerance {c['tolerance']:.3g}"
+            raise ExportMismatchError(
+                f"the {format} export does not compute what the PyTorch model computes at batch {c['batch_size']}: "
+                f"{what} (atol {atol:g} + rtol {rtol:g} × max|output| {c['max_abs_ref']:.3g}); {path} was not "
+                "written" + (" (try format='pt2')" if format == "onnx" else ""))
+    atomic_write(path, data)
+    record = {
+        "format": format, "file": str(path), "bytes": len(data),
+        "exporter": "torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.export.export(strict=False)",
+        "opset": OPSET if format == "onnx" else None,
+        "runtime": "onnxruntime InferenceSession (CPUExecutionProvider)" if format == "onnx"
+        else "torch.export.load(...).module()",
+        "torch": torch.__version__, **versions, "slimrarts": __version__,
+        "inputs": inputs or f"example_input rows (batch {batch}), cycled to each checked batch size",
+        "input_shape": [int(s) for s in example_input.shape[1:]], "device": str(device),
+        "dynamic_batch": bool(dynamic_batch), "traced_batch": int(traced),
+        "batch_sizes": sorted({c["batch_size"] for c in checks}),
+        "max_abs_diff": worst["max_abs_diff"], "tolerance": worst["tolerance"], "atol": atol, "rtol": rtol,
+        "checks": checks,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return record
