@@ -44,6 +44,12 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[IO[
                 os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if err.filename is None and err.errno is not None:  # e.g. ENOSPC inside torch.save: name the file
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

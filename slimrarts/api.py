@@ -100,8 +100,15 @@ def _resolve_recipe(config: Recipe | dict | str | None, *, ratio=None, budget=No
         base = {}
     else:
         base = config
-    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if v is not None]
+    items = [f"{k}={json.dumps(v, default=_plain)}" for k, v in overrides.items() if v is not None]
     return load_recipe(base, items)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy or torch scalar as the Python number it holds (the recipe's values are plain)."""
+    if hasattr(value, "item") and tuple(getattr(value, "shape", (None,))) == ():
+        return value.item()
+    raise InputTypeError(f"{value!r} ({type(value).__name__}) is not a plain value for a recipe setting")
 
 
 def _budget_section(budget: dict) -> dict:

@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,12 +127,16 @@ def cmd_report(args) -> int:
     """Compare run folders in one table (Markdown), optionally with plots."""
     from ._io import atomic_write
     from .engine import console
+    from .engine.rundir import MARKER
     from .runs import compare_runs
 
+    md = Path(args.md) if args.md else None
+    if md is not None and md.exists() and (md.parent / MARKER).is_file():
+        raise InputError(f"--md {md} is a file of a run folder slimrarts made; write the table elsewhere")
     text = compare_runs([Path(p) for p in args.runs], plot=args.plot)
     console.print(text, markup=False, highlight=False)
-    if args.md:
-        atomic_write(args.md, text + "\n")
+    if md is not None:
+        atomic_write(md, text + "\n")
     return 0
 
 
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if dist.launched():
         fn = _as_rank(fn)
     try:
-        code = fn(args)
+        with _sigterm_interrupts():
+            code = fn(args)
         dist.shutdown()  # all ranks finished: leave the group together
         return code
     except SlimrartsError as err:
@@ -245,6 +253,24 @@ def main(argv: list[str] | None = None) -> int:
               "continue with --resume --out <run folder>", file=sys.stderr)
         return 130
     # anything else is a bug: Python prints its traceback and exits 1
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM (a scheduler's stop, `kill`, torchrun stopping its workers) ends it as
+    Ctrl-C does: the current epoch is abandoned, the last checkpoint stays and the exit code is 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -389,13 +389,17 @@ def read_recipe_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> di
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"recipe {path}: 'base' chain loops back to itself")
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a folder, not a recipe file")
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} does not exist")
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"recipe {path}: not valid YAML ({err})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe {path}: not a text file (is it the recipe YAML?)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -15,6 +15,11 @@ __all__ = ["read_report", "compare_runs", "plot_run"]
 def read_report(run: Path) -> dict:
     """The report.json of a run folder, with a clear error when it is missing."""
     path = Path(run) / "report.json"
+    if not Path(run).is_dir():
+        raise MissingFileError(f"{run}: no such run folder" if not Path(run).exists() else
+                               f"{run} is a file, not a run folder")
+    if path.is_dir():
+        raise FileProblem(f"{path} is a folder, not a report")
     if not path.is_file():
         raise MissingFileError(f"{run}: no report.json (has the run finished? resume it with --resume --out {run})")
     report = read_json(path)

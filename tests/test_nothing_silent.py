@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,129 @@ def test_a_reference_spec_of_another_model_fails_before_training(tiny_sets, tmp_
     cfg = dict(cfg, prune={"scope": ["internal"], "reference": str(run)})
     with pytest.raises(InputError, match=r"prune.reference .* keeps \d+ channels of group .* which has \d+"):
         slimrarts.prune(create_model("tiny_preresnet"), _float_loaders(tiny_sets), 0.4, config=cfg, progress=False)
+
+
+# ---- the second probe's cases (after the first version of this file) ---------------------------------------------
+
+def test_a_random_sampler_with_replacement_keeps_its_draws_in_the_halves(tiny_sets):
+    tr, te = _float_loaders(tiny_sets)
+    sampler = torch.utils.data.RandomSampler(tr.dataset, replacement=True, num_samples=4 * len(tr.dataset))
+    loaders = as_loaders((DataLoader(tr.dataset, batch_size=20, sampler=sampler), te), seed=0)
+    halves = (loaders.search_t.sampler, loaders.search_v.sampler)
+    assert all(h.replacement for h in halves)
+    assert sum(len(h) for h in halves) == 4 * len(tr.dataset)  # not one pass without replacement
+
+
+def test_a_distributed_sampler_in_one_process_and_an_unbatched_loader_are_named(tiny_sets):
+    tr, te = _float_loaders(tiny_sets)
+    shard = torch.utils.data.DistributedSampler(tr.dataset, num_replicas=2, rank=0)
+    with pytest.raises(InputError, match=r"shard 0 of 2, but this is one process"):
+        as_loaders((DataLoader(tr.dataset, batch_size=20, sampler=shard), te))
+    with pytest.raises(InputError, match=r"unbatched \(batch_size=None\)"):
+        as_loaders((DataLoader(tr.dataset, batch_size=None), te))
+
+
+def test_a_dict_output_with_several_tensors_and_no_logits_is_not_guessed(tiny_sets):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = create_model("tiny_resnet")
+            self.fc = nn.Linear(10, 10)
+
+        def forward(self, x):
+            f = self.net(x)
+            return {"feat": f, "pred": self.fc(f)}
+
+    with pytest.raises(TypeError, match=r"'feat', 'pred'.*no 'logits'.*output_fn"):
+        _prune(_float_loaders(tiny_sets), TwoHeads())
+
+
+def test_int32_labels_are_named(tiny_sets):
+    train, _ = tiny_sets
+    ds = TensorDataset(train.images.float() / 255, train.labels.int())
+    with pytest.raises(DataError, match=r"torch.int32 labels.*y\.long\(\)"):
+        _prune(_float_loaders(tiny_sets, train_ds=ds))
+
+
+def test_numpy_and_tensor_scalars_are_plain_settings(tiny_sets):
+    import numpy as np
+
+    from slimrarts.api import _resolve_recipe
+
+    assert abs(_resolve_recipe(TINY, ratio=np.float32(0.4)).prune.ratio - 0.4) < 1e-6
+    assert _resolve_recipe(TINY, search_epochs=torch.tensor(3)).search.epochs == 3
+
+
+def test_a_reference_whose_kept_is_not_a_list_is_named(tiny_sets, tmp_path):
+    from slimrarts.baselines.random_pruning import _kept_count
+
+    assert _kept_count({"name": "g", "kept": [0, 2]}) == 2
+    with pytest.raises(TypeError, match=r"group 'g': 'kept' must be a list of channel indices, got str"):
+        _kept_count({"name": "g", "kept": "[0]"})
+
+
+def test_report_names_a_missing_folder_and_a_report_that_is_a_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    (tmp_path / "r" / "report.json").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "r")]) == 2
+    assert "is a folder, not a report" in capsys.readouterr().err
+
+
+def test_report_md_never_overwrites_a_run_folders_file(tmp_path, capsys):
+    from slimrarts.engine.rundir import MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("{}")
+    (run / "report.json").write_text(json.dumps({"slimrarts": "x"}))
+    (run / "recipe.yaml").write_text("name: mine\n")
+    assert main(["report", str(run), "--md", str(run / "recipe.yaml")]) == 2
+    assert "file of a run folder" in capsys.readouterr().err and (run / "recipe.yaml").read_text() == "name: mine\n"
+
+
+def test_a_binary_or_folder_recipe_is_named(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    assert main(["run", str(tmp_path / "bin.yaml")]) == 2
+    assert "not a text file" in capsys.readouterr().err
+    (tmp_path / "dir.yaml").mkdir()
+    assert main(["run", str(tmp_path / "dir.yaml")]) == 2
+    assert "is a folder, not a recipe file" in capsys.readouterr().err
+
+
+def test_a_metrics_line_cut_short_is_dropped_and_a_damaged_one_named(tmp_path):
+    from slimrarts.engine.rundir import RunDir
+    from slimrarts.errors import FileProblem
+
+    rd = RunDir(tmp_path)
+    good = json.dumps({"phase": "search", "epoch": 0})
+    (tmp_path / "metrics.jsonl").write_text(good + "\n" + '{"phase": "search", "ep')
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        assert rd.metrics() == [{"phase": "search", "epoch": 0}]
+    (tmp_path / "metrics.jsonl").write_text('{"pha\n' + good + "\n")
+    with pytest.raises(FileProblem, match=r"metrics.jsonl: line 1 is not valid JSON"):
+        rd.metrics()
+
+
+def test_sigterm_interrupts_the_command_and_the_handler_is_restored():
+    import os
+    import signal
+
+    from slimrarts.cli import _sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; without it the process would have been killed
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_os_error_without_a_path_gets_the_file_being_written(tmp_path):
+    import slimrarts._io as sio
+
+    target = tmp_path / "ckpt.pt"
+    with pytest.raises(OSError) as err, sio.atomic_file(target) as fh:
+        fh.write(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert err.value.filename == str(target) and err.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -28,6 +28,15 @@ def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Te
     return out
 
 
+def _kept_count(group: dict) -> int:
+    """The number of channels a width spec's group keeps; its `kept` must be a list of channel indices."""
+    kept = group["kept"]
+    if not isinstance(kept, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in kept):
+        raise TypeError(f"group {group.get('name')!r}: 'kept' must be a list of channel indices, got "
+                        f"{type(kept).__name__} {str(kept)[:40]!r}")
+    return len(kept)
+
+
 def reference_counts(path: str, gates) -> list[int]:
     """The per-group kept counts of the reference run `path` (a run folder or its width_spec.json), in the order of
     `gates.groups`; errors name a missing file or group."""
@@ -39,7 +48,7 @@ def reference_counts(path: str, gates) -> list[int]:
                                "width_spec.json)")
     try:
         spec = read_json(p, what="prune.reference: ")
-        kept = {g["name"]: len(g["kept"]) for g in spec["groups"]}
+        kept = {g["name"]: _kept_count(g) for g in spec["groups"]}
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "
                          "point it at the run folder (or width_spec.json) of a finished run") from None

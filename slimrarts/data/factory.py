@@ -187,10 +187,20 @@ def _user_sampling(loader: DataLoader) -> tuple[torch.Tensor | None, WeightedRan
     """What the user's training loader draws: the sample indices (None: all of them) and a weighted sampler whose
     weights the halves keep (None: uniform). A sampling the halves cannot keep is refused, saying what to pass."""
     if loader.batch_size is None:
-        raise InputError(f"the train loader has a batch_sampler ({type(loader.batch_sampler).__name__}): slimrarts "
-                         f"cannot split its batches into the search halves D_t / D_v; {_PASS_HALVES}, or give the "
-                         "DataLoader batch_size= (and sampler=) instead")
+        how = (f"has a batch_sampler ({type(loader.batch_sampler).__name__})" if loader.batch_sampler is not None
+               else "is unbatched (batch_size=None)")
+        raise InputError(f"the train loader {how}: slimrarts cannot split its batches into the search halves "
+                         f"D_t / D_v; {_PASS_HALVES}, or give the DataLoader batch_size= (and sampler=) instead")
     s = loader.sampler
+    if isinstance(s, DistributedSampler) and dist.world_size() == 1 and s.num_replicas > 1:
+        raise InputError(f"the train loader's DistributedSampler takes shard {s.rank} of {s.num_replicas}, but this is "
+                         "one process: the search halves would cover every shard. Drop the sampler (use "
+                         f"shuffle=True), or run under torchrun with {s.num_replicas} processes")
+    if isinstance(s, RandomSampler) and dist.world_size() == 1 and (s.replacement or s._num_samples is not None):
+        # drawn uniformly, but with replacement or another number of draws per epoch: the halves keep both
+        uniform = WeightedRandomSampler(torch.ones(len(loader.dataset), dtype=torch.double), s.num_samples,
+                                        replacement=s.replacement)
+        return None, uniform
     if isinstance(s, (RandomSampler, SequentialSampler, DistributedSampler)):
         return None, None
     if dist.world_size() == 1 and isinstance(s, SubsetRandomSampler):

@@ -11,13 +11,14 @@ import datetime as _dt
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._io import atomic_write, is_temp_name
-from ..errors import CorruptFileError, InputError, MissingFileError, RunFolderError
+from ..errors import CorruptFileError, FileProblem, InputError, MissingFileError, RunFolderError
 from .checkpoint import load_checkpoint, save_atomic, set_rng_state
 from .runlock import LOCK_FILE, check_unlocked
 
@@ -249,17 +250,35 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
-        lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [json.loads(ln) for ln in self._metric_lines()]
         return [r for r in lines if phase is None or r.get("phase") == phase]
+
+    def _metric_lines(self) -> list[str]:
+        """The complete lines of `metrics.jsonl`: a last line cut short (a process killed, or a full disk, in the
+        middle of an append) is dropped with a warning, so the resume rewrites it; a damaged line elsewhere fails
+        naming the file and the line."""
+        path = self.path / "metrics.jsonl"
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        for i, ln in enumerate(lines):
+            try:
+                json.loads(ln)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{path}: its last line was cut short (an interrupted write); it is dropped",
+                                  RuntimeWarning, stacklevel=3)
+                    return lines[:-1]
+                raise FileProblem(f"{path}: line {i + 1} is not valid JSON; the file is damaged (remove that line "
+                                  "to continue)") from None
+        return lines
 
     def _drop_metrics_after(self, phase: str, epoch: int) -> None:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        lines = self._metric_lines()
         keep = [ln for ln in lines
                 if not (json.loads(ln).get("phase") == phase and json.loads(ln).get("epoch", -1) > epoch)]
-        if len(keep) != len(lines):
+        if len(keep) != len(lines) or len(lines) != sum(1 for ln in path.read_text().splitlines() if ln.strip()):
             atomic_write(path, "".join(ln + "\n" for ln in keep))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------

@@ -86,6 +86,9 @@ class Classification:
             raise DataError(f"{at} has {kind} labels ({y.dtype}, shape {shape}); the classification task needs "
                             "integer class indices of shape [batch]: " +
                             ("y.argmax(1)" if y.dim() == 2 else "y.long()") + " in the dataset or a collate_fn")
+        if y.dtype not in (torch.int64, torch.uint8):
+            raise DataError(f"{at} has {y.dtype} labels; cross-entropy reads int64 class indices: y.long() in the "
+                            "dataset or a collate_fn")
         if y.dim() == 2:
             raise DataError(f"{at} has labels of shape {shape}, which look one-hot; give class indices of shape "
                             "[batch] (y.argmax(1))")

@@ -22,14 +22,18 @@ class OutputError(InputTypeError):
 
 
 def logits_of(out) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, a `.logits` field, a dict's `logits` (else its first
-    value), or the first element of a tuple/list/namedtuple."""
+    """The logits in a model's output: the tensor itself, a `.logits` field, a dict's `logits` (else its only
+    tensor), or the first element of a tuple/list/namedtuple."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(out, dict) and out:
+        if "logits" not in out and sum(isinstance(v, torch.Tensor) for v in out.values()) > 1:
+            raise OutputError(f"the model returns a dict with several tensors ({', '.join(map(repr, out))}) and no "
+                              "'logits': which one is the [batch, classes] output is a guess slimrarts will not make; "
+                              f"pass output_fn=lambda out: out[{next(iter(out))!r}] (or the key it is)")
         first = out["logits"] if "logits" in out else next(iter(out.values()))
         if isinstance(first, torch.Tensor):
             return first
