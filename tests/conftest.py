@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
+import yaml
 
 from slimrarts.data import CIFAR10_CLASSES, DeviceLoader, ImageSet, Loaders, split_halves
 
@@ -89,4 +91,57 @@ finetune: {{epochs: 2, optim: {{lr: 0.05}}}}
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
+    return str(path)
+
+
+def calibrated_bn(model: nn.Module, size: int, seed: int | None = 0) -> nn.Module:
+    """Realistic BN statistics (a few train-mode passes) and non-trivial affine parameters, in eval mode (seeded
+    first unless `seed` is None)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+class TinyGrouped(nn.Module):
+    """A ResNeXt-style block: 1x1 → grouped 3x3 (groups=4) → 1x1, with a residual."""
+
+    def __init__(self, groups: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(32),
+                               nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.c(self.b(self.a(x))))
+        return self.head(x.mean((2, 3)))
+
+
+TINY_PRUNE = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
+        "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal"]}}
+
+
+def tiny_recipe_file(tmp_path: Path, archive: str, **extra) -> str:
+    data = {"name": "tiny", "seed": 0, "device": "cpu",
+            "data": {"name": "cifar10", "root": archive, "batch_size": 25, "eval_batch_size": 40},
+            "model": {"name": "tiny_preresnet"},
+            "train": {"epochs": 1, "optim": {"lr": 0.05}},
+            "search": {"epochs": 2, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
+            "prune": {"ratio": 0.4, "scope": ["internal"]},
+            "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, **extra}
+    """A recipe file for the command line over `archive` (tiny_preresnet, a few steps of every phase), with the
+    top-level sections of `extra` replacing the defaults."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
     return str(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import yaml
+from conftest import TINY_PRUNE, tiny_recipe_file
 from torch.utils.data import DataLoader, TensorDataset
 
 import slimrarts
@@ -21,21 +21,8 @@ from slimrarts.engine.checkpoint import CorruptFileError
 from slimrarts.engine.rundir import MARKER, prepare_run_dir
 from slimrarts.models import create_model
 
-TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
-        "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal"]}}
-
-
-def _recipe(tmp_path: Path, archive: str, **extra) -> str:
-    data = {"name": "tiny", "seed": 0, "device": "cpu",
-            "data": {"name": "cifar10", "root": archive, "batch_size": 25, "eval_batch_size": 40},
-            "model": {"name": "tiny_preresnet"},
-            "train": {"epochs": 1, "optim": {"lr": 0.05}},
-            "search": {"epochs": 2, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
-            "prune": {"ratio": 0.4, "scope": ["internal"]},
-            "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, **extra}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+TINY = TINY_PRUNE
+_recipe = tiny_recipe_file
 
 
 def _snapshot(folder: Path) -> dict:

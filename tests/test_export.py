@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import tiny_loaders, write_tiny_recipe
+from conftest import TinyGrouped, calibrated_bn, tiny_loaders, write_tiny_recipe
 
 import slimrarts
 import slimrarts.api as api
@@ -34,37 +34,6 @@ from slimrarts.width import ChannelSelect, attach_gates, remove_channels, save_s
 TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
         "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal", "branch-input"]},
         "report": {"latency": False}}
-
-
-class _Grouped(nn.Module):
-    """Stem, then 1x1 → 3x3 conv with 3 groups → 1x1 in a residual branch, then a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
-        self.reduce = nn.Sequential(nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
-        self.grouped = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=3, bias=False), nn.BatchNorm2d(24),
-                                     nn.ReLU())
-        self.expand = nn.Sequential(nn.Conv2d(24, 12, 1, bias=False), nn.BatchNorm2d(12))
-        self.head = nn.Linear(12, 4)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.expand(self.grouped(self.reduce(x))))
-        return self.head(x.mean((2, 3)))
-
-
-def _settled(model: nn.Module, size: int) -> nn.Module:
-    """BN statistics of a few train-mode passes and affine parameters away from 1 and 0, in eval mode."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
 
 
 def _cut(model: nn.Module, x: torch.Tensor, scope) -> dict:
@@ -84,13 +53,13 @@ def slim_models():
     """Two slim models cut by the library: a pre-activation ResNet with ChannelSelect gathers, a grouped-conv net."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
-    pre = _settled(create_model("tiny_preresnet"), 32)
+    pre = calibrated_bn(create_model("tiny_preresnet"), 32)
     pre_spec = _cut(pre, x, ["internal", "branch-input"])
     assert any(isinstance(m, ChannelSelect) for m in pre.modules())
-    grouped = _settled(_Grouped(), 16)
+    grouped = calibrated_bn(TinyGrouped(), 16)
     _cut(grouped, x[:, :, :16, :16], "internal")
-    conv = grouped.grouped[0]
-    assert conv.groups == 3 and conv.in_channels < 24 and conv.out_channels < 24  # cut, and still grouped
+    conv = grouped.b[0]
+    assert conv.groups == 4 and conv.in_channels < 16 and conv.out_channels < 32  # cut, and still grouped
     return {"channel-select": (pre, torch.randn(2, 3, 32, 32), pre_spec),
             "grouped": (grouped, torch.randn(2, 3, 16, 16), None)}
 
@@ -282,14 +251,14 @@ def test_model_info_of_models_built_directly_by_timm_and_torchvision():
     changed.classifier = nn.Sequential(nn.Linear(576, 3))
     zoo = create_model("tiny_resnet")
     zoo.fc = nn.Linear(zoo.fc.in_features, 3)
-    for model in (changed, zoo, timm.create_model("resnet18", in_chans=1), _Grouped()):
+    for model in (changed, zoo, timm.create_model("resnet18", in_chans=1), TinyGrouped()):
         assert infer_model_info(model) is None
 
 
 def test_load_a_torchvision_model_cut_without_naming_it(tmp_path):
     """A torchvision model built directly, cut and saved with what prune() would infer, loads without model=."""
     torch.manual_seed(0)
-    model = _settled(torchvision.models.mobilenet_v2(num_classes=3), 32)
+    model = calibrated_bn(torchvision.models.mobilenet_v2(num_classes=3), 32)
     info = infer_model_info(model)
     assert info == {"name": "torchvision:mobilenet_v2", "num_classes": 3, "kwargs": {}}
     x = torch.randn(2, 3, 32, 32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import yaml
+from conftest import TINY_PRUNE, tiny_recipe_file
 from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 import slimrarts
@@ -24,20 +24,8 @@ from slimrarts.errors import EXIT_CODES, DataError, InputError, SlimrartsError
 from slimrarts.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
-        "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal"]}}
-
-
-def _recipe(tmp_path: Path, archive: str, **extra) -> str:
-    data = {"name": "tiny", "seed": 0, "device": "cpu",
-            "data": {"name": "cifar10", "root": archive, "batch_size": 25, "eval_batch_size": 40},
-            "model": {"name": "tiny_preresnet"},
-            "search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
-            "prune": {"ratio": 0.4, "scope": ["internal"]},
-            "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, **extra}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+TINY = TINY_PRUNE
+_recipe = tiny_recipe_file
 
 
 def _tree(folder: Path, skip: Path | None = None) -> dict:

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from conftest import calibrated_bn
 
 from slimrarts.models import create_model
 from slimrarts.width import (
@@ -30,16 +31,7 @@ from slimrarts.width import (
 def _calibrated(name: str, size: int = 32) -> nn.Module:
     """A model with realistic BN statistics (a few train-mode passes) and non-trivial affine parameters."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
+    return calibrated_bn(create_model(name, num_classes=10), size, seed=None)
 
 
 INVARIANT_CASES = [

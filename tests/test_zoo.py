@@ -9,6 +9,7 @@ from importlib.metadata import version
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TinyGrouped, calibrated_bn
 
 from slimrarts.models import create_model
 from slimrarts.width import (
@@ -23,20 +24,6 @@ from slimrarts.width import (
     save_slim,
     select_ratio,
 )
-
-
-def _calibrate(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
-    """Realistic BN statistics (a few train-mode passes) and non-trivial affine parameters."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
 
 
 def _cut(gates, x, ratio=0.4):
@@ -61,26 +48,10 @@ def _grouped_convs_are_whole(model: nn.Module) -> None:
             assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups), name
 
 
-class _TinyGrouped(nn.Module):
-    """A ResNeXt-style block: 1x1 → grouped 3x3 (groups=4) → 1x1, with a residual."""
-
-    def __init__(self, groups: int = 4):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(32),
-                               nn.ReLU())
-        self.c = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.c(self.b(self.a(x))))
-        return self.head(x.mean((2, 3)))
 
 
 def test_tiny_grouped_conv_is_cut_exactly_with_equal_widths_per_group():
-    model = _calibrate(_TinyGrouped(), 16)
+    model = calibrated_bn(TinyGrouped(), 16)
     reference = {n: p.detach().clone() for n, p in model.state_dict().items()}
     x = torch.randn(4, 3, 16, 16)
     gates = attach_gates(model, x[:2], "internal")
@@ -114,7 +85,7 @@ def test_channels_read_by_grouped_convs_of_different_group_counts_share_position
             y = self.a(x)
             return self.head(torch.cat([self.b4(y), self.b6(y)], 1).mean((2, 3)))
 
-    model = _calibrate(TwoGroupings(), 8)
+    model = calibrated_bn(TwoGroupings(), 8)
     x = torch.randn(3, 3, 8, 8)
     gates = attach_gates(model, x[:1], "internal", warn=False)
     assert [(g.root, g.repeat, len(a)) for g, a in zip(gates.groups, gates.alphas, strict=True)] == [("a.0", 12, 2)]
@@ -124,21 +95,21 @@ def test_channels_read_by_grouped_convs_of_different_group_counts_share_position
 
 
 def test_grouped_width_spec_round_trips_and_rejects_untiled_kept(tmp_path):
-    model = _calibrate(_TinyGrouped(), 16)
+    model = calibrated_bn(TinyGrouped(), 16)
     x = torch.randn(2, 3, 16, 16)
     _, spec = _cut(attach_gates(model, x, "internal"), x)
     assert [g["repeat"] for g in spec["groups"]] == [4, 4]
     save_slim(tmp_path / "slim.pt", model, spec)
-    rebuilt = load_slim(tmp_path / "slim.pt", model=_TinyGrouped())
+    rebuilt = load_slim(tmp_path / "slim.pt", model=TinyGrouped())
     torch.testing.assert_close(rebuilt(x), model(x))
     untiled = [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 15]  # positions 0-2 kept in three conv groups, 0, 1, 3 in one
     bad = dict(spec, groups=[dict(spec["groups"][0], kept=untiled)] + spec["groups"][1:])
     with pytest.raises(ValueError, match="same positions"):
-        apply_spec(_TinyGrouped(), bad)
+        apply_spec(TinyGrouped(), bad)
 
 
 def test_keep_masks_must_match_alpha_length():
-    model = _TinyGrouped().eval()
+    model = TinyGrouped().eval()
     gates = attach_gates(model, torch.randn(1, 3, 8, 8), "internal")
     with pytest.raises(ValueError, match="entry_scores"):
         remove_channels(gates, [torch.ones(16, dtype=torch.bool), torch.ones(32, dtype=torch.bool)])
@@ -173,7 +144,7 @@ BOTTLENECKS = [
 @pytest.mark.parametrize("name, first, second", BOTTLENECKS)
 def test_grouped_bottlenecks_are_gated_and_cut_exactly(name, first, second):
     """ResNeXt / RegNetX: >= 90% of the channels around the grouped conv are gated; a 40% cut is exact."""
-    model = _calibrate(create_model(name, num_classes=10), 32)
+    model = calibrated_bn(create_model(name, num_classes=10), 32)
     x = torch.randn(4, 3, 32, 32)
     bottleneck = _bottleneck_channels(model, first, second)
     assert len(bottleneck) >= 2 * 16
@@ -190,7 +161,7 @@ def test_grouped_bottlenecks_are_gated_and_cut_exactly(name, first, second):
 def test_shufflenet_v2_gates_each_branch_first_1x1_and_depthwise_channels_exactly():
     """Every block's branch2: 1x1 conv → BN → ReLU → depthwise 3x3 → BN → 1x1 is one internal group (the chunk,
     concat and channel shuffle around it are skipped with reasons: they tie channels across blocks)."""
-    model = _calibrate(create_model("torchvision:shufflenet_v2_x0_5", num_classes=10), 32)
+    model = calibrated_bn(create_model("torchvision:shufflenet_v2_x0_5", num_classes=10), 32)
     x = torch.randn(4, 3, 32, 32)
     gates = attach_gates(model, x[:1], "internal", warn=False)
     blocks = [n for n, m in model.named_modules() if type(m).__name__ == "InvertedResidual"]
@@ -207,7 +178,7 @@ def test_shufflenet_v2_gates_each_branch_first_1x1_and_depthwise_channels_exactl
 
 @pytest.mark.slow
 def test_dpn68_is_traced_and_its_grouped_conv_inputs_are_gated():
-    model = _calibrate(create_model("timm:dpn68", num_classes=10), 32)
+    model = calibrated_bn(create_model("timm:dpn68", num_classes=10), 32)
     x = torch.randn(4, 3, 32, 32)
     gates = attach_gates(model, x[:1], "internal", warn=False)
     assert not any("tracing failed" in s.reason for s in gates.skipped)
@@ -285,18 +256,18 @@ def test_skipped_groups_raise_one_warning_with_channels_and_macs_share():
     assert coverage_warnings[0].filename == __file__  # points at the caller of attach_gates
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoverageWarning)
-        attach_gates(_TinyGrouped().eval(), torch.randn(1, 3, 8, 8), "internal")  # nothing skipped: no warning
+        attach_gates(TinyGrouped().eval(), torch.randn(1, 3, 8, 8), "internal")  # nothing skipped: no warning
 
 
 def test_coverage_is_the_macs_reduction_of_a_real_cut_to_min_channels():
     from slimrarts.metrics import count_macs
 
-    model = _TinyGrouped().eval()
+    model = TinyGrouped().eval()
     x = torch.randn(2, 3, 16, 16)
     report = coverage(model, x, "internal")
     assert report["gated_channels"] == 48 and report["grouped_groups"] == 2 and report["skipped_groups"] == 0
     assert _exact(report) and report["macs"] == count_macs(model, example_inputs=x[:1])  # the model is untouched
-    slim = _TinyGrouped().eval()
+    slim = TinyGrouped().eval()
     slim.a[0] = nn.Conv2d(16, 4, 1, bias=False)  # min_channels=1: one α entry = 4 channels (one per conv group)
     slim.a[1] = nn.BatchNorm2d(4)
     slim.b[0] = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
