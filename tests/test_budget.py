@@ -315,10 +315,10 @@ def test_latency_table_interpolates_and_clips_slow_outliers():
 def test_budget_on_grouped_convs_counts_alpha_entries_and_matches_the_cut():
     """With α tied across conv groups (`repeat` channels per entry), the cost model's kept fractions and the budget
     selection work in α entries, and the prediction equals the really cut grouped network."""
-    from test_zoo import _TinyGrouped
+    from conftest import TinyGrouped
 
     torch.manual_seed(0)
-    model = _TinyGrouped()
+    model = TinyGrouped()
     gates = attach_gates(model, torch.randn(2, 3, 16, 16), "internal")
     assert max(gates.repeats) > 1
     with torch.no_grad():
