@@ -235,10 +235,14 @@ def load_slim(path: str | os.PathLike, model: nn.Module | None = None, map_locat
     payload, spec = _read_slim(path, map_location)
     if model is None:
         info = spec.get("model")
-        if not info or not info.get("name") or build is None:
+        if not info or not info.get("name"):
             raise InputError(f"{path} does not record which model it was cut from (slimrarts could not name the "
-                             "model it pruned); pass the original, uncut architecture: slimrarts.load(path, "
+                             "model it pruned); pass the original model, uncut: slimrarts.load(path, "
                              "model=YourModel(...))")
+        if build is None:
+            raise InputError(f"{path} was cut from {info['name']!r}, and no factory was given to build it: pass the "
+                             "original model, uncut (model=...), or build=slimrarts.models.create_model "
+                             "(slimrarts.load does)")
         model = build(info["name"], num_classes=info.get("num_classes", 10), **info.get("kwargs", {}))
     else:
         model = copy.deepcopy(model)  # the caller's model is never cut in place, even when loading fails
