@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .baselines import reference_counts
+from .baselines.random_pruning import read_reference
 from .config import to_dict
 from .data.factory import Loaders, as_loaders
 from .engine import dist
@@ -269,6 +270,8 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     dev = resolve_device(recipe.device)
     if run_dir is not None:  # fail now (a bad folder, or one another process holds); nothing is deleted yet
         dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
+    if recipe.prune.reference:  # the file now (its groups once the model is gated): before any folder is made
+        read_reference(recipe.prune.reference)
     loaders = as_loaders(loaders, seed=recipe.seed)
     check_first_batches(loaders, task, ("train", "search_t", "search_v"))
     started = time.perf_counter()

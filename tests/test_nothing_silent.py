@@ -466,3 +466,39 @@ def test_an_os_error_without_a_path_gets_the_file_being_written(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert err.value.filename == str(target) and err.value.errno == errno.ENOSPC
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_folder_of_yours_is_not_a_run_folder_whatever_is_asked(tmp_path, tiny_archive, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2\n")
+    for extra in ([], ["--resume"]):
+        assert main(["run", _recipe(tmp_path, tiny_archive), "--out", str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "data.csv" in err and "not a run folder slimrarts made" in err and "--force" not in err
+    assert [p.name for p in mine.iterdir()] == ["data.csv"]
+
+
+def test_a_damaged_settings_history_is_named(tmp_path):
+    from slimrarts.engine.rundir import HISTORY, RunDir
+    from slimrarts.errors import FileProblem
+
+    (tmp_path / HISTORY).write_text(json.dumps({"segments": 5}))
+    with pytest.raises(FileProblem, match=r"settings_history.json is not a settings history"):
+        RunDir(tmp_path).history()
+
+
+def test_a_reference_that_is_not_a_width_spec_fails_before_the_run_folder_is_made(tiny_sets, tmp_path):
+    bad = tmp_path / "slim.pt"
+    bad.write_bytes(b"PK\x03\x04 not json")
+    cfg = dict(TINY, search={"method": "random", "epochs": 1}, prune={"scope": ["internal"], "reference": str(bad)})
+    with pytest.raises(InputError, match=r"prune.reference"):
+        slimrarts.prune(create_model("tiny_preresnet"), _float_loaders(tiny_sets), 0.4, config=cfg,
+                        run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_loader_for_both_search_halves_is_warned(tiny_sets):
+    tr, te = _float_loaders(tiny_sets)
+    with pytest.warns(RuntimeWarning, match="search_t and search_v are the same loader"):
+        as_loaders({"train": tr, "test": te, "search_t": tr, "search_v": tr})

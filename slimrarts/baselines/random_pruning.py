@@ -12,7 +12,7 @@ from ..engine.fit import fit
 from ..errors import InputError, MissingFileError
 from .base import BaselineResult, register_baseline, search_like
 
-__all__ = ["random_keep", "random_pruning", "reference_counts"]
+__all__ = ["random_keep", "random_pruning", "read_reference", "reference_counts"]
 
 
 def random_keep(sizes: list[int], counts: list[int], seed: int) -> list[torch.Tensor]:
@@ -37,9 +37,9 @@ def _kept_count(group: dict) -> int:
     return len(kept)
 
 
-def reference_counts(path: str, gates) -> list[int]:
-    """The per-group kept counts of the reference run `path` (a run folder or its width_spec.json), in the order of
-    `gates.groups`; errors name a missing file or group."""
+def read_reference(path: str) -> tuple[Path, dict[str, int]]:
+    """The width spec file of the reference run `path` (a run folder or its width_spec.json) and its kept count per
+    group name; a missing, unreadable or malformed file fails naming it (checked before any run folder is made)."""
     p = Path(path)
     if p.is_dir():
         p = p / "width_spec.json"
@@ -52,6 +52,13 @@ def reference_counts(path: str, gates) -> list[int]:
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"prune.reference: {str(p)!r} is not a readable width spec ({type(err).__name__}: {err}); "
                          "point it at the run folder (or width_spec.json) of a finished run") from None
+    return p, kept
+
+
+def reference_counts(path: str, gates) -> list[int]:
+    """The per-group kept counts of the reference run `path` (a run folder or its width_spec.json), in the order of
+    `gates.groups`; errors name a missing file or group, or a count the group cannot hold."""
+    p, kept = read_reference(path)
     missing = [g.name for g in gates.groups if g.name not in kept]
     if missing:
         raise InputError(f"prune.reference {str(p)!r} has no group {missing[0]!r}: was it a run of the same model "

@@ -295,6 +295,10 @@ def as_loaders(loaders: Any, *, seed: int = 0) -> Loaders:
                              f"'train' and 'test'; got {type(loaders).__name__}")
     if (half_t is None) != (half_v is None):
         raise InputError("give both search_t and search_v, or neither")
+    if half_t is not None and half_t is half_v:
+        warnings.warn("search_t and search_v are the same loader: RARTS' weights and α are meant to learn on two "
+                      "disjoint halves of the training set (D_t, D_v); give two loaders over disjoint halves, or "
+                      "neither (slimrarts then splits the training set)", RuntimeWarning, stacklevel=2)
     _warn_unsharded(train)
     if half_t is None:
         if not isinstance(train, DataLoader):

@@ -118,6 +118,10 @@ def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool 
     if not locked:
         check_unlocked(path)
     busy = _holds_a_run(path)
+    if busy and not force and not (path / MARKER).is_file():
+        names = ", ".join(sorted(e.name for e in path.iterdir())[:5])
+        raise RunFolderError(f"{str(path)!r} is not empty ({names}) and is not a run folder slimrarts made: "
+                             "choose another --out (slimrarts never writes into or deletes a folder of yours)")
     if busy and resume:
         if not (path / "recipe.yaml").is_file():
             raise MissingFileError(f"cannot resume {str(path)!r}: its recipe.yaml is missing, so the settings it "
@@ -215,7 +219,13 @@ class RunDir:
         `from` (`{phase, epoch}`: the first epoch it ran; null while it ran none: it stopped before its first
         epoch, or nothing was left to run)."""
         data = self.read_json(HISTORY, "the run's settings history")
-        return list(data.get("segments", [])) if isinstance(data, dict) else []
+        if data is None:
+            return []
+        segments = data.get("segments") if isinstance(data, dict) else None
+        if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+            raise FileProblem(f"{self.path / HISTORY} is not a settings history (a mapping whose 'segments' is a list "
+                              "of mappings); it is damaged: restore it, or start the run again with --force")
+        return list(segments)
 
     def begin_segment(self, kind: str, changes: list[dict]) -> dict:
         """Append a segment to `settings_history.json` (see `history`) and return it."""
