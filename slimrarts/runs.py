@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._io import read_json
-from .errors import FileProblem, MissingFileError
+from .errors import FileProblem, InputError, MissingFileError
 from .metrics import format_count
 from .report import markdown_table
 
@@ -55,9 +55,23 @@ def _row(run: Path, r: dict) -> dict:
             "time": f"{t['search']:.0f} + {t['finetune']:.0f}"}
 
 
+def _checked_row(run: Path) -> dict:
+    """The table row of a run; a report.json without a field the table reads, or with a field of the wrong type,
+    fails naming the file and the field."""
+    report = read_report(run)
+    try:
+        return _row(run, report)
+    except KeyError as err:
+        raise FileProblem(f"{run / 'report.json'} has no field {err.args[0]!r}: not a finished slimrarts report "
+                          "(or one from another version)") from None
+    except (TypeError, ValueError, InputError) as err:
+        raise FileProblem(f"{run / 'report.json'}: a field has the wrong type ({err}); the file is damaged or not "
+                          "slimrarts' own") from None
+
+
 def compare_runs(runs: list[Path], plot: bool = False) -> str:
     """A Markdown table comparing runs (test accuracy of the final epoch), and PNGs beside each run with `plot`."""
-    rows = [_row(Path(run), read_report(Path(run))) for run in runs]
+    rows = [_checked_row(Path(run)) for run in runs]
     columns = [("run", "run"), ("method", "method"), ("PRC %", "prc"), ("test acc % (final)", "acc"),
                ("before fine-tune %", "acc0"), ("params", "params"), ("MACs/image", "macs"),
                ("search + fine-tune s", "time")]

@@ -502,3 +502,13 @@ def test_one_loader_for_both_search_halves_is_warned(tiny_sets):
     tr, te = _float_loaders(tiny_sets)
     with pytest.warns(RuntimeWarning, match="search_t and search_v are the same loader"):
         as_loaders({"train": tr, "test": te, "search_t": tr, "search_v": tr})
+
+
+@pytest.mark.parametrize("report, named", [({"slimrarts": "x"}, "has no field 'params'"),
+                                           ({"slimrarts": "x", "params": "many", "macs": 1}, "wrong type")])
+def test_a_report_missing_a_field_or_of_the_wrong_type_is_named(report, named, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "r" / "report.json") in err and named in err
