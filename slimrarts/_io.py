@@ -9,6 +9,7 @@ is `.<name>.<random>.tmp` beside the target (`engine.rundir` recognises the patt
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -34,6 +35,11 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[IO[
     `path` (after an fsync with `fsync=True`), on an exception it is removed and `path` keeps its former content.
     The folder is created if missing."""
     path = Path(path)
+    for folder in (path.parent, *path.parent.parents):  # a file where a folder is needed: say so (not EEXIST)
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

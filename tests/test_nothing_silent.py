@@ -512,3 +512,15 @@ def test_a_report_missing_a_field_or_of_the_wrong_type_is_named(report, named, t
     assert main(["report", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "r" / "report.json") in err and named in err
+
+
+def test_a_file_in_the_way_and_a_dangling_link_are_named(tmp_path, tiny_archive, capsys):
+    (tmp_path / "afile").write_text("mine")
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"slimrarts": "x", "params": 1, "macs": 1}))
+    assert main(["report", str(run), "--md", str(tmp_path / "afile" / "t.md")]) == 2
+    assert "ENOTDIR" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(["run", _recipe(tmp_path, tiny_archive), "--out", str(tmp_path / "dangling")]) == 2
+    assert "symbolic link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()

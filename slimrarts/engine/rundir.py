@@ -113,6 +113,9 @@ def check_run_dir(path: str | os.PathLike, *, resume: bool = False, force: bool 
     path = Path(path)
     if resume and force:
         raise InputError("resume and force exclude each other: resume continues a run, force starts it again")
+    if path.is_symlink() and not path.exists():
+        raise RunFolderError(f"run folder {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+                             "exist: create that folder, or choose another --out")
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"run folder {str(path)!r} exists and is not a folder")
     if not locked:
