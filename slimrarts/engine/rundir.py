@@ -263,13 +263,13 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
-        lines = [json.loads(ln) for ln in self._metric_lines()]
+        lines = [json.loads(ln) for ln in self._metric_lines()[0]]
         return [r for r in lines if phase is None or r.get("phase") == phase]
 
-    def _metric_lines(self) -> list[str]:
-        """The complete lines of `metrics.jsonl`: a last line cut short (a process killed, or a full disk, in the
-        middle of an append) is dropped with a warning, so the resume rewrites it; a damaged line elsewhere fails
-        naming the file and the line."""
+    def _metric_lines(self) -> tuple[list[str], bool]:
+        """The complete lines of `metrics.jsonl`, and whether a last line cut short (a process killed, or a full
+        disk, in the middle of an append) was dropped (with a warning, so the resume rewrites the file); a damaged
+        line elsewhere fails naming the file and the line."""
         path = self.path / "metrics.jsonl"
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         for i, ln in enumerate(lines):
@@ -279,19 +279,19 @@ class RunDir:
                 if i == len(lines) - 1:
                     warnings.warn(f"{path}: its last line was cut short (an interrupted write); it is dropped",
                                   RuntimeWarning, stacklevel=3)
-                    return lines[:-1]
+                    return lines[:-1], True
                 raise FileProblem(f"{path}: line {i + 1} is not valid JSON; the file is damaged (remove that line "
                                   "to continue)") from None
-        return lines
+        return lines, False
 
     def _drop_metrics_after(self, phase: str, epoch: int) -> None:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return
-        lines = self._metric_lines()
+        lines, cut_short = self._metric_lines()
         keep = [ln for ln in lines
                 if not (json.loads(ln).get("phase") == phase and json.loads(ln).get("epoch", -1) > epoch)]
-        if len(keep) != len(lines) or len(lines) != sum(1 for ln in path.read_text().splitlines() if ln.strip()):
+        if len(keep) != len(lines) or cut_short:
             atomic_write(path, "".join(ln + "\n" for ln in keep))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
