@@ -378,6 +378,8 @@ def finish(run: PruneRun) -> PruneResult:
         handle.remove()
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = run.model = dist.revert_sync_bn(model)
+    if run.opened is not None and run.opened.finished and run.run_dir is not None:
+        return _finished(run, model)
     speed = None
     if recipe.report.latency and dist.is_main():  # timed once; the report is rank 0's
         batch = getattr(run.loaders.train, "batch_size", None) or x.shape[0]
@@ -399,6 +401,23 @@ def finish(run: PruneRun) -> PruneResult:
     logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", run.method.name,
                 100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
                 100 * (run.accuracy["slim_after_finetune"] or 0.0), 100 * run.accuracy["dense"])
+    model.eval()
+    return PruneResult(model=model, report=report, width_spec=run.spec)
+
+
+def _finished(run: PruneRun, model: nn.Module) -> PruneResult:
+    """A resume of a run that had finished: the stages replayed from its checkpoints made the same slim model, so
+    the run folder is left as it was (slim.pt, and the report with the times it measured), but for the report's
+    `settings_history`, which now lists this resume too; that report is returned."""
+    report = None
+    if dist.is_main():
+        report = run.run_dir.read_json("report.json", "the finished run's report")
+        report["settings_history"] = run.run_dir.history()
+        run.run_dir.write_json("report.json", report)
+    report = dist.broadcast_object(report)
+    run.dense_model = None
+    run.close()
+    logger.info("%s had finished: its slim.pt and report (times included) are left as they were", run.run_dir.path)
     model.eval()
     return PruneResult(model=model, report=report, width_spec=run.spec)
 
@@ -444,7 +463,8 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
             with the run's record (`recipe.yaml`, `fingerprint.json`, `settings_history.json`); the folder is locked
             for this call. `resume=True` continues an interrupted run (from the same model and data: checked),
             `force=True` replaces an earlier one.
-        example_input: a batch to trace the model with (default: the first of D_t). model_info: `{"name", "kwargs",
+        example_input: images to trace the model with (default: the first 8 of D_t; the channel groups come from one
+            eval-mode forward of its first 2, the removal check and reports use all). model_info: `{"name", "kwargs",
             "num_classes"}` recorded in `slim.pt` for `slimrarts.load` (default: inferred for models built by
             `create_model`, timm or torchvision, verified by rebuilding; none when unsure). input_fn / output_fn:
             build the model's input from a batch tensor (a dict is passed as keywords) / read the [batch, classes]

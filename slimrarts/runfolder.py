@@ -48,8 +48,9 @@ class OpenRun:
     """A run folder this process has opened: `close()` (or leaving a `with` block) frees its lock. Under torchrun
     only rank 0 holds the lock; `close()` does nothing on the other ranks."""
 
-    def __init__(self, path: Path, lock: RunLock | None):
+    def __init__(self, path: Path, lock: RunLock | None, finished: bool = False):
         self.path, self.lock = path, lock
+        self.finished = finished  # a resume of a run that had finished (its report.json was there): nothing to redo
 
     def close(self) -> None:
         if self.lock is not None:
@@ -107,10 +108,10 @@ def open_run(path: str | os.PathLike, recipe: Any, *, resume: bool = False, forc
             rd = RunDir(path)
             changes: list[tuple[str, Any, Any]] = []
             legacy: dict[str, Any] = {}
+            finished = resume and (path / "report.json").is_file()
             if resume:
                 _check_fingerprint(rd, here)
-                changes = resume_changes(recipe, path, earlier=_earlier_changes(rd),
-                                         finished=(path / "report.json").is_file())
+                changes = resume_changes(recipe, path, earlier=_earlier_changes(rd), finished=finished)
                 legacy = legacy_settings(recipe, path)
             prepare_run_dir(path, resume=resume, force=force, locked=True)
             lock.note_holder()
@@ -126,8 +127,8 @@ def open_run(path: str | os.PathLike, recipe: Any, *, resume: bool = False, forc
             lock.release()
             raise
         held.append(lock)
-        return legacy
+        return legacy, finished
 
-    legacy = dist.from_main(on_main)
+    legacy, finished = dist.from_main(on_main)
     apply_settings(recipe, legacy)  # every rank runs with the values the folder was made with
-    return OpenRun(path, held[0] if held else None)
+    return OpenRun(path, held[0] if held else None, finished)

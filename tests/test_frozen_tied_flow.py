@@ -18,6 +18,7 @@ import slimrarts.api as api
 from slimrarts.errors import InputError
 from slimrarts.width import CoverageWarning, attach_gates
 from slimrarts.width.flow import UntracedCallError
+from slimrarts.width.trace import build_graph, calls
 
 TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.05}},
         "finetune": {"epochs": 1, "optim": {"lr": 0.05}}, "prune": {"scope": ["internal"]}}
@@ -179,6 +180,67 @@ def test_a_model_with_only_tied_groups_fails_before_training_naming_the_paramete
     assert "c1.weight is one parameter held by c1.weight and c3.weight (tied weights)" in str(err.value)
 
 
+class FunctionalUse(nn.Module):
+    """c1's weight is also applied with F.conv2d in the model's forward (optionally also c1 called as a module)."""
+
+    def __init__(self, functional: bool = True):
+        super().__init__()
+        self.functional = functional
+        self.s0, self.sb0 = _cbr(3, 16)
+        self.c0, self.b0 = _cbr(16, 8)
+        self.c1, self.b1 = _cbr(8, 8)
+        self.c3, self.b3 = _cbr(8, 8)
+        if functional:
+            del self.c3
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.sb0(self.s0(x)).relu()
+        x = self.b0(self.c0(x)).relu()
+        x = self.b1(self.c1(x)).relu()
+        if self.functional:
+            x = self.b3(nn.functional.conv2d(x, self.c1.weight, padding=1)).relu()
+        else:
+            x = self.b3(self.c3(x)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_parameter_read_outside_its_module_is_named_and_its_groups_left_whole(tiny_sets):
+    """F.conv2d(x, self.c1.weight) in the model's forward: every group that changes c1.weight's shape (c0's, which
+    cuts its inputs, and c1's) is left unpruned with a reason naming the parameter and the use, found before the
+    search (the probe's case ran to the end and died in the removal check); the slim model runs."""
+    torch.manual_seed(0)
+    with pytest.warns(CoverageWarning, match=r"c1\.weight \(also read in the model's forward \(conv2d\)\)"):
+        result = slimrarts.prune(FunctionalUse(), tiny_loaders(tiny_sets), 0.3, config=TINY, progress=False)
+    skipped = _skipped(result)
+    for group in ("c0", "c1"):
+        assert "c1.weight is also read outside c1, in the model's forward (conv2d)" in skipped[group]
+    assert "s0" in [g["name"] for g in result.width_spec["groups"]]
+    assert result.model.c1.weight.shape == (8, 8, 3, 3)
+    result.model(torch.randn(2, 3, 32, 32))
+    # the same net with c3 called as a module has c0's and c1's groups gated: the use outside was what stopped them
+    plain = attach_gates(FunctionalUse(functional=False), torch.randn(2, 3, 32, 32))
+    assert {"c0", "c1"} <= {g.name for g in plain.groups}
+
+
+def test_a_parameter_its_own_module_reads_is_not_an_outside_use():
+    """A layer-scale Parameter read in its block's own forward (ConvNeXt's) is not flagged, also when torch-pruning's
+    first `model(*x)` fails midway and its post-processing reads the parameter's shape after the pass."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.gamma = nn.Parameter(torch.ones(1, 8, 1, 1))
+
+        def forward(self, x):
+            return x + self.gamma * self.conv(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Scaled(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    assert calls(build_graph(model, torch.randn(2, 3, 8, 8))).outside == {}
+
+
 # ---------------------------------------------------------------- item 5: control flow the trace did not see
 
 
@@ -338,3 +400,28 @@ def test_the_training_mode_pass_leaves_no_trace():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
     assert [m.training for m in model.modules()] == flags
     assert [u.name for u in gates.gaps.unseen] == ["aux"]
+
+
+def test_a_branch_on_the_batch_size_is_named_with_the_trace_input_shape():
+    """The probe's case: `b(x) if x.shape[0] < 10 else a(x)`; the trace's 2 images take `b`, so `a` is untraced. The
+    warning gives the shape the trace ran on and names the batch size as a cause; `a`'s first call names it."""
+
+    class ByBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.b0 = _cbr(3, 8)
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.b0(self.c0(x)).relu()
+            x = self.b(x) if x.shape[0] < 10 else self.a(x)
+            return self.fc(x.mean((2, 3)))
+
+    model = ByBatch()
+    with pytest.warns(CoverageWarning, match=r"did not see a \(did not run\).*input shape \[2, 3, 8, 8\].*batch size"):
+        gates = attach_gates(model, torch.randn(2, 3, 8, 8))
+    gates.guard_untraced()
+    with pytest.raises(UntracedCallError, match=r"module 'a' was called.*its batch size"):
+        model(torch.randn(16, 3, 8, 8))
+

@@ -143,6 +143,10 @@ def test_data_parallel_and_compiled_models_are_refused_at_once(tiny_sets):
         _prune(loaders, nn.DataParallel(create_model("tiny_preresnet")))
     with pytest.raises(TypeError, match=r"torch\.compile.*model\._orig_mod"):
         _prune(loaders, torch.compile(create_model("tiny_preresnet")))  # refused before anything compiles
+    inner = create_model("tiny_preresnet")  # a compiled submodule: before, its groups were skipped with a wrong reason
+    inner.layer1 = torch.compile(inner.layer1)
+    with pytest.raises(TypeError, match=r"model\.layer1 is a torch\.compile'd module.*model\.layer1\._orig_mod"):
+        _prune(loaders, inner)
 
 
 # ---- every loader shape ------------------------------------------------------------------------------------------

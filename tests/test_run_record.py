@@ -202,9 +202,18 @@ def test_resume_refuses_another_slimrarts_version(finished, tiny_sets, tmp_path,
 
 
 def test_api_resume_of_the_same_run_passes_and_records_itself(finished, tiny_sets):
+    """A resume of a finished run redoes nothing: the report's measured times and slim.pt stay as they were (before,
+    the replay rewrote them: the probe's `search_wall 0.308 → 0.280`), and the report lists the resume."""
+    before = json.loads((finished / "report.json").read_text())
+    slim = (finished / "slim.pt").read_bytes()
     result = _prune(_model(), _loaders(*tiny_sets), finished, resume=True)
     kinds = [(s["kind"], s["from"]) for s in result.report["settings_history"]]
     assert kinds == [("start", {"phase": "search", "epoch": 0}), ("resume", None)]
+    after = json.loads((finished / "report.json").read_text())
+    assert after == result.report
+    assert {k: v for k, v in after.items() if k != "settings_history"} == {
+        k: v for k, v in before.items() if k != "settings_history"}
+    assert (finished / "slim.pt").read_bytes() == slim
 
 
 def test_cli_resume_refuses_changed_starting_weights(tmp_path, tiny_archive, capsys):

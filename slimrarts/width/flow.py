@@ -16,7 +16,8 @@ did not take is not in the graph, so removal would not cut it:
 A parameter held by two modules (`model.c3.weight = model.c1.weight`) is one tensor in the graph's two places; a
 cut rebuilds it for one module only and the two come back as separate parameters of different widths. Every group
 that would cut a module holding such a parameter is left unpruned (`tied_parameters`): untying them lets them be
-pruned.
+pruned. So is one that a forward reads outside the module holding it (`F.conv2d(x, self.c1.weight)` in the
+model's forward, seen by the trace's `Calls.outside`): a cut would change its shape there as well.
 
 `Gaps.reason(...)` gives why a group is left unpruned; `find_groups` lists such groups as `Skipped`, `attach_gates`
 warns naming the modules and parameters.
@@ -211,13 +212,25 @@ class Gaps:
     unseen: list[Unseen] = dataclasses.field(default_factory=list)
     tied: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    # parameters a forward reads outside their module: name → where ("the model's forward (conv2d)")
+    outside: dict[str, str] = dataclasses.field(default_factory=dict)
     _holders: dict = dataclasses.field(default_factory=dict, repr=False)  # module → the tied parameter it holds
+    _readers: dict = dataclasses.field(default_factory=dict, repr=False)  # module → its parameter read outside it
 
     @classmethod
-    def of(cls, model: nn.Module, unseen: list[Unseen]) -> Gaps:
+    def of(cls, model: nn.Module, unseen: list[Unseen], traced: Calls | None = None) -> Gaps:
         tied = tied_parameters(model)
         holders = {model.get_submodule(h.rpartition(".")[0]): p for p, hs in tied.items() for h in hs}
-        return cls(unseen, tied, {}, holders)
+        names = {m: n for n, m in model.named_modules()}
+        pnames = {id(p): n for n, p in model.named_parameters()}
+        owners = {id(p): m for m in names for p in m._parameters.values() if p is not None}
+        outside, readers = {}, {}
+        for param, (user, func) in (traced.outside.items() if traced is not None else ()):
+            if id(param) in pnames and id(param) in owners:
+                where = f"{names[user]}'s forward" if names.get(user) else "the model's forward"
+                outside[pnames[id(param)]] = f"{where} ({func})"
+                readers[owners[id(param)]] = pnames[id(param)]
+        return cls(unseen, tied, {}, outside, holders, readers)
 
     @property
     def untraced(self) -> list[str]:
@@ -234,6 +247,13 @@ class Gaps:
                 return (f"{param} is one parameter held by {' and '.join(self.tied[param])} (tied weights): cutting "
                         "these channels would give each its own copy, of another width; untie them (a Parameter for "
                         "each module) to prune these channels")
+            param = self._readers.get(node.module) if isinstance(node.module, nn.Module) else None
+            if param is not None:
+                self.skipped[group] = "tied"
+                owner = param.rpartition(".")[0] or "the model"
+                return (f"{param} is also read outside {owner}, in {self.outside[param]}: cutting these channels "
+                        f"would change its shape there too, which the cut cannot follow; call the module ({owner}(x)) "
+                        "or give that use a Parameter of its own to prune these channels")
         hits = [u for u in self.unseen if u.touches(nodes, names)]
         if not hits:
             return None
@@ -274,8 +294,8 @@ def guard(model: nn.Module, untraced: Iterable[str], exclude: Iterable[str] = ()
         def stop(_module, _args, name=name):
             raise UntracedCallError(
                 f"module {name!r} was called, but it did not run in the one forward slimrarts traced to find the "
-                "channel groups: the model's forward has data-dependent control flow (a branch on the input's values "
-                "or on a setting) that the traced forward did not take. The channels around it are left unpruned, "
+                "channel groups: the model's forward has data-dependent control flow (a branch on the input's values, "
+                "its batch size or a setting) that the traced forward did not take. The channels around it are left unpruned, "
                 "but the search's costs and the removal check describe the traced path only. Make the branch static "
                 f"(the same layers for every input), or add {name!r} to prune.exclude to let it run")
 

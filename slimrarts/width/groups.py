@@ -432,7 +432,7 @@ def find_groups(
                             members=layers)], None
     param_names = {id(p): n for n, p in model.named_parameters()}
     failed = unmapped(dg)
-    found = (Gaps.of(model, find_unseen(model, dg, calls(dg), training_calls(model, example_input)))
+    found = (Gaps.of(model, find_unseen(model, dg, calls(dg), training_calls(model, example_input)), calls(dg))
              if check_gaps else Gaps())
     set_gaps(dg, found)
     groups: list[ChannelGroup] = []

@@ -102,6 +102,7 @@ def warn_gaps(gates: Gates, stacklevel: int = 1) -> None:
         groups = [g for g, c in found.skipped.items() if c == cause]
         if cause == "tied" and groups:
             params = [f"{p} (held by {' and '.join(hs)})" for p, hs in found.tied.items()]
+            params += [f"{p} (also read in {where})" for p, where in found.outside.items()]
             text = (f"tied parameters: {_listed(params)}; the channel groups that would cut them are not pruned "
                     f"({_listed(groups)}; reasons in report['skipped']). Untie them (a Parameter for each module) to "
                     "prune those channels")
@@ -111,9 +112,13 @@ def warn_gaps(gates: Gates, stacklevel: int = 1) -> None:
             text = (f"the traced forward did not see {_listed(mods)}; the channel groups they may read or write are "
                     f"not pruned ({_listed(groups) if groups else 'none were gated'}; reasons in report['skipped'])")
             if found.untraced:
+                x = gates.example_input
+                shape = f" of input shape {list(x.shape)}" if x is not None else ""
                 text += (". A module that did not run sits on a branch the trace did not take (data-dependent control "
-                         "flow): if prune() calls it during the search or fine-tuning, the run stops there. Make the "
-                         "branch static, or add the module to prune.exclude to let it run")
+                         f"flow; the trace is one eval-mode forward{shape}, so a branch on the batch size, on the "
+                         "values or on training mode may go another way in training): if prune() calls it during the "
+                         "search or fine-tuning, the run stops there. Make the branch static, or add the module to "
+                         "prune.exclude to let it run")
         else:
             continue
         warnings.warn(text, CoverageWarning, stacklevel=stacklevel + 1)

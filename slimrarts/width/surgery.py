@@ -170,7 +170,14 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
                        for name, w in before.items()},
         }
         if reference is not None:
-            out = model(check_input).float()
+            try:
+                out = model(check_input).float()
+            except RuntimeError as err:  # a use of the channels that the graph did not show; not the user's error
+                raise RuntimeError(
+                    f"the slim model fails on the removal check's input ({type(err).__name__}: {err}): the forward "
+                    "uses the cut channels somewhere the traced graph did not show (a tensor of a fixed width, a "
+                    "parameter read by hand); please report this model. Adding the layers around that use to "
+                    "prune.exclude lets the run go on") from err
             spec["max_abs_diff"] = (out - reference).abs().max().item()
             spec["max_abs_ref"] = reference.abs().max().item()
         return spec

@@ -11,7 +11,7 @@ Two of torch-pruning's internals are wrapped here, and only here (tested against
 - `dependency.graph.Group`: a group that grows without end (ReXNet's partial-channel residuals) raises `Diverged`.
 
 The graph comes from one forward pass in eval mode; `build_graph` also records which modules that pass ran and the
-autograd nodes of their inputs and outputs (`calls(dg)`), and `training_calls` runs the model once more in training
+autograd nodes of their inputs and outputs, and the parameters read outside their module's forward (`calls(dg)`), and `training_calls` runs the model once more in training
 mode, leaving no trace in its buffers or the random streams, to see what runs only there.
 `width/flow.py` reads both to find what the trace did not see.
 """
@@ -173,6 +173,9 @@ class Calls:
 
     inputs: dict[nn.Module, list] = dataclasses.field(default_factory=dict)
     outputs: dict[nn.Module, list] = dataclasses.field(default_factory=dict)
+    # parameters that a torch function read outside their module's forward (`F.conv2d(x, self.c1.weight)`): the
+    # parameter → (the module whose forward did it, the function's name); the first such use of each
+    outside: dict[nn.Parameter, tuple[nn.Module, str]] = dataclasses.field(default_factory=dict)
 
     def ran(self, module: nn.Module) -> bool:
         return module in self.outputs
@@ -189,19 +192,52 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+class _OutsideUses(torch.overrides.TorchFunctionMode):
+    """Records, into `record.outside`, each parameter a torch function reads while the forward of the module that
+    holds it is not running (the modules running are `stack`, kept by forward hooks)."""
+
+    def __init__(self, model: nn.Module, record: Calls, stack: list[nn.Module]):
+        super().__init__()
+        self.holders = {id(p): m for m in model.modules() for p in m._parameters.values() if p is not None}
+        self.record, self.stack = record, stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.stack:  # inside the model's forward (not torch-pruning's own work around it)
+            for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+                holder = self.holders.get(id(value)) if isinstance(value, nn.Parameter) else None
+                if holder is not None and holder not in self.stack and value not in self.record.outside:
+                    self.record.outside[value] = (self.stack[-1], getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _recording(model: nn.Module) -> Iterator[Calls]:
+def _recording(model: nn.Module, outside: bool = False) -> Iterator[Calls]:
     """Record every module call of the forward passes inside the block (before any other forward hook rewrites an
-    output, e.g. the model's output adapter)."""
+    output, e.g. the model's output adapter); with `outside`, also the parameters read outside their module's
+    forward (`Calls.outside`)."""
     record = Calls()
+    stack: list[nn.Module] = []
+
+    def enter(module, _args):
+        if module is model:  # a new pass: what a failed one left (torch-pruning tries `model(*x)` first) goes
+            stack.clear()
+        stack.append(module)
 
     def hook(module, args, kwargs, output):
+        if module is model:
+            stack.clear()
+        elif stack and stack[-1] is module:
+            stack.pop()
         record.inputs.setdefault(module, []).extend(_tensors((args, kwargs)))
         record.outputs.setdefault(module, []).extend(_tensors(output))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True, prepend=True) for m in model.modules()]
+    if outside:
+        handles += [m.register_forward_pre_hook(enter, prepend=True) for m in model.modules()]
     try:
-        yield record
+        with _OutsideUses(model, record, stack) if outside else contextlib.nullcontext():
+            yield record
     finally:
         for h in handles:
             h.remove()
@@ -213,10 +249,10 @@ _CALLS_ATTR = "_slimrarts_calls"
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map; `calls(dg)` says
     which modules its forward pass ran."""
-    with evaluating(model), tolerant_mapping(), _recording(model) as record:
+    with evaluating(model), tolerant_mapping(), _recording(model, outside=True) as record:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     as_nodes = Calls({m: [t.grad_fn for t in ts] for m, ts in record.inputs.items()},
-                     {m: [t.grad_fn for t in ts] for m, ts in record.outputs.items()})
+                     {m: [t.grad_fn for t in ts] for m, ts in record.outputs.items()}, record.outside)
     setattr(dg, _CALLS_ATTR, as_nodes)
     return dg
 
