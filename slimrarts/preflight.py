@@ -32,7 +32,8 @@ def check_model(model: nn.Module) -> None:
         raise InputTypeError("the model is a torch.compile'd module: pass the original one (model._orig_mod); a "
                              "compiled graph is specialised to the widths slimrarts changes. Compile the slim "
                              "model afterwards")
-    compiled = [n for n, m in model.named_modules() if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")]
+    compiled = [n for n, m in model.named_modules()
+                if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")]
     if compiled:
         name = compiled[0]
         raise InputTypeError(f"model.{name} is a torch.compile'd module: put the original back (model.{name} = "

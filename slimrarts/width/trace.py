@@ -10,9 +10,10 @@ Two of torch-pruning's internals are wrapped here, and only here (tested against
   skipped with the error as its reason.
 - `dependency.graph.Group`: a group that grows without end (ReXNet's partial-channel residuals) raises `Diverged`.
 
-The graph comes from one forward pass in eval mode; `build_graph` also records which modules that pass ran and the
-autograd nodes of their inputs and outputs, and the parameters read outside their module's forward (`calls(dg)`), and `training_calls` runs the model once more in training
-mode, leaving no trace in its buffers or the random streams, to see what runs only there.
+The graph comes from one forward pass in eval mode; `build_graph` also records which modules that pass ran, the
+autograd nodes of their inputs and outputs, and the parameters read outside their module's forward (`calls(dg)`);
+`training_calls` runs the model once more in training mode, leaving no trace in its buffers or the random streams,
+to see what runs only there.
 `width/flow.py` reads both to find what the trace did not see.
 """
 
