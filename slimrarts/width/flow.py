@@ -297,7 +297,8 @@ def guard(model: nn.Module, untraced: Iterable[str], exclude: Iterable[str] = ()
                 "channel groups: the model's forward has data-dependent control flow (a branch on the input's "
                 "values, its batch size or a setting) that the traced forward did not take. The channels around it "
                 "are left unpruned, but the search's costs and the removal check describe the traced path only. "
-                f"Make the branch static (the same layers for every input), or add {name!r} to prune.exclude to let it run")
+                "Make the branch static (the same layers for every input), or add "
+                f"{name!r} to prune.exclude to let it run")
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(stop))
     return handles
