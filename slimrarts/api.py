@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from .baselines import reference_counts
 from .baselines.random_pruning import read_reference
 from .config import to_dict
 from .data.factory import Loaders, as_loaders
+from .deploy import resolve_runtime, runtime_record, time_in
 from .engine import dist
 from .engine.device import resolve_device
 from .engine.distill import Distiller
@@ -250,6 +252,7 @@ class PruneRun:
     recalibrated: int = 0
     finetune_phase: PhaseResult | None = None
     opened: OpenRun | None = None  # the run folder, locked by this process until `close()` (rank 0)
+    report_runtime: str = "torch"  # what the report's latency is timed in (report.latency.runtime, resolved)
 
     def close(self) -> None:
         """Free the run folder for other processes (`finish` does; `prune()` also when a stage fails)."""
@@ -282,6 +285,8 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
     check_first_batches(loaders, task, ("test",), read=False)  # its first batch: checked as it is first evaluated
     loaders = check_data(loaders, model_outputs(model, x), task)
+    report_runtime = (resolve_runtime(recipe.report.latency.runtime, dev, "report.latency.runtime")
+                      if recipe.report.latency else "torch")  # a missing extra fails here, before training
     rd = RunDir(run_dir) if run_dir is not None else None
     # the folder locked for this run, checked against what it started from, made or resumed (rank 0)
     opened = open_run(run_dir, recipe, resume=resume, force=force, model=source, loaders=loaders) if rd else None
@@ -289,7 +294,8 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
         torch.manual_seed(recipe.seed)
         run = PruneRun(recipe=recipe, method=get_method(recipe.search.method), device=dev, loaders=loaders,
                        model=model, example=x.float(), task=task, run_dir=rd, resume=resume, progress=progress,
-                       model_info=model_info, io_hooks=io_hooks, started=started, opened=opened)
+                       model_info=model_info, io_hooks=io_hooks, started=started, opened=opened,
+                       report_runtime=report_runtime)
         run.cost_before = macs_and_params(model, (1, *x.shape[1:]))
         run.accuracy["dense"] = run.test()["acc"]
         if recipe.finetune.distill is not None or recipe.report.latency:
@@ -383,8 +389,11 @@ def finish(run: PruneRun) -> PruneResult:
     speed = None
     if recipe.report.latency and dist.is_main():  # timed once; the report is rank 0's
         batch = getattr(run.loaders.train, "batch_size", None) or x.shape[0]
+        runtime = run.report_runtime
+        sessions: dict = {}  # each model exported once for all batch sizes
         speed = speed_report(run.dense_model, model, tuple(x.shape[1:]), recipe.report, run.device, batch,
-                             (run.cost_before[0], run.cost_after[0]))
+                             (run.cost_before[0], run.cost_after[0]), runtime=runtime_record(runtime),
+                             times=functools.partial(time_in, runtime, sessions=sessions))
     run.dense_model = None
     fine = run.finetune_phase
     report = build_report(method=run.method, recipe=recipe, gates=run.gates, keep=run.keep, spec=run.spec,

@@ -54,6 +54,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _convert(option, value, path)
             except ConfigError as err:
+                if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                    raise  # a mapping is meant as that section: its own error names the key
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:

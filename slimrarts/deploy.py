@@ -36,13 +36,16 @@ from .errors import ExportMismatchError, InputError, InputTypeError, MissingExtr
 from .modes import evaluating
 from .version import __version__
 
-__all__ = ["ATOL", "FORMATS", "OPSET", "RTOL", "check_batch_sizes", "export", "require_deploy_extra"]
+__all__ = ["ATOL", "FORMATS", "OPSET", "RTOL", "RUNTIMES", "OnnxSession", "check_batch_sizes", "export",
+           "require_deploy_extra", "resolve_runtime", "runtime_record", "time_in", "time_onnx"]
 
 FORMATS = ("onnx", "pt2")
 OPSET = 18  # the dynamo exporter's own opset (torchlib) on torch 2.14: no version conversion; onnxruntime >= 1.14
 ATOL = 1e-4
 RTOL = 1e-4  # relative to the largest |output| of the PyTorch model on that input
 DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+EXPORTER = "torch.onnx.export(dynamo=True)"
+RUNTIMES = ("torch", "onnxruntime", "auto")  # what latency is timed in (report.latency.runtime, prune.budget.runtime)
 INSTALL_HINT = 'pip install "slimrarts[deploy]"'
 
 
@@ -105,12 +108,20 @@ def _pt2_bytes(model: nn.Module, x: torch.Tensor, dynamic: bool) -> bytes:
     return buffer.getvalue()
 
 
-def _onnx_runner(data: bytes):
+def _ort_session(data: bytes):
+    """An onnxruntime CPU session of the ONNX bytes, with as many intra-op threads as torch uses here (and one
+    inter-op thread), all graph optimisations on: how the speed figures are taken."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_runner(data: bytes):
+    session = _ort_session(data)
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
@@ -239,7 +250,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
     atomic_write(path, data)
     record = {
         "format": format, "file": str(path), "bytes": len(data),
-        "exporter": "torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.export.export(strict=False)",
+        "exporter": EXPORTER if format == "onnx" else "torch.export.export(strict=False)",
         "opset": OPSET if format == "onnx" else None,
         "runtime": "onnxruntime InferenceSession (CPUExecutionProvider)" if format == "onnx"
         else "torch.export.load(...).module()",
@@ -253,3 +264,100 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return record
+
+
+# ---- timing in the runtime that ships ----------------------------------------------------------------------------
+
+
+def resolve_runtime(runtime: str, device: str | torch.device, field: str = "runtime") -> str:
+    """The runtime latency is timed in: `torch` (eager PyTorch, under inference mode) or `onnxruntime` (the model
+    exported as `slimrarts export` does, run by onnxruntime's CPU provider). `auto` is onnxruntime where the timing
+    device is the CPU and the deploy extra is installed, else torch. `field` names the setting in errors."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"{field}: {runtime!r} is not a runtime; choose one of {', '.join(RUNTIMES)}")
+    dev = torch.device(device)
+    if runtime == "auto":
+        if dev.type != "cpu":
+            return "torch"
+        try:
+            require_deploy_extra(f"{field}=auto")
+        except MissingExtraError:
+            return "torch"
+        return "onnxruntime"
+    if runtime == "onnxruntime":
+        if dev.type != "cpu":
+            raise InputError(f"{field}=onnxruntime times on onnxruntime's CPU provider, but the timing device is "
+                             f"{dev}: time on the CPU (the device setting next to it: cpu) or use runtime torch")
+        require_deploy_extra(f"{field}=onnxruntime")
+    return runtime
+
+
+def runtime_record(runtime: str) -> dict[str, Any]:
+    """What a latency figure was taken in: the runtime, its version, the threads, and for onnxruntime the exporter,
+    the opset, the provider and the graph optimisation level (recorded with every figure)."""
+    if runtime == "torch":
+        return {"runtime": "torch", "version": torch.__version__, "threads": torch.get_num_threads(),
+                "mode": "eager, torch.inference_mode"}
+    versions = require_deploy_extra(f"runtime {runtime}")
+    return {"runtime": "onnxruntime", "version": versions["onnxruntime"], "threads": torch.get_num_threads(),
+            "provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL", "exporter": EXPORTER,
+            "opset": OPSET, "dynamic_batch": True, "onnx": versions["onnx"], "torch": torch.__version__}
+
+
+class OnnxSession:
+    """A CPU copy of `model` exported to ONNX (dynamic batch, as `slimrarts export --dynamic-batch` writes it) in an
+    onnxruntime session, checked once against PyTorch (`ExportMismatchError` beyond the export tolerance).
+    `session(x)` runs a numpy batch; `bytes` is the ONNX file, `model` the (CPU) module it was exported from."""
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int]):
+        require_deploy_extra("timing in onnxruntime")
+        x = torch.randn((2, *input_size))
+        cpu = model if _device(model).type == "cpu" else _cpu_copy(model)
+        self.model = cpu
+        with evaluating(cpu), torch.no_grad():
+            self.bytes = _onnx_bytes(cpu, x, True)
+            self.session = _ort_session(self.bytes)
+            self.name = self.session.get_inputs()[0].name
+            check = _compare(_leaves(cpu(x)), [torch.from_numpy(o) for o in self(x.numpy())], ATOL, RTOL)
+        if check.get("problem") or not check["max_abs_diff"] <= check["tolerance"]:
+            what = check.get("problem") or f"max |Δ| {check['max_abs_diff']:.3g} > {check['tolerance']:.3g}"
+            raise ExportMismatchError(f"the ONNX export timed in onnxruntime does not compute what the model "
+                                      f"computes ({what}); time it in runtime torch")
+
+    def __call__(self, x):
+        return self.session.run(None, {self.name: x})
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).cpu()
+
+
+def time_onnx(models: Sequence[nn.Module], input_size: Sequence[int], *, batch_size: int = 1, timer=None,
+              rounds: int = 5, repeats: int = 10, warmup: int = 3, sessions: dict | None = None, **_ignored):
+    """`timing.time_models` in onnxruntime: each model exported (once per `sessions` cache: id(model) → session)
+    and timed on one random float32 batch, interleaved, with a wall clock (or the injected `timer`)."""
+    import numpy as np
+
+    from .timing import device_timer, time_calls
+
+    cache = sessions if sessions is not None else {}
+    runs = []
+    for model in models:
+        if id(model) not in cache:
+            cache[id(model)] = (model, OnnxSession(model, input_size))  # the model is kept so its id stays its own
+        runs.append(cache[id(model)][1])
+    x = np.random.default_rng(0).standard_normal((batch_size, *input_size), dtype=np.float32)
+    return time_calls([lambda run=run: run(x) for run in runs], timer or device_timer("cpu"), rounds=rounds,
+                      repeats=repeats, warmup=warmup)
+
+
+def time_in(runtime: str, models: Sequence[nn.Module], input_size: Sequence[int], **kw):
+    """Time `models` in `runtime` ("torch": `timing.time_models`; "onnxruntime": `time_onnx`)."""
+    from .timing import time_models
+
+    if runtime == "onnxruntime":
+        return time_onnx(models, input_size, **kw)
+    kw.pop("sessions", None)
+    return time_models(models, input_size, **kw)

@@ -280,6 +280,9 @@ class BudgetConfig:
     batch_size: int = field(1, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: batch timed
     tighten_rounds: int = field(3, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: re-selections
     repeats: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # latency: timings per grid point
+    # latency: what the cut is timed in (eager PyTorch; onnxruntime's CPU provider on the exported model; auto:
+    # onnxruntime on a CPU where the deploy extra is installed)
+    runtime: Literal["torch", "onnxruntime", "auto"] = "torch"
 
 
 @dataclasses.dataclass
@@ -316,14 +319,32 @@ class PruneConfig:
 
 
 @dataclasses.dataclass
+class LatencyReportConfig:
+    """`report.latency`: whether the report times the dense and the slim model, and in what (`true` / `false` is
+    short for `{enabled: true}` / `{enabled: false}`)."""
+
+    enabled: bool = True  # on the run's device (and on the CPU at batch 1 when that differs)
+    # torch: eager PyTorch; onnxruntime: both models exported (as `slimrarts export` does) and run by onnxruntime's
+    # CPU provider, on the CPU; auto: onnxruntime on a CPU run where the deploy extra is installed, else torch
+    runtime: Literal["torch", "onnxruntime", "auto"] = "torch"
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+
+@dataclasses.dataclass
 class ReportConfig:
     """What the report measures beyond accuracy and counts."""
 
-    latency: bool = True  # time dense and slim on the run's device (and on the CPU at batch 1 when that differs)
+    latency: LatencyReportConfig | bool = field(default_factory=LatencyReportConfig)
     batch_sizes: list[int] | None = field(None, check=lambda v: all(b >= 1 for b in v),
                                           allowed="a list of integers >= 1, or null")  # null: [1, data.batch_size]
     rounds: int = field(3, check=lambda v: v >= 1, allowed="an integer >= 1")  # interleaved rounds of timing
     repeats: int = field(10, check=lambda v: v >= 1, allowed="an integer >= 1")  # forward passes per round
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.latency, bool):
+            self.latency = LatencyReportConfig(enabled=self.latency)
 
 
 @dataclasses.dataclass

@@ -159,21 +159,31 @@ def time_models(models: Sequence[nn.Module], input_size: Sequence[int], *, batch
 
 
 def speed_report(dense: nn.Module, slim: nn.Module, input_size, cfg, device: torch.device, batch: int,
-                 macs: tuple[int, int]) -> dict:
+                 macs: tuple[int, int], *, times: Callable[..., list[Timing]] | None = None,
+                 runtime: dict | None = None) -> dict:
     """Measured latency of the dense and the slim model, interleaved, on `device` at batch 1 and `batch` (and on the
     CPU at batch 1 when `device` is not the CPU): medians, run-to-run spread, speed-up, and the share of the MACs
-    reduction realised as speed-up (speed-up / MACs factor)."""
+    reduction realised as speed-up (speed-up / MACs factor).
+
+    `times(models, input_size, batch_size=, device=, rounds=, repeats=)` does the timing (default `time_models`:
+    eager PyTorch); `runtime` records what it times in (`deploy.runtime_record`), e.g. onnxruntime, which runs on
+    the CPU only: then every figure is taken there."""
+    times = times or time_models
+    runtime = runtime or {"runtime": "torch", "version": torch.__version__, "threads": torch.get_num_threads()}
     batches = cfg.batch_sizes or sorted({1, batch})
-    plan = [(device, b) for b in batches] + ([(torch.device("cpu"), 1)] if device.type != "cpu" else [])
+    if runtime["runtime"] != "torch":
+        plan = [(torch.device("cpu"), b) for b in batches]
+    else:
+        plan = [(device, b) for b in batches] + ([(torch.device("cpu"), 1)] if device.type != "cpu" else [])
     factor = macs[0] / macs[1] if macs[1] else float("inf")
-    out = {"macs_factor": factor, "runs": []}
+    out = {"macs_factor": factor, "runtime": runtime, "runs": []}
     for where, b in plan:
         d, s = (m.to(where).eval() for m in (dense, slim))
-        td, ts = time_models([d, s], input_size, batch_size=b, device=where, rounds=cfg.rounds, repeats=cfg.repeats)
+        td, ts = times([d, s], input_size, batch_size=b, device=where, rounds=cfg.rounds, repeats=cfg.repeats)
         speedup = td.median_s / ts.median_s
-        out["runs"].append({"device": str(where), "batch": b, "dense_s": td.median_s, "slim_s": ts.median_s,
-                            "dense_spread": td.spread, "slim_spread": ts.spread, "speedup": speedup,
-                            "realised": speedup / factor})
+        out["runs"].append({"device": str(where), "runtime": runtime["runtime"], "batch": b, "dense_s": td.median_s,
+                            "slim_s": ts.median_s, "dense_spread": td.spread, "slim_spread": ts.spread,
+                            "speedup": speedup, "realised": speedup / factor})
     dense.to(device)
     slim.to(device)
     return out

@@ -98,7 +98,7 @@ LAYERS: dict[str, set[str]] = {
     "search": {"engine", "methods"},
     "nas": {"config", "engine", "methods", "metrics", "recipe", "search"},
     "models": {"nas"},  # the zoo's DARTS evaluation net is built from the cell-search operations
-    "width": {"engine", "metrics", "search"},
+    "width": {"deploy", "engine", "metrics", "search"},  # deploy: latency timed in onnxruntime
     "baselines": {"engine", "methods", "width"},
     "preflight": {"engine", "models"},
     "report": {"config", "engine", "metrics", "version"},
@@ -106,8 +106,8 @@ LAYERS: dict[str, set[str]] = {
     "toy": {"engine", "search"},
     "runfolder": {"engine", "recipe"},  # opening a run folder: lock, fingerprint and settings checks, its record
     "deploy": set(),  # export and its check: torch, onnx and onnxruntime over the foundation only
-    "api": {"baselines", "config", "data", "engine", "methods", "metrics", "models", "preflight", "recipe", "report",
-            "runfolder", "search", "width"},
+    "api": {"baselines", "config", "data", "deploy", "engine", "methods", "metrics", "models", "preflight", "recipe",
+            "report", "runfolder", "search", "width"},
     "commands": {"api", "config", "data", "deploy", "engine", "methods", "metrics", "models", "nas", "preflight",
                  "recipe", "runfolder", "version", "width"},
     "cli": {"commands", "config", "engine", "methods", "metrics", "models", "recipe", "report", "runs", "version"},

@@ -152,13 +152,14 @@ def _deterministic_latency_model(monkeypatch):
 
 
 def _timed(slim_s: float):
-    """A stand-in for `time_models` (dense, smallest network): the smallest network takes `slim_s` seconds."""
+    """A stand-in for `deploy.time_in` (dense, then the smallest network): the dense takes 1 s, the other
+    `slim_s` seconds."""
     from slimrarts.width.latency import Timing
 
-    def time_models(models, input_size, **kwargs):
-        return [Timing(1.0, 0.01, [1.0]), Timing(slim_s, 0.01, [slim_s])]
+    def time_in(runtime, models, input_size, **kwargs):
+        return [Timing(1.0, 0.01, [1.0])] + [Timing(slim_s, 0.01, [slim_s]) for _ in models[1:]]
 
-    return time_models
+    return time_in
 
 
 def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_sets, tmp_path, monkeypatch):
@@ -167,7 +168,7 @@ def test_a_latency_target_below_the_measured_floor_fails_before_training(tiny_se
     import slimrarts.width.select as selection
 
     _deterministic_latency_model(monkeypatch)
-    monkeypatch.setattr(selection, "time_models", _timed(0.9))
+    monkeypatch.setattr(selection, "time_in", _timed(0.9))
     with pytest.raises(ValueError, match=r"below the measured time of the smallest network.*batch 1"):
         slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), budget={"latency": "95%"},
                         config=TINY, run_dir=tmp_path / "run", progress=False)
@@ -178,7 +179,7 @@ def test_a_latency_target_above_the_measured_floor_goes_on_and_reports_it(tiny_s
     import slimrarts.width.select as selection
 
     _deterministic_latency_model(monkeypatch)
-    monkeypatch.setattr(selection, "time_models", _timed(1e-6))
+    monkeypatch.setattr(selection, "time_in", _timed(1e-6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the real re-timing after the cut may miss on a tiny net
         r = slimrarts.prune(create_model("tiny_preresnet"), _loaders(tiny_sets), budget={"latency": "95%"},

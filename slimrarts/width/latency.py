@@ -14,8 +14,15 @@ one channel less; `LatencyModel.align` is 8 only when measured so, to be passed 
 
 A model is a prediction: `tighten` times the real slim network against the dense one (interleaved repeats, median
 and run-to-run spread) and, while it misses the target, selects again under a lower target, a bounded number of
-times. Timing runs through `slimrarts.timing` (the one harness); its timers are injectable (`timer(fn, n) -> n
-seconds`) so tests are exact.
+times.
+
+In another runtime (onnxruntime, which fuses each conv with its norm and activation, so per-layer times do not carry
+over and timing single exported layers would be dominated by the session's call overhead) the tables stay eager
+PyTorch's, as a ranking of where time goes, scaled so that the dense network predicts its time measured in that
+runtime (`LatencyModel.scaled`); the floor check and `tighten` time whole exported networks in it.
+
+Timing runs through `slimrarts.timing` (the one harness); its timers are injectable (`timer(fn, n) -> n seconds`)
+so tests are exact.
 """
 
 from __future__ import annotations
@@ -125,6 +132,18 @@ class LatencyModel:
 
     def function(self, kind: str) -> CostFunction:
         return self._fn if kind == "latency" else self.cost_model.function(kind)
+
+    def scaled(self, dense_s: float, runtime: dict) -> LatencyModel:
+        """This model with every time scaled so that the dense network predicts `dense_s` (its time measured in
+        `runtime`, a `deploy.runtime_record`); the table records the factor and the runtime."""
+        factor = dense_s / self.dense_s
+        table = copy.deepcopy(self.table)
+        table["dense_s"], table["const_s"] = dense_s, float(table["const_s"]) * factor
+        for unit in table["units"]:
+            unit["seconds"] = [[t * factor for t in row] for row in unit["seconds"]]
+        table["scaled"] = {"factor": factor, "to": runtime, "from": "torch eager per-layer tables",
+                           "torch_dense_s": self.dense_s}
+        return LatencyModel(table, self.cost_model, self.path)
 
     def __call__(self, kept) -> float:
         from .cost import kept_counts
@@ -335,7 +354,8 @@ class TightenResult:
 def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[torch.Tensor]], nn.Module],
             dense: nn.Module, target_s: float, input_size: Sequence[int], *,
             predict: Callable[[list[torch.Tensor]], float] | None = None, max_rounds: int = 3,
-            tolerance: float = 0.0, slack: float = 0.1, **timing: Any) -> TightenResult:
+            tolerance: float = 0.0, slack: float = 0.1, times: Callable[..., list[Timing]] | None = None,
+            **timing: Any) -> TightenResult:
     """Select, cut and time until the slim network meets `target_s`, lowering the model's target when it misses.
 
     `select(t)` returns keep masks for a model target of t seconds (e.g. `select_budget(..., kind='latency')`),
@@ -345,8 +365,9 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
     a cut that meets the target but runs faster than target·(1 − `slack`) (the model over-predicted it, so it
     pruned more than needed) is loosened the same way, keeping the met cut closest to the target. At most
     `max_rounds` selections are made. `tolerance` accepts a median up to target·(1 + tolerance); `timing` goes to
-    `time_models`. A lowered target below the model's floor ends the loop. The result says whether the target was
-    met; a miss also warns.
+    `times` (default `time_models`; `functools.partial(deploy.time_in, "onnxruntime")` times in onnxruntime). A
+    lowered target below the model's floor ends the loop. The result says whether the target was met; a miss also
+    warns.
     """
     if max_rounds < 1:
         raise InputError(f"max_rounds must be >= 1, got {max_rounds}")
@@ -362,7 +383,7 @@ def tighten(select: Callable[[float], list[torch.Tensor]], cut: Callable[[list[t
             history.append({"round": round_, "model_target_s": model_target, "stopped": str(e)})
             break
         slim = cut(keep)
-        dense_t, slim_t = time_models([dense, slim], input_size, **timing)
+        dense_t, slim_t = (times or time_models)([dense, slim], input_size, **timing)
         predicted = predict(keep) if predict is not None else model_target
         met = slim_t.median_s <= target_s * (1 + tolerance)
         history.append({"round": round_, "model_target_s": model_target, "predicted_s": predicted,

@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+from ..deploy import resolve_runtime, runtime_record, time_in
 from ..engine import dist
 from ..engine.callbacks import Callback, Event, LoopState
 from ..errors import InputError
-from ..timing import time_models
 from .budget import budget_floor, format_cost, min_kept, parse_budget, select_budget
 from .cost import build_cost_model, cost_penalty
 from .gates import Gates, attach_gates, ungated_copy
@@ -185,6 +185,12 @@ class Selection:
     min_kept: list[int] | None = None
     tightened: object | None = None  # the latency tighten result, after `finish`
     measured_floor: float | None = None  # latency: the measured time of the smallest reachable network
+    runtime: str = "torch"  # latency: what the cut is timed in (prune.budget.runtime, resolved)
+    _sessions: dict = dataclasses.field(default_factory=dict, repr=False)  # onnxruntime: each network exported once
+
+    def times(self, models, input_size, **kw):
+        """Time whole networks in the budget's runtime (`deploy.time_in`)."""
+        return time_in(self.runtime, models, input_size, sessions=self._sessions, **kw)
 
     @classmethod
     def prepare(cls, gates: Gates, recipe, input_size, device: torch.device) -> Selection:
@@ -197,10 +203,17 @@ class Selection:
             sel.cost_model = build_cost_model(gates, sel.input_size)
         if budget is not None and budget.kind == "latency":
             where = torch.device(budget.device) if budget.device not in (None, "auto") else device
+            sel.runtime = resolve_runtime(budget.runtime, where, "prune.budget.runtime")
 
             def measure() -> LatencyModel:
-                return build_latency_model(gates, sel.cost_model, device=where, batch_size=budget.batch_size,
-                                           repeats=budget.repeats)
+                model = build_latency_model(gates, sel.cost_model, device=where, batch_size=budget.batch_size,
+                                            repeats=budget.repeats)
+                if sel.runtime == "torch":
+                    return model
+                dense = ungated_copy(gates).to(where).eval()
+                [t] = sel.times([dense], sel.input_size, batch_size=budget.batch_size, device=where,
+                                repeats=budget.repeats)
+                return model.scaled(t.median_s, runtime_record(sel.runtime))
 
             if dist.active():  # timed once, on rank 0: every rank selects with the same tables
                 sel.latency_model = LatencyModel(dist.from_main(lambda: measure().table), sel.cost_model)
@@ -248,8 +261,8 @@ class Selection:
             slim = ungated_copy(self.gates)
             remove_channels(attach_gates(slim, x[:2], scopes, warn=False), lowest)
             dense = ungated_copy(self.gates)
-            _, t = time_models([dense.to(where), slim.to(where)], self.input_size, batch_size=budget.batch_size,
-                               device=where, repeats=budget.repeats)
+            _, t = self.times([dense.to(where), slim.to(where)], self.input_size, batch_size=budget.batch_size,
+                              device=where, repeats=budget.repeats)
             return t.median_s, t.spread
 
         floor_s, spread = dist.from_main(measure) if dist.active() else measure()
@@ -257,7 +270,8 @@ class Selection:
         if floor_s > self.target * (1 + max(0.05, spread)):
             raise InputError(
                 f"prune.budget: latency target {format_cost(self.target, 'latency')} is below the measured time of "
-                f"the smallest network scope {'+'.join(scopes)} reaches on {where} at batch {budget.batch_size}: "
+                f"the smallest network scope {'+'.join(scopes)} reaches on {where} at batch {budget.batch_size} "
+                f"in {self.runtime}: "
                 f"{format_cost(floor_s, 'latency')} (run-to-run spread {spread:.0%}; the per-layer model predicted "
                 f"{format_cost(self.floor, 'latency')}: this network's time is dominated by per-layer overheads). "
                 "Raise the target, time at a larger prune.budget.batch_size, or use a MACs budget")
@@ -395,7 +409,7 @@ class Selection:
         dense = ungated_copy(self.gates).to(device).eval()
         result = tighten(lambda t: self._select_budget(scores, t), cut, dense, self.target, self.input_size,
                          predict=self.latency_model, max_rounds=budget.tighten_rounds, batch_size=budget.batch_size,
-                         device=device)
+                         device=device, times=self.times)
         self.tightened = result
         return result.keep
 
@@ -419,5 +433,8 @@ class Selection:
             out.update(achieved=t.timing.median_s, achieved_fraction=t.timing.median_s / t.dense_timing.median_s,
                        spread=t.timing.spread, dense_measured=t.dense_timing.median_s, met=t.met,
                        tighten=t.history, device=str(budget.device or "run device"), batch_size=budget.batch_size,
-                       measured_floor=self.measured_floor)
+                       measured_floor=self.measured_floor, runtime=runtime_record(self.runtime),
+                       tables=("eager PyTorch per-layer tables scaled to the dense network's time in "
+                               f"{self.runtime}; the floor and every cut timed as whole exported networks"
+                               if self.runtime != "torch" else "eager PyTorch per-layer tables"))
         return out
