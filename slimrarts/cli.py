@@ -146,12 +146,22 @@ def cmd_export(args) -> int:
     from .engine import console
 
     r = export_run(args.target, format=args.format, out=args.out, dynamic_batch=args.dynamic_batch,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, int8=args.int8, calibration=args.calibration,
+                   calibration_method=args.calibration_method)
     how = f"opset {r['opset']}, {r['exporter']}" if r["opset"] else r["exporter"]
     batch = f"dynamic batch, checked at {r['batch_sizes']}" if r["dynamic_batch"] else f"batch {r['traced_batch']}"
     lines = [f"wrote {r['file']} ({r['format']}, {how}, {batch})", f"checked against PyTorch on {r['inputs']}",
              f"max |Δ| {r['max_abs_diff']:.3g} <= tolerance {r['tolerance']:.3g} (atol {r['atol']:g} + rtol "
              f"{r['rtol']:g} × max|output|) in {r['runtime']}"]
+    if "int8" in r:
+        q, acc = r["int8"], r["int8"]["accuracy"]
+        lines.append(f"wrote {q['file']} (int8 QDQ, per-channel {q['per_channel']}, reduce_range {q['reduce_range']}, "
+                     f"{q['calibration_method']} calibration on {q['calibration_images']} training images)")
+        lines.append(f"test accuracy in onnxruntime: fp32 {100 * acc['fp32']['acc']:.2f}% → int8 "
+                     f"{100 * acc['int8']['acc']:.2f}% ({acc['int8']['images']} images)")
+        for run in q["latency"]["runs"]:
+            lines.append(f"batch {run['batch']}: fp32 {run['fp32_s'] * 1e3:.3g} ms → int8 {run['int8_s'] * 1e3:.3g} ms "
+                         f"(×{run['speedup']:.2f})")
     if "recorded_in" in r:
         lines.append(f"recorded in {r['recorded_in']}")
     for line in lines:
@@ -216,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis, checked at two batch sizes")
     p.add_argument("--batch-size", type=int, default=1,
                    help="the batch size exported (fixed) or first checked (dynamic); default 1")
+    p.add_argument("--int8", action="store_true",
+                   help="also write <out>.int8.onnx: onnxruntime static int8 (QDQ) quantization, with fp32 and int8 "
+                        "test accuracy and latency")
+    p.add_argument("--calibration", type=int, default=256, help="training images to calibrate int8 on; default 256")
+    p.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="how the calibration estimates activation ranges; default minmax")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.set_defaults(fn=cmd_info)

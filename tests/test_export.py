@@ -304,6 +304,56 @@ def test_cli_export_checks_on_the_runs_test_images_and_records_each_export(tmp_p
     assert foreign_entries(run) == []  # `--force` may clear the export's files with the rest of the run
 
 
+def test_cli_int8_export_is_calibrated_on_training_images_and_reports_accuracy_and_latency(tmp_path, tiny_archive,
+                                                                                          capsys):
+    """`slimrarts export RUN --int8 --calibration 30`: slim.int8.onnx (QDQ, int8 weights per channel) beside
+    slim.onnx, its test accuracy next to the fp32 file's (both in onnxruntime, the whole tiny test set, each equal
+    to what its own session computes), its latency at batch 1 and 64, and the settings, in export.json."""
+    recipe = write_tiny_recipe(tmp_path, tiny_archive)
+    run = tmp_path / "run"
+    assert main(["run", recipe, "--out", str(run), "--no-progress", "--set", "search.epochs=1",
+                 "--set", "finetune.epochs=1", "--set", "report.latency=false"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--int8", "--calibration", "30", "--dynamic-batch"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {run / 'slim.int8.onnx'} (int8 QDQ" in printed and "test accuracy in onnxruntime: fp32" in printed
+    (record,) = json.loads((run / "export.json").read_text())
+    q = record["int8"]
+    assert q["calibration_images"] == 30 and q["per_channel"] and q["format"] == "QDQ"
+    assert q["reduce_range"] == (not q["cpu_vnni"])  # 7-bit weights only where int8 dot products can saturate
+    proto = onnx.load(str(run / "slim.int8.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert q["bytes"] < q["fp32_bytes"]  # int8 weights (a tiny net: its graph is much of the file)
+    test = list(make_loaders_of(run))
+    for kind, path in (("fp32", run / "slim.onnx"), ("int8", run / "slim.int8.onnx")):
+        acc = q["accuracy"][kind]
+        assert acc["images"] == sum(y.shape[0] for _, y in test) == 80
+        assert acc["acc"] == pytest.approx(deploy.onnx_accuracy(path.read_bytes(), test)["acc"])
+    assert [r["batch"] for r in q["latency"]["runs"]] == [1, 64]
+    assert all(r["fp32_s"] > 0 and r["int8_s"] > 0 for r in q["latency"]["runs"])
+    assert q["latency"]["runtime"]["runtime"] == "onnxruntime"
+    assert foreign_entries(run) == []
+
+
+def make_loaders_of(run):
+    loaders, _ = export_cmd._run_loaders(run, 256)
+    return [(x.float(), y) for x, y in loaders.test]
+
+
+def test_int8_needs_onnx_and_the_runs_data(api_run, tmp_path):
+    run, _ = api_run
+    with pytest.raises(InputError, match=r"--int8 .* needs --format onnx, not pt2"):
+        export_cmd.export_run(run, format="pt2", int8=True)
+    with pytest.raises(InputError, match=r"--calibration 0 must be an integer >= 1"):
+        export_cmd.export_run(run, int8=True, calibration=0)
+    bare = tmp_path / "model.pt"
+    bare.write_bytes((run / "slim.pt").read_bytes())
+    with pytest.raises(InputError, match=r"--int8 calibrates on the run's training images, but .*model\.pt has no "
+                                         r"run folder"):
+        export_cmd.export_run(bare, int8=True)
+
+
 def test_cli_export_without_the_runs_data_says_it_used_random_inputs(api_run, tmp_path):
     """A run given its own loaders (its recipe.yaml does not describe them), and a bare slim.pt: random inputs of
     the recorded input size, and the record says why."""

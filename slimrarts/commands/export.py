@@ -7,15 +7,26 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .._io import read_json
+from .._io import atomic_write, read_json
 from ..api import load
 from ..data import make_loaders
-from ..deploy import FORMATS, check_batch_sizes, export
+from ..deploy import (
+    CALIBRATION_METHODS,
+    FORMATS,
+    check_batch_sizes,
+    export,
+    onnx_accuracy,
+    ort_session,
+    quantize_int8,
+    runtime_record,
+)
 from ..engine.rundir import RunDir
 from ..errors import InputError, MissingFileError, SlimrartsError
 from ..recipe import load_recipe
+from ..timing import device_timer, time_calls
 from ..width import read_slim_spec
 
 __all__ = ["EXPORT_RECORD", "check_images", "export_run"]
@@ -35,9 +46,8 @@ def _locate(target: str | Path) -> tuple[Path, Path | None]:
     return slim, slim.parent if (slim.parent / "recipe.yaml").is_file() else None
 
 
-def check_images(run_dir: Path, n: int) -> tuple[torch.Tensor, str]:
-    """The first `n` test images of the run's data, as its test loader gave them to the model (normalised, float), and
-    a description; `SlimrartsError`/`OSError` when they cannot be loaded (the data moved, no data section)."""
+def _run_loaders(run_dir: Path, eval_batch: int, train_batch: int | None = None):
+    """The run's loaders as its recipe.yaml makes them (on the CPU, no download), and the data config."""
     report = read_json(run_dir / "report.json", what="the run's report: ") if (run_dir / "report.json").exists() \
         else {}
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -45,8 +55,15 @@ def check_images(run_dir: Path, n: int) -> tuple[torch.Tensor, str]:
     if data.get("dataset") != recipe.data.name:
         raise InputError("the run was given its own loaders (report.json names no data set of the recipe), so "
                          "recipe.yaml's data section does not describe its data")
-    cfg = dataclasses.replace(recipe.data, eval_batch_size=n, download=False, workers=0)
-    loaders = make_loaders(cfg, "cpu", seed=recipe.seed)
+    cfg = dataclasses.replace(recipe.data, eval_batch_size=eval_batch, download=False, workers=0,
+                              **({"batch_size": train_batch} if train_batch else {}))
+    return make_loaders(cfg, "cpu", seed=recipe.seed), cfg
+
+
+def check_images(run_dir: Path, n: int) -> tuple[torch.Tensor, str]:
+    """The first `n` test images of the run's data, as its test loader gave them to the model (normalised, float), and
+    a description; `SlimrartsError`/`OSError` when they cannot be loaded (the data moved, no data section)."""
+    loaders, cfg = _run_loaders(run_dir, n)
     images = next(iter(loaders.test))[0].float()
     what = (f"{images.shape[0]} test images of {cfg.name} ({cfg.root or 'its default location'}), through the "
             "run's test loader")
@@ -69,8 +86,41 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[torch.arange(n) % x.shape[0]]
 
 
+def _int8(path: Path, data: bytes, run_dir: Path, calibration: int, method: str) -> dict[str, Any]:
+    """Quantize the exported ONNX model on `calibration` training images of the run (as its training loader gives
+    them, augmentation included), write it beside the fp32 file (`.int8.onnx`), and measure both in onnxruntime:
+    test accuracy (the whole test set) and latency at batch 1 and 64 (interleaved rounds)."""
+    loaders, _ = _run_loaders(run_dir, 256, train_batch=min(64, calibration))
+    batches, seen = [], 0
+    for x, _y in loaders.train:
+        batches.append(x.float()[: calibration - seen])
+        seen += batches[-1].shape[0]
+        if seen >= calibration:
+            break
+    quantized, record = quantize_int8(data, batches, method=method)
+    qpath = path.with_suffix(".int8.onnx")
+    atomic_write(qpath, quantized)
+    test = [(x.float(), y) for x, y in loaders.test]
+    record["file"] = str(qpath)
+    record["accuracy"] = {"fp32": onnx_accuracy(data, test), "int8": onnx_accuracy(quantized, test),
+                          "split": "test", "note": "onnxruntime, the whole test set; reported, not used to choose"}
+    sessions = [ort_session(b) for b in (data, quantized)]
+    name = sessions[0].get_inputs()[0].name
+    shape = tuple(test[0][0].shape[1:])
+    latency = []
+    for b in (1, 64):
+        x = np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)
+        fp32, int8 = time_calls([lambda s=s, x=x: s.run(None, {name: x}) for s in sessions], device_timer("cpu"),
+                                rounds=5, repeats=10, warmup=3)
+        latency.append({"batch": b, "fp32_s": fp32.median_s, "int8_s": int8.median_s, "fp32_spread": fp32.spread,
+                        "int8_spread": int8.spread, "speedup": fp32.median_s / int8.median_s})
+    record["latency"] = {"runs": latency, "runtime": runtime_record("onnxruntime")}
+    return record
+
+
 def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | None = None,
-               dynamic_batch: bool = False, batch_size: int = 1) -> dict[str, Any]:
+               dynamic_batch: bool = False, batch_size: int = 1, int8: bool = False, calibration: int = 256,
+               calibration_method: str = "minmax") -> dict[str, Any]:
     """Export the slim model of a run folder (or of a bare `slim.pt`) and check it; returns the check's record.
 
     The file goes to `out` (default: `slim.onnx` / `slim.pt2` beside slim.pt). It is checked on the run's test
@@ -78,12 +128,26 @@ def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | No
     slim.pt or data that cannot be loaded, on random inputs of the recorded input size; the record says which.
     Fixed batch: exported and checked at `batch_size`, on consecutive batches of the images. Dynamic batch:
     checked at `check_batch_sizes(batch_size, True)`. From a run folder, the record is appended to `export.json`.
+
+    `int8`: also the int8 (QDQ) model, calibrated on `calibration` training images of the run (`deploy.
+    quantize_int8`), written as `<out>.int8.onnx`, with fp32 and int8 test accuracy and latency in onnxruntime
+    (the record's `int8`); needs format onnx and a run folder whose data loads.
     """
     if format not in FORMATS:
         raise InputError(f"--format {format!r} is not an export format; allowed: {', '.join(FORMATS)}")
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be >= 1")
+    if int8 and format != "onnx":
+        raise InputError(f"--int8 quantizes an ONNX model with onnxruntime; it needs --format onnx, not {format}")
+    if int8 and (isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1):
+        raise InputError(f"--calibration {calibration!r} must be an integer >= 1 (training images)")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise InputError(f"--calibration-method {calibration_method!r} is not one of "
+                         f"{', '.join(CALIBRATION_METHODS)}")
     slim, run_dir = _locate(target)
+    if int8 and run_dir is None:
+        raise InputError(f"--int8 calibrates on the run's training images, but {slim} has no run folder "
+                         "(recipe.yaml) beside it")
     traced, sizes = check_batch_sizes(batch_size, dynamic_batch)
     images, what = _inputs(slim, run_dir, max(CHECK_IMAGES, traced, *sizes))
     if dynamic_batch:
@@ -100,6 +164,8 @@ def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | No
     record = export(model, path, checks[0], format=format, dynamic_batch=dynamic_batch, check_inputs=checks,
                     inputs=what)
     record["source"] = str(slim)
+    if int8:
+        record["int8"] = _int8(path, path.read_bytes(), run_dir, calibration, calibration_method)
     if run_dir is not None:
         log = run_dir / EXPORT_RECORD
         records = read_json(log, what="the run's export record: ") if log.exists() else []

@@ -34,7 +34,7 @@ RUN_FILES = frozenset({
     MARKER, LOCK_FILE, "recipe.yaml", "recipe_changes.json", FINGERPRINT, HISTORY, "metrics.jsonl", "report.json",
     "width_spec.json", "alphas.json", "slim.pt", "model.pt", "genotype.json", "genotype.txt", "cells.png",
     "costs.json", "widths.png", "alphas.png", "latency.json",
-    "export.json", "slim.onnx", "slim.pt2",  # `slimrarts export`'s record and default files
+    "export.json", "slim.onnx", "slim.int8.onnx", "slim.pt2",  # `slimrarts export`'s record and default files
 })
 RUN_DIRS = {"checkpoints": (".pt",)}  # folders slimrarts writes, and the suffixes of the files it puts there
 
