@@ -137,7 +137,8 @@ def summary_table(report: dict) -> Table:
         t.add_row(f"budget ({b['kind']}, kept)", f"≤ {fmt(b['target_abs'])}", fmt(done) if done is not None else "—",
                   f"{'met' if b.get('met') else 'missed'} · floor {b['floor_fraction']:.0%}")
     for run in (report.get("latency") or {}).get("runs", []):
-        t.add_row(f"latency {run['device']} batch {run['batch']}", f"{1e3 * run['dense_s']:.2f} ms",
+        t.add_row(f"latency {run['device']}{' ' + run['runtime'] if run.get('runtime', 'torch') != 'torch' else ''} "
+                  f"batch {run['batch']}", f"{1e3 * run['dense_s']:.2f} ms",
                   f"{1e3 * run['slim_s']:.2f} ms",
                   f"×{run['speedup']:.2f} ({run['realised']:.0%} of MACs ×{report['latency']['macs_factor']:.2f})")
     t.add_row("removal check (max |Δ|)", "", f"{report['removal_max_abs_diff']:.1e}", "")
