@@ -140,8 +140,13 @@ def _table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _candidates_done(rows: dict) -> bool:
+    """Whether every candidate that can be chosen has run: controls are never chosen, so the choice is final then."""
+    return all(name in rows for name, (_, _, control) in CANDIDATES.items() if not control)
+
+
 def _write(rows: dict, finished: bool) -> None:
-    chosen, why = choose(rows) if finished else (None, [])
+    chosen, why = choose(rows) if _candidates_done(rows) else (None, [])
     write_result("heldout_choice", {"command": " ".join(sys.argv), "recipe": str(RECIPE.relative_to(ROOT)),
                                     "base": BASE, "holdout_per_class": HOLDOUT, "rows": rows,
                                     "finished": finished, "chosen": chosen, "why": why, "table": _table(rows),
@@ -170,7 +175,7 @@ def main() -> None:
     if rows:
         _write(rows, finished)
     print(_table(rows))
-    if finished:
+    if _candidates_done(rows):
         chosen, why = choose(rows)
         print(f"chosen: {chosen}", *why, sep="\n")
 
