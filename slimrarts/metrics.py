@@ -6,6 +6,7 @@ and TAS report MACs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,41 @@ def _check_shape(value: Any, arg: str, length: int | None = None) -> tuple[int, 
     return tuple(value)
 
 
+def _frozen_norm_macs(module: nn.Module, inp: tuple, output: torch.Tensor) -> None:
+    module.__flops__ += int(np.prod(inp[0].shape)) * 2  # as an affine BatchNorm: a scale and a shift per element
+
+
+def _extra_counters() -> dict:
+    """Modules torch-pruning's counter does not know, counted as the ones they stand for: torchvision's
+    FrozenBatchNorm2d (detection backbones) as an affine BatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    return {FrozenBatchNorm2d: _frozen_norm_macs}
+
+
+@contextlib.contextmanager
+def _counting_extra() -> Any:
+    """Inside the block torch-pruning's counter counts the `_extra_counters` too (its table of custom modules is
+    put back as it was after it)."""
+    from torch_pruning.utils import op_counter
+
+    table = op_counter.CUSTOM_MODULES_MAPPING
+    added = {t: h for t, h in _extra_counters().items() if t not in table}
+    table.update(added)
+    try:
+        yield
+    finally:
+        for t in added:
+            table.pop(t, None)
+
+
+def is_counted(module: nn.Module) -> bool:
+    """Whether the op counter behind `macs_and_params` counts `module` itself (a conv, a norm, an activation, ...)."""
+    from torch_pruning.utils import op_counter
+
+    return op_counter.is_supported_instance(module) or type(module) in _extra_counters()
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once); with ``trainable_only``, those requiring grad."""
     _check_model(model)
@@ -51,7 +87,8 @@ def macs_and_params(
     The input is ``torch.randn(input_size)`` (batch dimension included) on the model's device and dtype, or
     ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) when given.
     torch-pruning's convention: convs and linears count their MACs plus one per bias element, norms count 1 (2 if
-    affine) per element, activations and pools 1 per element; modules it does not know (custom ops, functional
+    affine; torchvision's FrozenBatchNorm2d as an affine BatchNorm, though its scale and shift are buffers, not
+    parameters) per element, activations and pools 1 per element; modules it does not know (custom ops, functional
     calls) count 0; the total is divided by the batch size, but a linear's bias is added once per call, so use
     batch 1 for exact per-sample counts. The count runs on the model itself (no deepcopy, so
     models that cannot be copied work), in eval mode under ``torch.no_grad()``; each module's training flag is
@@ -63,7 +100,7 @@ def macs_and_params(
     if example_inputs is None:
         device, dtype = device_and_dtype(model)
         example_inputs = torch.randn(_check_shape(input_size, "input_size"), device=device, dtype=dtype)
-    with evaluating(model):
+    with evaluating(model), _counting_extra():
         try:
             op_counter.add_flops_counting_methods(model)
             model.start_flops_count(ost=sys.stderr, verbose=False, ignore_list=[])
@@ -88,7 +125,8 @@ def call_macs(module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> flo
     `inp` and `output` (meta tensors do: the counter reads only shapes and a few attributes); the batch included."""
     from torch_pruning.utils import op_counter
 
-    hook = op_counter.CUSTOM_MODULES_MAPPING.get(type(module)) or op_counter.MODULES_MAPPING[type(module)]
+    hook = (_extra_counters().get(type(module)) or op_counter.CUSTOM_MODULES_MAPPING.get(type(module))
+            or op_counter.MODULES_MAPPING[type(module)])
     stand_in = copy.copy(module)  # shallow: the hook only adds to __flops__
     object.__setattr__(stand_in, "__flops__", 0)
     hook(stand_in, (inp,), output)

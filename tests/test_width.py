@@ -106,7 +106,8 @@ def test_gate_multiplies_the_norm_output():
     captured = {}
     model[2].register_forward_hook(lambda m, i, o: captured.setdefault("relu_in", i[0]))
     gates = attach_gates(model.eval(), torch.randn(1, 3, 8, 8), "internal")
-    assert [s.module for g in gates.groups for s in g.sites] == ["1"]
+    # the norm's group gates the norm; conv 3's (read by the linear through the flatten) gates the conv's output
+    assert [s.module for g in gates.groups for s in g.sites] == ["1", "3"]
     with torch.no_grad():
         gates.alphas[0].copy_(torch.tensor([0.0, 1.0, 2.0, -1.0]))
     x = torch.randn(1, 3, 8, 8)

@@ -39,7 +39,12 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
             if site.fold != "norm":
                 raise InputError(f"slimming scores channels by BN γ, but group {group.name!r} has a gate on "
                                  f"{site.module}, which is not a norm; use another scope or method")
-            norms.append(modules[site.module])
+            norm = modules[site.module]
+            if not isinstance(norm.weight, nn.Parameter):
+                raise InputError(f"slimming trains BN γ with an ℓ1 penalty, but {site.module} "
+                                 f"({type(norm).__name__}) holds its γ as a buffer, which training leaves alone; "
+                                 "use another method, or a trainable BatchNorm there")
+            norms.append(norm)
         out.append(norms)
     return out
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..metrics import call_macs
+from ..metrics import call_macs, is_counted
 from ..modes import evaluating
 from .gates import Gates
 
@@ -216,12 +216,10 @@ def _width_groups(layers: list[dict[str, str]]) -> tuple[dict[str, int], dict[st
 
 def _counted_modules(model: nn.Module) -> list[nn.Module]:
     """The modules torch-pruning's counter adds up: supported ones, found from the root without entering them."""
-    from torch_pruning.utils import op_counter
-
     out = []
 
     def visit(m):
-        if op_counter.is_supported_instance(m):
+        if is_counted(m):
             out.append(m)
         else:
             for c in m.children():

@@ -33,12 +33,13 @@ from typing import Literal
 import torch.nn as nn
 
 from ..errors import InputError
+from .norms import FROZEN_NORMS
 from .trace import Calls
 
 __all__ = ["Gaps", "Unseen", "UntracedCallError", "find_unseen", "gaps", "guard", "has_state", "matches",
            "tied_parameters"]
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, *FROZEN_NORMS)  # state in buffers too
 
 
 class UntracedCallError(InputError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..errors import InputError
 from .flow import gaps, guard
 from .groups import ChannelGroup, Skipped, find_groups
+from .heads import raw_output_modules
 from .skipped import warn_gaps, warn_skipped
 
 __all__ = ["strip_hooks", "ungated_copy", "Gates", "attach_gates"]
@@ -36,12 +37,14 @@ class Gates:
     reason); `out_of_scope` the groups that only another scope would consider. `gaps` (`flow.Gaps`) says what the
     trace did not show: modules it did not see (`gaps.untraced`: those that did not run) and tied parameters.
     `guards` are the hooks `guard_untraced` put on the untraced modules; they outlive `remove()` (fine-tuning runs
-    after the cut) and go with `unguard()`.
+    after the cut) and go with `unguard()`. `outputs` names the submodules the trace ended at (empty: the model's
+    output; see `attach_gates`).
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], skipped: list[Skipped], dg=None,
-                 example_input: torch.Tensor | None = None):
+                 example_input: torch.Tensor | None = None, outputs: Sequence[str] = ()):
         self.model, self.groups, self.dg = model, groups, dg
+        self.outputs = list(outputs)
         self.skipped = [s for s in skipped if s.kind != "out_of_scope"]
         self.out_of_scope = [s for s in skipped if s.kind == "out_of_scope"]
         self.example_input = example_input
@@ -155,17 +158,24 @@ class Gates:
 
 
 def attach_gates(model: nn.Module, example_input: torch.Tensor, scope: str | Iterable[str] = "internal",
-                 ignored: Iterable[nn.Module] = (), warn: bool = True) -> Gates:
+                 ignored: Iterable[nn.Module] = (), warn: bool = True, outputs: Sequence[str] | None = None) -> Gates:
     """Find `model`'s channel groups for the scope(s) and attach one α per channel (initialised to 1).
 
     When some groups of the asked scopes cannot be gated, one `CoverageWarning` says how many channels were left out
     and what share of the model's MACs the layers reading or writing them hold (`warn=False` leaves it out); the
     reasons are in `gates.skipped`.
+
+    `outputs` names submodules whose outputs end the trace in place of the model's output: their channels are never
+    cut, and what runs after them only (post-processing) is not traced. None (the default) takes a torchvision
+    detection model's raw prediction heads (`heads.raw_output_modules`: what its boxes are decoded from, before
+    thresholds and non-maximum suppression) and the model's own output for any other model; () always the model's.
+    A detection model in eval mode takes a batch tensor [N, 3, H, W] as `example_input`.
     """
     scopes = (scope,) if isinstance(scope, str) else tuple(scope)
     example_input = example_input.to(next(model.parameters()).device)
-    groups, skipped, dg = find_groups(model, example_input, scopes, ignored)
-    gates = Gates(model, groups, skipped, dg, example_input)
+    outputs = raw_output_modules(model) if outputs is None else list(outputs)
+    groups, skipped, dg = find_groups(model, example_input, scopes, ignored, outputs=outputs)
+    gates = Gates(model, groups, skipped, dg, example_input, outputs)
     gates.scopes = scopes
     if warn and gates.skipped:
         warn_skipped(gates, stacklevel=2)

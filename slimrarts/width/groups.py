@@ -31,9 +31,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
+from torchvision.ops import MultiScaleRoIAlign
 
 from ..errors import InputError
 from .flow import Gaps, find_unseen, set_gaps
+from .norms import NORMS as _NORMS
+from .norms import has_affine, norm_width
 from .trace import all_groups, build_graph, calls, reshape_problem, training_calls, unmapped
 
 __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
@@ -41,7 +44,6 @@ __all__ = ["GateSite", "ChannelGroup", "Skipped", "SCOPES", "find_groups"]
 SCOPES = ("internal", "branch-input", "coupled")
 Scope = Literal["internal", "branch-input", "coupled"]
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _JOINT_NORMS = (nn.GroupNorm, nn.LayerNorm)
 # grad_fn names (without the trailing version digit) of ops with f(0) = 0, applied per channel
 _ZERO_PRESERVING = (
@@ -49,7 +51,17 @@ _ZERO_PRESERVING = (
     "Mean", "Sum", "AvgPool2D", "AvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool1D", "MaxPool2DWithIndices",
     "AdaptiveMaxPool2D", "View", "Reshape", "Unsafe", "Clone", "Flatten", "NativeDropout", "Squeeze", "Unsqueeze",
     "Permute", "Transpose", "Expand", "Contiguous", "Alias", "ToCopy", "Neg", "Div", "MulScalar",
+    "Upsample",  # F.interpolate: nearest, bilinear, bicubic, ... are linear per channel
+    # torchvision.ops.roi_align / roi_pool: bilinear samples / maxima of each channel in each box
+    "GeneratedBackwardFor_torchvision_roi_align", "GeneratedBackwardFor_torchvision_roi_pool",
 )
+# modules that pool each channel on its own into a tensor of zeros (index_put of the pooled boxes by level): zero
+# in, zero out, though the zeros they start from are not in the graph
+_ZERO_FILLING = (MultiScaleRoIAlign,)
+_UNSUPPORTED_TYPES = (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND, ops.OPTYPE.SLICE, ops.OPTYPE.CUSTOMIZED, ops.OPTYPE.MHA,
+                      ops.OPTYPE.LSTM, ops.OPTYPE.EMBED, ops.OPTYPE.EXPAND)
+# grad_fn names of traced functions that mix channels (a matmul, a functional conv): channels end there
+_MIXING_OPS = ("Mm", "Bmm", "Addmm", "Matmul", "Linear", "Convolution", "Embedding")
 _MERGE_ALL = frozenset({"Add", "Sub", "Cat", "Stack"})  # matched exactly: "Addmm" (a Linear) is not an add
 
 
@@ -133,8 +145,9 @@ def _is_grouped(module) -> bool:
 class _GroupView:
     """One torch-pruning group seen as a data-flow graph over its channel space."""
 
-    def __init__(self, group, names: dict, param_names: dict | None = None):
+    def __init__(self, group, names: dict, param_names: dict | None = None, per_channel: frozenset = frozenset()):
         self.group, self.names, self.param_names = group, names, param_names or {}
+        self.per_channel = per_channel  # graph nodes inside a module that pools each channel on its own
         self.handler: dict = {}
         for item in group.items:
             node = item.dep.target
@@ -259,7 +272,7 @@ class _GroupView:
                 result = False
             elif kind == "depthwise":
                 result = bool(ins) and node.module.bias is None and all(zero(n) for n in ins)
-            elif kind == "reshape":
+            elif kind == "reshape" or node in self.per_channel:
                 result = bool(ins) and all(zero(n) for n in ins)
             elif kind == "concat":
                 result = bool(ins) and all(zero(n) for n in ins)
@@ -289,6 +302,52 @@ class _GroupView:
         return True, ""
 
 
+def _zero_filling_nodes(model: nn.Module, dg) -> frozenset:
+    """The graph nodes made inside the traced calls of `_ZERO_FILLING` modules (from their outputs back to their
+    inputs)."""
+    record = calls(dg)
+    if record is None:
+        return frozenset()
+    node_of = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
+    out = set()
+    for module in model.modules():
+        if not isinstance(module, _ZERO_FILLING) or not record.ran(module):
+            continue
+        stop = set(record.inputs.get(module, []))
+        stack, seen = [fn for fn in record.outputs[module] if fn is not None], set()
+        while stack:
+            fn = stack.pop()
+            if fn in seen or fn in stop:
+                continue
+            seen.add(fn)
+            if fn in node_of:
+                out.add(node_of[fn])
+            stack += [f for f, _ in getattr(fn, "next_functions", ()) if f is not None]
+    return frozenset(out)
+
+
+def _reaches_output(view: _GroupView) -> bool:
+    """Whether the group's channels reach an output of the traced graph without a conv or linear layer reading them
+    (through norms, element-wise ops, reshapes, concatenations): the output holds them, so removing any would change
+    it (a detection head's class logits, viewed as anchors × classes and concatenated over the levels)."""
+    stack = [n for n in view.handler if not view.reads(n)]
+    stack += [o for n in view.producers() for o in n.outputs]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.type == ops.OPTYPE.OUTPUT:
+            return True
+        m = node.module
+        if (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not _is_depthwise(m)) or _op_name(node).startswith(
+                _MIXING_OPS):
+            continue  # reads the channels (its own outputs are other channels)
+        stack.extend(node.outputs)
+    return False
+
+
 def _site_for(view: _GroupView, node) -> GateSite:
     m = node.module
     name = view.name(node)
@@ -308,6 +367,17 @@ def _parameter_of(view: _GroupView, node):
     return None
 
 
+def _in_place(idxs, size: int, flattened: bool = False) -> bool:
+    """Whether a member's channel indices are the group's own, 0..size-1 (in any order: torch-pruning lists the
+    indices it carries through an add as a set); with `flattened`, also a reshape that flattens each channel into
+    consecutive features (B, C, H, W) → (B, C·H·W) for a linear layer (`trace.reshape_problem` lets only such
+    reshapes through), which torch-pruning maps and cuts."""
+    got = sorted(int(i) for i in idxs)
+    if got == list(range(size)):
+        return True
+    return flattened and len(got) % size == 0 and got == list(range(len(got)))
+
+
 def _check_unsupported(view: _GroupView, failed: dict) -> str | None:
     for item in view.items:
         param = _parameter_of(view, item.dep.target)
@@ -325,15 +395,16 @@ def _check_unsupported(view: _GroupView, failed: dict) -> str | None:
             return f"{view.name(node)}: {problem}"
         if node in failed:
             return f"torch-pruning cannot map channel indices through {view.name(node)} ({failed[node]})"
-        if kind in ("concat", "other") or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND, ops.OPTYPE.SLICE,
-                                                        ops.OPTYPE.CUSTOMIZED, ops.OPTYPE.MHA, ops.OPTYPE.LSTM,
-                                                        ops.OPTYPE.EMBED, ops.OPTYPE.EXPAND):
+        # a norm torch-pruning knows through `norms.CUSTOMIZED_PRUNERS` is a CUSTOMIZED node, and supported
+        if kind in ("concat", "other") or (kind != "norm" and node.type in _UNSUPPORTED_TYPES):
             what = {ops.OPTYPE.CONCAT: "a concatenation", ops.OPTYPE.SPLIT: "a split (chunk)",
                     ops.OPTYPE.SLICE: "a slice"}.get(node.type, type(m).__name__ if m is not None else node.name)
             return f"{view.name(node)}: {what} of these channels is not supported yet"
-        if isinstance(m, _NORMS) and not m.affine:
+        if isinstance(m, _NORMS) and not has_affine(m):
             return f"{view.name(node)} has no affine parameters to fold the gate into"
-        if kind not in ("consumer",) and list(item.idxs) != list(range(view.size)):
+        # a linear layer's weight, transposed for its matmul, is a parameter-only node of the consumer's width
+        weight_view = kind == "elementwise" and not node.inputs
+        if kind != "consumer" and not _in_place(item.idxs, view.size, flattened=kind == "reshape" or weight_view):
             return f"{view.name(node)}: channel indices are remapped (concat/split/flatten)"
     return view.repeat()[1]
 
@@ -390,8 +461,8 @@ def _out_of_scope(coupled: bool, scopes: tuple, why: str | None) -> str:
 def _branch_input_group(view: _GroupView, norm, consumers: list) -> ChannelGroup | Skipped:
     nname = view.name(norm)
     cnames = [view.name(c) for c in consumers]
-    size = norm.module.num_features
-    if not norm.module.affine:
+    size = norm_width(norm.module)
+    if not has_affine(norm.module):
         return Skipped(f"input:{nname}", "norm has no affine parameters", size, members=[nname] + cnames)
     blocks = [size // c.module.groups for c in consumers if _is_grouped(c.module)]
     if any(isinstance(c.module, nn.modules.conv._ConvTransposeNd) and _is_grouped(c.module) for c in consumers):
@@ -408,6 +479,7 @@ def find_groups(
     scopes: Iterable[str] = ("internal",),
     ignored: Iterable[nn.Module] = (),
     check_gaps: bool = True,
+    outputs: Sequence[str] = (),
 ) -> tuple[list[ChannelGroup], list[Skipped], tp.DependencyGraph | None]:
     """The gateable channel groups of `model` for the given scopes, the groups not gated with reasons, and the graph.
 
@@ -415,7 +487,9 @@ def find_groups(
     "out_of_scope" entries (gateable only with another scope, or not at all). With `check_gaps` (the default), a
     group is also skipped when a module the trace did not see may touch its channels, or when it would cut a
     parameter held by two modules (`flow.Gaps`, kept with the graph: `flow.gaps(dg)`); a cut already decided
-    (`apply_spec`) passes False.
+    (`apply_spec`) passes False. `outputs` names submodules whose outputs the trace ends at instead of the model's
+    (`trace.build_graph`). Channels that reach an output unread (logits, a detection head's predictions) are never
+    pruned and not listed.
     """
     scopes = tuple(scopes)
     bad = [s for s in scopes if s not in SCOPES]
@@ -425,7 +499,9 @@ def find_groups(
         raise InputError("scopes 'branch-input' and 'coupled' gate the same residual channels; choose one of them")
     names = {m: n for n, m in model.named_modules()}
     try:
-        dg = build_graph(model, example_input)
+        dg = build_graph(model, example_input, outputs)
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means this model cannot be gated
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
         return [], [Skipped(type(model).__name__, f"dependency tracing failed: {type(err).__name__}: {err}",
@@ -435,6 +511,7 @@ def find_groups(
     found = (Gaps.of(model, find_unseen(model, dg, calls(dg), training_calls(model, example_input)), calls(dg))
              if check_gaps else Gaps())
     set_gaps(dg, found)
+    per_channel = _zero_filling_nodes(model, dg)
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = []
     for group, root, failure in all_groups(dg, list(ignored)):
@@ -443,12 +520,11 @@ def find_groups(
             skipped.append(Skipped(rname, failure, getattr(root, "out_channels", getattr(root, "out_features", 0)),
                                    members=[rname]))
             continue
-        view = _GroupView(group, names, param_names)
+        view = _GroupView(group, names, param_names, per_channel)
         gname = view.name(view.root)
         reason = _check_unsupported(view, failed)
-        if any(view.kind(n) == "output" for n in view.handler) or (reason is None and not any(
-                view.kind(n) == "consumer" for n in view.handler)):
-            continue  # the model's outputs (classifier logits): never pruned
+        if _reaches_output(view) or (reason is None and not any(view.kind(n) == "consumer" for n in view.handler)):
+            continue  # the model's outputs (classifier logits, a detection head's predictions): never pruned
         coupled = view.is_coupled()
         members = sorted({view.name(n) for n in view.handler if n.module is not None and n.module in names})
         gated, why = _gate_sites(view) if reason is None else ([], reason)

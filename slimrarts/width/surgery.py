@@ -11,7 +11,7 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from ..errors import InputError
 from ..modes import evaluating
 from .gates import Gates
 from .groups import ChannelGroup, find_groups
-from .trace import pruning_group
+from .norms import is_norm, norm_width
+from .trace import module_outputs, pruning_group
 
 __all__ = ["ChannelSelect", "fold_gates", "remove_channels", "layer_widths", "apply_spec", "save_slim", "load_slim",
            "read_slim_spec"]
@@ -76,8 +77,8 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
             out[name] = [m.in_channels, m.out_channels]
         elif isinstance(m, nn.Linear):
             out[name] = [m.in_features, m.out_features]
-        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            out[name] = [m.num_features, m.num_features]
+        elif is_norm(m):
+            out[name] = [norm_width(m)] * 2
     return out
 
 
@@ -129,13 +130,62 @@ def _insert_selects(model: nn.Module, groups: list[ChannelGroup], kept: list[lis
             _set_module(model, group.root, nn.Sequential(ChannelSelect(index), norm))
 
 
-def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.Tensor | None = None) -> dict:
+def _leaves(value) -> list[torch.Tensor]:
+    """Every tensor in a (nested) output: tuples, lists, dicts, namedtuples opened; as float."""
+    return [t.detach().float() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _observe(model: nn.Module, x, modules: Sequence[str] | None) -> dict[str, list[torch.Tensor]]:
+    """The tensors the check compares, by where they come from: the model's output ("" ), or with `modules` the
+    outputs of those submodules (every call's, in order; "" names the model itself)."""
+    if modules is None:
+        return {"": _leaves(model(x))}
+    caught = module_outputs(model, modules, "check_modules")(model, x)
+    return {name: _leaves(out) for name, out in zip(modules, caught, strict=True)}
+
+
+def _compare(reference: dict[str, list[torch.Tensor]], out: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """max |out - reference| over each source's tensors; tensors that do not line up (another count or shape: a
+    data-dependent selection such as non-maximum suppression changed) raise."""
+    diffs = {}
+    for name, ref in reference.items():
+        got = out[name]
+        shapes = [tuple(t.shape) for t in got], [tuple(t.shape) for t in ref]
+        if shapes[0] != shapes[1]:
+            where = f"submodule {name!r}" if name else "the model"
+            raise RuntimeError(
+                f"the removal check cannot compare the outputs of {where}: the slim model gives tensors of shapes "
+                f"{shapes[0][:6]}, the gated one {shapes[1][:6]}. A selection that depends on the values (score "
+                "thresholds, top-k, non-maximum suppression) picked other elements; check the raw predictions "
+                "instead: check_modules=slimrarts.width.raw_output_modules(model) for a detection model")
+        diffs[name] = max(((a - b).abs().max().item() for a, b in zip(got, ref, strict=True) if a.numel()),
+                          default=0.0)
+    return diffs
+
+
+def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.Tensor | None = None,
+                    check_modules: Sequence[str] | None = None) -> dict:
     """Fold α, remove the channels not kept, and return the width spec (with the check's max abs difference).
 
     With `check_input`, the gated model in eval mode with the pruned α set to zero is compared with the slim
-    model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`.
+    model: their outputs must agree (the removal invariant); the difference is stored in the spec as `max_abs_diff`
+    (and the largest reference value as `max_abs_ref`). Every tensor of the output is compared (an `OrderedDict`
+    of a segmentation model's "out" and "aux", say). With `check_modules` (submodule names; "" is the model
+    itself), the outputs of those submodules in the check's forward are compared instead of the model's: for a
+    detection model, whose output is boxes after non-maximum suppression (a discontinuous function of the
+    predictions), its raw heads (`heads.raw_output_modules`); the spec then also holds `max_abs_diff_by_module`.
     The model is changed in place and its hooks are removed.
+
+    Raises:
+        InputError: the keep masks do not fit the groups, or a `check_modules` name is not a submodule or did not
+            run.
+        RuntimeError: the slim model fails on the check's input, or its checked outputs have other shapes.
     """
+    if check_modules is not None:
+        if isinstance(check_modules, str):
+            raise InputError(f"check_modules must be a list of submodule names, got the string {check_modules!r}")
+        check_modules = list(check_modules)
+        module_outputs(gates.model, check_modules, "check_modules")  # the names checked before anything is cut
     model = gates.model
     if len(keep) != len(gates.groups):
         raise InputError(f"keep has {len(keep)} masks for {len(gates.groups)} groups")
@@ -148,7 +198,7 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         reference = None
         if check_input is not None:
             with gates.masked(keep):
-                reference = model(check_input).float()
+                reference = _observe(model, check_input, check_modules)
         before = layer_widths(model)
         kept = [torch.nonzero(g.channel_mask(k.cpu().bool()), as_tuple=False).flatten().tolist()
                 for g, k in zip(gates.groups, keep, strict=True)]
@@ -163,6 +213,7 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         spec: dict[str, Any] = {
             "format": SPEC_FORMAT,
             "input_shape": list(gates.example_input.shape) if gates.example_input is not None else None,
+            "outputs": list(gates.outputs),  # where the trace ended (apply_spec traces the same way)
             "groups": [{"name": g.name, "scope": g.scope, "root": g.root, "size": g.size, "repeat": g.repeat, "kept": k}
                        for g, k in zip(gates.groups, kept, strict=True)],
             # a pruned branch entrance `name` is now Sequential(ChannelSelect, norm): its norm is `name.1`
@@ -171,15 +222,19 @@ def remove_channels(gates: Gates, keep: list[torch.Tensor], check_input: torch.T
         }
         if reference is not None:
             try:
-                out = model(check_input).float()
+                out = _observe(model, check_input, check_modules)
             except RuntimeError as err:  # a use of the channels that the graph did not show; not the user's error
                 raise RuntimeError(
                     f"the slim model fails on the removal check's input ({type(err).__name__}: {err}): the forward "
                     "uses the cut channels somewhere the traced graph did not show (a tensor of a fixed width, a "
                     "parameter read by hand); please report this model. Adding the layers around that use to "
                     "prune.exclude lets the run go on") from err
-            spec["max_abs_diff"] = (out - reference).abs().max().item()
-            spec["max_abs_ref"] = reference.abs().max().item()
+            diffs = _compare(reference, out)
+            spec["max_abs_diff"] = max(diffs.values(), default=0.0)
+            spec["max_abs_ref"] = max((t.abs().max().item() for ts in reference.values() for t in ts if t.numel()),
+                                      default=0.0)
+            if check_modules is not None:
+                spec["max_abs_diff_by_module"] = diffs
         return spec
 
 
@@ -191,7 +246,8 @@ def apply_spec(model: nn.Module, spec: dict, example_input: torch.Tensor | None 
         shape = spec.get("input_shape") or [1, 3, 32, 32]
         example_input = torch.randn(*shape, device=next(model.parameters()).device)
     scopes = sorted({g["scope"] for g in spec["groups"]})
-    groups, _, dg = find_groups(model, example_input, scopes, check_gaps=False)  # the cut was decided already
+    groups, _, dg = find_groups(model, example_input, scopes, check_gaps=False,  # the cut was decided already
+                                outputs=spec.get("outputs", ()))
     by_name = {g.name: g for g in groups}
     ordered, kept = [], []
     for entry in spec["groups"]:

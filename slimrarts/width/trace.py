@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,10 +32,12 @@ from torch_pruning import ops
 from torch_pruning.dependency import graph as _tp_graph
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
 
+from ..errors import InputError
 from ..modes import evaluating, training
+from .norms import CUSTOMIZED_PRUNERS
 
-__all__ = ["DIVERGED", "Calls", "Diverged", "all_groups", "build_graph", "calls", "pruning_group", "reshape_problem",
-           "tolerant_mapping", "training_calls", "unmapped"]
+__all__ = ["DIVERGED", "Calls", "Diverged", "all_groups", "build_graph", "calls", "module_outputs", "pruning_group",
+           "reshape_problem", "tolerant_mapping", "training_calls", "unmapped"]
 
 DIVERGED = ("torch-pruning's dependency search did not converge on this group (a residual that adds into part of "
             "the channels, as in ReXNet, maps indices without end)")
@@ -247,11 +249,45 @@ def _recording(model: nn.Module, outside: bool = False) -> Iterator[Calls]:
 _CALLS_ATTR = "_slimrarts_calls"
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def module_outputs(model: nn.Module, names: Sequence[str], what: str = "outputs") -> Callable:
+    """A function `run(model, x)` that calls `model(x)` and returns what the submodules `names` returned, in that
+    order (a list per module, one entry per call); a name that is not a submodule, or one that did not run, raises
+    `InputError` naming `what` (the argument it came from)."""
+    names = list(names)
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"{what}: {name!r} is not a submodule of {type(model).__name__}") from None
+
+    def run(model: nn.Module, x) -> list[list]:
+        caught: dict[str, list] = {n: [] for n in names}
+        hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, out, n=n: caught[n].append(out))
+                 for n in names]
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        idle = [n for n in names if not caught[n]]
+        if idle:
+            raise InputError(f"{what}: {', '.join(map(repr, idle))} did not run in the model's forward")
+        return [caught[n] for n in names]
+
+    return run
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor, outputs: Sequence[str] = ()) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model` (in eval mode), tolerant of nodes it cannot map; `calls(dg)` says
-    which modules its forward pass ran."""
+    which modules its forward pass ran.
+
+    With `outputs` (submodule names), the graph ends at what those modules return instead of the model's output: a
+    detection model's raw head predictions, not the boxes its post-processing selects (`heads.raw_output_modules`).
+    """
+    forward = module_outputs(model, outputs, "outputs") if outputs else None
     with evaluating(model), tolerant_mapping(), _recording(model, outside=True) as record:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False,
+                                                   forward_fn=forward, customized_pruners=dict(CUSTOMIZED_PRUNERS))
     as_nodes = Calls({m: [t.grad_fn for t in ts] for m, ts in record.inputs.items()},
                      {m: [t.grad_fn for t in ts] for m, ts in record.outputs.items()}, record.outside)
     setattr(dg, _CALLS_ATTR, as_nodes)
