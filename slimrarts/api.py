@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from .engine.fit import evaluate, fit
 from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir
 from .engine.step import batches_on
-from .engine.task import CLASSIFICATION, Task
+from .engine.task import CLASSIFICATION, Classification, Task, get_task
 from .errors import InputError, InputTypeError
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
@@ -53,11 +54,12 @@ from .width import (
     require_groups,
     save_slim,
 )
+from .width.heads import raw_output_modules
 from .width.scores import init_from_magnitude, search_scores
 from .width.select import Selection
 
 __all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
-           "remove", "search", "search_width", "select"]
+           "remove", "resolve_task", "search", "search_width", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +129,13 @@ def _budget_section(budget: dict) -> dict:
     return dict(budget)
 
 
-def _example_input(loaders: Loaders, device: torch.device, n: int = 8) -> torch.Tensor:
-    """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype); in a process
-    group, rank 0's, so gates, checks and reports see the same input on every rank."""
+def _example_input(loaders: Loaders, device: torch.device, n: int = 8, task: Task = CLASSIFICATION) -> torch.Tensor:
+    """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype; `task.example`
+    makes a batch tensor of a detection batch's images); in a process group, rank 0's, so gates, checks and
+    reports see the same input on every rank."""
     def first() -> torch.Tensor:
-        for x, _ in batches_on(loaders.search_t, device):
-            return x[:n].contiguous()
+        for x, _ in batches_on(loaders.search_t, device, task=task):
+            return task.example(x)[:n].contiguous()
         raise InputError("the search loader yields no batches")
 
     if not dist.active():
@@ -154,6 +157,34 @@ def _take_final_weights(model: nn.Module, state: SearchState, which: str) -> Non
             b.copy_(other)
         else:
             b.copy_((b + other) / 2)
+
+
+def resolve_task(task: Task | str | None, recipe: Recipe, *, loss_fn: Callable | None = None,
+                 metric_fn: Callable | None = None) -> Task:
+    """The task a run learns: `task` (a name or an `engine.task.Task` object) or else the recipe's `task` section,
+    with a user's `loss_fn` / `metric_fn` on top (`engine.task.CustomTask`)."""
+    if task is None or isinstance(task, str):
+        name = task or recipe.task.name
+        options = recipe.task.options() if name == recipe.task.name else {}
+        task = get_task(name, **options)
+    else:
+        task = get_task(task)
+    if recipe.finetune.distill is not None and task.name != "classification":
+        raise InputError(f"finetune.distill matches a classifier's class probabilities; the {task.name} task has no "
+                         "such output here: remove finetune.distill")
+    if loss_fn is not None or metric_fn is not None:
+        task = get_task(task, loss_fn=loss_fn, metric_fn=metric_fn)
+    return task
+
+
+def _task_kw(method: MethodInfo, task: Task) -> dict:
+    """`task=` for a baseline that takes it; a baseline that does not runs for classification only."""
+    if "task" in inspect.signature(method.run).parameters:
+        return {"task": task}
+    if type(task) is not Classification:
+        raise InputError(f"baseline {method.name!r} does not take a task (its run function has no task= argument), "
+                         f"so it cannot run the {task.name} task or a custom loss; choose another search.method")
+    return {}
 
 
 def _check_gates(gates: Gates, recipe: Recipe) -> None:
@@ -183,9 +214,9 @@ def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, S
 
 
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
-                 resume: bool = False, progress: bool = True,
-                 example_input: torch.Tensor | None = None) -> WidthSearch:
-    """Attach gates to `model` (in place) and learn α with the recipe's search method.
+                 resume: bool = False, progress: bool = True, example_input: torch.Tensor | None = None,
+                 task: Task = CLASSIFICATION) -> WidthSearch:
+    """Attach gates to `model` (in place) and learn α with the recipe's search method on `task`'s loss.
 
     Returns a `WidthSearch` (gates, search state, phase result); `model` holds w afterwards.
     """
@@ -193,12 +224,12 @@ def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.dev
     s, p = recipe.search, recipe.prune
     if s.channels_last:
         model.to(memory_format=torch.channels_last)
-    x = example_input if example_input is not None else _example_input(loaders, device).float()
+    x = example_input if example_input is not None else _example_input(loaders, device, task=task).float()
     gates, selection = _attach(model, x, recipe)
     if s.init == "magnitude":  # before the copy y is made: both nets start from the same rescaled weights
         init_from_magnitude(gates)
     problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
-                         penalty=selection.penalty())
+                         penalty=selection.penalty(), task=task)
     if s.score == "grad":
         problem.importance = [torch.zeros_like(a, requires_grad=False) for a in gates.alphas]
     callbacks = [cb for cb in (selection.stopping_rule(), selection.shrink_callback(problem)) if cb is not None]
@@ -260,8 +291,12 @@ class PruneRun:
             self.opened.close()
 
     def test(self) -> dict:
-        """The model's loss and metric on the test set (read for the report only: it chooses nothing)."""
+        """The model's loss and metrics on the test set (read for the report only: it chooses nothing)."""
         return evaluate(self.model, self.loaders.test, device=self.device, task=self.task)
+
+    def metric(self) -> float:
+        """The task's headline metric on the test set (classification: top-1 accuracy)."""
+        return self.test()[self.task.metric]
 
 
 def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: bool = False, force: bool = False,
@@ -281,10 +316,10 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
     source, model = model, copy.deepcopy(model).to(dev)
     if recipe.dist.sync_bn and dist.world_size() > 1:
         model = dist.convert_sync_bn(model)
-    io_hooks = attach_io(model, input_fn, output_fn)
-    x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev)
+    io_hooks = attach_io(model, input_fn, output_fn, logits=task.name == "classification")
+    x = example_input.to(dev) if example_input is not None else _example_input(loaders, dev, task=task)
     check_first_batches(loaders, task, ("test",), read=False)  # its first batch: checked as it is first evaluated
-    loaders = check_data(loaders, model_outputs(model, x), task)
+    loaders = check_data(loaders, model_outputs(model, x, task), task)
     report_runtime = (resolve_runtime(recipe.report.latency.runtime, dev, "report.latency.runtime")
                       if recipe.report.latency else "torch")  # a missing extra fails here, before training
     rd = RunDir(run_dir) if run_dir is not None else None
@@ -297,7 +332,7 @@ def prepare(model: nn.Module, loaders, recipe: Recipe, *, run_dir=None, resume: 
                        model_info=model_info, io_hooks=io_hooks, started=started, opened=opened,
                        report_runtime=report_runtime)
         run.cost_before = macs_and_params(model, (1, *x.shape[1:]))
-        run.accuracy["dense"] = run.test()["acc"]
+        run.accuracy["dense"] = run.metric()
         if recipe.finetune.distill is not None or recipe.report.latency:
             run.dense_model = copy.deepcopy(model).eval().requires_grad_(False)
     except BaseException:
@@ -313,17 +348,17 @@ def search(run: PruneRun) -> None:
     recipe, method = run.recipe, run.method
     kw = dict(device=run.device, run_dir=run.run_dir, resume=run.resume, progress=run.progress)
     if method.has_alpha:
-        found = search_width(run.model, run.loaders, recipe, example_input=run.example, **kw)
+        found = search_width(run.model, run.loaders, recipe, example_input=run.example, task=run.task, **kw)
         _take_final_weights(run.model, found.state, recipe.search.final_weights)
         run.gates, run.selection, run.search_phase = found.gates, found.selection, found.result
         run.scores = search_scores(found.gates, recipe.search.score, found.importance)
         run.note = _search_note(method, recipe)
     else:
         run.gates, run.selection = _attach(run.model, run.example, recipe)
-        out = method.run(run.model, run.gates, run.loaders, recipe, **kw)
+        out = method.run(run.model, run.gates, run.loaders, recipe, **kw, **_task_kw(method, run.task))
         run.scores = run.gates.entry_scores(out.scores) if out.scores is not None else None  # per α entry
         run.keep, run.search_phase, run.note = out.keep, out.fit, out.note
-    run.accuracy["searched"] = run.test()["acc"]
+    run.accuracy["searched"] = run.metric()
 
 
 def select(run: PruneRun) -> None:
@@ -336,13 +371,14 @@ def select(run: PruneRun) -> None:
         else:
             run.keep = sel.finish(scores, sel.select(scores), x)
     with run.gates.masked(run.keep):
-        run.accuracy["masked"] = run.test()["acc"]
+        run.accuracy["masked"] = run.metric()
 
 
 def remove(run: PruneRun) -> None:
     """Stage 4: fold the gates into the weights and remove the losing channels for real; the slim model's output
     must equal the masked one's."""
-    spec = remove_channels(run.gates, run.keep, check_input=run.example)
+    heads = raw_output_modules(run.model)  # a detection model: its raw predictions, before NMS
+    spec = remove_channels(run.gates, run.keep, check_input=run.example, check_modules=heads or None)
     if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
         raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
                            f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
@@ -350,15 +386,15 @@ def remove(run: PruneRun) -> None:
     run.spec = spec
     run.model = run.model.to(memory_format=torch.contiguous_format)
     run.cost_after = macs_and_params(run.model, (1, *run.example.shape[1:]))
-    run.accuracy["slim_stale_bn"] = run.test()["acc"]  # the statistics of the network before the cut
+    run.accuracy["slim_stale_bn"] = run.metric()  # the statistics of the network before the cut
 
 
 def recalibrate(run: PruneRun) -> None:
     """Stage 5: re-estimate the cut network's BatchNorm statistics on `prune.recalibrate` training batches."""
     run.recalibrated = recalibrate_bn(run.model, run.loaders.train, run.recipe.prune.recalibrate, device=run.device,
-                                      channels_last=run.recipe.finetune.channels_last)
+                                      channels_last=run.recipe.finetune.channels_last, task=run.task)
     stale = run.accuracy["slim_stale_bn"]
-    run.accuracy["slim_before_finetune"] = run.test()["acc"] if run.recalibrated else stale
+    run.accuracy["slim_before_finetune"] = run.metric() if run.recalibrated else stale
     run.accuracy["recalibrated_batches"] = run.recalibrated
 
 
@@ -374,7 +410,7 @@ def finetune(run: PruneRun) -> None:
     if not finite_model(run.model):  # the phases check each epoch; this guards the files against anything missed
         raise RuntimeError("the fine-tuned slim model has non-finite weights; nothing was written (lower "
                            "finetune.optim.lr and --resume)")
-    run.accuracy["slim_after_finetune"] = run.finetune_phase.final.get("test_acc")
+    run.accuracy["slim_after_finetune"] = run.finetune_phase.final.get(f"test_{run.task.metric}")
 
 
 def finish(run: PruneRun) -> PruneResult:
@@ -403,12 +439,15 @@ def finish(run: PruneRun) -> PruneResult:
                           data=getattr(run.loaders, "info", None),
                           budget=run.selection.report(run.keep, run.cost_after), latency=speed,
                           history=run.run_dir.history() if run.run_dir is not None and dist.is_main() else None)
+    task = run.task
+    report["task"] = {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+                      "test": {k[5:]: v for k, v in fine.final.items() if k.startswith("test_")}}
     if run.run_dir is not None and dist.is_main():
         _write_run(run, report)
     report = dist.broadcast_object(report)  # every rank returns rank 0's report
     run.close()
-    logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test acc %.2f%% (dense %.2f%%)", run.method.name,
-                100 * report["macs"]["reduction"], 100 * report["params"]["reduction"],
+    logger.info("pruned with %s: MACs -%.1f%%, params -%.1f%%, test %s %.2f%% (dense %.2f%%)", run.method.name,
+                100 * report["macs"]["reduction"], 100 * report["params"]["reduction"], run.task.metric,
                 100 * (run.accuracy["slim_after_finetune"] or 0.0), 100 * run.accuracy["dense"])
     model.eval()
     return PruneResult(model=model, report=report, width_spec=run.spec)
@@ -450,7 +489,8 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
           device: str | torch.device | None = None, run_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, progress: bool = True, example_input: torch.Tensor | None = None,
           model_info: dict | None = None, input_fn: Callable | None = None,
-          output_fn: Callable | None = None) -> PruneResult:
+          output_fn: Callable | None = None, task: Task | str | None = None, loss_fn: Callable | None = None,
+          metric_fn: Callable | None = None) -> PruneResult:
     """Search the width of `model` with RARTS (or another method), remove the losing channels, fine-tune.
 
     The user's `model` is not modified: a copy is searched and cut. Settings come from `config` (a `Recipe` or its
@@ -479,6 +519,13 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
             build the model's input from a batch tensor (a dict is passed as keywords) / read the [batch, classes]
             logits from its output (default: a tensor, `.logits`, a dict's `logits` or first value, a tuple's first
             element).
+        task: what the model learns (`slimrarts.engine.task`): `classification` (default; or the recipe's
+            `task.name`), `segmentation`, `detection`, or an object with the methods of `engine.task.Task` (e.g. a
+            subclass of a built-in one). It says how batches split, the loss every phase trains with (the search's
+            two weight copies and α, Taylor's gradients, BN recalibration, fine-tuning), the metrics evaluated and
+            reported (`report["task"]`; `report["accuracy"]` holds the headline metric stage by stage).
+        loss_fn / metric_fn: shortcuts for a user's own: `loss_fn(output, target) -> scalar` (train-mode output),
+            `metric_fn(output, target) -> float` (eval-mode output, averaged over samples, reported as `metric`).
 
     Returns:
         A `PruneResult`: `model` (the slim, fine-tuned plain `nn.Module`, in eval mode), `report`
@@ -506,8 +553,9 @@ def prune(model: nn.Module, loaders, ratio: float | None = None, *, budget: dict
     check_model(model)
     recipe = _resolve_recipe(config, ratio=ratio, budget=budget, mode=mode, method=method, scope=scope,
                              search_epochs=search_epochs, finetune_epochs=finetune_epochs, device=device)
+    task = resolve_task(task, recipe, loss_fn=loss_fn, metric_fn=metric_fn)
     run = prepare(model, loaders, recipe, run_dir=run_dir, resume=resume, force=force, progress=progress,
-                  example_input=example_input, input_fn=input_fn, output_fn=output_fn,
+                  example_input=example_input, input_fn=input_fn, output_fn=output_fn, task=task,
                   model_info=model_info if model_info is not None else infer_model_info(model))
     try:
         search(run)

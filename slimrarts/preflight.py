@@ -62,15 +62,15 @@ def _first_conv_channels(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    """Run `model` on the batch `x` in eval mode and return its number of outputs (classes); errors say why the model
-    cannot read the data."""
+def model_outputs(model: nn.Module, x: torch.Tensor, task: Task = CLASSIFICATION) -> int | None:
+    """Run `model` on the batch `x` in eval mode and return its number of outputs (classes; None where `task` does
+    not check labels against the model); errors say why the model cannot read the data."""
     if not x.is_floating_point():
         raise InputTypeError(f"the data's images are {x.dtype}; the model needs floating-point inputs (normalise "
                              "them, e.g. x.float() / 255, in the dataset's transform)")
     try:
         with evaluating(model):
-            out = model(x)
+            out = model(*task.eval_args(x))
     except OutputError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here means the model cannot read these batches
@@ -78,18 +78,19 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
         hint = f" (its first convolution reads {expects} channels)" if expects is not None else ""
         raise InputError(f"the model cannot read the data's batches of shape {tuple(x.shape)}{hint}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
-    logits = logits_of(out)
-    if logits.dim() != 2:
-        raise InputError(f"the model's output has shape {tuple(logits.shape)}; slimrarts trains classifiers with "
-                         "[batch, classes] logits: pass output_fn=... to read them")
-    return logits.shape[1]
+    if task.name == "classification":
+        return task.outputs(logits_of(out))
+    return task.outputs(out)
 
 
-def _label_error(where: str, label: int, num_classes: int, batch: int | None = None) -> ValueError:
+def _label_error(where: str, label: int, num_classes: int, batch: int | None = None,
+                 task: Task = CLASSIFICATION) -> ValueError:
     at = f"the {where} loader's batch {batch}: " if batch is not None else f"the {where} loader: "
     fix = "labels must be >= 0" if label < 0 else f"give the model num_classes={label + 1} or more"
-    return InputError(f"{at}label {label} is outside [0, {num_classes}) (the model has {num_classes} outputs); "
-                      f"{fix}, or fix the labels")
+    ignore = getattr(task, "ignore_index", None)
+    also = f" (masks may also hold the ignore index {ignore})" if ignore is not None else ""
+    return InputError(f"{at}label {label} is outside [0, {num_classes}){also} (the model has {num_classes} "
+                      f"outputs); {fix}, or fix the labels")
 
 
 def _nonfinite_error(where: str, batch: int | None = None) -> DataError:
@@ -103,7 +104,7 @@ class CheckedLoader:
     before the batch moves to the device, so no sync and no device assert) — failing at the first bad batch with
     its index."""
 
-    def __init__(self, loader, num_classes: int, where: str, task: Task = CLASSIFICATION):
+    def __init__(self, loader, num_classes: int | None, where: str, task: Task = CLASSIFICATION):
         self.loader, self.num_classes, self.where, self.task = loader, num_classes, where, task
 
     def __iter__(self) -> Iterator:
@@ -111,10 +112,11 @@ class CheckedLoader:
             if i == 0:
                 self.task.check(batch, self.where)
             x, y = batch[0], batch[1]
-            if isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.numel():
-                lo, hi = torch.aminmax(y)
+            bounds = self.task.label_bounds(y) if self.num_classes is not None else None
+            if bounds is not None:
+                lo, hi = bounds
                 if lo < 0 or hi >= self.num_classes:
-                    raise _label_error(self.where, int(lo if lo < 0 else hi), self.num_classes, i)
+                    raise _label_error(self.where, lo if lo < 0 else hi, self.num_classes, i, self.task)
             if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.is_floating_point():
                 if not torch.isfinite(x).all():
                     raise _nonfinite_error(self.where, i)
@@ -171,14 +173,15 @@ def check_first_batches(loaders, task: Task = CLASSIFICATION,
         if batch is None:
             raise DataError(f"the {where} loader yields no batches ({_describe_loader(loader)})")
         task.check(batch, where)
-        x = batch[0]
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        images = batch[0] if isinstance(batch[0], (list, tuple)) else [batch[0]]
+        if any(x.is_floating_point() and not bool(torch.isfinite(x).all()) for x in images):
             raise _nonfinite_error(where)
 
 
-def check_data(loaders, num_classes: int, task: Task = CLASSIFICATION):
-    """Labels in range of the model's outputs (all labels at once for the library's loaders; per batch as they
-    stream for other loaders, which are wrapped in `CheckedLoader`), and enough training samples for two halves.
+def check_data(loaders, num_classes: int | None, task: Task = CLASSIFICATION):
+    """Labels in range of the model's `num_classes` outputs (None: the task does not check them; all labels at once
+    for the library's loaders, per batch as they stream for other loaders, which are wrapped in `CheckedLoader`),
+    and enough training samples for two halves.
     Returns the loaders with the wrappers in place."""
     for where in ("train", "search_t", "search_v"):
         n = _size(getattr(loaders, where))
@@ -190,7 +193,7 @@ def check_data(loaders, num_classes: int, task: Task = CLASSIFICATION):
     for where in ("train", "test", "search_t", "search_v"):
         loader = getattr(loaders, where)
         label_range = getattr(loader, "label_range", None)
-        if label_range is not None:
+        if label_range is not None and num_classes is not None:
             lo, hi = label_range()
             if lo < 0 or hi >= num_classes:
                 raise _label_error(where, lo if lo < 0 else hi, num_classes)

@@ -22,6 +22,7 @@ __all__ = [
     "BaselinesConfig",
     "DataConfig",
     "DistConfig",
+    "TaskConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -105,6 +106,22 @@ class DataConfig:
             if self.loader == "stream":
                 raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
                                   f"{self.name} is held in memory (set it to auto or memory)")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """What the network learns (`slimrarts.engine.task`): `classification` (cross-entropy, top-1), `segmentation`
+    (per-pixel cross-entropy with `ignore_index`, mIoU) or `detection` (torchvision detection models, COCO mAP)."""
+
+    name: Literal["classification", "segmentation", "detection"] = "classification"
+    ignore_index: int = 255  # segmentation: mask value left out of the loss and the metrics
+    aux_weight: float = field(0.5, check=lambda v: v >= 0, allowed="a number >= 0")  # segmentation: aux head's loss
+
+    def options(self) -> dict:
+        """The settings of the named task (`engine.task.get_task(name, **options)`)."""
+        if self.name == "segmentation":
+            return {"ignore_index": self.ignore_index, "aux_weight": self.aux_weight}
+        return {}
 
 
 @dataclasses.dataclass
@@ -354,6 +371,7 @@ class Recipe:
     name: str = field("run", **NAME_FIELD)
     seed: int = 0
     device: str = field("auto", **DEVICE_FIELD)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -371,6 +389,10 @@ class Recipe:
             readers = [m for m in list_methods() if get_method(m).reads_reference]
             raise ConfigError(f"prune.reference only applies to search.method={' or '.join(readers)}, not "
                               f"{method.name!r}; remove it")
+        if self.task.name != "classification" and (self.finetune.distill is not None):
+            raise ConfigError(f"finetune.distill: distillation matches class probabilities of a classifier; the "
+                              f"{self.task.name} task has no such output here (a dense model's per-pixel or per-box "
+                              "outputs would need their own loss): remove finetune.distill")
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")

@@ -30,7 +30,9 @@ class BaselineResult:
 
 def register_baseline(name: str, *, source: str = "", description: str = "", data: str = "whole",
                       passes: int = 1, score_name: str = "", reads_reference: bool = False):
-    """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress) -> BaselineResult`.
+    """Decorator: `fn(model, gates, loaders, recipe, *, device, run_dir, resume, progress[, task]) ->
+    BaselineResult` (`task`, an `engine.task` object, is passed to a baseline that takes it; one that does not
+    runs for classification only).
 
     `data` is `whole` for a baseline that trains on the whole training set first, `none` for one-shot scores;
     `score_name` is what its channel scores are, as the run folder's alphas.json names them (default: `name`);

@@ -36,9 +36,9 @@ from torch_pruning.pruner import function as tpf
 
 from ..engine import dist
 from ..engine.step import batches_on
-from ..engine.task import CLASSIFICATION
+from ..engine.task import CLASSIFICATION, Task
 from ..errors import InputError
-from ..modes import evaluating
+from ..modes import evaluating, training
 
 __all__ = ["NORMALIZER", "TAYLOR_BATCHES", "CriterionInfo", "OneShotScores", "criterion_info", "criterion_scores",
            "list_criteria", "score_channels", "tp_group"]
@@ -198,29 +198,36 @@ def _filters(group: Group, scope: str) -> Group:
 
 
 @contextlib.contextmanager
-def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterator[int]:
-    """Inside the block every model parameter's `.grad` is the gradient of the mean cross-entropy over `batches`
-    batches of `loader` (eval mode, gates at 1 and not differentiated); yields the batch count. The model's mode,
-    gradients and `requires_grad` flags are restored afterwards, and BN running statistics are never updated."""
+def _loss_gradients(gates, loader, batches: int, device: torch.device, task: Task = CLASSIFICATION) -> Iterator[int]:
+    """Inside the block every model parameter's `.grad` is the gradient of the task's mean loss (cross-entropy by
+    default) over `batches` batches of `loader` (eval mode, gates at 1 and not differentiated; a task whose model
+    has no eval-mode loss, detection, runs in train mode with every buffer put back); yields the batch count. The
+    model's mode, gradients and `requires_grad` flags are restored afterwards, and BN running statistics are left
+    as they were."""
     model = gates.model
     params = list(model.parameters())
     saved = [(p.grad, p.requires_grad) for p in params]
     ones = [torch.ones_like(a, requires_grad=False) for a in gates.alphas]
-    with evaluating(model):
+    buffers = [] if task.eval_loss else [b.detach().clone() for b in model.buffers()]  # train mode updates them
+    mode = evaluating(model) if task.eval_loss else training(model)
+    with mode:
         try:
             for p in params:
                 p.grad = None
                 p.requires_grad_(True)
             seen = []
             with gates.using(ones), torch.enable_grad():
-                for x, y in batches_on(loader, device):
+                for x, y in batches_on(loader, device, task=task):
                     if len(seen) == batches:
                         break
-                    CLASSIFICATION.loss(model(x), y).backward()
-                    seen.append(y.shape[0])
+                    task.loss(model(*(task.eval_args(x) if task.eval_loss else task.train_args(x, y))), y).backward()
+                    seen.append(task.count(y))
             if not seen:
                 raise InputError("the Taylor criterion needs training batches, but the loader yielded none")
             with torch.no_grad():
+                for p in params:  # a layer the loss does not reach (an unused auxiliary head): its gradient is 0
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 grads = [p.grad for p in params if p.grad is not None]
                 torch._foreach_div_(grads, float(len(seen)))
             dist.all_reduce_(grads, "mean")  # in a process group: over every rank's shard of the batches
@@ -229,24 +236,28 @@ def _loss_gradients(gates, loader, batches: int, device: torch.device) -> Iterat
             for p, (grad, flag) in zip(params, saved, strict=True):
                 p.grad = grad
                 p.requires_grad_(flag)
+            if buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(model.buffers()), buffers)
 
 
 def criterion_scores(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCHES,
-                     device: torch.device | None = None) -> list[torch.Tensor]:
+                     device: torch.device | None = None, task: Task = CLASSIFICATION) -> list[torch.Tensor]:
     """Per-group channel scores of criterion `name` on the dense model: one CPU float vector per `gates.groups[i]`.
 
     `loader` yields `(x, y)` training batches; only criteria that need data (`taylor`) read it, `batches` of them,
-    on `device` (default: the model's). Scores are normalised per group by `NORMALIZER`; higher survives.
+    on `device` (default: the model's), read as `task`'s (`engine.task`). Scores are normalised per group by
+    `NORMALIZER`; higher survives.
 
     Raises:
         ValueError: an unknown criterion, a criterion that needs data without a `loader`, `batches` < 1, or a group
             with no layer the criterion can score.
     """
-    return score_channels(name, gates, loader, batches=batches, device=device).scores
+    return score_channels(name, gates, loader, batches=batches, device=device, task=task).scores
 
 
 def score_channels(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCHES,
-                   device: torch.device | None = None) -> OneShotScores:
+                   device: torch.device | None = None, task: Task = CLASSIFICATION) -> OneShotScores:
     """`criterion_scores` with what the pipeline records: the time it took and the batches it read."""
     info, make, filters_only = _lookup(name)
     if info.needs_data and loader is None:
@@ -256,7 +267,7 @@ def score_channels(name: str, gates, loader=None, *, batches: int = TAYLOR_BATCH
     t0 = time.perf_counter()
     importance = make()
     device = device if device is not None else next(gates.model.parameters()).device
-    ctx = _loss_gradients(gates, loader, batches, device) if info.needs_grad else contextlib.nullcontext(0)
+    ctx = _loss_gradients(gates, loader, batches, device, task) if info.needs_grad else contextlib.nullcontext(0)
     scores = []
     with ctx as used:
         for i, group in enumerate(gates.groups):

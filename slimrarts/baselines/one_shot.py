@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+from ..engine.task import CLASSIFICATION
 from .base import BaselineResult, register_baseline
 from .criteria import criterion_info, list_criteria, score_channels
 
@@ -16,14 +17,15 @@ __all__ = ["score_one_shot"]
 
 
 def score_one_shot(name: str, model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
-                   progress=True) -> BaselineResult:
+                   progress=True, task=CLASSIFICATION) -> BaselineResult:
     """Run one-shot baseline `name`: the criterion's scores of the dense model's gated channels, α frozen.
 
     Registered as `functools.partial(score_one_shot, name)`; `run_dir`, `resume` and `progress` are part of the
     baseline signature and unused (nothing trains)."""
     for a in gates.alphas:
         a.requires_grad_(False)
-    scored = score_channels(name, gates, loaders.train, batches=recipe.baselines.taylor_batches, device=device)
+    scored = score_channels(name, gates, loaders.train, batches=recipe.baselines.taylor_batches, device=device,
+                            task=task)
     return BaselineResult(scores=scored.scores, keep=None, fit=None,
                           note=f"{scored.note} ({scored.seconds:.1f} s to score)")
 

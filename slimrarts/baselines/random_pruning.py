@@ -9,6 +9,7 @@ import torch
 
 from .._io import read_json
 from ..engine.fit import fit
+from ..engine.task import CLASSIFICATION
 from ..errors import InputError, MissingFileError
 from .base import BaselineResult, register_baseline, search_like
 
@@ -73,12 +74,12 @@ def reference_counts(path: str, gates) -> list[int]:
 
 
 def random_pruning(model, gates, loaders, recipe, *, device, run_dir=None, resume=False,
-                   progress=True) -> BaselineResult:
+                   progress=True, task=CLASSIFICATION) -> BaselineResult:
     """Plain training (search section) on the whole set; random scores, or random masks at reference counts."""
     for a in gates.alphas:
         a.requires_grad_(False)
     result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
-                 resume=resume, progress=progress)
+                 resume=resume, progress=progress, task=task)
     seed = recipe.seed + 7919
     if recipe.prune.reference:
         counts = reference_counts(recipe.prune.reference, gates)  # channels; an α entry holds `repeat` of them

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..engine.callbacks import Event, on
 from ..engine.fit import fit
+from ..engine.task import CLASSIFICATION
 from ..errors import InputError
 from .base import BaselineResult, register_baseline, search_like
 
@@ -49,7 +50,8 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
     return out
 
 
-def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True) -> BaselineResult:
+def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True,
+             task=CLASSIFICATION) -> BaselineResult:
     """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
     s = recipe.baselines
     for a in gates.alphas:
@@ -64,7 +66,7 @@ def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=Fals
     weights = [m.weight for m in unique]
     l1_step = bn_l1_subgradient(weights, s.sparsity)
     result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
-                 resume=resume, progress=progress,
+                 resume=resume, progress=progress, task=task,
                  callbacks=[on(Event.AFTER_BACKWARD, lambda _: l1_step())])
     scores = [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in norms]
     return BaselineResult(scores=scores, keep=None, fit=result,

@@ -38,33 +38,31 @@ def build_sgd(params, optim_cfg) -> SGD:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
              amp: str = "none", channels_last: bool = False, task: Task = CLASSIFICATION) -> dict:
-    """Mean loss and metric of `task` (cross-entropy and top-1 accuracy, `acc`) of `model` over `loader` (eval
-    mode; one host sync).
+    """Mean loss (None where the task's eval-mode output has none) and the metrics of `task` (classification:
+    top-1 accuracy `acc`; segmentation: `miou`, `pixel_acc`; detection: `map`, `map_50`) of `model` over `loader`
+    (eval mode; one host sync), plus `n`, the samples.
 
     In a process group each rank evaluates its shard of the loader and the sums are added up (one all-reduce), so
     every rank returns the figures of the whole set."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    meter = task.meter(device)
     n = 0
     with evaluating(model):
         for x, y in batches_on(loader, device, channels_last, task):
             with autocast(device, amp):
-                out = model(x)
-            loss_sum += task.loss(out, y, reduction="sum")
-            correct += task.hits(out, y)
+                out = model(*task.eval_args(x))
+            if task.eval_loss:
+                loss_sum += task.loss(out, y, reduction="sum").double()
+            meter.update(out, y)
             n += task.count(y)
+    sums = torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)])
     if dist.active():
-        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=device,
-                                                                             dtype=torch.float64)])
         dist.all_reduce_([sums], "sum")
-        total, hits, count = sums.tolist()
-        if count == 0:
-            raise InputError("evaluate() got an empty loader")
-        return {"loss": total / count, "acc": hits / count, "n": int(count)}
-    if n == 0:
+    total, count = sums.tolist()
+    if count == 0:
         raise InputError("evaluate() got an empty loader")
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+    return {"loss": total / count if task.eval_loss else None, **meter.compute(), "n": int(count)}
 
 
 class _Training:
@@ -80,7 +78,12 @@ class _Training:
 
     def run_epoch(self, epoch: int, ticker) -> dict:
         self.model.train()
-        peek = lambda: "ep {} loss {:.3f} acc {:.3f}".format(epoch + 1, *self.step.peek())  # noqa: E731
+        metric = self.step.task.train_metric
+
+        def peek() -> str:
+            loss, value = self.step.peek()
+            return f"ep {epoch + 1} loss {loss:.3f}" + (f" {metric} {value:.3f}" if metric else "")
+
         for i, (x, y) in enumerate(batches_on(self.train_loader, self.device, self.cfg.channels_last,
                                                  self.step.task)):
             self.opt.set_lr(self.lr(epoch * self.steps_per_epoch + i))
@@ -88,8 +91,10 @@ class _Training:
             ticker.step(i, peek)
         dist.sync_buffers_(self.model.buffers())  # every rank ends the epoch with the same running statistics
         train = self.step.read()  # one sync per epoch
-        out = {"lr": self.opt.param_groups[0]["lr"], "train_loss": train["loss"], "train_acc": train["acc"],
-               "train_n": train["n"], "images": train["n"], "cuda_graph": self.step.captured}
+        out = {"lr": self.opt.param_groups[0]["lr"], "train_loss": train["loss"]}
+        if metric:
+            out[f"train_{metric}"] = train["acc"]
+        out.update(train_n=train["n"], images=train["n"], cuda_graph=self.step.captured)
         if self.step.capture_error:
             out["cuda_graph_error"] = self.step.capture_error
         return out
@@ -99,7 +104,7 @@ class _Training:
             return {}
         test = evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg.amp, task=self.step.task,
                         channels_last=self.cfg.channels_last)
-        return {"test_loss": test["loss"], "test_acc": test["acc"]}
+        return {f"test_{k}": v for k, v in test.items() if k != "n"}
 
     def watched(self) -> list[torch.Tensor]:
         return [p.detach() for p in self.model.parameters() if p.is_floating_point()]

@@ -12,6 +12,7 @@ from ..modes import training
 from . import dist
 from .epochs import set_loader_epoch
 from .step import batches_on
+from .task import CLASSIFICATION, Task
 
 __all__ = ["batch_norms", "recalibrate_bn"]
 
@@ -23,14 +24,15 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, *, device: torch.device | None = None,
-                   channels_last: bool = False, epoch: int = 0) -> int:
+                   channels_last: bool = False, epoch: int = 0, task: Task = CLASSIFICATION) -> int:
     """Replace every BatchNorm's running mean and variance by their cumulative average over `batches` batches of
     `loader` (EagleEye's adaptive BN): train-mode forwards without gradients, so weights, α and every other buffer
     are left as they were. Returns the number of batches read (0: nothing to do).
 
     After a cut the statistics the model carries are those of the dense (or gated) network, not of the slim one;
     each removed channel changes the inputs of the next layer's norm. The loader's epoch is set to `epoch` (and set
-    back), so the same images are read on a fresh run and on a resume. In a process group each rank reads its
+    back), so the same images are read on a fresh run and on a resume. `task` says how a batch is read and the
+    model called (`engine.task`). In a process group each rank reads its
     shard and the statistics are averaged across the ranks.
     """
     if batches < 0:
@@ -48,8 +50,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, *, device: 
     try:
         set_loader_epoch(loader, epoch)
         with training(model):
-            for x, _ in batches_on(loader, device, channels_last):
-                model(x)
+            for x, y in batches_on(loader, device, channels_last, task):
+                model(*task.train_args(x, y))  # a detection model's train-mode forward reads the targets
                 seen += 1
                 if seen >= batches:
                     break

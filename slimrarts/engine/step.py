@@ -33,11 +33,8 @@ def batches_on(loader, device: torch.device, channels_last: bool = False, task: 
     """Yield `(x, y)` (as `task.split` reads a batch) from any loader on `device`; the library's loader already is,
     a DataLoader is moved."""
     for batch in loader:
-        x, y = task.split(batch)
-        if x.device != device:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
+        x, y = task.to(*task.split(batch), device)
+        if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
 
@@ -65,7 +62,8 @@ class TrainStep:
         self.after_backward, self.loss_fn = after_backward, loss_fn or task.loss
         self.cuda_graph, self.warmup = cuda_graph, warmup
         self._loss_sum = torch.zeros((), device=device)
-        self._correct = torch.zeros((), device=device, dtype=torch.long)
+        self._correct = torch.zeros((), device=device)  # the running metric's numerator and denominator
+        self._total = torch.zeros((), device=device)
         self._count = 0
         self._graphed = GraphedStep(self._body, enabled=cuda_graph and device.type == "cuda", warmup=warmup,
                                     before_capture=lambda: optimizer.zero_grad(set_to_none=True),
@@ -73,7 +71,7 @@ class TrainStep:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
-            out = self.model(x)
+            out = self.model(*self.task.train_args(x, y))
         loss = self.loss_fn(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,7 +80,10 @@ class TrainStep:
         self.optimizer.step()
         with torch.no_grad():
             self._loss_sum.add_(loss.detach() * self.task.count(y))
-            self._correct.add_(self.task.hits(out, y))
+            running = self.task.running(out, y)
+            if running is not None:
+                self._correct.add_(running[0])
+                self._total.add_(running[1])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._count += self.task.count(y)
@@ -99,9 +100,11 @@ class TrainStep:
         return self._graphed.error
 
     def peek(self) -> tuple[float, float]:
-        """Running mean loss and accuracy of the epoch so far (a host sync; call between steps, not in one)."""
+        """Running mean loss and metric (`task.train_metric`; nan without one) of the epoch so far (a host sync;
+        call between steps, not in one)."""
         n = max(1, self._count)
-        return self._loss_sum.item() / n, self._correct.item() / n
+        total = self._total.item()
+        return self._loss_sum.item() / n, self._correct.item() / total if total else float("nan")
 
     def read(self) -> dict:
         """Mean loss, accuracy and sample count since the last `read`, then reset (one host sync); in a process
@@ -110,17 +113,19 @@ class TrainStep:
             return self._read_all()
         loss, acc = self.peek()
         out = {"loss": loss, "acc": acc, "n": self._count}
-        self._loss_sum.zero_()
-        self._correct.zero_()
-        self._count = 0
+        self._reset()
         return out
 
-    def _read_all(self) -> dict:
-        sums = torch.stack([self._loss_sum.double(), self._correct.double(),
-                            torch.tensor(float(self._count), device=self.device, dtype=torch.float64)])
-        dist.all_reduce_([sums], "sum")
-        loss_sum, correct, n = sums.tolist()
+    def _reset(self) -> None:
         self._loss_sum.zero_()
         self._correct.zero_()
+        self._total.zero_()
         self._count = 0
-        return {"loss": loss_sum / max(1.0, n), "acc": correct / max(1.0, n), "n": int(n)}
+
+    def _read_all(self) -> dict:
+        sums = torch.stack([self._loss_sum.double(), self._correct.double(), self._total.double(),
+                            torch.tensor(float(self._count), device=self.device, dtype=torch.float64)])
+        dist.all_reduce_([sums], "sum")
+        loss_sum, correct, total, n = sums.tolist()
+        self._reset()
+        return {"loss": loss_sum / max(1.0, n), "acc": correct / total if total else float("nan"), "n": int(n)}

@@ -44,10 +44,12 @@ def logits_of(out) -> torch.Tensor:
                     "output_fn=<a function from the output to the [batch, classes] logits>")
 
 
-def attach_io(model: nn.Module, input_fn: Callable | None = None, output_fn: Callable | None = None) -> list:
+def attach_io(model: nn.Module, input_fn: Callable | None = None, output_fn: Callable | None = None, *,
+              logits: bool = True) -> list:
     """Hooks on `model` so that `model(x)` takes a batch tensor and returns logits: `input_fn(x)` builds the model's
-    input (a dict is passed as keyword arguments), `output_fn` (default `logits_of`) reads its output. Returns the
-    hook handles; `.remove()` them to give the model back as it was."""
+    input (a dict is passed as keyword arguments), `output_fn` (default `logits_of`, unless `logits` is false: a
+    task other than classification reads the output as the model gives it) reads its output. Returns the hook
+    handles; `.remove()` them to give the model back as it was."""
     handles = []
     if input_fn is not None:
         def pre(_module, args, kwargs):
@@ -55,6 +57,7 @@ def attach_io(model: nn.Module, input_fn: Callable | None = None, output_fn: Cal
             return ((), dict(value)) if isinstance(value, dict) else ((value,), kwargs)
 
         handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-    read = output_fn or logits_of
-    handles.append(model.register_forward_hook(lambda _m, _a, out: read(out)))
+    read = output_fn or (logits_of if logits else None)
+    if read is not None:
+        handles.append(model.register_forward_hook(lambda _m, _a, out: read(out)))
     return handles

@@ -49,10 +49,11 @@ class _Search:
                                    before_capture=drop_grads)
 
     def _pairs(self) -> Iterable:
-        device, cl = self.problem.device, self.channels_last
+        device, cl, task = self.problem.device, self.channels_last, self.problem.task
         if self.method.data == "whole":
-            return ((b, None) for b in batches_on(self.loader_whole, device, cl))
-        return zip(batches_on(self.loader_t, device, cl), batches_on(self.loader_v, device, cl), strict=False)
+            return ((b, None) for b in batches_on(self.loader_whole, device, cl, task))
+        return zip(batches_on(self.loader_t, device, cl, task), batches_on(self.loader_v, device, cl, task),
+                   strict=False)
 
     def run_epoch(self, epoch: int, ticker) -> dict:
         state, problem = self.state, self.problem
@@ -66,7 +67,8 @@ class _Search:
             if self.lr_arch is not None:
                 state.optim_arch.set_lr(self.lr_arch(step))
             self.graphed(*batch_t, *(batch_v if batch_v is not None else ()))
-            images += batch_t[1].shape[0] + (batch_v[1].shape[0] if batch_v is not None else 0)
+            count = problem.task.count
+            images += count(batch_t[1]) + (count(batch_v[1]) if batch_v is not None else 0)
             ticker.step(i)
         if dist.active():  # the same running statistics and image count on every rank
             dist.sync_buffers_([*state.w_buffers.values(), *(state.y_buffers or {}).values()])

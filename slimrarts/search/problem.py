@@ -18,10 +18,10 @@ __all__ = ["NetProblem", "make_state", "make_arch_optimizer"]
 
 
 class NetProblem:
-    """The task's loss (cross-entropy) of `model` run with a given set of weights and buffers; α are `arch` (used
-    by hooks or ops).
+    """The task's loss (`engine.task`; cross-entropy by default) of `model` run with a given set of weights and
+    buffers; α are `arch` (used by hooks or ops).
 
-    Losses and accuracies of tracked passes accumulate in device tensors; `read()` syncs once.
+    Losses and the task's running metric of tracked passes accumulate in device tensors; `read()` syncs once.
     """
 
     def __init__(self, model: nn.Module, arch: list[torch.Tensor], *, amp: str = "none", l1: float = 0.0,
@@ -35,15 +35,18 @@ class NetProblem:
     def loss(self, params, buffers, batch, track: str | None = None) -> torch.Tensor:
         x, target = batch
         with autocast(self.device, self.amp):
-            out = functional_call(self.model, (params, buffers), (x,), strict=False)
+            out = functional_call(self.model, (params, buffers), self.task.train_args(x, target), strict=False)
         loss = self.task.loss(out, target)
         if track is not None:
             meter = self._meters.get(track)
             if meter is None:  # created on the first (eager) call, so a captured graph only updates them
-                meter = self._meters[track] = [torch.zeros((), device=self.device) for _ in range(3)]
+                meter = self._meters[track] = [torch.zeros((), device=self.device) for _ in range(4)]
             with torch.no_grad():
                 meter[0].add_(loss.detach() * self.task.count(target))
-                meter[1].add_(self.task.hits(out, target))
+                running = self.task.running(out, target)
+                if running is not None:  # the running metric's numerator and denominator
+                    meter[1].add_(running[0])
+                    meter[3].add_(running[1])
                 meter[2].add_(self.task.count(target))
         return loss
 
@@ -63,13 +66,17 @@ class NetProblem:
             return self._read_all()
         out = {}
         for name, meter in self._meters.items():
-            loss_sum, correct, n = (m.item() for m in meter)
-            if n:
-                out[f"{name}_loss"] = loss_sum / n
-                out[f"{name}_acc"] = correct / n
+            self._put(out, name, *(m.item() for m in meter))
             for m in meter:
                 m.zero_()
         return out
+
+    def _put(self, out: dict, name: str, loss_sum: float, correct: float, n: float, total: float) -> None:
+        if n:
+            out[f"{name}_loss"] = loss_sum / n
+        metric = self.task.train_metric
+        if metric and total:
+            out[f"{name}_{metric}"] = correct / total
 
     def _read_all(self) -> dict:
         names = list(self._meters)
@@ -79,10 +86,7 @@ class NetProblem:
         dist.all_reduce_([sums], "sum")
         out = {}
         for i, name in enumerate(names):
-            loss_sum, correct, n = sums[3 * i: 3 * i + 3].tolist()
-            if n:
-                out[f"{name}_loss"] = loss_sum / n
-                out[f"{name}_acc"] = correct / n
+            self._put(out, name, *sums[4 * i: 4 * i + 4].tolist())
             for m in self._meters[name]:
                 m.zero_()
         return out
