@@ -21,12 +21,14 @@ from .groups import ChannelGroup as ChannelGroup
 from .groups import GateSite as GateSite
 from .groups import Skipped as Skipped
 from .groups import find_groups as find_groups
+from .heads import raw_output_modules as raw_output_modules
 from .latency import LatencyModel as LatencyModel
 from .latency import TightenResult as TightenResult
 from .latency import Timing as Timing
 from .latency import build_latency_model as build_latency_model
 from .latency import tighten as tighten
 from .latency import time_models as time_models
+from .norms import freeze_batchnorm as freeze_batchnorm
 from .select import Selection as Selection
 from .select import prunable_channels as prunable_channels
 from .select import pruned_ratio as pruned_ratio
@@ -49,7 +51,9 @@ __all__ = [
     "LatencyModel", "Skipped", "TightenResult", "Timing", "UntracedCallError", "apply_spec", "attach_gates",
     "budget_floor",
     "build_cost_model", "build_latency_model", "cost_penalty", "coverage", "find_groups", "fold_gates",
+    "freeze_batchnorm",
     "group_layers", "layer_widths", "load_slim", "min_kept", "parse_budget", "prox_l1_", "prunable_channels",
-    "pruned_ratio", "read_slim_spec", "remove_channels", "require_groups", "save_slim", "select_budget", "select_l1",
+    "pruned_ratio", "raw_output_modules", "read_slim_spec", "remove_channels", "require_groups", "save_slim",
+    "select_budget", "select_l1",
     "select_ratio", "tighten", "time_models", "ungated_copy",
 ]
