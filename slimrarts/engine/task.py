@@ -134,19 +134,9 @@ class _CountMeter:
         return {self.key: num / den if den else float("nan")}
 
 
-class Classification:
-    """Cross-entropy and top-1 accuracy over `[batch, classes]` logits (of a tuple output, the first element: the
-    main head of a model with auxiliary heads)."""
-
-    name = "classification"
-    metric = "acc"
-    higher_is_better = True
-    train_metric = "acc"
-    eval_loss = True
-
-    @staticmethod
-    def logits(out: Any) -> torch.Tensor:
-        return out[0] if isinstance(out, (tuple, list)) else out
+class _TensorBatches:
+    """`(images, target)` batches of tensors, the model called on the images alone (classification,
+    segmentation)."""
 
     def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return batch[0], batch[1]
@@ -160,6 +150,27 @@ class Classification:
     def eval_args(self, x: Any) -> tuple:
         return (x,)
 
+    def count(self, target: torch.Tensor) -> int:
+        return target.shape[0]
+
+    def example(self, x: Any) -> torch.Tensor:
+        return x
+
+
+class Classification(_TensorBatches):
+    """Cross-entropy and top-1 accuracy over `[batch, classes]` logits (of a tuple output, the first element: the
+    main head of a model with auxiliary heads)."""
+
+    name = "classification"
+    metric = "acc"
+    higher_is_better = True
+    train_metric = "acc"
+    eval_loss = True
+
+    @staticmethod
+    def logits(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, (tuple, list)) else out
+
     def loss(self, out: Any, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(self.logits(out).float(), target, reduction=reduction)
 
@@ -170,14 +181,8 @@ class Classification:
         # a fill, not a host copy: capturable in a CUDA graph
         return self.hits(out, target), torch.full((), float(target.shape[0]), device=target.device)
 
-    def count(self, target: torch.Tensor) -> int:
-        return target.shape[0]
-
     def meter(self, device: torch.device) -> Meter:
         return _CountMeter("acc", self.running, device)
-
-    def example(self, x: Any) -> torch.Tensor:
-        return x
 
     def outputs(self, out: Any) -> int | None:
         if out.dim() != 2:
@@ -262,7 +267,7 @@ class _Confusion:
 
 
 @dataclasses.dataclass
-class Segmentation:
+class Segmentation(_TensorBatches):
     """Per-pixel cross-entropy with an ignore index, mean IoU (`miou`, over the classes present in the truth or the
     predictions) and pixel accuracy. The model returns `[batch, classes, h, w]` logits, or a dict with `out` (and
     optionally `aux`: torchvision's FCN / DeepLab / LR-ASPP); logits of another size than the mask are resized
@@ -286,18 +291,6 @@ class Segmentation:
             out = F.interpolate(out, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
         return out
 
-    def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch[0], batch[1]
-
-    def to(self, x: Any, target: Any, device: torch.device) -> tuple[Any, Any]:
-        return _move(x, device), _move(target, device)
-
-    def train_args(self, x: Any, target: Any) -> tuple:
-        return (x,)
-
-    def eval_args(self, x: Any) -> tuple:
-        return (x,)
-
     def loss(self, out: Any, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         loss = F.cross_entropy(self.logits(out, target).float(), target, ignore_index=self.ignore_index)
         if self.aux_weight and isinstance(out, Mapping) and out.get("aux") is not None:
@@ -310,14 +303,8 @@ class Segmentation:
         hits = ((self.logits(out, target).argmax(1) == target) & valid).sum()
         return hits, valid.sum()
 
-    def count(self, target: torch.Tensor) -> int:
-        return target.shape[0]
-
     def meter(self, device: torch.device) -> Meter:
         return _Confusion(self, device)
-
-    def example(self, x: Any) -> torch.Tensor:
-        return x
 
     def outputs(self, out: Any) -> int | None:
         logits = self.logits(out)
