@@ -94,15 +94,23 @@ class DataConfig:
     # a DataLoader's worker processes each epoch (for sets that do not fit); `auto` streams above `memory_gb`
     loader: Literal["auto", "memory", "stream"] = "auto"
     memory_gb: float = field(8.0, check=lambda v: v > 0, allowed="a number of GB > 0")  # per process, decoded
+    # voc only: how many classes the masks hold when the folder has no classes.txt
+    num_classes: int | None = field(None, check=lambda v: v >= 2, allowed="an integer >= 2 or null")
     workers: int | None = field(None, check=lambda v: v >= 0,
                                 allowed="an integer >= 0 or null (null: CPU cores / processes on the node, at most 8)")
 
     def validate(self, where: str) -> None:
-        if self.name != "imagefolder":
-            for key in ("image_size", "resize"):
+        for key, users in (("image_size", ("imagefolder", "voc")), ("resize", ("imagefolder",)),
+                           ("num_classes", ("voc",))):
+            if getattr(self, key) is not None and self.name not in users:
+                raise ConfigError(f"{where}.{key}: only used by data.name={' or '.join(users)}, not {self.name} "
+                                  "(CIFAR stays 32x32; COCO images keep their size, the detector resizes them): "
+                                  "remove it or set it to null")
+        if self.name in ("voc", "coco"):
+            for key in ("limit_per_class", "test_limit_per_class"):
                 if getattr(self, key) is not None:
-                    raise ConfigError(f"{where}.{key}: only used by data.name=imagefolder (CIFAR stays 32x32); "
-                                      "remove it or set it to null")
+                    raise ConfigError(f"{where}.{key}: a {self.name} set has no class per image; remove it (make a "
+                                      "smaller split file instead)")
             if self.loader == "stream":
                 raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
                                   f"{self.name} is held in memory (set it to auto or memory)")
@@ -393,6 +401,10 @@ class Recipe:
             raise ConfigError(f"finetune.distill: distillation matches class probabilities of a classifier; the "
                               f"{self.task.name} task has no such output here (a dense model's per-pixel or per-box "
                               "outputs would need their own loss): remove finetune.distill")
+        needs = {"voc": "segmentation", "coco": "detection"}.get(self.data.name)
+        if needs is not None and self.task.name != needs:
+            raise ConfigError(f"data.name={self.data.name} holds {needs} data, but task.name={self.task.name}; set "
+                              f"task.name: {needs}")
         if self.train.distill is not None:
             raise ConfigError("train.distill: distillation needs the dense model as teacher, which only fine-tuning "
                               "after a cut has; set it under finetune.distill")

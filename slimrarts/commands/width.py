@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..api import prune
+from ..api import prune, resolve_task
 from ..data import Loaders, make_loaders
 from ..engine import RunDir, dist, fit, resolve_device
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import check_run_dir
+from ..engine.task import Task
 from ..errors import ConfigError, InputError, MissingFileError, SlimrartsError
 from ..metrics import macs_and_params
 from ..models import create_model
@@ -91,26 +92,30 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
     dist.from_main(lambda: check_run_dir(run_dir, resume=resume, force=force))
     loaders, model = build_from_recipe(recipe, device, channels_last=recipe.train.channels_last)
     check_model(model)
-    check_data(loaders, model_outputs(model, next(iter(loaders.test))[0][:2].float()))
+    task = resolve_task(None, recipe)
+    x = task.example(task.split(next(iter(loaders.test)))[0])[:2].float()
+    loaders = check_data(loaders, model_outputs(model, x, task), task)
     rd = RunDir(run_dir)
     with open_run(run_dir, recipe, resume=resume, force=force, model=model, loaders=loaders):
-        return _train(recipe, model, loaders, rd, device, resume=resume, progress=progress)
+        return _train(recipe, model, loaders, rd, device, resume=resume, progress=progress, task=task,
+                      example=x[:1])
 
 
 def _train(recipe: Recipe, model: torch.nn.Module, loaders: Loaders, rd: RunDir, device: torch.device, *,
-           resume: bool, progress: bool) -> dict:
-    macs, params = macs_and_params(model, (1, *loaders.info["input_size"]))
+           resume: bool, progress: bool, task: Task, example: torch.Tensor) -> dict:
+    macs, params = macs_and_params(model, tuple(example.shape))
     sync_bn = recipe.dist.sync_bn and dist.world_size() > 1
     if sync_bn:
         model = dist.convert_sync_bn(model.to(device))
     result = fit(model, loaders.train, loaders.test, cfg=recipe.train, device=device, run_dir=rd.path,
-                 resume=resume, progress=progress, eval_every=max(1, recipe.train.epochs // 10))
+                 resume=resume, progress=progress, eval_every=max(1, recipe.train.epochs // 10), task=task)
     final = result.final
     info = model_info(recipe, loaders.num_classes)
     if sync_bn:
         model = dist.revert_sync_bn(model)
     model = model.to(memory_format=torch.contiguous_format)
     report = {"model": info, "data": loaders.info, "params": params, "macs": macs, "epochs": recipe.train.epochs,
+              "task": task.name, "metric": task.metric, "test_metric": final.get(f"test_{task.metric}"),
               "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
               "train_acc": final.get("train_acc"), "train_s": result.train_s, "wall_s": result.wall_s,
               "images_per_s": result.images_per_s, "device": str(device), "processes": dist.describe()}

@@ -31,11 +31,19 @@ from .split import split_halves as split_halves
 from .stream import ImageFiles as ImageFiles
 from .stream import StreamLoader as StreamLoader
 from .stream import index_imagefolder as index_imagefolder
+from .tasksets import CocoDetection as CocoDetection
+from .tasksets import SegmentationFolder as SegmentationFolder
+from .tasksets import detection_collate as detection_collate
+from .tasksets import detection_transform as detection_transform
+from .tasksets import segmentation_transform as segmentation_transform
+from .tasksets import task_loaders as task_loaders
 
 __all__ = [
-    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DeviceLoader",
-    "IMAGENET_MEAN", "IMAGENET_STD", "ImageFiles", "ImageSet", "Loaders", "StreamLoader", "as_loaders",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "CocoDetection", "DeviceLoader",
+    "IMAGENET_MEAN", "IMAGENET_STD", "ImageFiles", "ImageSet", "Loaders", "SegmentationFolder", "StreamLoader",
+    "as_loaders", "detection_collate", "detection_transform",
     "get_dataset", "index_imagefolder", "list_datasets", "make_loaders", "register_dataset",
     "augment_batch", "cutout_batch", "default_cache_dir", "epoch_generator", "imagefolder_sizes", "limit_per_class",
-    "load_cifar", "load_imagefolder", "random_resized_boxes", "resized_crop_batch", "split_halves", "stats_for",
+    "load_cifar", "load_imagefolder", "random_resized_boxes", "resized_crop_batch", "segmentation_transform",
+    "split_halves", "stats_for", "task_loaders",
 ]

@@ -61,6 +61,8 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
     loaders, never to `test`.
     """
     load = get_dataset(cfg.name)
+    if getattr(load, "makes_loaders", False):  # voc, coco (tasksets.py): read by DataLoader workers
+        return load(cfg, seed=seed, shard=shard)
     if cfg.cutout and not cfg.augment:
         raise InputError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
                          "false; set data.cutout=0 or data.augment=true")

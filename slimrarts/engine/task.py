@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, InputError, InputTypeError
+from ..errors import DataError, InputError, InputTypeError, MissingExtraError
 
 __all__ = ["CLASSIFICATION", "Classification", "CustomTask", "Detection", "Meter", "Segmentation", "Task",
            "get_task", "list_tasks"]
@@ -347,8 +347,8 @@ class _MeanAP:
         try:
             from torchmetrics.detection import MeanAveragePrecision
         except ImportError as err:
-            raise InputError("the detection task's mAP needs torchmetrics and pycocotools: pip install "
-                             "'slimrarts[tasks]'") from err
+            raise MissingExtraError("the detection task's mAP needs the tasks extra (torchmetrics, pycocotools): "
+                                    "pip install 'slimrarts[tasks]'") from err
         self.map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
 
     def update(self, out: Any, target: Any) -> None:

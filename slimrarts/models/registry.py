@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,7 +98,9 @@ def _timm_create(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -
 def _tv_names() -> list[str]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    models = torchvision.models
+    return sorted({*models.list_models(module=models), *models.list_models(module=models.segmentation),
+                   *models.list_models(module=models.detection)})
 
 
 def _tv_has(arch: str) -> bool:
@@ -113,6 +116,8 @@ def _tv_create(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -> 
             f"enum) instead, e.g. create_model('torchvision:{arch}', weights='DEFAULT', num_classes=1000)"
         )
     kwargs.setdefault("weights", None)
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(arch)).parameters:
+        kwargs.setdefault("weights_backbone", None)  # segmentation and detection models: no download either
     return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
 
 
@@ -171,7 +176,8 @@ def is_model(name: str) -> bool:
 def create_model(name: str, num_classes: int = 10, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a model by name: a zoo name, ``timm:<name>`` (``timm.create_model``) or ``torchvision:<name>``.
 
-    torchvision models are built with ``weights=None`` unless ``weights`` is passed; ``pretrained`` applies to
+    torchvision models (classification, segmentation and detection) are built with ``weights=None`` (and
+    ``weights_backbone=None``) unless those are passed; ``pretrained`` applies to
     timm only. Other keyword arguments go to the model's factory. The model is tagged with the call (`TAG`), so
     that `slimrarts.prune` can record how to rebuild it.
     """
