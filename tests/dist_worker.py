@@ -53,9 +53,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         outs, means, variances = [], [], []
+        # momentum None (what BN recalibration sets): the cumulative average, as nn.BatchNorm2d computes it
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
         for chunk in x.chunk(self.parts):
             mean, var = self.running_mean.clone(), self.running_var.clone()
-            outs.append(F.batch_norm(chunk, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
+            outs.append(F.batch_norm(chunk, mean, var, self.weight, self.bias, True, factor, self.eps))
             means.append(mean)
             variances.append(var)
         with torch.no_grad():

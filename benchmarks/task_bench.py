@@ -1,0 +1,203 @@
+"""Segmentation and detection pruned on a synthetic set made from CIFAR-10 (issue 24, deliverable 4).
+
+    SLIMRARTS_DATA=../shared/data nohup python benchmarks/task_bench.py > runs/task_bench.log 2>&1 &
+    python benchmarks/task_bench.py --time      # dense vs slim latency, on an otherwise idle machine
+    python benchmarks/task_bench.py --report    # the table from what has finished
+
+No segmentation or detection set can be downloaded here, so `benchmarks/synth_tasks.py` builds one from the shared
+CIFAR-10 archive (objects pasted through soft masks onto canvases tiled from other CIFAR images; test canvases from
+CIFAR's test images only) and writes it in VOC (masks) and COCO (JSON) layout; this script reads those files
+with the library's readers, exactly as a user's recipe would (`data.name: voc` / `coco`).
+
+For each task (`recipes/tasks/synth_segmentation.yaml`: LR-ASPP MobileNetV3-Large, 128-px crops;
+`recipes/tasks/synth_detection.yaml`: Faster R-CNN MobileNetV3-Large 320 FPN at 160 px with fewer sampled
+proposals), all from random weights:
+1. the dense model is trained (`slimrarts train`) and must reach the task's stated floor (`FLOORS`) before anything
+   is pruned: below it, a cut would measure noise;
+2. it is cut to half its MACs (scope internal + coupled, BN recalibration) with rarts (`search.score: grad`, the
+   choice of issue 20's held-out study) and with group-norm, the best criterion of the CPU table, and each slim
+   model is fine-tuned with the same epochs;
+3. `--time` measures dense and slim latency (batch 1, the library's timing harness) when nothing else runs.
+Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<row>); results in
+benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, run_baseline, run_prune, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "task_bench.json"
+TASKS = {
+    "segmentation": {"recipe": ROOT / "recipes" / "tasks" / "synth_segmentation.yaml", "layout": "voc",
+                     "metric": "miou"},
+    "detection": {"recipe": ROOT / "recipes" / "tasks" / "synth_detection.yaml", "layout": "coco",
+                  "metric": "map_50"},
+}
+# The dense model must reach these on the synthetic test canvases before it is pruned (chance is about 1/11 mIoU
+# for segmentation and 0 mAP for detection).
+FLOORS = {"segmentation": 0.40, "detection": 0.15}
+ROWS = {"rarts": ["search.method=rarts", "search.score=grad"], "group-norm": ["search.method=group-norm"]}
+
+
+def _synth(data: Path, cifar: str | None) -> dict:
+    """The synthetic set under `data` (built once by synth_tasks.py, then reused)."""
+    from synth_tasks import build
+
+    if cifar is None:
+        base = os.environ.get("SLIMRARTS_DATA")
+        if not base:
+            raise SystemExit("task_bench: set SLIMRARTS_DATA to the folder holding cifar10-jpg.tar.gz, or pass --cifar")
+        cifar = str(Path(base) / "cifar10-jpg.tar.gz")
+    build(cifar, data, size=160, train=2000, test=500, seed=0)
+    return json.loads((data / "synth.json").read_text())
+
+
+def _recipe(task: str, data: Path, extra: list[str]):
+    from slimrarts.recipe import load_recipe
+
+    spec = TASKS[task]
+    return load_recipe(spec["recipe"], [f"data.root={data / spec['layout']}", *extra])
+
+
+def _row(report: dict, metric: str) -> dict:
+    a, t = report["accuracy"], report["time_s"]
+    test = report["task"]["test"]
+    return {"metric": report["task"]["metric"], "test": test, "headline": test.get(metric),
+            "stages": {k: a.get(k) for k in ("dense", "masked", "slim_stale_bn", "slim_before_finetune",
+                                             "slim_after_finetune")},
+            "macs": report["macs"], "params": report.get("params"), "wall_s": t.get("search", 0.0) + t.get(
+                "finetune", 0.0), "settings": {k: report["settings"][k] for k in ("search", "prune", "finetune")}}
+
+
+def run(args) -> dict:
+    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    runs, synth_dir = Path(args.runs), Path(args.data)
+    data["synth"] = _synth(synth_dir, args.cifar)
+    for task in args.tasks:
+        spec, entry = TASKS[task], data.setdefault(task, {"rows": {}})
+        folder = runs / task
+        dense = run_baseline(_recipe(task, synth_dir, []), folder / "dense", progress=False)
+        value = dense["test_metric"] if spec["metric"] == dense["metric"] else None
+        if value is None:  # the recipe reports the headline metric; detection's floor reads mAP@.5
+            value = json.loads((folder / "dense" / "metrics.jsonl").read_text().splitlines()[-1]).get(
+                f"test_{spec['metric']}")
+        entry["dense"] = {"metric": spec["metric"], "value": value, "test_metric": dense["test_metric"],
+                          "macs": dense["macs"], "params": dense["params"], "epochs": dense["epochs"],
+                          "train_s": dense["train_s"], "floor": FLOORS[task]}
+        write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+        print(f"== {task}: dense {spec['metric']} {value:.4f} (floor {FLOORS[task]})", flush=True)
+        if value < FLOORS[task]:
+            print("   below the floor: not pruned; train longer (recipe train.epochs)", flush=True)
+            continue
+        for name, over in ROWS.items():
+            if name in entry["rows"]:
+                continue
+            print(f"== {task} / {name}", flush=True)
+            recipe = _recipe(task, synth_dir, [f"model.weights={folder / 'dense' / 'model.pt'}", *over])
+            report = run_prune(recipe, folder / name, progress=False)
+            entry["rows"][name] = _row(report, spec["metric"])
+            print(f"   {spec['metric']} {entry['rows'][name]['headline']:.4f}, MACs "
+                  f"{report['macs']['after'] / 1e6:.1f}M of {report['macs']['before'] / 1e6:.1f}M", flush=True)
+            write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+    return data
+
+
+def time_rows(args) -> dict:
+    """Latency at batch 1 of each dense and slim model (the library's harness), on an otherwise idle machine."""
+    from slimrarts.commands.width import build_from_recipe
+    from slimrarts.engine.task import get_task
+    from slimrarts.timing import time_models
+    from slimrarts.width import load_slim
+
+    load = os.getloadavg()[0]
+    if load > 0.7 and not args.force:
+        raise SystemExit(f"task_bench --time: the load average is {load:.2f}; timings need an idle machine "
+                         "(stop the background runs, or pass --force to time anyway)")
+    data = json.loads(OUT.read_text())
+    runs, synth_dir = Path(args.runs), Path(args.data)
+    for task in args.tasks:
+        entry = data.get(task, {})
+        if not entry.get("rows"):
+            continue
+        recipe = _recipe(task, synth_dir, [])
+        loaders, dense = build_from_recipe(recipe, torch.device("cpu"))
+        task_obj = get_task(task, **recipe.task.options())
+        x = task_obj.example(task_obj.split(next(iter(loaders.test)))[0])[:1].float()
+        names = ["dense", *entry["rows"]]
+        models = [dense] + [load_slim(runs / task / name / "slim.pt", copy.deepcopy(dense))
+                            for name in entry["rows"]]
+        timed = time_models(models, tuple(x.shape[1:]), rounds=5, repeats=10)
+        entry["latency_ms"] = {n: 1e3 * t.median_s for n, t in zip(names, timed, strict=True)}
+        entry["latency_spread"] = {n: t.spread for n, t in zip(names, timed, strict=True)}
+        entry["latency_load"] = load
+        print(task, entry["latency_ms"], flush=True)
+    write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+    return data
+
+
+def table(data: dict) -> str:
+    lines = ["| task (model) | dense → slim metric | MACs dense → slim | params dense → slim | cut → recal → "
+             "fine-tuned | latency ms, batch 1 (dense → slim) | wall s (search + fine-tune) |",
+             "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        entry = data.get(task)
+        if not entry or "dense" not in entry:
+            continue
+        d = entry["dense"]
+        lat = entry.get("latency_ms", {})
+        if not entry["rows"]:
+            lines.append(f"| {task} | dense {d['metric']} {d['value']:.3f} (floor {d['floor']}; not pruned) | "
+                         f"{d['macs'] / 1e6:.0f}M | | | | |")
+        for name, r in entry["rows"].items():
+            s = r["stages"]
+            fmt = " → ".join(f"{v:.3f}" if v is not None else "–" for v in (s["slim_stale_bn"],
+                                                                             s["slim_before_finetune"],
+                                                                             s["slim_after_finetune"]))
+            timing = (f"{lat['dense']:.1f} → {lat[name]:.1f}" if name in lat else "not timed")
+            m, p = r["macs"], r["params"]
+            lines.append(f"| {task}, {name} | {r['metric']} {s['dense']:.3f} → {s['slim_after_finetune']:.3f} "
+                         f"({d['metric']} {r['headline']:.3f}) | {m['before'] / 1e6:.0f}M → {m['after'] / 1e6:.0f}M "
+                         f"| {p['before'] / 1e6:.2f}M → {p['after'] / 1e6:.2f}M | {fmt} | {timing} | "
+                         f"{r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "tasks"))
+    ap.add_argument("--data", default=str(ROOT / "runs" / "synth"), help="where the synthetic set is (or is built)")
+    ap.add_argument("--cifar", default=None, help="the CIFAR-10 archive (default $SLIMRARTS_DATA/cifar10-jpg.tar.gz)")
+    ap.add_argument("--tasks", default="segmentation,detection")
+    ap.add_argument("--time", action="store_true", help="time the finished runs' models (idle machine only)")
+    ap.add_argument("--force", action="store_true", help="with --time: time even on a busy machine")
+    ap.add_argument("--report", action="store_true", help="print the table from finished runs; run nothing")
+    args = ap.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"task_bench: --tasks {unknown} unknown; choose from {list(TASKS)}")
+    start = time.time()
+    if args.report:
+        data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    elif args.time:
+        data = time_rows(args)
+    else:
+        data = run(args)
+    print(table(data))
+    print(f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
