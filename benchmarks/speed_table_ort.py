@@ -21,7 +21,8 @@ and 64.
 
 With the CIFAR-10 archive (`--data` or $SLIMRARTS_DATA), the trained dense ResNet-20 (weights/resnet20_cifar10.pt)
 and, when given with `--trained-slim`, a trained slim one (a run folder's slim.pt) get their fp32 and int8 test
-accuracy in onnxruntime (int8 calibrated on 256 training images). Writes benchmarks/results/speed_ort_cpu.json.
+accuracy in onnxruntime (int8 calibrated on 256 training images). Writes benchmarks/results/speed_ort_cpu.json after
+every model; a rerun with the same batches, rounds, repeats and threads keeps the models already there.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def main() -> None:
     ap.add_argument("--no-cpu-tier", action="store_true", help="leave out the CPU-tier slim ResNet-20s")
     ap.add_argument("--data", default=os.environ.get("SLIMRARTS_DATA"), help="CIFAR-10 (for the accuracy rows)")
     ap.add_argument("--trained-slim", help="a run folder (or slim.pt) of a trained slim ResNet-20, for accuracy")
+    ap.add_argument("--fresh", action="store_true", help="time every model again, even those already finished")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from slimrarts.deploy import runtime_record
@@ -177,8 +179,21 @@ def main() -> None:
     from slimrarts.width.surgery import apply_spec
 
     calibration = [torch.randn(16, *X, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    rows = []
+    settings = {"batches": args.batches, "rounds": args.rounds, "repeats": args.repeats,
+                "threads": torch.get_num_threads()}
+    done = _finished(settings) if not args.fresh else {}
+    rows: list[dict] = []
+
+    def save() -> None:  # after every model, so an interrupted table resumes where it stopped
+        write_result("speed_ort_cpu", {"command": " ".join(sys.argv), "settings": settings, "rows": rows,
+                                       "runtime": runtime_record("onnxruntime"),
+                                       "machine": machine(torch.device("cpu")), "table": _table(rows, args.batches)})
+
     for name in args.models:
+        if name in done:
+            print(f"== {name}: finished in benchmarks/results/speed_ort_cpu.json, kept (--fresh times it again)")
+            rows.extend(done[name])
+            continue
         scope, cov = _scopes(name)
         print(f"== {name}: scopes {'+'.join(scope)} (coverage {cov})", flush=True)
         gates = _gated(name, scope)
@@ -206,7 +221,11 @@ def main() -> None:
             print(f"   {label}: MACs {100 * row['macs_fraction']:.1f}%, " + ", ".join(
                 f"b{b} ×{t['speedup']:.2f} fp32 ({100 * t['realised']:.0f}% of MACs), ×{t['int8_speedup']:.2f} int8"
                 for b, t in row["timing"].items()), flush=True)
-    if not args.no_cpu_tier:
+        save()
+    if not args.no_cpu_tier and "resnet20" in done:
+        print("== CPU tier: finished in benchmarks/results/speed_ort_cpu.json, kept")
+        rows.extend(done["resnet20"])
+    elif not args.no_cpu_tier:
         print("== CPU tier (resnet20, internal)", flush=True)
         dense = create_model("resnet20", num_classes=10).eval()
         for method in ("rarts", "group-norm"):
@@ -220,14 +239,29 @@ def main() -> None:
             print(f"   {method}: MACs {100 * row['macs_fraction']:.1f}%, " + ", ".join(
                 f"b{b} ×{t['speedup']:.2f} fp32, ×{t['int8_speedup']:.2f} int8" for b, t in row["timing"].items()),
                 flush=True)
+        save()
     accuracy = _accuracy(args) if args.data else []
     md = _table(rows, args.batches)
-    write_result("speed_ort_cpu", {"command": " ".join(sys.argv), "rows": rows, "accuracy": accuracy,
-                                   "runtime": runtime_record("onnxruntime"),
+    write_result("speed_ort_cpu", {"command": " ".join(sys.argv), "settings": settings, "rows": rows,
+                                   "accuracy": accuracy, "runtime": runtime_record("onnxruntime"),
                                    "machine": machine(torch.device("cpu")), "table": md,
                                    "accuracy_table": _acc_table(accuracy)})
     print(md)
     print(_acc_table(accuracy))
+
+
+def _finished(settings: dict) -> dict[str, list[dict]]:
+    """The rows per model of an earlier run with the same settings (a model's rows are written once it is done)."""
+    path = ROOT / "benchmarks" / "results" / "speed_ort_cpu.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("settings") != settings:
+        return {}
+    done: dict[str, list[dict]] = {}
+    for row in old["rows"]:
+        done.setdefault(row["model"], []).append(row)
+    return done
 
 
 def _table(rows: list[dict], batches: list[int]) -> str:

@@ -111,9 +111,9 @@ class DataConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"{where}.{key}: a {self.name} set has no class per image; remove it (make a "
                                       "smaller split file instead)")
-            if self.loader == "stream":
-                raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
-                                  f"{self.name} is held in memory (set it to auto or memory)")
+        if self.name != "imagefolder" and self.loader == "stream":
+            raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
+                              f"{self.name} is held in memory (set it to auto or memory)")
 
 
 @dataclasses.dataclass

@@ -133,7 +133,8 @@ class Ticker:
             self.on_step(i)
 
     def show(self, info: str) -> None:
-        self.bar.update(self.task, info=info)
+        """The epoch's summary (a line of its own where progress is printed as plain lines)."""
+        self.bar.update(self.task, info=info, refresh=True)
 
 
 def set_loader_epoch(loader, epoch: int) -> None:
