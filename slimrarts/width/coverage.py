@@ -27,13 +27,15 @@ def _min_keep(gates: Gates, min_channels: int) -> list[torch.Tensor]:
 
 
 def coverage(model: nn.Module, example_input: torch.Tensor, scope: str | Iterable[str] = "internal", *,
-             min_channels: int = 1, check: bool = True) -> dict:
+             min_channels: int = 1, check: bool = True, check_modules: Iterable[str] | None = None) -> dict:
     """What width search reaches on `model`: gated and skipped channels, and the MACs reduction when every gated
     group is cut to `min_channels` channels (an α entry of a grouped conv's channels keeps `repeat` of them).
 
     The cut is real: a copy of `model` is gated, every group cut, and the slim copy's MACs counted (torch-pruning's
     counter, `slimrarts.metrics.macs_and_params`, batch 1), so the figure is true by construction. With `check`, the
-    removal invariant of that cut is measured too (`max_abs_diff`, `max_abs_ref`). `model` is not changed.
+    removal invariant of that cut is measured too (`max_abs_diff`, `max_abs_ref`), on the model's output or, with
+    `check_modules`, on those submodules' outputs (a detector's raw heads: `raw_output_modules`). `model` is not
+    changed.
     """
     x1 = example_input[:1]
     work = copy.deepcopy(model).eval()
@@ -56,7 +58,8 @@ def coverage(model: nn.Module, example_input: torch.Tensor, scope: str | Iterabl
     if not gates.groups:
         gates.remove()
         return dict(out, macs_min=macs_before, params_min=params_before, macs_reduction=0.0)
-    spec = remove_channels(gates, _min_keep(gates, min_channels), check_input=example_input if check else None)
+    spec = remove_channels(gates, _min_keep(gates, min_channels), check_input=example_input if check else None,
+                           check_modules=list(check_modules) if check and check_modules else None)
     macs_after, params_after = macs_and_params(work, example_inputs=x1)
     out.update(macs_min=macs_after, params_min=params_after, macs_reduction=1 - macs_after / macs_before)
     if check:
