@@ -147,7 +147,7 @@ def cmd_export(args) -> int:
 
     r = export_run(args.target, format=args.format, out=args.out, dynamic_batch=args.dynamic_batch,
                    batch_size=args.batch_size, int8=args.int8, calibration=args.calibration,
-                   calibration_method=args.calibration_method)
+                   calibration_method=args.calibration_method, activations=args.activations)
     how = f"opset {r['opset']}, {r['exporter']}" if r["opset"] else r["exporter"]
     batch = f"dynamic batch, checked at {r['batch_sizes']}" if r["dynamic_batch"] else f"batch {r['traced_batch']}"
     lines = [f"wrote {r['file']} ({r['format']}, {how}, {batch})", f"checked against PyTorch on {r['inputs']}",
@@ -155,8 +155,13 @@ def cmd_export(args) -> int:
              f"{r['rtol']:g} × max|output|) in {r['runtime']}"]
     if "int8" in r:
         q, acc = r["int8"], r["int8"]["accuracy"]
-        lines.append(f"wrote {q['file']} (int8 QDQ, per-channel {q['per_channel']}, reduce_range {q['reduce_range']}, "
-                     f"{q['calibration_method']} calibration on {q['calibration_images']} training images)")
+        lines.append(f"wrote {q['file']} (int8 QDQ, {q['activation_type']} activations, per-channel "
+                     f"{q['per_channel']}, reduce_range {q['reduce_range']}, {q['calibration_method']} calibration "
+                     f"on {q['calibration_images']} training images)")
+        for kind, agree in q["activation_choice"].items():
+            lines.append(f"  {kind} activations: relative |Δ| to fp32 {agree['relative_error']:.3g}"
+                         + (f", top-1 agreement {100 * agree['top1_agreement']:.1f}%" if "top1_agreement" in agree
+                            else "") + " on the calibration images")
         lines.append(f"test accuracy in onnxruntime: fp32 {100 * acc['fp32']['acc']:.2f}% → int8 "
                      f"{100 * acc['int8']['acc']:.2f}% ({acc['int8']['images']} images)")
         for run in q["latency"]["runs"]:
@@ -232,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, default=256, help="training images to calibrate int8 on; default 256")
     p.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="how the calibration estimates activation ranges; default minmax")
+    p.add_argument("--activations", choices=("auto", "int8", "uint8"), default="auto",
+                   help="int8 activations signed (S8S8), unsigned (U8S8), or auto: both tried, the one closer to fp32 "
+                        "on the calibration images kept; default auto")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.set_defaults(fn=cmd_info)

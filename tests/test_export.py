@@ -320,6 +320,9 @@ def test_cli_int8_export_is_calibrated_on_training_images_and_reports_accuracy_a
     (record,) = json.loads((run / "export.json").read_text())
     q = record["int8"]
     assert q["calibration_images"] == 30 and q["per_channel"] and q["format"] == "QDQ"
+    errors = {k: v["relative_error"] for k, v in q["activation_choice"].items()}
+    assert errors.keys() == {"int8", "uint8"} and q["activation_type"] == min(errors, key=errors.get)
+    assert f"(int8 QDQ, {q['activation_type']} activations" in printed and "uint8 activations: relative |Δ| to fp32" in printed
     assert q["reduce_range"] == (not q["cpu_vnni"])  # 7-bit weights only where int8 dot products can saturate
     proto = onnx.load(str(run / "slim.int8.onnx"))
     ops = {n.op_type for n in proto.graph.node}
@@ -334,6 +337,33 @@ def test_cli_int8_export_is_calibrated_on_training_images_and_reports_accuracy_a
     assert all(r["fp32_s"] > 0 and r["int8_s"] > 0 for r in q["latency"]["runs"])
     assert q["latency"]["runtime"]["runtime"] == "onnxruntime"
     assert foreign_entries(run) == []
+
+
+def _zero_point_types(data: bytes) -> set[int]:
+    proto = onnx.load_from_string(data)
+    consts = {t.name: t.data_type for t in proto.graph.initializer}
+    return {consts[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+            and n.input[0] == proto.graph.input[0].name}
+
+
+def test_int8_activations_auto_keeps_the_type_closer_to_fp32(slim_models):
+    """auto quantizes with signed and unsigned activations and keeps the one whose outputs on the calibration
+    batches are closer to fp32's (both measured and recorded); an explicit type is used as asked."""
+    model, x, _ = slim_models["channel-select"]
+    data = deploy.OnnxSession(model.eval(), tuple(x.shape[1:])).bytes
+    calib = [torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    auto, rec = deploy.quantize_int8(data, calib)
+    assert rec["activations_asked"] == "auto" and rec["activation_choice"].keys() == {"int8", "uint8"}
+    errors = {k: v["relative_error"] for k, v in rec["activation_choice"].items()}
+    assert rec["activation_type"] == min(errors, key=errors.get) and all(0 <= e < 1 for e in errors.values())
+    for kind, dtype in (("int8", onnx.TensorProto.INT8), ("uint8", onnx.TensorProto.UINT8)):
+        one, r = deploy.quantize_int8(data, calib, activations=kind)
+        assert r["activation_type"] == kind and r["activation_choice"] == {}
+        assert _zero_point_types(one) == {dtype}  # the input's activations really are of that type
+        if kind == rec["activation_type"]:
+            assert one == auto
+    with pytest.raises(InputError, match="activations 'int4' is not one of auto, int8, uint8"):
+        deploy.quantize_int8(data, calib, activations="int4")
 
 
 def make_loaders_of(run):

@@ -14,6 +14,7 @@ from .._io import atomic_write, read_json
 from ..api import load
 from ..data import make_loaders
 from ..deploy import (
+    ACTIVATION_TYPES,
     CALIBRATION_METHODS,
     FORMATS,
     check_batch_sizes,
@@ -86,7 +87,8 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[torch.arange(n) % x.shape[0]]
 
 
-def _int8(path: Path, data: bytes, run_dir: Path, calibration: int, method: str) -> dict[str, Any]:
+def _int8(path: Path, data: bytes, run_dir: Path, calibration: int, method: str,
+          activations: str = "auto") -> dict[str, Any]:
     """Quantize the exported ONNX model on `calibration` training images of the run (as its training loader gives
     them, augmentation included), write it beside the fp32 file (`.int8.onnx`), and measure both in onnxruntime:
     test accuracy (the whole test set) and latency at batch 1 and 64 (interleaved rounds)."""
@@ -97,7 +99,7 @@ def _int8(path: Path, data: bytes, run_dir: Path, calibration: int, method: str)
         seen += batches[-1].shape[0]
         if seen >= calibration:
             break
-    quantized, record = quantize_int8(data, batches, method=method)
+    quantized, record = quantize_int8(data, batches, method=method, activations=activations)
     qpath = path.with_suffix(".int8.onnx")
     atomic_write(qpath, quantized)
     test = [(x.float(), y) for x, y in loaders.test]
@@ -120,7 +122,7 @@ def _int8(path: Path, data: bytes, run_dir: Path, calibration: int, method: str)
 
 def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | None = None,
                dynamic_batch: bool = False, batch_size: int = 1, int8: bool = False, calibration: int = 256,
-               calibration_method: str = "minmax") -> dict[str, Any]:
+               calibration_method: str = "minmax", activations: str = "auto") -> dict[str, Any]:
     """Export the slim model of a run folder (or of a bare `slim.pt`) and check it; returns the check's record.
 
     The file goes to `out` (default: `slim.onnx` / `slim.pt2` beside slim.pt). It is checked on the run's test
@@ -131,7 +133,8 @@ def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | No
 
     `int8`: also the int8 (QDQ) model, calibrated on `calibration` training images of the run (`deploy.
     quantize_int8`), written as `<out>.int8.onnx`, with fp32 and int8 test accuracy and latency in onnxruntime
-    (the record's `int8`); needs format onnx and a run folder whose data loads.
+    (the record's `int8`); needs format onnx and a run folder whose data loads. `activations`: int8, uint8, or
+    auto (both tried, the one closer to fp32 on the calibration images kept).
     """
     if format not in FORMATS:
         raise InputError(f"--format {format!r} is not an export format; allowed: {', '.join(FORMATS)}")
@@ -144,6 +147,8 @@ def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | No
     if calibration_method not in CALIBRATION_METHODS:
         raise InputError(f"--calibration-method {calibration_method!r} is not one of "
                          f"{', '.join(CALIBRATION_METHODS)}")
+    if activations not in ACTIVATION_TYPES:
+        raise InputError(f"--activations {activations!r} is not one of {', '.join(ACTIVATION_TYPES)}")
     slim, run_dir = _locate(target)
     if int8 and run_dir is None:
         raise InputError(f"--int8 calibrates on the run's training images, but {slim} has no run folder "
@@ -165,7 +170,8 @@ def export_run(target: str | Path, *, format: str = "onnx", out: str | Path | No
                     inputs=what)
     record["source"] = str(slim)
     if int8:
-        record["int8"] = _int8(path, path.read_bytes(), run_dir, calibration, calibration_method)
+        record["int8"] = _int8(path, path.read_bytes(), run_dir, calibration, calibration_method,
+                               activations)
     if run_dir is not None:
         log = run_dir / EXPORT_RECORD
         records = read_json(log, what="the run's export record: ") if log.exists() else []
