@@ -53,12 +53,10 @@ def _finished_or_resume(run_dir: Path) -> tuple[dict | None, bool]:
 def run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
     """`slimrarts train` of `recipe` in `run_dir`: the report of a finished run, else a (resumed) run's."""
     from slimrarts.commands.width import train_recipe
-    from slimrarts.engine import prepare_run_dir
 
     report, resume = _finished_or_resume(run_dir)
     if report is not None:
         return report
-    prepare_run_dir(run_dir, resume=resume)
     return train_recipe(recipe, run_dir, resume=resume, progress=progress)
 
 

@@ -293,12 +293,17 @@ def _table(rows: list[dict], batches: list[int]) -> str:
 def _acc_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["| model | fp32 test acc % (ORT) | int8 test acc % (ORT) | int8 settings |", "|---|---|---|---|"]
+    lines = ["| model | fp32 test acc % (ORT) | int8 test acc % (ORT) | int8 settings | activations tried: relative "
+             "\\|Δ\\| to fp32, top-1 agreement on the calibration images |", "|---|---|---|---|---|"]
     for r in rows:
         q = r["int8"]
-        lines.append(f"| {r['model']} | {100 * r['fp32_acc']:.2f} | {100 * r['int8_acc']:.2f} | QDQ S8S8, per-channel "
-                     f"{q['per_channel']}, reduce_range {q['reduce_range']}, {q['calibration_method']}, "
-                     f"{q['calibration_images']} training images |")
+        kind = q.get("activation_type", "int8")
+        tried = "; ".join(f"{k}: {v['relative_error']:.3f}, {100 * v.get('top1_agreement', float('nan')):.1f}%"
+                          for k, v in q.get("activation_choice", {}).items()) or "—"
+        lines.append(f"| {r['model']} | {100 * r['fp32_acc']:.2f} | {100 * r['int8_acc']:.2f} | QDQ "
+                     f"{'S8S8' if kind == 'int8' else 'U8S8'}, per-channel {q['per_channel']}, reduce_range "
+                     f"{q['reduce_range']}, {q['calibration_method']}, {q['calibration_images']} training images | "
+                     f"{tried} |")
     return "\n".join(lines)
 
 

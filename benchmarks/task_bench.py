@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, run_baseline, run_prune, write_result  # noqa: E402
+from _common import machine, run_baseline, run_prune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "task_bench.json"
@@ -51,7 +51,7 @@ FLOORS = {"segmentation": 0.40, "detection": 0.15}
 ROWS = {"rarts": ["search.method=rarts", "search.score=grad"], "group-norm": ["search.method=group-norm"]}
 
 
-def _synth(data: Path, cifar: str | None) -> dict:
+def _synth(data: Path, cifar: str | None, size: int = 160, train: int = 2000, test: int = 500) -> dict:
     """The synthetic set under `data` (built once by synth_tasks.py, then reused)."""
     from synth_tasks import build
 
@@ -60,15 +60,25 @@ def _synth(data: Path, cifar: str | None) -> dict:
         if not base:
             raise SystemExit("task_bench: set SLIMRARTS_DATA to the folder holding cifar10-jpg.tar.gz, or pass --cifar")
         cifar = str(Path(base) / "cifar10-jpg.tar.gz")
-    build(cifar, data, size=160, train=2000, test=500, seed=0)
+    build(cifar, data, size=size, train=train, test=test, seed=0)
     return json.loads((data / "synth.json").read_text())
+
+
+def _save(data: dict) -> None:
+    from slimrarts._io import atomic_write
+
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(OUT, json.dumps({**data, "machine": machine(torch.device("cpu"))}, indent=1))
+
+
+SETS: list[str] = []  # --set overrides, applied to every recipe after the script's own
 
 
 def _recipe(task: str, data: Path, extra: list[str]):
     from slimrarts.recipe import load_recipe
 
     spec = TASKS[task]
-    return load_recipe(spec["recipe"], [f"data.root={data / spec['layout']}", *extra])
+    return load_recipe(spec["recipe"], [f"data.root={data / spec['layout']}", *extra, *SETS])
 
 
 def _row(report: dict, metric: str) -> dict:
@@ -84,7 +94,8 @@ def _row(report: dict, metric: str) -> dict:
 def run(args) -> dict:
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     runs, synth_dir = Path(args.runs), Path(args.data)
-    data["synth"] = _synth(synth_dir, args.cifar)
+    data["synth"] = _synth(synth_dir, args.cifar, args.size, *args.canvases)
+    data["overrides"] = SETS
     for task in args.tasks:
         spec, entry = TASKS[task], data.setdefault(task, {"rows": {}})
         folder = runs / task
@@ -96,9 +107,9 @@ def run(args) -> dict:
         entry["dense"] = {"metric": spec["metric"], "value": value, "test_metric": dense["test_metric"],
                           "macs": dense["macs"], "params": dense["params"], "epochs": dense["epochs"],
                           "train_s": dense["train_s"], "floor": FLOORS[task]}
-        write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+        _save(data)
         print(f"== {task}: dense {spec['metric']} {value:.4f} (floor {FLOORS[task]})", flush=True)
-        if value < FLOORS[task]:
+        if value < FLOORS[task] and not args.ignore_floor:
             print("   below the floor: not pruned; train longer (recipe train.epochs)", flush=True)
             continue
         for name, over in ROWS.items():
@@ -110,7 +121,7 @@ def run(args) -> dict:
             entry["rows"][name] = _row(report, spec["metric"])
             print(f"   {spec['metric']} {entry['rows'][name]['headline']:.4f}, MACs "
                   f"{report['macs']['after'] / 1e6:.1f}M of {report['macs']['before'] / 1e6:.1f}M", flush=True)
-            write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+            _save(data)
     return data
 
 
@@ -143,7 +154,7 @@ def time_rows(args) -> dict:
         entry["latency_spread"] = {n: t.spread for n, t in zip(names, timed, strict=True)}
         entry["latency_load"] = load
         print(task, entry["latency_ms"], flush=True)
-    write_result("task_bench", {**data, "machine": machine(torch.device("cpu"))})
+    _save(data)
     return data
 
 
@@ -183,7 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time", action="store_true", help="time the finished runs' models (idle machine only)")
     ap.add_argument("--force", action="store_true", help="with --time: time even on a busy machine")
     ap.add_argument("--report", action="store_true", help="print the table from finished runs; run nothing")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every run (e.g. train.epochs=1 for a smoke test)")
+    ap.add_argument("--size", type=int, default=160, help="canvas side of the synthetic set")
+    ap.add_argument("--canvases", type=int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"))
+    ap.add_argument("--ignore-floor", action="store_true", help="prune even below the floor (smoke tests only)")
+    ap.add_argument("--results", default=None, help="the results file (default benchmarks/results/task_bench.json)")
     args = ap.parse_args(argv)
+    global OUT
+    SETS[:] = args.set
+    if args.results:
+        OUT = Path(args.results)
     args.tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
