@@ -298,7 +298,8 @@ def test_tiny_faster_rcnn_is_gated_and_cut_exactly_on_its_raw_heads():
     assert isinstance(detections, list) and detections[0].keys() == {"boxes", "labels", "scores"}
 
 
-# the six torchvision models of issue 24 (weights=None; their coverage table in RESULTS is still to be written)
+# the six torchvision models of issue 24 (weights=None); benchmarks/task_coverage.py measures the same six (RESULTS:
+# "Coverage of segmentation and detection models")
 TASK_MODELS = [
     ("lraspp_mobilenet_v3_large", 224, {}),
     ("deeplabv3_mobilenet_v3_large", 224, {"aux_loss": True}),
