@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import functools
 import inspect
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,9 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .baselines import reference_counts
 from .baselines.random_pruning import read_reference
-from .config import to_dict
 from .data.factory import Loaders, as_loaders
 from .deploy import resolve_runtime, runtime_record, time_in
 from .engine import dist
@@ -29,34 +26,28 @@ from .engine.fit import evaluate, fit
 from .engine.recalibrate import recalibrate_bn
 from .engine.rundir import RunDir, check_run_dir
 from .engine.step import batches_on
-from .engine.task import CLASSIFICATION, Classification, Task, get_task
-from .errors import InputError, InputTypeError
+from .engine.task import CLASSIFICATION, Classification, Task
+from .errors import InputError
 from .methods import MethodInfo, get_method
 from .metrics import macs_and_params
 from .models import create_model
 from .models.io import attach_io
 from .models.provenance import infer_model_info
-from .preflight import check_data, check_first_batches, check_model, finite_model, frozen_layers, model_outputs
-from .recipe import Recipe, load_recipe
+from .preflight import check_data, check_first_batches, check_model, finite_model, model_outputs
+from .recipe import Recipe
 from .report import build_report
 from .runfolder import OpenRun, open_run
-from .search.base import SearchState
-from .search.loop import search_from_section
-from .search.problem import NetProblem
 from .timing import speed_report
 from .width import (
     Gates,
-    Skipped,
-    attach_gates,
     load_slim,
-    prunable_channels,
     remove_channels,
-    require_groups,
     save_slim,
 )
 from .width.heads import raw_output_modules
-from .width.scores import init_from_magnitude, search_scores
 from .width.select import Selection
+from .widthsearch import WidthSearch, _attach, _resolve_recipe, resolve_task
+from .widthsearch import _take_final_weights as _take_final_weights  # benchmarks and tests import it from here
 
 __all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
            "remove", "resolve_task", "search", "search_width", "select"]
@@ -73,62 +64,6 @@ class PruneResult:
     width_spec: dict
 
 
-@dataclasses.dataclass
-class WidthSearch:
-    """What `search_width` leaves: the gates (α in `gates.alphas`), the search state (w, y, optimizers) and the
-    phase's result (history, times)."""
-
-    gates: Gates
-    state: SearchState
-    result: PhaseResult
-    selection: Selection | None = None  # cost model, budget and limits prepared before the search
-    importance: list[torch.Tensor] | None = None  # Σ |α ⊙ ∇_α| over the α-steps (`search.score: grad`)
-
-
-def _resolve_recipe(config: Recipe | dict | str | None, *, ratio=None, budget=None, mode=None, method=None,
-                    scope=None, search_epochs=None, finetune_epochs=None, device=None) -> Recipe:
-    """`config` with `prune()`'s keyword arguments on top (those given), checked."""
-    if budget is not None:
-        if ratio is not None:
-            raise InputError("give ratio (the share of channels to prune) or budget (what the slim model keeps of "
-                             "the dense cost), not both")
-        budget = _budget_section(budget)
-        mode = mode or "budget"
-    overrides = {"prune.ratio": ratio, "prune.budget": budget, "prune.mode": mode, "search.method": method,
-                 "prune.scope": [scope] if isinstance(scope, str) else scope, "search.epochs": search_epochs,
-                 "finetune.epochs": finetune_epochs, "device": str(device) if device is not None else None}
-    if isinstance(config, Recipe):
-        base = to_dict(config)
-    elif isinstance(config, dict):
-        base = copy.deepcopy(config)
-    elif config is None:
-        base = {}
-    else:
-        base = config
-    items = [f"{k}={json.dumps(v, default=_plain)}" for k, v in overrides.items() if v is not None]
-    return load_recipe(base, items)
-
-
-def _plain(value: Any) -> Any:
-    """A numpy or torch scalar as the Python number it holds (the recipe's values are plain)."""
-    if hasattr(value, "item") and tuple(getattr(value, "shape", (None,))) == ():
-        return value.item()
-    raise InputTypeError(f"{value!r} ({type(value).__name__}) is not a plain value for a recipe setting")
-
-
-def _budget_section(budget: dict) -> dict:
-    """`{"macs": "50%"}` (one kind: its target) or a full `prune.budget` mapping, as the recipe section."""
-    if not isinstance(budget, dict):
-        raise InputTypeError(f"budget must be a dict such as {{'macs': '50%'}}, got {type(budget).__name__} {budget!r}")
-    kinds = [k for k in ("macs", "params", "latency") if k in budget]
-    if len(kinds) > 1:
-        raise InputError(f"budget names {' and '.join(kinds)}: give one kind ({{'macs': '50%'}})")
-    if kinds:
-        out = {k: v for k, v in budget.items() if k != kinds[0]}
-        return {**out, "kind": kinds[0], "target": budget[kinds[0]]}
-    return dict(budget)
-
-
 def _example_input(loaders: Loaders, device: torch.device, n: int = 8, task: Task = CLASSIFICATION) -> torch.Tensor:
     """The first images of D_t, as the loader gives them (the pre-flight checks read their dtype; `task.example`
     makes a batch tensor of a detection batch's images); in a process group, rank 0's, so gates, checks and
@@ -143,40 +78,6 @@ def _example_input(loaders: Loaders, device: torch.device, n: int = 8, task: Tas
     return dist.from_main(lambda: first().cpu()).to(device)
 
 
-@torch.no_grad()
-def _take_final_weights(model: nn.Module, state: SearchState, which: str) -> None:
-    """Put the weights the slim model is cut from into `model`: w (already there), y, or their mean."""
-    if which == "w" or state.y is None:
-        return
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    for k, y in state.y.items():  # the trained parameters (frozen ones are shared by both nets)
-        params[k].copy_(y if which == "y" else (params[k] + y) / 2)
-    for k, b in buffers.items():
-        other = state.y_buffers[k]
-        if which == "y" or not b.is_floating_point():
-            b.copy_(other)
-        else:
-            b.copy_((b + other) / 2)
-
-
-def resolve_task(task: Task | str | None, recipe: Recipe, *, loss_fn: Callable | None = None,
-                 metric_fn: Callable | None = None) -> Task:
-    """The task a run learns: `task` (a name or an `engine.task.Task` object) or else the recipe's `task` section,
-    with a user's `loss_fn` / `metric_fn` on top (`engine.task.CustomTask`)."""
-    if task is None or isinstance(task, str):
-        name = task or recipe.task.name
-        options = recipe.task.options() if name == recipe.task.name else {}
-        task = get_task(name, **options)
-    else:
-        task = get_task(task)
-    if recipe.finetune.distill is not None and task.name != "classification":
-        raise InputError(f"finetune.distill matches a classifier's class probabilities; the {task.name} task has no "
-                         "such output here: remove finetune.distill")
-    if loss_fn is not None or metric_fn is not None:
-        task = get_task(task, loss_fn=loss_fn, metric_fn=metric_fn)
-    return task
-
-
 def _task_kw(method: MethodInfo, task: Task) -> dict:
     """`task=` for a baseline that takes it; a baseline that does not runs for classification only."""
     if "task" in inspect.signature(method.run).parameters:
@@ -187,55 +88,21 @@ def _task_kw(method: MethodInfo, task: Task) -> dict:
     return {}
 
 
-def _check_gates(gates: Gates, recipe: Recipe) -> None:
-    """Fail before any training when the gated model cannot meet the recipe (budgets: `Selection.prepare`)."""
-    p = recipe.prune
-    require_groups(gates, p.scope)
-    if p.mode == "ratio" and not p.reference:
-        total = gates.num_channels
-        prunable = prunable_channels(gates.groups, p.min_channels)
-        if round(p.ratio * total) > prunable:
-            raise InputError(f"prune.ratio={p.ratio} asks for {round(p.ratio * total)} of {total} gated channels, but "
-                             f"prune.min_channels={p.min_channels} leaves only {prunable} prunable")
-    if p.reference:
-        reference_counts(p.reference, gates)
-
-
-def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, Selection]:
-    """Gates on `model` for the recipe's scopes (frozen layers left out, each listed with the reason) and the
-    selection prepared for them; everything here fails before any training."""
-    frozen = frozen_layers(model)
-    gates = attach_gates(model, x[:2], recipe.prune.scope, ignored=[m for _, m in frozen])
-    gates.skipped.extend(Skipped(name, "frozen: its weight does not require grad, so it is not trained or pruned",
-                                 channels=m.weight.shape[0]) for name, m in frozen)
-    gates.guard_untraced(recipe.prune.exclude)  # a module the trace did not see stops the run at its first call
-    _check_gates(gates, recipe)
-    return gates, Selection.prepare(gates, recipe, tuple(x.shape[1:]), x.device)
-
-
 def search_width(model: nn.Module, loaders, recipe: Recipe, *, device: torch.device, run_dir: Path | None = None,
                  resume: bool = False, progress: bool = True, example_input: torch.Tensor | None = None,
                  task: Task = CLASSIFICATION) -> WidthSearch:
-    """Attach gates to `model` (in place) and learn α with the recipe's search method on `task`'s loss.
+    """Attach gates to `model` (in place) and learn α with the recipe's search method on `task`'s loss, in the
+    library's own loop (`WidthSearch.run`: the recipe's epochs and schedules, checkpoints in `run_dir`).
 
-    Returns a `WidthSearch` (gates, search state, phase result); `model` holds w afterwards.
+    Returns the `WidthSearch` (gates, search state, `result`: the phase's record); `model` holds w afterwards.
     """
     loaders = as_loaders(loaders, seed=recipe.seed)
-    s, p = recipe.search, recipe.prune
-    if s.channels_last:
+    if recipe.search.channels_last:
         model.to(memory_format=torch.channels_last)
     x = example_input if example_input is not None else _example_input(loaders, device, task=task).float()
-    gates, selection = _attach(model, x, recipe)
-    if s.init == "magnitude":  # before the copy y is made: both nets start from the same rescaled weights
-        init_from_magnitude(gates)
-    problem = NetProblem(model, gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
-                         penalty=selection.penalty(), task=task)
-    if s.score == "grad":
-        problem.importance = [torch.zeros_like(a, requires_grad=False) for a in gates.alphas]
-    callbacks = [cb for cb in (selection.stopping_rule(), selection.shrink_callback(problem)) if cb is not None]
-    state, result = search_from_section(problem, s, loaders, run_dir=run_dir, resume=resume, progress=progress,
-                                        callbacks=callbacks)
-    return WidthSearch(gates, state, result, selection, problem.importance)
+    found = WidthSearch(model, x, config=recipe, task=task)
+    found.run(loaders, run_dir=run_dir, resume=resume, progress=progress)
+    return found
 
 
 def _search_note(method: MethodInfo, recipe: Recipe) -> str:
@@ -274,6 +141,7 @@ class PruneRun:
     accuracy: dict = dataclasses.field(default_factory=dict)  # the test set's figures, stage by stage
     gates: Gates | None = None
     selection: Selection | None = None
+    width_search: WidthSearch | None = None  # a search method's α, weights and cut (baselines: None)
     scores: list[torch.Tensor] | None = None  # per α entry, higher survives
     keep: list[torch.Tensor] | None = None  # per α entry, the channels the cut keeps
     search_phase: PhaseResult | None = None
@@ -349,9 +217,10 @@ def search(run: PruneRun) -> None:
     kw = dict(device=run.device, run_dir=run.run_dir, resume=run.resume, progress=run.progress)
     if method.has_alpha:
         found = search_width(run.model, run.loaders, recipe, example_input=run.example, task=run.task, **kw)
-        _take_final_weights(run.model, found.state, recipe.search.final_weights)
+        found.take_final_weights()
+        run.width_search = found
         run.gates, run.selection, run.search_phase = found.gates, found.selection, found.result
-        run.scores = search_scores(found.gates, recipe.search.score, found.importance)
+        run.scores = found.scores()
         run.note = _search_note(method, recipe)
     else:
         run.gates, run.selection = _attach(run.model, run.example, recipe)
@@ -366,10 +235,13 @@ def select(run: PruneRun) -> None:
     budget times the cut) and the same on every rank; the test accuracy with the losers masked."""
     if run.keep is None:
         sel, scores, x = run.selection, run.scores, run.example
-        if dist.active():
-            run.keep = dist.from_main(lambda: [k.cpu() for k in sel.finish(scores, sel.select(scores), x)])
+        if run.width_search is not None:
+            def choose():
+                return run.width_search.select(scores=scores)
         else:
-            run.keep = sel.finish(scores, sel.select(scores), x)
+            def choose():
+                return sel.finish(scores, sel.select(scores), x)
+        run.keep = dist.from_main(lambda: [k.cpu() for k in choose()]) if dist.active() else choose()
     with run.gates.masked(run.keep):
         run.accuracy["masked"] = run.metric()
 
@@ -377,16 +249,24 @@ def select(run: PruneRun) -> None:
 def remove(run: PruneRun) -> None:
     """Stage 4: fold the gates into the weights and remove the losing channels for real; the slim model's output
     must equal the masked one's."""
-    heads = raw_output_modules(run.model)  # a detection model: its raw predictions, before NMS
-    spec = remove_channels(run.gates, run.keep, check_input=run.example, check_modules=heads or None)
+    if run.width_search is not None:
+        run.spec = run.width_search.remove(run.keep)
+    else:
+        run.spec = _remove(run.gates, run.keep, run.model, run.example)
+    run.model = run.model.to(memory_format=torch.contiguous_format)
+    run.cost_after = macs_and_params(run.model, (1, *run.example.shape[1:]))
+    run.accuracy["slim_stale_bn"] = run.metric()  # the statistics of the network before the cut
+
+
+def _remove(gates: Gates, keep, model: nn.Module, x: torch.Tensor) -> dict:
+    """The cut of a baseline's gates (no `WidthSearch`), checked as `WidthSearch.remove` checks it."""
+    heads = raw_output_modules(model)  # a detection model: its raw predictions, before NMS
+    spec = remove_channels(gates, keep, check_input=x, check_modules=heads or None)
     if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
         raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
                            f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
                            "would not be the searched one")
-    run.spec = spec
-    run.model = run.model.to(memory_format=torch.contiguous_format)
-    run.cost_after = macs_and_params(run.model, (1, *run.example.shape[1:]))
-    run.accuracy["slim_stale_bn"] = run.metric()  # the statistics of the network before the cut
+    return spec
 
 
 def recalibrate(run: PruneRun) -> None:

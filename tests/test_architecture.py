@@ -106,8 +106,10 @@ LAYERS: dict[str, set[str]] = {
     "toy": {"engine", "search"},
     "runfolder": {"engine", "recipe"},  # opening a run folder: lock, fingerprint and settings checks, its record
     "deploy": set(),  # export and its check: torch, onnx and onnxruntime over the foundation only
+    # your loop's object over the search machinery (prune() is built on it)
+    "widthsearch": {"baselines", "config", "engine", "methods", "preflight", "recipe", "search", "width"},
     "api": {"baselines", "config", "data", "deploy", "engine", "methods", "metrics", "models", "preflight", "recipe",
-            "report", "runfolder", "search", "width"},
+            "report", "runfolder", "search", "width", "widthsearch"},
     "commands": {"api", "config", "data", "deploy", "engine", "methods", "metrics", "models", "nas", "preflight",
                  "recipe", "runfolder", "version", "width"},
     "cli": {"commands", "config", "engine", "methods", "metrics", "models", "recipe", "report", "runs", "version"},

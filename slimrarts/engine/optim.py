@@ -26,10 +26,11 @@ class _DeviceLR(torch.optim.Optimizer):
         self._sync_lr_tensors()
 
     def _sync_lr_tensors(self) -> None:
-        self._lr_tensors = []
+        self._lr_tensors, self._lr_seen = [], []
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             self._lr_tensors.append(torch.tensor(float(group["lr"]), device=device))
+            self._lr_seen.append(float(group["lr"]))
 
     def set_lr(self, lr: float, group: int | None = None) -> None:
         """Set the learning rate of one or all groups (an async device write, no sync)."""
@@ -37,6 +38,15 @@ class _DeviceLR(torch.optim.Optimizer):
             if group is None or group == i:
                 g["lr"] = float(lr)
                 self._lr_tensors[i].fill_(float(lr))
+                self._lr_seen[i] = float(lr)
+
+    def _follow_lr(self) -> None:
+        """Take up a learning rate written into `param_groups` directly (a `torch.optim.lr_scheduler`, a user's
+        loop): compared as Python floats, so no sync; a step replayed from a CUDA graph sees only `set_lr`."""
+        for i, g in enumerate(self.param_groups):
+            if g["lr"] != self._lr_seen[i]:
+                self._lr_tensors[i].fill_(float(g["lr"]))
+                self._lr_seen[i] = float(g["lr"])
 
     def lr_tensor(self, group: int = 0) -> torch.Tensor:
         """The device tensor holding a group's learning rate (e.g. for proximal steps)."""
@@ -64,6 +74,7 @@ class SGD(_DeviceLR):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
+        self._follow_lr()
         for i, group in enumerate(self.param_groups):
             params, grads = self._with_grads(group)
             if not params:
@@ -110,6 +121,7 @@ class Adam(_DeviceLR):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
+        self._follow_lr()
         for i, group in enumerate(self.param_groups):
             params, grads = self._with_grads(group)
             if not params:

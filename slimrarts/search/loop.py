@@ -17,7 +17,7 @@ from ..methods import get_method
 from .base import SearchState
 from .problem import NetProblem, make_state
 
-__all__ = ["run_search", "search_from_section"]
+__all__ = ["load_search_state", "run_search", "search_from_section", "search_state_dict", "state_from_section"]
 
 
 class _Search:
@@ -88,35 +88,44 @@ class _Search:
         return [t.detach() for t in ws if t.is_floating_point()]
 
     def state_dict(self) -> dict:
-        problem, state = self.problem, self.state
-        out = {"w": {k: v.detach() for k, v in state.w.items()}, "w_buffers": state.w_buffers,
-               "arch": [a.detach() for a in problem.arch], "opt_w": state.opt_w.state_dict(),
-               "optim_arch": state.optim_arch.state_dict()}
-        if state.y is not None:
-            out.update(y={k: v.detach() for k, v in state.y.items()}, y_buffers=state.y_buffers,
-                       opt_y=state.opt_y.state_dict())
-        importance = getattr(problem, "importance", None)
-        if importance is not None:
-            out["importance"] = [t.detach() for t in importance]
-        return out
+        return search_state_dict(self.problem, self.state)
 
-    @torch.no_grad()
     def load_state_dict(self, ckpt: dict) -> None:
-        problem, state = self.problem, self.state
-        torch._foreach_copy_(list(state.w.values()), [ckpt["w"][k] for k in state.w])
-        for k, v in state.w_buffers.items():
-            v.copy_(ckpt["w_buffers"][k])
-        torch._foreach_copy_(problem.arch, ckpt["arch"])
-        state.opt_w.load_state_dict(ckpt["opt_w"])
-        state.optim_arch.load_state_dict(ckpt["optim_arch"])
-        if state.y is not None:
-            torch._foreach_copy_(list(state.y.values()), [ckpt["y"][k] for k in state.y])
-            for k, v in state.y_buffers.items():
-                v.copy_(ckpt["y_buffers"][k])
-            state.opt_y.load_state_dict(ckpt["opt_y"])
-        importance = getattr(problem, "importance", None)
-        if importance is not None and "importance" in ckpt:
-            torch._foreach_copy_(importance, ckpt["importance"])
+        load_search_state(self.problem, self.state, ckpt)
+
+
+def search_state_dict(problem: NetProblem, state: SearchState) -> dict:
+    """What a search has learned and will resume from: w (and y) with their buffers, α, the three optimizers'
+    states and, with `search.score: grad`, the importance summed so far (tensors, not copies)."""
+    out = {"w": {k: v.detach() for k, v in state.w.items()}, "w_buffers": state.w_buffers,
+           "arch": [a.detach() for a in problem.arch], "opt_w": state.opt_w.state_dict(),
+           "optim_arch": state.optim_arch.state_dict()}
+    if state.y is not None:
+        out.update(y={k: v.detach() for k, v in state.y.items()}, y_buffers=state.y_buffers,
+                   opt_y=state.opt_y.state_dict())
+    importance = getattr(problem, "importance", None)
+    if importance is not None:
+        out["importance"] = [t.detach() for t in importance]
+    return out
+
+
+@torch.no_grad()
+def load_search_state(problem: NetProblem, state: SearchState, ckpt: dict) -> None:
+    """Copy `search_state_dict`'s content back into `problem` and `state`, in place."""
+    torch._foreach_copy_(list(state.w.values()), [ckpt["w"][k] for k in state.w])
+    for k, v in state.w_buffers.items():
+        v.copy_(ckpt["w_buffers"][k])
+    torch._foreach_copy_(problem.arch, ckpt["arch"])
+    state.opt_w.load_state_dict(ckpt["opt_w"])
+    state.optim_arch.load_state_dict(ckpt["optim_arch"])
+    if state.y is not None:
+        torch._foreach_copy_(list(state.y.values()), [ckpt["y"][k] for k in state.y])
+        for k, v in state.y_buffers.items():
+            v.copy_(ckpt["y_buffers"][k])
+        state.opt_y.load_state_dict(ckpt["opt_y"])
+    importance = getattr(problem, "importance", None)
+    if importance is not None and "importance" in ckpt:
+        torch._foreach_copy_(importance, ckpt["importance"])
 
 
 def run_search(
@@ -196,18 +205,27 @@ def run_search(
                       config_key="search")
 
 
+def state_from_section(problem: NetProblem, section) -> SearchState:
+    """The search state (w, y, the three optimizers) over `problem` for a recipe's `search` section."""
+    s = section
+    return make_state(problem.model, problem.arch, s.method, optim_w=s.optim, optim_y=s.optim_y,
+                      optim_arch=s.optim_arch, lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
+
+
 def search_from_section(problem: NetProblem, section, loaders, *, run_dir: str | None = None, resume: bool = False,
-                        progress: bool = True, callbacks: Iterable[Callback] = ()) -> tuple[SearchState, PhaseResult]:
+                        progress: bool = True, callbacks: Iterable[Callback] = (),
+                        state: SearchState | None = None) -> tuple[SearchState, PhaseResult]:
     """Build the search state over `problem` from a recipe's `search` section and run it: the one way the width
     search (`api.search_width`) and the cell search (`nas.search_topology`) run.
 
     `section` is a width or cell recipe's `search` (method, epochs, lam, beta, xi, grad_clip, the optimizers `optim`,
     `optim_y` and `optim_arch`, channels_last, log_every, cuda_graph); `loaders` has `search_t`, `search_v` and `train`
-    (read by methods that train on the whole set). Returns the state (w, y, optimizers) and the phase's result.
+    (read by methods that train on the whole set). `state`: one made before (`state_from_section`), else a new
+    one. Returns the state (w, y, optimizers) and the phase's result.
     """
     s = section
-    state = make_state(problem.model, problem.arch, s.method, optim_w=s.optim, optim_y=s.optim_y,
-                       optim_arch=s.optim_arch, lam=s.lam, beta=s.beta, xi=s.xi, grad_clip=s.grad_clip)
+    if state is None:
+        state = state_from_section(problem, s)
     whole = get_method(s.method).data == "whole"
     result = run_search(problem, state, s.method, epochs=s.epochs, optim_w=s.optim, optim_y=s.optim_y,
                         optim_arch=s.optim_arch, loader_t=loaders.search_t, loader_v=loaders.search_v,
