@@ -46,7 +46,7 @@ from .width import (
 )
 from .width.heads import raw_output_modules
 from .width.select import Selection
-from .widthsearch import WidthSearch, _attach, _resolve_recipe, resolve_task
+from .widthsearch import REGULARIZED, WidthSearch, _attach, _resolve_recipe, resolve_task
 from .widthsearch import _take_final_weights as _take_final_weights  # benchmarks and tests import it from here
 
 __all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
@@ -141,7 +141,7 @@ class PruneRun:
     accuracy: dict = dataclasses.field(default_factory=dict)  # the test set's figures, stage by stage
     gates: Gates | None = None
     selection: Selection | None = None
-    width_search: WidthSearch | None = None  # a search method's α, weights and cut (baselines: None)
+    width_search: WidthSearch | None = None  # a search (or slimming): α, weights and cut (other baselines: None)
     scores: list[torch.Tensor] | None = None  # per α entry, higher survives
     keep: list[torch.Tensor] | None = None  # per α entry, the channels the cut keeps
     search_phase: PhaseResult | None = None
@@ -215,13 +215,13 @@ def search(run: PruneRun) -> None:
     `search.score` of the result), a baseline trains and/or scores channels (some decide the keep masks)."""
     recipe, method = run.recipe, run.method
     kw = dict(device=run.device, run_dir=run.run_dir, resume=run.resume, progress=run.progress)
-    if method.has_alpha:
+    if method.has_alpha or method.name in REGULARIZED:  # the searches and slimming: a WidthSearch runs them
         found = search_width(run.model, run.loaders, recipe, example_input=run.example, task=run.task, **kw)
         found.take_final_weights()
         run.width_search = found
         run.gates, run.selection, run.search_phase = found.gates, found.selection, found.result
         run.scores = found.scores()
-        run.note = _search_note(method, recipe)
+        run.note = found.note or _search_note(method, recipe)
     else:
         run.gates, run.selection = _attach(run.model, run.example, recipe)
         out = method.run(run.model, run.gates, run.loaders, recipe, **kw, **_task_kw(method, run.task))

@@ -23,8 +23,11 @@ import torch
 import torch.nn as nn
 
 from .baselines import reference_counts
+from .baselines.slimming import SlimmingPenalty, train_sparse
 from .config import to_dict
+from .engine import dist
 from .engine.recalibrate import recalibrate_bn
+from .engine.step import TrainStep
 from .engine.task import Task, get_task
 from .errors import InputError, InputTypeError
 from .methods import get_method
@@ -32,7 +35,7 @@ from .preflight import frozen_layers
 from .recipe import Recipe, load_recipe
 from .search.base import SearchState
 from .search.loop import load_search_state, search_from_section, search_state_dict, state_from_section
-from .search.problem import NetProblem
+from .search.problem import NetProblem, make_state
 from .width import Gates, Skipped, attach_gates, prunable_channels, remove_channels, require_groups
 from .width.heads import raw_output_modules
 from .width.scores import init_from_magnitude, search_scores
@@ -147,6 +150,10 @@ def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, S
     return gates, Selection.prepare(gates, recipe, tuple(x.shape[1:]), x.device)
 
 
+# one-net methods without α that `regularize` drives: the name and the penalty it trains with
+REGULARIZED: dict[str, type] = {"slimming": SlimmingPenalty}
+
+
 class WidthSearch:
     """Width search over `model` that any training loop can drive: α (one score per prunable output channel) on
     gates attached to `model` in place, the method's weight copies and optimizers, the selection and the cut.
@@ -155,7 +162,8 @@ class WidthSearch:
         model: the network, on the device it trains on (gates are attached to it; its parameters are w).
         example_input: a float batch of inputs on that device (the trace reads its first 2, the removal check all).
         method: a search method with α (`rarts` default, `rarts-jacobi`, `darts1`, `darts2`, `milenas`: `step`
-            with two batches; `joint`: `regularize` inside your loop, or `step` with one batch).
+            with two batches; `joint`: `regularize` inside your loop, or `step` with one batch), or `slimming`
+            (Network Slimming: the ℓ1 subgradient on BN γ by `regularize`, channels ranked by |γ|).
         scope: the gated channels (`internal`, `branch-input`, `coupled`, or a list).
         config: a `Recipe`, its dict or a YAML path: `search` (λ, β, optimizers and their learning rates, `score`,
             `final_weights`, `init`, `amp`) and `prune` (scope, mode, ratio or budget, `min_channels`, `round_to`,
@@ -179,21 +187,28 @@ class WidthSearch:
         self.recipe = recipe = config if isinstance(config, Recipe) and method is None and scope is None else \
             _resolve_recipe(config, method=method, scope=scope)
         self.info = get_method(recipe.search.method)
-        if not self.info.has_alpha:
+        if not self.info.has_alpha and self.info.name not in REGULARIZED:
             raise InputError(f"WidthSearch: method {recipe.search.method!r} is a {self.info.kind} without α; give a "
-                             "search method (rarts, rarts-jacobi, darts1, darts2, milenas, joint); criteria such as "
-                             "group-norm need no loop of yours: slimrarts.prune(..., method=...)")
+                             "search method (rarts, rarts-jacobi, darts1, darts2, milenas, joint) or slimming; "
+                             "criteria such as group-norm need no loop of yours: slimrarts.prune(..., method=...)")
         self.task = resolve_task(task, recipe, loss_fn=loss_fn, metric_fn=metric_fn)
         s, p = recipe.search, recipe.prune
         self.model, self.example = model, example_input
         self.gates, self.selection = _attach(model, example_input, recipe)
-        if s.init == "magnitude":  # before the copy y is made: both nets start from the same rescaled weights
+        # slimming: α frozen, γ set to `baselines.init_gamma`; its ℓ1 term is the only thing `regularize` adds
+        self.penalty = REGULARIZED[self.info.name](model, self.gates, recipe.baselines) \
+            if self.info.name in REGULARIZED else None
+        if s.init == "magnitude" and self.penalty is None:  # before the copy y is made: both nets start from the same rescaled weights
             init_from_magnitude(self.gates)
         self.problem = NetProblem(model, self.gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
                                   penalty=self.selection.penalty(), task=self.task)
         if s.score == "grad":
             self.problem.importance = [torch.zeros_like(a, requires_grad=False) for a in self.gates.alphas]
-        self.state: SearchState = state_from_section(self.problem, s)
+        self.state: SearchState = state_from_section(self.problem, s) if self.penalty is None else \
+            make_state(model, self.problem.arch, "joint", optim_w=s.optim, optim_arch=s.optim_arch)
+        self._train_step = None if self.penalty is None else TrainStep(
+            model, self.state.opt_w, device=self.problem.device, amp=s.amp, task=self.task,
+            after_backward=self.penalty.add_subgradient)
         self.result = None  # the epochs' record when `run` drove it (prune's search stage)
         self.keep: list[torch.Tensor] | None = None
         self.spec: dict | None = None
@@ -215,6 +230,11 @@ class WidthSearch:
         return out
 
     @property
+    def note(self) -> str:
+        """What the method's search was, for a report (slimming: its sparsity; else empty)."""
+        return self.penalty.note if self.penalty is not None else ""
+
+    @property
     def importance(self) -> list[torch.Tensor] | None:
         """Σ |α ⊙ ∇α| over the α-steps so far (`search.score: grad`), else None."""
         return self.problem.importance
@@ -225,7 +245,8 @@ class WidthSearch:
 
     def step(self, batch_t, batch_v=None) -> None:
         """One iteration of the method: for split-data methods `batch_t` from D_t and `batch_v` from D_v (two
-        disjoint halves of the training set), for `joint` one batch. Batches are as your loader gives them
+        disjoint halves of the training set), for `joint` and `slimming` one batch (slimming: one step of
+        `optimizers["w"]` with the ℓ1 subgradient, as prune() trains). Batches are as your loader gives them
         (`(images, targets)`), moved to the model's device."""
         if self._final_taken:
             raise InputError("WidthSearch.step: the search was cut (or selected) already; make a new WidthSearch")
@@ -235,28 +256,57 @@ class WidthSearch:
         if self.info.data == "whole" and batch_v is not None:
             raise InputError(f"WidthSearch.step: {self.info.name} trains on one batch at a time; pass step(batch)")
         self.model.train()
+        if self._train_step is not None:
+            self._train_step(*self._batch(batch_t))
+            return
         self.info.step(self.problem, self.state, self._batch(batch_t),
                        self._batch(batch_v) if batch_v is not None else None)
 
-    def regularize(self) -> None:
-        """For a one-net search inside your own loop, after `loss.backward()` (and before or after your optimizer's
-        step): one α step with the gradient your backward left in α (plus the cost term's, the ℓ1 proximal step
-        of `prune.mode: l1` and the importance of `search.score: grad`, as `joint` does), then α's gradients are
-        cleared. Your optimizer steps the weights; only α is stepped here."""
+    def regularize(self, *, grad_scale: float | torch.Tensor | None = None) -> bool:
+        """For a one-net search inside your own loop: call it after `loss.backward()` (after the last backward of
+        an accumulated step) and before your optimizer's step.
+
+        `joint`: one α step with the gradient your backward left in α (plus the cost term's, the ℓ1 proximal step
+        of `prune.mode: l1` and the importance of `search.score: grad`, as prune's joint search does), then α's
+        gradients are cleared; only α is stepped here, your optimizer steps the weights. In a process group α's
+        gradients are averaged over the ranks first (your DDP averages only the weights'), so α stays the same
+        on every rank. `slimming`: the ℓ1 subgradient s·sign(γ) is added to the BN γ gradients your optimizer is
+        about to use (after DDP averaged them; unscaled, so call it after a GradScaler's `unscale_`).
+
+        `grad_scale`: the factor a `torch.amp.GradScaler` multiplied the loss by (`scaler.get_scale()`): α's
+        gradients are divided by it, and when they are not finite (the scaler skips that step) α is not stepped.
+        Returns whether α was stepped (slimming: True)."""
         if self.info.two_nets or self.info.data == "split":
-            raise InputError(f"WidthSearch.regularize is for a one-net search in your loop (method joint); "
-                             f"{self.info.name} keeps its own weight copies: call step(batch_t, batch_v)")
+            raise InputError(f"WidthSearch.regularize is for a one-net search in your loop (method joint or "
+                             f"slimming); {self.info.name} keeps its own weight copies: call step(batch_t, batch_v)")
+        if self.penalty is not None:
+            self.penalty.add_subgradient()
+            return True
         from .search.base import arch_step
 
         grads = [a.grad if a.grad is not None else torch.zeros_like(a) for a in self.gates.alphas]
-        arch_step(self.problem, self.state, grads)
+        dist.all_reduce_(grads, "mean")
+        stepped = True
+        if grad_scale is not None:
+            grads = torch._foreach_mul(grads, 1.0 / grad_scale)
+            # one sync; the scaler skips its step then too (and syncs to know it)
+            stepped = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if stepped:
+            arch_step(self.problem, self.state, grads)
         for a in self.gates.alphas:
             a.grad = None
+        return stepped
 
     def run(self, loaders, *, run_dir=None, resume: bool = False, progress: bool = True,
             callbacks: Iterable = ()) -> None:
         """The library's own loop: the recipe's `search.epochs` over `loaders` (`search_t`/`search_v`, or `train`
-        for joint) with its schedules, checkpoints and stopping rules; what `prune()` runs. Sets `result`."""
+        for joint and slimming) with its schedules, checkpoints and stopping rules; what `prune()` runs. Sets
+        `result`."""
+        if self.penalty is not None:
+            self.result = train_sparse(self.model, self.penalty, loaders, self.recipe, device=self.problem.device,
+                                       run_dir=run_dir, resume=resume, progress=progress, task=self.task,
+                                       optimizer=self.state.opt_w)
+            return
         extra = [cb for cb in (self.selection.stopping_rule(), self.selection.shrink_callback(self.problem))
                  if cb is not None]
         _, self.result = search_from_section(self.problem, self.recipe.search, loaders, run_dir=run_dir,
@@ -285,7 +335,9 @@ class WidthSearch:
         return recipe, Selection.prepare(self.gates, recipe, tuple(self.example.shape[1:]), self.example.device)
 
     def scores(self, recipe: Recipe | None = None) -> list[torch.Tensor]:
-        """The scores the cut ranks α's entries by (higher survives; `search.score`)."""
+        """The scores the cut ranks α's entries by (higher survives; `search.score`; slimming: |γ|)."""
+        if self.penalty is not None:
+            return self.gates.entry_scores(self.penalty.scores())
         return search_scores(self.gates, (recipe or self.recipe).search.score, self.problem.importance)
 
     def take_final_weights(self) -> None:

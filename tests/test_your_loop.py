@@ -74,6 +74,62 @@ def test_a_hand_written_rarts_loop_gives_prunes_slim_model_bit_for_bit(tiny_sets
     _same(slim, run.model)
 
 
+SLIMMING = {**CONFIG, "search": {"method": "slimming", "epochs": 2,
+                                  "optim": {"lr": 0.05, "schedule": "step", "milestones": [0.5], "gamma": 0.5}},
+            "baselines": {"sparsity": 1e-3, "init_gamma": 0.5}}
+
+
+def test_a_hand_written_slimming_loop_gives_prunes_slim_model_bit_for_bit(tiny_sets):
+    """Network Slimming in the user's loop: their forward, loss and backward, `regularize()` adds s·sign(γ) to γ's
+    gradient, their step of the search's SGD with the learning rate by torch.optim.lr_scheduler; prune(method=
+    slimming)'s stages before fine-tuning give the same |γ| ranking, widths and weights, exactly."""
+    from slimrarts import api
+
+    model = _model()
+    run = api.prepare(copy.deepcopy(model), tiny_loaders(tiny_sets), api._resolve_recipe(SLIMMING), progress=False)
+    for stage in (api.search, api.select, api.remove, api.recalibrate):
+        stage(run)
+    run.close()
+    assert run.note.startswith("Network Slimming: BN-γ ℓ1 (s=0.001)")
+
+    loaders = tiny_loaders(tiny_sets)
+    mine = copy.deepcopy(model)
+    torch.manual_seed(0)
+    search = slimrarts.WidthSearch(mine, _first_images(loaders.train), config=SLIMMING)
+    assert all(not a.requires_grad for a in search.alphas)  # the scores are γ; α stays 1
+    optimizer = search.optimizers["w"]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[len(loaders.train)], gamma=0.5)
+    mine.train()
+    for epoch in range(2):
+        loaders.train.set_epoch(epoch)
+        for x, y in loaders.train:
+            loss = F.cross_entropy(mine(x), y)
+            loss.backward()
+            search.regularize()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+    slim = search.cut(recalibrate=loaders.train)
+    assert [g["kept"] for g in search.spec["groups"]] == [g["kept"] for g in run.spec["groups"]]
+    _same(slim, run.model)
+
+
+def test_slimmings_penalty_is_what_regularize_adds(tiny_sets):
+    """regularize() adds exactly s·sign(γ) to the gradient of every gated norm's γ and nothing else."""
+    loaders = tiny_loaders(tiny_sets)
+    model = _model()
+    search = slimrarts.WidthSearch(model, _first_images(loaders.train), config=SLIMMING)
+    x, y = next(iter(loaders.train))
+    F.cross_entropy(model(x), y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    search.regularize()
+    gammas = {id(w) for w in search.penalty.weights}
+    assert gammas
+    for n, p in model.named_parameters():
+        extra = 1e-3 * torch.sign(p.detach()) if id(p) in gammas else torch.zeros_like(p)
+        assert torch.equal(p.grad, before[n] + extra), n
+
+
 def test_the_schedule_is_the_users_a_different_one_gives_other_weights(tiny_sets):
     """Without the step-down of the learning rate the same loop ends elsewhere: the schedule really is driven."""
     loaders = tiny_loaders(tiny_sets)

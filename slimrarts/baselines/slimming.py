@@ -17,7 +17,7 @@ from ..engine.task import CLASSIFICATION
 from ..errors import InputError
 from .base import BaselineResult, register_baseline, search_like
 
-__all__ = ["bn_l1_subgradient", "slimming"]
+__all__ = ["SlimmingPenalty", "bn_l1_subgradient", "slimming", "train_sparse"]
 
 
 def bn_l1_subgradient(weights: list[torch.Tensor], s: float):
@@ -50,27 +50,51 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
     return out
 
 
+class SlimmingPenalty:
+    """Network Slimming's sparsity term over the norms that carry `gates`: α frozen (the scores are γ), γ set to
+    `init_gamma`, `add_subgradient()` after each backward, `scores()` per group (|γ| averaged over a group's norms).
+
+    `settings` is a recipe's `baselines` section (`sparsity` s, `init_gamma`)."""
+
+    def __init__(self, model: nn.Module, gates, settings):
+        for a in gates.alphas:
+            a.requires_grad_(False)
+        self.norms = _site_norms(model, gates)
+        unique = list({id(m): m for group in self.norms for m in group}.values())
+        if settings.init_gamma is not None:  # on resume, the checkpoint is then loaded over it
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                        m.weight.fill_(settings.init_gamma)
+        self.sparsity = settings.sparsity
+        self.weights = [m.weight for m in unique]
+        self.add_subgradient = bn_l1_subgradient(self.weights, settings.sparsity)
+
+    def scores(self) -> list[torch.Tensor]:
+        """One score per channel of each group: |γ|, averaged over the group's norms (on the CPU)."""
+        return [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in self.norms]
+
+    @property
+    def note(self) -> str:
+        return f"Network Slimming: BN-γ ℓ1 (s={self.sparsity}), whole training set"
+
+
+def train_sparse(model, penalty: SlimmingPenalty, loaders, recipe, *, device, run_dir=None, resume=False,
+                 progress=True, task=CLASSIFICATION, optimizer=None):
+    """NS's sparsity training: the recipe's `search` epochs and optimizer on the whole training set, the ℓ1
+    subgradient added after every backward (the one loop `slimming` and `WidthSearch.run` run)."""
+    return fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
+               resume=resume, progress=progress, task=task, optimizer=optimizer,
+               callbacks=[on(Event.AFTER_BACKWARD, lambda _: penalty.add_subgradient())])
+
+
 def slimming(model, gates, loaders, recipe, *, device, run_dir=None, resume=False, progress=True,
              task=CLASSIFICATION) -> BaselineResult:
     """γ ← init_gamma; train on the whole set with s‖γ‖₁; scores = |γ| at each group's gate sites."""
-    s = recipe.baselines
-    for a in gates.alphas:
-        a.requires_grad_(False)
-    norms = _site_norms(model, gates)
-    unique = list({id(m): m for group in norms for m in group}.values())
-    if s.init_gamma is not None:  # on resume, fit() then loads the checkpoint over it
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                    m.weight.fill_(s.init_gamma)
-    weights = [m.weight for m in unique]
-    l1_step = bn_l1_subgradient(weights, s.sparsity)
-    result = fit(model, loaders.train, None, cfg=search_like(recipe), device=device, run_dir=run_dir, phase="search",
-                 resume=resume, progress=progress, task=task,
-                 callbacks=[on(Event.AFTER_BACKWARD, lambda _: l1_step())])
-    scores = [torch.stack([m.weight.detach().abs().float() for m in group]).mean(0).cpu() for group in norms]
-    return BaselineResult(scores=scores, keep=None, fit=result,
-                          note=f"Network Slimming: BN-γ ℓ1 (s={s.sparsity}), whole training set")
+    penalty = SlimmingPenalty(model, gates, recipe.baselines)
+    result = train_sparse(model, penalty, loaders, recipe, device=device, run_dir=run_dir, resume=resume,
+                          progress=progress, task=task)
+    return BaselineResult(scores=penalty.scores(), keep=None, fit=result, note=penalty.note)
 
 
 register_baseline("slimming", source="Network Slimming (Liu et al., ICCV 2017)",
