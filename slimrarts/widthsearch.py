@@ -198,7 +198,7 @@ class WidthSearch:
         # slimming: α frozen, γ set to `baselines.init_gamma`; its ℓ1 term is the only thing `regularize` adds
         self.penalty = REGULARIZED[self.info.name](model, self.gates, recipe.baselines) \
             if self.info.name in REGULARIZED else None
-        if s.init == "magnitude" and self.penalty is None:  # before the copy y is made: both nets start from the same rescaled weights
+        if s.init == "magnitude" and self.penalty is None:  # before y is made: both nets start from the same weights
             init_from_magnitude(self.gates)
         self.problem = NetProblem(model, self.gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
                                   penalty=self.selection.penalty(), task=self.task)
