@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[test,plot,deploy,tasks]"
+	$(BIN)/python -m pip install -q -e ".[test,plot,deploy,tasks,lightning]"
 	touch $@
 
 env: $(BIN)/.installed

@@ -314,9 +314,18 @@ class WidthSearch:
                                              state=self.state)
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """α, w (and y) with their buffers, the optimizers and the importance: save it with your checkpoints."""
-        return {"method": self.info.name, "search": search_state_dict(self.problem, self.state)}
+    def state_dict(self, *, weights: bool = True) -> dict:
+        """α, w (and y) with their buffers, the optimizers and the importance: save it with your checkpoints.
+
+        `weights=False`: α, its optimizer and the importance only, for a one-net search whose weights your own
+        checkpoint holds (the Lightning callback saves this)."""
+        full = search_state_dict(self.problem, self.state)
+        if not weights:
+            if self.info.two_nets:
+                raise InputError(f"WidthSearch.state_dict(weights=False): {self.info.name} keeps its own copy y of "
+                                 "the weights, which no checkpoint of yours holds; save state_dict()")
+            full = {k: full[k] for k in ("arch", "optim_arch", "importance") if k in full}
+        return {"method": self.info.name, "weights": weights, "search": full}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` of a search over the same model and settings (in place)."""
@@ -325,7 +334,15 @@ class WidthSearch:
         if state.get("method") != self.info.name:
             raise InputError(f"WidthSearch.load_state_dict: the state is of method {state.get('method')!r}, this "
                              f"search runs {self.info.name!r}")
-        load_search_state(self.problem, self.state, state["search"])
+        saved = state["search"]
+        if state.get("weights", True):
+            load_search_state(self.problem, self.state, saved)
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self.problem.arch, saved["arch"])
+            if self.problem.importance is not None and "importance" in saved:
+                torch._foreach_copy_(self.problem.importance, saved["importance"])
+        self.state.optim_arch.load_state_dict(saved["optim_arch"])
 
     # ---- the cut ------------------------------------------------------------------------------------------------
     def _selection(self, ratio, budget, mode) -> tuple[Recipe, Selection]:

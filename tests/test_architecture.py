@@ -108,6 +108,7 @@ LAYERS: dict[str, set[str]] = {
     "deploy": set(),  # export and its check: torch, onnx and onnxruntime over the foundation only
     # your loop's object over the search machinery (prune() is built on it)
     "widthsearch": {"baselines", "config", "engine", "methods", "preflight", "recipe", "search", "width"},
+    "integrations": {"methods", "width", "widthsearch"},  # other frameworks' hooks over WidthSearch (extras)
     "api": {"baselines", "config", "data", "deploy", "engine", "methods", "metrics", "models", "preflight", "recipe",
             "report", "runfolder", "search", "width", "widthsearch"},
     "commands": {"api", "config", "data", "deploy", "engine", "methods", "metrics", "models", "nas", "preflight",
