@@ -233,14 +233,14 @@ def search(run: PruneRun) -> None:
 def select(run: PruneRun) -> None:
     """Stage 3: the keep masks from the scores under the recipe's mode (ratio, budget, ℓ1), made once (a latency
     budget times the cut) and the same on every rank; the test accuracy with the losers masked."""
-    if run.keep is None:
+    if run.keep is None and run.width_search is not None:
+        run.keep = run.width_search.select(scores=run.scores)  # rank 0's masks on every rank
+    elif run.keep is None:
         sel, scores, x = run.selection, run.scores, run.example
-        if run.width_search is not None:
-            def choose():
-                return run.width_search.select(scores=scores)
-        else:
-            def choose():
-                return sel.finish(scores, sel.select(scores), x)
+
+        def choose():
+            return sel.finish(scores, sel.select(scores), x)
+
         run.keep = dist.from_main(lambda: [k.cpu() for k in choose()]) if dist.active() else choose()
     with run.gates.masked(run.keep):
         run.accuracy["masked"] = run.metric()

@@ -357,10 +357,17 @@ class WidthSearch:
             return self.gates.entry_scores(self.penalty.scores())
         return search_scores(self.gates, (recipe or self.recipe).search.score, self.problem.importance)
 
+    def sync_buffers(self) -> None:
+        """In a process group, average the BatchNorm running statistics of w (and y) over the ranks, so every rank
+        holds the same model: call it at the end of an epoch (prune()'s loop does; `select` and `cut` do too).
+        Training-mode steps do not read them. Without a group: nothing."""
+        dist.sync_buffers_([*self.state.w_buffers.values(), *(self.state.y_buffers or {}).values()])
+
     def take_final_weights(self) -> None:
         """Put the weights the slim model is cut from into `model` (`search.final_weights`: y, w or their mean);
-        once (`select` and `cut` call it)."""
+        once (`select` and `cut` call it; in a process group after `sync_buffers`)."""
         if not self._final_taken:
+            self.sync_buffers()
             _take_final_weights(self.model, self.state, self.recipe.search.final_weights)
             self._final_taken = True
 
@@ -368,11 +375,17 @@ class WidthSearch:
                scores: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The keep masks (one boolean tensor per group) under the recipe's mode, or the `ratio` / `budget` /
         `mode` given here (a budget's floor is checked now; a latency budget times the cut). `scores` default
-        to the search's."""
+        to the search's. In a process group the masks are rank 0's, on every rank."""
         recipe, sel = self._selection(ratio, budget, mode)
         self.take_final_weights()
         scores = self.scores(recipe) if scores is None else scores
-        self.keep = sel.finish(scores, sel.select(scores), self.example)
+
+        def choose() -> list[torch.Tensor]:
+            return sel.finish(scores, sel.select(scores), self.example)
+
+        # in a process group rank 0 chooses and every rank cuts the same channels (a latency budget's timing
+        # differs from rank to rank)
+        self.keep = dist.from_main(lambda: [k.cpu() for k in choose()]) if dist.active() else choose()
         return self.keep
 
     def remove(self, keep: list[torch.Tensor] | None = None) -> dict:
