@@ -209,3 +209,28 @@ def test_without_the_extra_the_import_names_it():
             "except ImportError as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtraError") and "slimrarts[lightning]" in out
+
+
+def test_the_lightning_example_runs_and_its_checkpoint_reloads_within_the_budget(tiny_sets, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from slimrarts.metrics import macs_and_params
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_width_search.py"
+    spec = importlib.util.spec_from_file_location("lightning_width_search", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    module = example.Classifier(create_model("tiny_preresnet"))
+    dense, _ = macs_and_params(copy.deepcopy(module.net), (1, 3, 32, 32))
+    example.search_cut_finetune(module, _data(tiny_sets), epochs=1, budget="60%", root=tmp_path, checkpoint=tmp_path / "s.ckpt",
+                                enable_progress_bar=False, accelerator="cpu")
+    after, _ = macs_and_params(copy.deepcopy(module.net), (1, 3, 32, 32))
+    assert after <= 0.6 * dense * 1.01
+    torch.manual_seed(1)  # another initialisation: the checkpoint's weights replace it
+    again = load_slim_checkpoint(example.Classifier(create_model("tiny_preresnet")), tmp_path / "s.ckpt")
+    probe = torch.randn(2, 3, 32, 32)
+    module.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(probe), module(probe))
