@@ -224,8 +224,8 @@ def test_the_lightning_example_runs_and_its_checkpoint_reloads_within_the_budget
     torch.manual_seed(0)
     module = example.Classifier(create_model("tiny_preresnet"))
     dense, _ = macs_and_params(copy.deepcopy(module.net), (1, 3, 32, 32))
-    example.search_cut_finetune(module, _data(tiny_sets), epochs=1, budget="60%", root=tmp_path, checkpoint=tmp_path / "s.ckpt",
-                                enable_progress_bar=False, accelerator="cpu")
+    example.search_cut_finetune(module, _data(tiny_sets), epochs=1, budget="60%", root=tmp_path,
+                                checkpoint=tmp_path / "s.ckpt", enable_progress_bar=False, accelerator="cpu")
     after, _ = macs_and_params(copy.deepcopy(module.net), (1, 3, 32, 32))
     assert after <= 0.6 * dense * 1.01
     torch.manual_seed(1)  # another initialisation: the checkpoint's weights replace it
