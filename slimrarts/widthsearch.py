@@ -15,6 +15,7 @@ the task, the gates and their checks, the weights a two-net search is cut from) 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -170,6 +171,9 @@ class WidthSearch:
             `recalibrate`); `method`/`scope` on top. Epoch counts and schedules there are not used: your loop
             decides how long, and drives the learning rates (`optimizers`, e.g. with `torch.optim.lr_scheduler`).
         task, loss_fn, metric_fn: what the model learns, as in `prune()` (default classification).
+        init_weights: apply the method's start to the weights (slimming's `baselines.init_gamma`, `search.init:
+            magnitude`'s rescaling); False for a search about to `load_state_dict` over weights already trained
+            under it (a resumed run), which must not be changed again.
 
     Nothing prints. Two-net methods keep the second copy y beside the model's own weights w; the slim model is cut
     from the copy `search.final_weights` names (`y`, `w` or their mean), put into `model` by `cut`/`select`.
@@ -178,7 +182,7 @@ class WidthSearch:
     def __init__(self, model: nn.Module, example_input: torch.Tensor, *, method: str | None = None,
                  scope: str | list[str] | None = None, config: Recipe | dict | str | None = None,
                  task: Task | str | None = None, loss_fn: Callable | None = None,
-                 metric_fn: Callable | None = None):
+                 metric_fn: Callable | None = None, init_weights: bool = True):
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"WidthSearch: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
@@ -196,9 +200,12 @@ class WidthSearch:
         self.model, self.example = model, example_input
         self.gates, self.selection = _attach(model, example_input, recipe)
         # slimming: α frozen, γ set to `baselines.init_gamma`; its ℓ1 term is the only thing `regularize` adds
-        self.penalty = REGULARIZED[self.info.name](model, self.gates, recipe.baselines) \
-            if self.info.name in REGULARIZED else None
-        if s.init == "magnitude" and self.penalty is None:  # before y is made: both nets start from the same weights
+        if self.info.name in REGULARIZED:
+            settings = recipe.baselines if init_weights else dataclasses.replace(recipe.baselines, init_gamma=None)
+            self.penalty = REGULARIZED[self.info.name](model, self.gates, settings)
+        else:
+            self.penalty = None
+        if s.init == "magnitude" and self.penalty is None and init_weights:  # before y: both nets start alike
             init_from_magnitude(self.gates)
         self.problem = NetProblem(model, self.gates.alphas, amp=s.amp, l1=p.l1 if p.mode == "l1" else 0.0,
                                   penalty=self.selection.penalty(), task=self.task)
@@ -274,8 +281,9 @@ class WidthSearch:
         about to use (after DDP averaged them; unscaled, so call it after a GradScaler's `unscale_`).
 
         `grad_scale`: the factor a `torch.amp.GradScaler` multiplied the loss by (`scaler.get_scale()`): α's
-        gradients are divided by it, and when they are not finite (the scaler skips that step) α is not stepped.
-        Returns whether α was stepped (slimming: True)."""
+        gradients are divided by it, and when a gradient of α or of the model's weights is not finite (the scaler
+        skips that step) α is not stepped. α is not stepped either when no backward reached it (all its
+        gradients None: a skipped training step). Returns whether α was stepped (slimming: True)."""
         if self.info.two_nets or self.info.data == "split":
             raise InputError(f"WidthSearch.regularize is for a one-net search in your loop (method joint or "
                              f"slimming); {self.info.name} keeps its own weight copies: call step(batch_t, batch_v)")
@@ -284,13 +292,16 @@ class WidthSearch:
             return True
         from .search.base import arch_step
 
+        if all(a.grad is None for a in self.gates.alphas):
+            return False
         grads = [a.grad if a.grad is not None else torch.zeros_like(a) for a in self.gates.alphas]
         dist.all_reduce_(grads, "mean")
         stepped = True
         if grad_scale is not None:
             grads = torch._foreach_mul(grads, 1.0 / grad_scale)
+            weights = [p.grad for p in self.state.w.values() if p.grad is not None]
             # one sync; the scaler skips its step then too (and syncs to know it)
-            stepped = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            stepped = bool(torch.stack([torch.isfinite(g).all() for g in [*grads, *weights]]).all())
         if stepped:
             arch_step(self.problem, self.state, grads)
         for a in self.gates.alphas:

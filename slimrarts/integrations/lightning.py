@@ -27,6 +27,7 @@ checkpoint saved from then on by a Trainer with this callback holds the width sp
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -84,37 +85,80 @@ class WidthSearchCallback(pl.Callback):
         self.search: WidthSearch | None = None
         self.spec: dict | None = None
         self._pending: dict | None = None  # a checkpoint's search state, loaded once the search exists
+        self._restoring_fit = False  # the checkpoint being restored is a fit's (not validate's or test's)
+        self._cut_module: weakref.ref | None = None  # the module this callback cut
+        self._drives: set[int] = set()  # ids of the searched module's parameters
 
     def _target(self, pl_module: nn.Module) -> nn.Module:
         return pl_module if self.module is None else pl_module.get_submodule(self.module)
 
     # ---- the search -----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self.spec is not None:  # the fine-tuning fit of the slim model: nothing left to search
-            return
         target = self._target(pl_module)
-        x = self.example.to(next(target.parameters()).device)
+        if self.spec is not None:  # the fine-tuning fit of the slim model: nothing left to search
+            cut = self._cut_module() if self._cut_module is not None else None
+            if cut is not None and cut is not target:
+                raise InputError("WidthSearchCallback: this callback has cut another module already; its width "
+                                 "spec would be written into this one's checkpoints. Make a new WidthSearchCallback "
+                                 "for a new search")
+            return
+        _check_strategy(trainer)
+        params = list(target.parameters())
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
+            raise InputError(f"WidthSearchCallback: the module's weights are {params[0].dtype} (a '*-true' "
+                             "precision); α and the search need float32 weights: use a mixed precision "
+                             "(precision='bf16-mixed' or '16-mixed')")
+        x = self.example.to(params[0].device)
+        pending, self._pending = self._pending, None
         self.search = WidthSearch(target, x, method=self.method, scope=self.scope, config=self.config,
-                                  task=self.task, loss_fn=self.loss_fn, metric_fn=self.metric_fn)
-        if self._pending is not None:
-            self.search.load_state_dict(self._pending)
-            self._pending = None
+                                  task=self.task, loss_fn=self.loss_fn, metric_fn=self.metric_fn,
+                                  init_weights=pending is None)  # a resumed fit's weights were started already
+        if pending is not None:
+            self.search.load_state_dict(pending)
+        self._drives = {id(p) for p in params}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Once per optimizer step (Lightning calls it after the last accumulated backward and after unscaling
-        your optimizer's gradients): α's step, or slimming's subgradient."""
-        if self.search is None or self.spec is not None or optimizer is not _first(trainer.optimizers):
+        your optimizer's gradients): α's step, or slimming's subgradient. The optimizer that drives it is the first
+        of the Trainer's that holds the searched module's parameters."""
+        if self.search is None or self.spec is not None or optimizer is not self._driver(trainer):
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.search.regularize(grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled() else None)
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled and self.search.penalty is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise InputError("WidthSearchCallback: slimming adds its penalty to unscaled gradients, but this "
+                             f"optimizer ({type(optimizer).__name__}, fused) is stepped on scaled ones under the "
+                             "GradScaler; use a non-fused optimizer or precision='bf16-mixed'")
+        self.search.regularize(grad_scale=scaler.get_scale() if scaled else None)
+
+    def _driver(self, trainer):
+        for opt in trainer.optimizers:
+            if any(id(p) in self._drives for g in opt.param_groups for p in g["params"]):
+                return opt
+        return None
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The cut, while the model is still on its device."""
         if self.search is None or self.spec is not None:
             return
-        loader = trainer.train_dataloader if self.recalibrate is True else (self.recalibrate or None)
+        loader = self.recalibrate or None
+        if loader is True:
+            loader = trainer.train_dataloader
+            if isinstance(loader, (dict, list, tuple)):
+                raise InputError("WidthSearchCallback: the Trainer has several training loaders; pass the batches "
+                                 "to re-estimate the BatchNorm statistics on: recalibrate=<an iterable of "
+                                 "(images, targets)>, or recalibrate=False")
         self.search.cut(**self.cut_args, recalibrate=loader, batches=self.batches)
         self.spec = self.search.spec
+        self._cut_module = weakref.ref(self._target(pl_module))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """A fit that fails before the cut: the gates come off, so the module is as it was trained (a new fit
+        starts a new search)."""
+        if self.search is not None and self.spec is None:
+            self.search.gates.remove()
+            self.search.gates.unguard()
+            self.search = None
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -122,22 +166,31 @@ class WidthSearchCallback(pl.Callback):
             return {"spec": json.dumps(self.spec)}
         return {"search": self.search.state_dict(weights=False)} if self.search is not None else {}
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._restoring_fit = trainer.state.fn == "fit"
+
     def load_state_dict(self, state_dict: dict) -> None:
         if "spec" in state_dict:
             self.spec = json.loads(state_dict["spec"])
-        elif "search" in state_dict:
+        elif "search" in state_dict and self._restoring_fit:  # validate/test from a mid-search checkpoint: ignored
             self._pending = state_dict["search"]
-            if self.search is not None:
-                self.search.load_state_dict(self._pending)
-                self._pending = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.spec is not None:
             checkpoint[CHECKPOINT_KEY] = {"width_spec": json.dumps(self.spec), "module": self.module}
 
 
-def _first(optimizers: list) -> Any:
-    return optimizers[0] if optimizers else None
+def _check_strategy(trainer) -> None:
+    """One process, or DDP started by Lightning's own launcher or torchrun (not spawned: a spawned worker's slim
+    weights are copied back into the main process's dense module)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    spawned = getattr(strategy, "_start_method", "popen") != "popen"
+    if type(strategy) not in (SingleDeviceStrategy, DDPStrategy) or spawned:
+        raise InputError(f"WidthSearchCallback: strategy {type(strategy).__name__}"
+                         f"{' (spawned processes)' if spawned else ''} is not supported; use one device or "
+                         "strategy='ddp' (FSDP and DeepSpeed shard or flatten the weights the cut removes)")
 
 
 def load_slim_checkpoint(module: nn.Module, path: str, *, map_location: Any = "cpu",
