@@ -115,6 +115,10 @@ def test_fine_tuning_is_a_second_fit_and_a_checkpoint_after_the_cut_reloads(tiny
         assert torch.equal(again(probe), module(probe))
     with pytest.raises(RuntimeError, match="size mismatch"):  # what the width spec spares the user
         Classifier().load_state_dict(torch.load(tmp_path / "slim.ckpt", weights_only=True)["state_dict"])
+    # another process resumes the fine-tuning: the slim module from the file, then fit from it (optimizer included)
+    later = WidthSearchCallback(x, config=CONFIG, module="net")
+    _trainer([later], steps=5).fit(again, data, ckpt_path=tmp_path / "slim.ckpt")
+    assert later.spec == cb.spec and later.search is None  # nothing searched or cut again
 
 
 def test_a_checkpoint_before_the_cut_resumes_the_search(tiny_sets, tmp_path):
