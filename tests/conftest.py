@@ -145,3 +145,27 @@ def tiny_recipe_file(tmp_path: Path, archive: str, **extra) -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def flat_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples, by its path (`.w.conv1.weight`, `.alphas[0]`)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in flat_tensors(val, f"{prefix}.{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in flat_tensors(val, f"{prefix}[{i}]").items()}
+    return {}
+
+
+def torchrun_script(script: Path, *args: str, nproc: int = 2, timeout: float = 300):
+    """`torchrun --standalone --nproc_per_node=nproc script args` with this checkout's slimrarts, one thread each."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import yaml
+from conftest import flat_tensors
 from torchvision.io import encode_png
 
 from slimrarts.commands.width import prune_recipe
@@ -66,14 +67,7 @@ def _reference(recipe: dict, out: Path) -> None:
     prune_recipe(load_recipe(recipe), out, progress=False)
 
 
-def _flat(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}[{i}]").items()}
-    return {}
+_flat = flat_tensors
 
 
 def _learned(run: Path) -> dict[str, torch.Tensor]:

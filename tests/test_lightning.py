@@ -11,10 +11,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_loaders
+from conftest import tiny_loaders, torchrun_script
 
 pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed (pip install "
                          "'slimrarts[lightning]'); make env installs it")
+
+from lightning_ddp_worker import Classifier  # noqa: E402  (the LightningModule both tests train)
 
 from slimrarts.errors import InputError  # noqa: E402
 from slimrarts.integrations.lightning import WidthSearchCallback, load_slim_checkpoint  # noqa: E402
@@ -22,23 +24,6 @@ from slimrarts.models import create_model  # noqa: E402
 
 CONFIG = {"seed": 0, "device": "cpu", "search": {"optim_arch": {"lr": 0.05}},
           "prune": {"scope": ["internal"], "mode": "ratio", "ratio": 0.4}, "report": {"latency": False}}
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = create_model("tiny_preresnet")
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, _):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 def _data(tiny_sets, batch: int = 25) -> torch.utils.data.DataLoader:
@@ -322,15 +307,9 @@ def test_under_lightnings_ddp_every_rank_ends_with_the_same_alpha_and_slim_model
     """Trainer(strategy="ddp"), 2 gloo processes under torchrun: the gates go on after Lightning wrapped the model
     (its DDP averages the weights' gradients), `regularize` averages α's; the cut and the recalibrated
     statistics are the same on both ranks."""
-    import os
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("lightning_ddp_worker.py")), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_script(Path(__file__).with_name("lightning_ddp_worker.py"), str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a["kept"] == b["kept"]
