@@ -197,6 +197,29 @@ def test_a_one_net_search_in_an_ordinary_loop_cuts_to_the_masked_model(tiny_sets
     assert sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
 
 
+def test_the_l1_mode_in_an_ordinary_loop_cuts_the_channels_whose_alpha_reached_zero(tiny_sets):
+    """prune.mode l1 through `regularize()`: its proximal step leaves exact zeros in α, and the cut removes
+    exactly those channels (min_channels permitting)."""
+    loaders = tiny_loaders(tiny_sets)
+    model = _model()
+    config = {**CONFIG, "search": {"optim_arch": {"optimizer": "sgd", "lr": 0.5}},
+              "prune": {"scope": ["internal"], "mode": "l1", "l1": 0.5, "min_channels": 1}}
+    search = slimrarts.WidthSearch(model, _first_images(loaders.train), method="joint", config=config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for x, y in list(loaders.train)[:4]:
+        F.cross_entropy(model(x), y).backward()
+        search.regularize()
+        optimizer.step()
+        optimizer.zero_grad()
+    zeros = [a.detach() == 0 for a in search.alphas]
+    assert 0 < sum(int(z.sum()) for z in zeros) < sum(z.numel() for z in zeros)
+    keep = search.select()
+    for k, z, a in zip(keep, zeros, search.alphas, strict=True):
+        if int((~z).sum()) >= 1:  # a group with a surviving α keeps exactly its non-zero entries
+            assert torch.equal(k.cpu(), ~z.cpu()), a
+
+
 def test_a_budget_given_at_the_cut_is_met(tiny_sets):
     loaders = tiny_loaders(tiny_sets)
     search = slimrarts.WidthSearch(_model(), _first_images(loaders.search_t), config=CONFIG)
