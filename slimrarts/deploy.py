@@ -418,6 +418,21 @@ def _agreement(session, reference, name: str, batches: list) -> dict[str, float]
     return out
 
 
+# On x86 onnxruntime's int8 convolutions are built around u8 × s8 (VPMADDUBSW / VNNI): U8S8 ran ×1.2–×4.7 faster
+# than S8S8 on an AMD EPYC (benchmarks/int8_speed.py), S8S8 slower than fp32. There `auto` keeps signed activations
+# only when their error is below this share of the unsigned ones'.
+SIGNED_MARGIN_X86 = 0.5
+
+
+def _choose_activations(choice: dict[str, dict], *, x86: bool) -> str:
+    """`auto`'s pick among the tried activation types: the one closer to fp32 on the calibration batches; on x86
+    unsigned unless signed is clearly closer (`SIGNED_MARGIN_X86`)."""
+    errors = {k: v["relative_error"] for k, v in choice.items()}
+    if x86 and errors.keys() == {"int8", "uint8"}:
+        return "int8" if errors["int8"] < SIGNED_MARGIN_X86 * errors["uint8"] else "uint8"
+    return min(errors, key=errors.get)
+
+
 def quantize_int8(data: bytes, calibration, *, per_channel: bool = True, reduce_range: bool | None = None,
                   method: str = "minmax", activations: str = "auto") -> tuple[bytes, dict[str, Any]]:
     """Static int8 quantization (QDQ) of the ONNX model `data` with onnxruntime, calibrated on the float32 input
@@ -428,7 +443,9 @@ def quantize_int8(data: bytes, calibration, *, per_channel: bool = True, reduce_
     graph optimisation). Weights are signed int8, per output channel with `per_channel` (a pruned network's folded
     conv weights differ widely between channels). Activations are signed (`int8`: S8S8, onnxruntime's QDQ default)
     or unsigned (`uint8`: U8S8) int8; `auto` quantizes both and keeps the one whose outputs on the calibration
-    batches are closer to the fp32 model's (relative mean |Δ|; both figures are in the record). A pruned network
+    batches are closer to the fp32 model's (relative mean |Δ|; both figures are in the record) — on x86, where
+    onnxruntime's int8 kernels are U8S8 and S8S8 runs slower than fp32, unsigned unless signed's error is below
+    half of unsigned's (`SIGNED_MARGIN_X86`). A pruned network
     can hold a channel whose BatchNorm scales a near-constant signal up ~100x; there one of the two can lose half
     the accuracy while the other keeps it (the demo's slim ResNet-20: 36% in S8S8, 83% in U8S8, fp32 83.4%).
     `reduce_range` (7-bit weights) defaults to on only where the CPU lacks VNNI: there onnxruntime's x86 int8
@@ -475,7 +492,7 @@ def quantize_int8(data: bytes, calibration, *, per_channel: bool = True, reduce_
     if len(tried) > 1:
         reference = ort_session(data)
         choice = {kind: _agreement(ort_session(results[kind]), reference, name, batches) for kind in tried}
-    chosen = min(tried, key=lambda k: choice[k]["relative_error"]) if choice else tried[0]
+    chosen = _choose_activations(choice, x86="avx2" in flags) if choice else tried[0]
     quantized = results[chosen]
     record = {"format": "QDQ", "activations": f"{chosen} ({'signed' if chosen == 'int8' else 'unsigned'})",
               "activation_type": chosen, "activations_asked": activations, "activation_choice": choice,

@@ -321,7 +321,7 @@ def test_cli_int8_export_is_calibrated_on_training_images_and_reports_accuracy_a
     q = record["int8"]
     assert q["calibration_images"] == 30 and q["per_channel"] and q["format"] == "QDQ"
     errors = {k: v["relative_error"] for k, v in q["activation_choice"].items()}
-    assert errors.keys() == {"int8", "uint8"} and q["activation_type"] == min(errors, key=errors.get)
+    assert errors.keys() == {"int8", "uint8"} and q["activation_type"] == _auto_pick(errors, q)
     assert f"(int8 QDQ, {q['activation_type']} activations" in printed
     assert "uint8 activations: relative |Δ| to fp32" in printed
     assert q["reduce_range"] == (not q["cpu_vnni"])  # 7-bit weights only where int8 dot products can saturate
@@ -347,6 +347,24 @@ def _zero_point_types(data: bytes) -> set[int]:
             and n.input[0] == proto.graph.input[0].name}
 
 
+def _auto_pick(errors: dict[str, float], record: dict) -> str:
+    """auto's rule, written out: the closer type; on x86 unsigned unless signed's error is under half of it."""
+    if record["cpu_avx2"]:
+        return "int8" if errors["int8"] < 0.5 * errors["uint8"] else "uint8"
+    return min(errors, key=errors.get)
+
+
+def test_on_x86_auto_keeps_unsigned_unless_signed_is_clearly_closer():
+    from slimrarts.deploy import _choose_activations
+
+    def pick(e8, eu, x86=True):
+        return _choose_activations({"int8": {"relative_error": e8}, "uint8": {"relative_error": eu}}, x86=x86)
+
+    assert pick(0.030, 0.026) == "uint8" and pick(0.020, 0.026) == "uint8"  # S8S8 a little closer: still U8S8
+    assert pick(0.010, 0.026) == "int8"  # clearly closer
+    assert pick(0.020, 0.026, x86=False) == "int8"  # elsewhere the closer one
+
+
 def test_int8_activations_auto_keeps_the_type_closer_to_fp32(slim_models):
     """auto quantizes with signed and unsigned activations and keeps the one whose outputs on the calibration
     batches are closer to fp32's (both measured and recorded); an explicit type is used as asked."""
@@ -356,7 +374,7 @@ def test_int8_activations_auto_keeps_the_type_closer_to_fp32(slim_models):
     auto, rec = deploy.quantize_int8(data, calib)
     assert rec["activations_asked"] == "auto" and rec["activation_choice"].keys() == {"int8", "uint8"}
     errors = {k: v["relative_error"] for k, v in rec["activation_choice"].items()}
-    assert rec["activation_type"] == min(errors, key=errors.get) and all(0 <= e < 1 for e in errors.values())
+    assert rec["activation_type"] == _auto_pick(errors, rec) and all(0 <= e < 1 for e in errors.values())
     for kind, dtype in (("int8", onnx.TensorProto.INT8), ("uint8", onnx.TensorProto.UINT8)):
         one, r = deploy.quantize_int8(data, calib, activations=kind)
         assert r["activation_type"] == kind and r["activation_choice"] == {}
