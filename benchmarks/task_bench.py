@@ -18,8 +18,9 @@ proposals), all from random weights:
    choice of issue 20's held-out study) and with group-norm, the best criterion of the CPU table, and each slim
    model is fine-tuned with the same epochs;
 3. `--time` measures dense and slim latency (batch 1, the library's timing harness) when nothing else runs.
-Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<row>); results in
-benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
+Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep/<row>: a recipe with another
+dense `train.epochs` starts a new folder, and the JSON keeps the earlier schedule's figures under `earlier`);
+results in benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def _row(report: dict, metric: str) -> dict:
                 "finetune", 0.0), "settings": {k: report["settings"][k] for k in ("search", "prune", "finetune")}}
 
 
+def _folder(runs: Path, task: str, recipe) -> Path:
+    """The runs of one dense schedule: runs/tasks/<task>/<epochs>ep/{dense,rarts,group-norm} (a longer schedule is
+    a new folder; a finished run is reused as it is)."""
+    return runs / task / f"{recipe.train.epochs}ep"
+
+
 def run(args) -> dict:
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     runs, synth_dir = Path(args.runs), Path(args.data)
@@ -98,8 +105,14 @@ def run(args) -> dict:
     data["overrides"] = SETS
     for task in args.tasks:
         spec, entry = TASKS[task], data.setdefault(task, {"rows": {}})
-        folder = runs / task
-        dense = run_baseline(_recipe(task, synth_dir, []), folder / "dense", progress=False)
+        base = _recipe(task, synth_dir, [])
+        folder = _folder(runs, task, base)
+        if entry.get("dense", {}).get("epochs") not in (None, base.train.epochs):  # a new dense schedule
+            earlier = {k: entry.pop(k) for k in ("dense", "rows", "latency_ms", "latency_spread", "latency_load")
+                       if k in entry}
+            entry.setdefault("earlier", []).append(earlier)
+            entry["rows"] = {}
+        dense = run_baseline(base, folder / "dense", progress=False)
         value = dense["test_metric"] if spec["metric"] == dense["metric"] else None
         if value is None:  # the recipe reports the headline metric; detection's floor reads mAP@.5
             value = json.loads((folder / "dense" / "metrics.jsonl").read_text().splitlines()[-1]).get(
@@ -147,7 +160,7 @@ def time_rows(args) -> dict:
         task_obj = get_task(task, **recipe.task.options())
         x = task_obj.example(task_obj.split(next(iter(loaders.test)))[0])[:1].float()
         names = ["dense", *entry["rows"]]
-        models = [dense] + [load_slim(runs / task / name / "slim.pt", copy.deepcopy(dense))
+        models = [dense] + [load_slim(_folder(runs, task, recipe) / name / "slim.pt", copy.deepcopy(dense))
                             for name in entry["rows"]]
         timed = time_models(models, tuple(x.shape[1:]), rounds=5, repeats=10)
         entry["latency_ms"] = {n: 1e3 * t.median_s for n, t in zip(names, timed, strict=True)}
