@@ -229,9 +229,11 @@ class WidthSearch:
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimizers of w, y (two-net methods) and α (`alpha`): `torch.optim.Optimizer`s whose `param_groups`
-        learning rates a `torch.optim.lr_scheduler` (or your code) may set between steps."""
-        out = {"w": self.state.opt_w, "alpha": self.state.optim_arch}
+        """The optimizers of w, y (two-net methods) and α (`alpha`; slimming has none): `torch.optim.Optimizer`s
+        whose `param_groups` learning rates a `torch.optim.lr_scheduler` (or your code) may set between steps."""
+        out = {"w": self.state.opt_w}
+        if self.penalty is None:  # slimming learns no α (its scores are |γ|)
+            out["alpha"] = self.state.optim_arch
         if self.state.opt_y is not None:
             out["y"] = self.state.opt_y
         return out

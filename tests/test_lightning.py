@@ -317,3 +317,24 @@ def test_under_lightnings_ddp_every_rank_ends_with_the_same_alpha_and_slim_model
     for p, q in zip(a["alphas"], b["alphas"], strict=True):
         assert torch.equal(p, q)
     assert a["slim"].keys() == b["slim"].keys() and all(torch.equal(a["slim"][k], b["slim"][k]) for k in a["slim"])
+
+
+def test_a_module_without_forward_is_told_to_name_its_network(tiny_sets):
+    class NoForward(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = create_model("tiny_preresnet")
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    data = _data(tiny_sets)
+    cb = WidthSearchCallback(next(iter(data))[0][:8], config=CONFIG)
+    with pytest.raises(InputError, match="has no forward.*module='net'"):
+        _trainer([cb], steps=1).fit(NoForward(), data)
+    slim = WidthSearchCallback(next(iter(data))[0][:8], method="slimming", config=CONFIG, module="net")
+    with pytest.raises(InputError, match=r"not a norm; choose scopes.*\[internal, branch-input\]"):
+        _trainer([slim], steps=1).fit(Classifier(), data)

@@ -39,7 +39,9 @@ def _site_norms(model: nn.Module, gates) -> list[list[nn.Module]]:
         for site in group.sites:
             if site.fold != "norm":
                 raise InputError(f"slimming scores channels by BN γ, but group {group.name!r} has a gate on "
-                                 f"{site.module}, which is not a norm; use another scope or method")
+                                 f"{site.module}, which is not a norm; choose scopes whose gates all sit on norms "
+                                 "(a pre-activation ResNet: prune.scope [internal, branch-input] or branch-input) "
+                                 "or another method")
             norm = modules[site.module]
             if not isinstance(norm.weight, nn.Parameter):
                 raise InputError(f"slimming trains BN γ with an ℓ1 penalty, but {site.module} "

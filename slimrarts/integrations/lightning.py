@@ -103,6 +103,10 @@ class WidthSearchCallback(pl.Callback):
                                  "for a new search")
             return
         _check_strategy(trainer)
+        if self.module is None and type(pl_module).forward is pl.LightningModule.forward:
+            raise InputError(f"WidthSearchCallback: {type(pl_module).__name__} has no forward() to trace; define "
+                             "one, or name the network to search: WidthSearchCallback(..., module='net') for "
+                             "self.net")
         params = list(target.parameters())
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
             raise InputError(f"WidthSearchCallback: the module's weights are {params[0].dtype} (a '*-true' "
@@ -203,8 +207,9 @@ def load_slim_checkpoint(module: nn.Module, path: str, *, map_location: Any = "c
     ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     entry = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if entry is None:
-        raise InputError(f"{path}: this checkpoint holds no slimrarts width spec (it was saved before the cut, or by "
-                         "a Trainer without WidthSearchCallback); load it with your LightningModule as usual")
+        raise InputError(f"{path}: this checkpoint holds no slimrarts width spec: it was saved before the cut (load "
+                         "it with your LightningModule as usual), or from a slim module by a Trainer without the "
+                         "WidthSearchCallback that cut it (save it from a Trainer with callbacks=[that callback])")
     spec = json.loads(entry["width_spec"])
     target = module if entry.get("module") is None else module.get_submodule(entry["module"])
     apply_spec(target, spec)
