@@ -233,6 +233,32 @@ def test_a_budget_given_at_the_cut_is_met(tiny_sets):
     assert after <= 0.6 * dense * 1.01 and after < dense
 
 
+def test_a_latency_budget_given_at_the_cut_is_selected_by_the_latency_model(tiny_sets, monkeypatch):
+    """`cut(budget={"latency": ...})`: the per-layer latency model (a deterministic timer here) chooses the
+    widths, as prune()'s latency budget does."""
+    import warnings
+
+    from test_prune_budget import _deterministic_latency_model, _timed
+
+    import slimrarts.width.select as selection
+
+    built = []
+    _deterministic_latency_model(monkeypatch)
+    real = selection.build_latency_model
+    monkeypatch.setattr(selection, "build_latency_model", lambda *a, **k: built.append(1) or real(*a, **k))
+    monkeypatch.setattr(selection, "time_in", _timed(1e-6))
+    loaders = tiny_loaders(tiny_sets)
+    search = slimrarts.WidthSearch(_model(), _first_images(loaders.search_t), config=CONFIG)
+    for bt, bv in list(zip(loaders.search_t, loaders.search_v, strict=False))[:2]:
+        search.step(bt, bv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the real re-timing after the cut may miss on a tiny net
+        search.cut(budget={"latency": "60%"})
+    assert built  # the latency model was built for this budget
+    kept = sum(len(g["kept"]) for g in search.spec["groups"])
+    assert 0 < kept < sum(g["size"] for g in search.spec["groups"])
+
+
 def test_misuse_is_named(tiny_sets):
     loaders = tiny_loaders(tiny_sets)
     x = _first_images(loaders.search_t)
