@@ -300,10 +300,14 @@ class WidthSearch:
         dist.all_reduce_(grads, "mean")
         stepped = True
         if grad_scale is not None:
-            grads = torch._foreach_mul(grads, 1.0 / grad_scale)
+            device = grads[0].device
+            found = torch.zeros(1, device=device)
+            inv = torch.as_tensor(1.0 / grad_scale, dtype=torch.float32, device=device).reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)  # α: unscaled and checked, fused
             weights = [p.grad for p in self.state.w.values() if p.grad is not None]
-            # one sync; the scaler skips its step then too (and syncs to know it)
-            stepped = bool(torch.stack([torch.isfinite(g).all() for g in [*grads, *weights]]).all())
+            if weights:  # the weights' gradients: one foreach norm (non-finite where any entry is)
+                found += (~torch.isfinite(torch.stack(torch._foreach_norm(weights)))).any()
+            stepped = not bool(found)  # one sync; the scaler skips its step then too (and syncs to know it)
         if stepped:
             arch_step(self.problem, self.state, grads)
         for a in self.gates.alphas:

@@ -88,6 +88,7 @@ class WidthSearchCallback(pl.Callback):
         self._restoring_fit = False  # the checkpoint being restored is a fit's (not validate's or test's)
         self._cut_module: weakref.ref | None = None  # the module this callback cut
         self._drives: set[int] = set()  # ids of the searched module's parameters
+        self._driving = None
 
     def _target(self, pl_module: nn.Module) -> nn.Module:
         return pl_module if self.module is None else pl_module.get_submodule(self.module)
@@ -120,6 +121,7 @@ class WidthSearchCallback(pl.Callback):
         if pending is not None:
             self.search.load_state_dict(pending)
         self._drives = {id(p) for p in params}
+        self._driving = None  # the optimizer that drives α: found at its first step (optimizers exist by then)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Once per optimizer step (Lightning calls it after the last accumulated backward and after unscaling
@@ -136,10 +138,11 @@ class WidthSearchCallback(pl.Callback):
         self.search.regularize(grad_scale=scaler.get_scale() if scaled else None)
 
     def _driver(self, trainer):
-        for opt in trainer.optimizers:
-            if any(id(p) in self._drives for g in opt.param_groups for p in g["params"]):
-                return opt
-        return None
+        """Found once per fit (not each step); `on_fit_start` resets it."""
+        if self._driving is None:
+            self._driving = next((opt for opt in trainer.optimizers if any(
+                id(p) in self._drives for g in opt.param_groups for p in g["params"])), None)
+        return self._driving
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The cut, while the model is still on its device."""
