@@ -41,12 +41,10 @@ from .timing import speed_report
 from .width import (
     Gates,
     load_slim,
-    remove_channels,
     save_slim,
 )
-from .width.heads import raw_output_modules
 from .width.select import Selection
-from .widthsearch import REGULARIZED, WidthSearch, _attach, _resolve_recipe, resolve_task
+from .widthsearch import REGULARIZED, WidthSearch, _attach, _resolve_recipe, remove_checked, resolve_task
 from .widthsearch import _take_final_weights as _take_final_weights  # benchmarks and tests import it from here
 
 __all__ = ["PruneResult", "PruneRun", "WidthSearch", "finetune", "finish", "load", "prepare", "prune", "recalibrate",
@@ -252,21 +250,10 @@ def remove(run: PruneRun) -> None:
     if run.width_search is not None:
         run.spec = run.width_search.remove(run.keep)
     else:
-        run.spec = _remove(run.gates, run.keep, run.model, run.example)
+        run.spec = remove_checked(run.gates, run.keep, run.model, run.example)
     run.model = run.model.to(memory_format=torch.contiguous_format)
     run.cost_after = macs_and_params(run.model, (1, *run.example.shape[1:]))
     run.accuracy["slim_stale_bn"] = run.metric()  # the statistics of the network before the cut
-
-
-def _remove(gates: Gates, keep, model: nn.Module, x: torch.Tensor) -> dict:
-    """The cut of a baseline's gates (no `WidthSearch`), checked as `WidthSearch.remove` checks it."""
-    heads = raw_output_modules(model)  # a detection model: its raw predictions, before NMS
-    spec = remove_channels(gates, keep, check_input=x, check_modules=heads or None)
-    if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
-        raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
-                           f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
-                           "would not be the searched one")
-    return spec
 
 
 def recalibrate(run: PruneRun) -> None:

@@ -151,6 +151,19 @@ def _attach(model: nn.Module, x: torch.Tensor, recipe: Recipe) -> tuple[Gates, S
     return gates, Selection.prepare(gates, recipe, tuple(x.shape[1:]), x.device)
 
 
+def remove_checked(gates: Gates, keep: list[torch.Tensor], model: nn.Module, x: torch.Tensor) -> dict:
+    """Fold the gates and remove the channels `keep` drops; the slim model's output on `x` must equal the masked
+    gated one's (a detection model: its raw head outputs, before NMS). Returns the width spec. prune()'s cut of
+    every method, a baseline's included."""
+    heads = raw_output_modules(model)
+    spec = remove_channels(gates, keep, check_input=x, check_modules=heads or None)
+    if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
+        raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} against "
+                           f"outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim model "
+                           "would not be the searched one")
+    return spec
+
+
 # one-net methods without α that `regularize` drives: the name and the penalty it trains with
 REGULARIZED: dict[str, type] = {"slimming": SlimmingPenalty}
 
@@ -412,14 +425,8 @@ class WidthSearch:
         keep = self.keep if keep is None else keep
         if keep is None:
             raise InputError("WidthSearch.remove: no keep masks; call select() first, or cut()")
-        heads = raw_output_modules(self.model)
-        spec = remove_channels(self.gates, keep, check_input=self.example, check_modules=heads or None)
-        if spec["max_abs_diff"] > 1e-3 * max(1.0, spec["max_abs_ref"]):
-            raise RuntimeError(f"channel removal changed the model's output (max |Δ| {spec['max_abs_diff']:.3g} "
-                               f"against outputs up to {spec['max_abs_ref']:.3g}); please report this model: the slim "
-                               "model would not be the searched one")
-        self.keep, self.spec = keep, spec
-        return spec
+        self.keep, self.spec = keep, remove_checked(self.gates, keep, self.model, self.example)
+        return self.spec
 
     def cut(self, *, ratio: float | None = None, budget: dict | None = None, mode: str | None = None,
             recalibrate: Iterable | None = None, batches: int | None = None) -> nn.Module:
