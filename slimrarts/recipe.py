@@ -96,6 +96,8 @@ class DataConfig:
     memory_gb: float = field(8.0, check=lambda v: v > 0, allowed="a number of GB > 0")  # per process, decoded
     # voc only: how many classes the masks hold when the folder has no classes.txt
     num_classes: int | None = field(None, check=lambda v: v >= 2, allowed="an integer >= 2 or null")
+    # coco only: a box of no area is a named error (`error`) or left out and counted (`drop`)
+    empty_boxes: Literal["error", "drop"] = "error"
     workers: int | None = field(None, check=lambda v: v >= 0,
                                 allowed="an integer >= 0 or null (null: CPU cores / processes on the node, at most 8)")
 
@@ -111,6 +113,9 @@ class DataConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"{where}.{key}: a {self.name} set has no class per image; remove it (make a "
                                       "smaller split file instead)")
+        if self.empty_boxes != "error" and self.name != "coco":
+            raise ConfigError(f"{where}.empty_boxes={self.empty_boxes}: only used by data.name=coco, not {self.name}; "
+                              "remove it")
         if self.name != "imagefolder" and self.loader == "stream":
             raise ConfigError(f"{where}.loader=stream reads image files and is used by data.name=imagefolder; "
                               f"{self.name} is held in memory (set it to auto or memory)")

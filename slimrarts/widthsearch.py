@@ -121,6 +121,9 @@ def resolve_task(task: Task | str | None, recipe: Recipe, *, loss_fn: Callable |
                          "such output here: remove finetune.distill")
     if loss_fn is not None or metric_fn is not None:
         task = get_task(task, loss_fn=loss_fn, metric_fn=metric_fn)
+    if recipe.finetune.distill is not None and getattr(task, "loss_fn", None) is not None:
+        raise InputError("finetune.distill fine-tunes on its own loss (cross-entropy + KL to the dense model), "
+                         "which would replace your loss_fn: remove finetune.distill, or the loss_fn")
     return task
 
 

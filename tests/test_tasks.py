@@ -185,6 +185,13 @@ def test_the_recipe_names_the_task_and_distillation_is_refused_where_it_has_no_m
     assert isinstance(task, Segmentation) and task.ignore_index == 0
     with pytest.raises(ValueError, match="finetune.distill"):
         load_recipe({"task": {"name": "segmentation"}, "finetune": {"distill": {"weight": 0.5}}})
+    distilled = load_recipe({"finetune": {"distill": {"weight": 0.5}}})
+    assert isinstance(resolve_task(None, distilled), Classification)  # distillation of a classifier stays allowed
+    with pytest.raises(InputError, match="replace your loss_fn"):  # it would fine-tune on its own loss instead
+        resolve_task(None, distilled, loss_fn=lambda out, target: out.sum())
+    with pytest.raises(InputError, match="replace your loss_fn"):
+        resolve_task(get_task("classification", loss_fn=lambda out, target: out.sum()), distilled)
+    assert resolve_task(None, distilled, metric_fn=lambda out, target: 1.0).metric == "metric"
 
 
 def _tiny_detector(num_classes: int = 3) -> nn.Module:

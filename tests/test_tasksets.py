@@ -144,6 +144,7 @@ def test_coco_reader_maps_categories_converts_boxes_and_keeps_empty_images(tmp_p
 @pytest.mark.parametrize("ann, message", [
     ({"bbox": [30, 5, 12, 5]}, "annotation 10 .*one.jpg.*40x30.*leaves the image"),
     ({"bbox": [3, 3, 0, 5]}, "annotation 10 .*of no area"),
+    ({"bbox": [40.5, 5, 0.3, 5]}, "annotation 10 .*of no area within the image"),  # past the edge, within slack
     ({"category_id": 99}, "annotation 10 .*category_id 99.*\\[3, 7\\]"),
 ])
 def test_coco_named_errors(tmp_path, ann, message):
@@ -151,6 +152,20 @@ def test_coco_named_errors(tmp_path, ann, message):
     root = _write_coco(tmp_path / "coco", anns=[{**base, **ann}])
     with pytest.raises(DataError, match=message):
         CocoDetection(root, "train")
+
+
+def test_coco_boxes_of_no_area_can_be_dropped_and_are_counted(tmp_path):
+    anns = [{"id": 10, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 0], "area": 0, "iscrowd": 0},
+            {"id": 11, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 8], "area": 80, "iscrowd": 0},
+            {"id": 12, "image_id": 2, "category_id": 3, "bbox": [50.2, 3, 0.5, 8], "area": 4, "iscrowd": 0}]
+    root = _write_coco(tmp_path / "coco", anns=anns)
+    with pytest.raises(DataError, match="annotation 10 .*empty_boxes='drop'"):
+        CocoDetection(root, "train")
+    with pytest.warns(RuntimeWarning, match="2 box\\(es\\) of no area .* the first 10"):
+        ds = CocoDetection(root, "train", empty_boxes="drop")
+    assert ds.dropped == [10, 12] and ds[0][1]["labels"].tolist() == [1] and ds[1][1]["boxes"].shape == (0, 4)
+    with pytest.raises(InputError, match="empty_boxes='skip'.*'error'.*'drop'"):
+        CocoDetection(root, "train", empty_boxes="skip")
 
 
 def test_coco_missing_files_are_named(tmp_path):
@@ -188,6 +203,16 @@ def test_detection_augmentation_moves_boxes_with_the_image(tmp_path):
         assert xs.min() >= x1 - 1 and xs.max() < x2 + 1 and ys.min() >= y1 - 1 and ys.max() < y2 + 1
         seen_flip |= x1 > image.shape[-1] / 2
     assert seen_flip
+
+
+def test_evaluation_keeps_every_box_training_drops_those_under_a_pixel(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 6, 0.5, 10], "area": 5, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [20, 6, 8, 10], "area": 80, "iscrowd": 0}]
+    root = _write_coco(tmp_path / "coco", anns=anns)
+    kept = CocoDetection(root, "train", transform=detection_transform(False))[0][1]
+    assert kept["labels"].tolist() == [1, 2] and torch.allclose(kept["boxes"][0], torch.tensor([4, 6, 4.5, 16.]))
+    trained = CocoDetection(root, "train", transform=detection_transform(True, crop=0.0))[0][1]
+    assert trained["labels"].tolist() == [2]
 
 
 def test_task_loaders_batch_detection_images_of_different_sizes_and_split_the_halves(tmp_path):
@@ -242,10 +267,19 @@ def test_recipes_name_the_task_sets_and_check_them_before_any_work(tmp_path):
     images, masks = next(iter(loaders.train))
     assert images.shape == (2, 3, 16, 16) and masks.shape == (2, 16, 16) and loaders.num_classes == 3
     assert loaders.info["dataset"] == "voc" and loaders.info["train"] == 5 and loaders.info["test"] == 1
+    # the recipe's task.ignore_index is the reader's: with 254, the masks' 255 border is a value of no class
+    from slimrarts.commands.width import build_from_recipe
+    from slimrarts.config import to_dict
+
+    other = load_recipe({**to_dict(recipe), "task": {"name": "segmentation", "ignore_index": 254}})
+    with pytest.raises(DataError, match="holds values \\[255\\].*not the ignore index 254"):
+        build_from_recipe(other, torch.device("cpu"))
     with pytest.raises(ConfigError, match="data.name=voc holds segmentation data, but task.name=classification"):
         load_recipe({"data": {"name": "voc", "root": str(root)}})
     with pytest.raises(ConfigError, match="data.num_classes: only used by data.name=voc, not coco"):
         load_recipe({"data": {"name": "coco", "num_classes": 4}, "task": {"name": "detection"}})
+    with pytest.raises(ConfigError, match="data.empty_boxes=drop: only used by data.name=coco, not voc"):
+        load_recipe({"data": {"name": "voc", "empty_boxes": "drop"}, "task": {"name": "segmentation"}})
     with pytest.raises(ConfigError, match="data.limit_per_class: a coco set has no class per image"):
         load_recipe({"data": {"name": "coco", "limit_per_class": 4}, "task": {"name": "detection"}})
     coco = load_recipe({"data": {"name": "coco", "root": None}, "task": {"name": "detection"}})

@@ -58,7 +58,7 @@ def _run_loaders(run_dir: Path, eval_batch: int, train_batch: int | None = None)
                          "recipe.yaml's data section does not describe its data")
     cfg = dataclasses.replace(recipe.data, eval_batch_size=eval_batch, download=False, workers=0,
                               **({"batch_size": train_batch} if train_batch else {}))
-    return make_loaders(cfg, "cpu", seed=recipe.seed), cfg
+    return make_loaders(cfg, "cpu", seed=recipe.seed, ignore_index=recipe.task.ignore_index), cfg
 
 
 def check_images(run_dir: Path, n: int) -> tuple[torch.Tensor, str]:

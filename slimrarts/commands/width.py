@@ -57,7 +57,7 @@ def build_from_recipe(recipe: Recipe, device: torch.device,
     """The recipe's loaders (this process's shards in a process group) and model (seeded; from `model.weights` when
     set)."""
     loaders = make_loaders(recipe.data, device, seed=recipe.seed, channels_last=channels_last,
-                           per_process=recipe.dist.batch == "process")
+                           per_process=recipe.dist.batch == "process", ignore_index=recipe.task.ignore_index)
     torch.manual_seed(recipe.seed)
     try:
         model = create_model(recipe.model.name, num_classes=loaders.num_classes, **recipe.model.kwargs)

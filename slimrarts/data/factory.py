@@ -46,7 +46,7 @@ class Loaders:
 
 
 def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, channels_last: bool = False,
-                 shard: tuple[int, int] | None = None, per_process: bool = False) -> Loaders:
+                 shard: tuple[int, int] | None = None, per_process: bool = False, ignore_index: int = 255) -> Loaders:
     """Loaders for a `DataConfig` (subset, halves and shuffling all seeded): held on the device, or streamed from
     the image files by DataLoader workers (`cfg.loader`; `auto` streams an ImageFolder set whose decoded images
     would take more than `cfg.memory_gb`).
@@ -58,11 +58,12 @@ def make_loaders(cfg, device: torch.device | str = "cpu", *, seed: int = 0, chan
 
     `info` records the data set, its source, the split sizes, `input_size` [3, H, W] of the batches, the `loader`
     (memory or stream) and, for imagefolder, `image_size` and `resize`. `cfg.cutout` applies to the three training
-    loaders, never to `test`.
+    loaders, never to `test`. `ignore_index` is the mask value that is no class, for `voc` (a recipe's
+    `task.ignore_index`).
     """
     load = get_dataset(cfg.name)
     if getattr(load, "makes_loaders", False):  # voc, coco (tasksets.py): read by DataLoader workers
-        return load(cfg, seed=seed, shard=shard)
+        return load(cfg, seed=seed, shard=shard, ignore_index=ignore_index)
     if cfg.cutout and not cfg.augment:
         raise InputError(f"data.cutout={cfg.cutout} is applied only to augmented batches, but data.augment is "
                          "false; set data.cutout=0 or data.augment=true")

@@ -4,7 +4,8 @@ A data set is a function `load(cfg) -> (train, test, loader_args, info)`: `cfg` 
 `train` and `test` are `ImageSet`s, `loader_args` are `DeviceLoader` keywords (`mean`, `std`, `crop`, ...) and
 `info` extra entries for `Loaders.info`. Register one with `@register_dataset("name")`; `slimrarts.data` registers
 cifar10, cifar100 and imagefolder, and voc and coco (`tasksets.py`), whose functions carry `makes_loaders = True`
-and return the whole `Loaders` from `load(cfg, seed=..., shard=...)` (DataLoader workers read them).
+and return the whole `Loaders` from `load(cfg, seed=..., shard=..., ignore_index=...)` (DataLoader workers read
+them; `ignore_index` is the recipe's `task.ignore_index`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import contextlib
 import io
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -236,12 +237,17 @@ class CocoDetection(Dataset):
 
     Every image's file and annotations are checked here (a missing file, an unknown category, a box of no area or
     more than a pixel outside its image are named errors; a box within a pixel of the edge is clipped to it).
+    `empty_boxes="drop"` leaves boxes of no area out instead (COCO 2017's training JSON has a few of zero height),
+    with one warning that counts them; their annotation ids are in `dropped`.
     `classes` is ("background", the categories' names in id order); `num_classes` counts the background.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", *,
                  ann_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, empty_boxes: str = "error"):
+        if empty_boxes not in ("error", "drop"):
+            raise InputError(f"CocoDetection: empty_boxes={empty_boxes!r}; choose 'error' (a box of no area is a "
+                             "named error) or 'drop' (it is left out, and counted)")
         if (ann_file is None) != (images is None):
             raise InputError("CocoDetection: give ann_file= and images= together, or neither (then root and split "
                              "find them)")
@@ -261,9 +267,14 @@ class CocoDetection(Dataset):
             raise DataError(f"CocoDetection: {str(ann_file)!r} has no categories")
         self.label_of = {c: k + 1 for k, c in enumerate(cat_ids)}
         self.classes = ("background", *(str(coco.cats[c].get("name", c)) for c in cat_ids))
+        self.empty_boxes, self.dropped = empty_boxes, []
         self.items = [self._item(coco, i) for i in sorted(coco.getImgIds())]
         if not self.items:
             raise DataError(f"CocoDetection: {str(ann_file)!r} lists no image")
+        if self.dropped:
+            warnings.warn(f"CocoDetection: {len(self.dropped)} box(es) of no area in {ann_file.name} left out "
+                          f"(empty_boxes='drop'; annotation ids in .dropped, the first {self.dropped[0]})",
+                          RuntimeWarning, stacklevel=2)
 
     @property
     def num_classes(self) -> int:
@@ -287,13 +298,19 @@ class CocoDetection(Dataset):
                 raise DataError(f"CocoDetection: {where} has category_id {ann.get('category_id')!r}, which is "
                                 f"not among the categories {sorted(self.label_of)}")
             x, y, bw, bh = (float(v) for v in ann["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
-                raise DataError(f"CocoDetection: {where} has bbox {ann['bbox']} of no area (COCO boxes are "
-                                "[x, y, width, height] in pixels, width and height > 0)")
+            if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+                raise DataError(f"CocoDetection: {where} has bbox {ann['bbox']}, which is not finite")
             if x < -_BOX_SLACK or y < -_BOX_SLACK or x + bw > w + _BOX_SLACK or y + bh > h + _BOX_SLACK:
                 raise DataError(f"CocoDetection: {where} has bbox {ann['bbox']}, which leaves the image; COCO "
                                 "boxes are [x, y, width, height] in pixels of the image")
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+            if x2 <= x1 or y2 <= y1:  # no width or height, or none left inside the image once clipped
+                if self.empty_boxes == "drop":
+                    self.dropped.append(ann.get("id"))
+                    continue
+                raise DataError(f"CocoDetection: {where} has bbox {ann['bbox']} of no area within the image (COCO "
+                                "boxes are [x, y, width, height] in pixels, width and height > 0); "
+                                "empty_boxes='drop' (data.empty_boxes: drop) leaves such boxes out")
             boxes.append((x1, y1, x2, y2))
             labels.append(self.label_of[ann["category_id"]])
         return (path, image_id, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
@@ -343,14 +360,17 @@ def segmentation_transform(train: bool, size: int, *, scale: Sequence[float] = (
 def detection_transform(train: bool, *, crop: float = 0.5) -> Callable:
     """`(image, target) -> (float image in [0, 1], target)` for torchvision's detectors (they resize and
     normalise inside): for training, flipped at random and, with probability `crop`, an SSD-style random crop
-    (`RandomIoUCrop`) whose boxes follow; boxes that leave the crop are dropped with their labels."""
+    (`RandomIoUCrop`) whose boxes follow; boxes that leave the crop, or are under a pixel wide or high (or a
+    square pixel in area) after it, are dropped with their labels. Evaluation keeps every box as the reader
+    gives it."""
     from torchvision.transforms import v2
 
     if not 0.0 <= crop <= 1.0:
         raise InputError(f"detection_transform: crop must be a probability in [0, 1], got {crop!r}")
     geometry = [v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandomIoUCrop()], p=crop)] if train and crop \
         else [v2.RandomHorizontalFlip()] if train else []
-    steps = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()])
+    steps = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), *([v2.SanitizeBoundingBoxes()] if train
+                                                                            else [])])
 
     def apply(image, target):
         image, target = steps(image, target)
@@ -396,7 +416,7 @@ def task_loaders(train: Dataset, test: Dataset, *, batch_size: int, eval_batch_s
 def _task_set(kind):
     """The registered reader of a segmentation (`voc`) or detection (`coco`) set: it makes the Loaders itself."""
 
-    def load(cfg, *, seed: int, shard) -> Loaders:
+    def load(cfg, *, seed: int, shard, ignore_index: int = 255) -> Loaders:
         if cfg.root is None:
             layout = ("JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt" if kind == "voc"
                       else "annotations/instances_{train,val}*.json with the images in train*/ and val*/")
@@ -405,12 +425,12 @@ def _task_set(kind):
             raise InputError(f"data.name={kind} shards its loaders by the process group; shard={shard} is another")
         if kind == "voc":
             size = cfg.image_size or 320
-            sets = [SegmentationFolder(cfg.root, split, num_classes=cfg.num_classes,
+            sets = [SegmentationFolder(cfg.root, split, num_classes=cfg.num_classes, ignore_index=ignore_index,
                                        transform=segmentation_transform(split == "train" and cfg.augment, size))
                     for split in ("train", "val")]
         else:
-            sets = [CocoDetection(cfg.root, split, transform=detection_transform(split == "train" and cfg.augment))
-                    for split in ("train", "val")]
+            sets = [CocoDetection(cfg.root, split, transform=detection_transform(split == "train" and cfg.augment),
+                                  empty_boxes=cfg.empty_boxes) for split in ("train", "val")]
         workers = cfg.workers if cfg.workers is not None else default_workers()
         world = dist.world_size()
         loaders = task_loaders(sets[0], sets[1], batch_size=max(1, cfg.batch_size // world),
