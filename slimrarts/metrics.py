@@ -20,7 +20,8 @@ from .errors import InputError, InputTypeError
 from .modes import evaluating
 from .timing import device_and_dtype, device_timer, time_models
 
-__all__ = ["count_macs", "count_params", "device_timer", "format_count", "macs_and_params", "measure_latency"]
+__all__ = ["count_macs", "count_params", "device_timer", "format_count", "full_proposals", "macs_and_params",
+           "measure_latency"]
 
 _COUNTER_ATTRS = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost")
 
@@ -79,6 +80,33 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+@contextlib.contextmanager
+def full_proposals(model: nn.Module):
+    """While MACs are counted, torchvision's two-stage detectors keep their full number of proposals and
+    detections: each `RegionProposalNetwork` and `RoIHeads` suppresses nothing (NMS threshold 1, no score or size
+    cut), so the per-region heads run on `post_nms_top_n` proposals (and a mask head on `detections_per_img`
+    detections) whatever the weights and the input. Without it their count follows how many proposals survive
+    NMS on one random image, which changes with every cut (a Faster R-CNN's box head is most of its MACs)."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    settings = {RegionProposalNetwork: {"nms_thresh": 1.0, "score_thresh": 0.0, "min_size": 0.0},
+                RoIHeads: {"nms_thresh": 1.0, "score_thresh": 0.0}}
+    saved = []
+    for m in model.modules():
+        for kind, values in settings.items():
+            if isinstance(m, kind):
+                saved.append((m, {k: getattr(m, k) for k in values}))
+                for k, v in values.items():
+                    setattr(m, k, v)
+    try:
+        yield
+    finally:
+        for m, values in saved:
+            for k, v in values.items():
+                setattr(m, k, v)
+
+
 def macs_and_params(
     model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32), *, example_inputs: Any = None
 ) -> tuple[int, int]:
@@ -92,7 +120,8 @@ def macs_and_params(
     calls) count 0; the total is divided by the batch size, but a linear's bias is added once per call, so use
     batch 1 for exact per-sample counts. The count runs on the model itself (no deepcopy, so
     models that cannot be copied work), in eval mode under ``torch.no_grad()``; each module's training flag is
-    restored afterwards.
+    restored afterwards. A torchvision two-stage detector is counted at its full number of proposals
+    (``full_proposals``).
     """
     from torch_pruning.utils import op_counter  # imports timm: deferred so that importing metrics stays cheap
 
@@ -100,7 +129,7 @@ def macs_and_params(
     if example_inputs is None:
         device, dtype = device_and_dtype(model)
         example_inputs = torch.randn(_check_shape(input_size, "input_size"), device=device, dtype=dtype)
-    with evaluating(model), _counting_extra():
+    with evaluating(model), _counting_extra(), full_proposals(model):
         try:
             op_counter.add_flops_counting_methods(model)
             model.start_flops_count(ost=sys.stderr, verbose=False, ignore_list=[])

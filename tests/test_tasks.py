@@ -241,6 +241,29 @@ def _collate(batch):
     return tuple(zip(*batch, strict=True))
 
 
+def test_a_detectors_macs_are_counted_at_its_full_number_of_proposals():
+    """The box head runs once per proposal: its MACs must not follow how many proposals survive NMS on one random
+    image (the count and the cost model a MACs budget reads)."""
+    from slimrarts.metrics import macs_and_params
+    from slimrarts.width import attach_gates
+    from slimrarts.width.cost import build_cost_model
+
+    torch.manual_seed(0)
+    model = _tiny_detector()
+    # 512 anchors at 64 px: of the 400 best, NMS keeps fewer than 300, and how many depends on the image
+    model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 400, 300
+    head = sum(m.in_features * m.out_features + m.out_features for m in model.roi_heads.box_head.modules()
+               if isinstance(m, nn.Linear)) + sum(m.in_features * m.out_features + m.out_features
+                                                  for m in model.roi_heads.box_predictor.modules()
+                                                  if isinstance(m, nn.Linear))
+    counts = {macs_and_params(model, example_inputs=(torch.rand(1, 3, 64, 64) * s,))[0] for s in (0.01, 1, 100)}
+    backbone = macs_and_params(model.backbone, (1, 3, 64, 64))[0]
+    assert len(counts) == 1 and counts.pop() >= backbone + 300 * head  # post_nms_top_n = 300 proposals
+    assert (model.rpn.nms_thresh, model.rpn.score_thresh, model.roi_heads.score_thresh) == (0.7, 0.0, 0.05)
+    gates = attach_gates(model, torch.rand(1, 3, 64, 64))
+    assert build_cost_model(gates).dense[0] == macs_and_params(model, (1, 3, 64, 64))[0]
+
+
 def test_detection_end_to_end_through_prune():
     """A torchvision detector is searched (its train-mode loss dict summed), cut (the removal check on the raw
     heads), recalibrated (train mode with targets), fine-tuned and reported with COCO mAP."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..metrics import call_macs, is_counted
+from ..metrics import call_macs, full_proposals, is_counted
 from ..modes import evaluating
 from .gates import Gates
 
@@ -346,7 +346,7 @@ def _trace(model: nn.Module, x: torch.Tensor, registered: dict[nn.Module, str], 
     for name, act in act_sites.items():
         handles.append(act.register_forward_pre_hook(act_hook(name)))
     try:
-        with evaluating(model), torch.enable_grad():
+        with evaluating(model), torch.enable_grad(), full_proposals(model):
             model(x.requires_grad_(True))
     finally:
         for h in handles:
