@@ -3,6 +3,7 @@
     SLIMRARTS_DATA=../shared/data nohup python benchmarks/task_bench.py > runs/task_bench.log 2>&1 &
     python benchmarks/task_bench.py --time      # dense vs slim latency, on an otherwise idle machine
     python benchmarks/task_bench.py --report    # the table from what has finished
+    python benchmarks/task_bench.py --parts     # where each cut went (backbone MACs, box-head widths)
 
 No segmentation or detection set can be downloaded here, so `benchmarks/synth_tasks.py` builds one from the shared
 CIFAR-10 archive (objects pasted through soft masks onto canvases tiled from other CIFAR images; test canvases from
@@ -171,6 +172,36 @@ def time_rows(args) -> dict:
     return data
 
 
+def parts(args) -> dict:
+    """Where each cut went: MACs of the backbone (with its FPN, if any) at one test image's size and, for a
+    detector, the widths of its box head (fc6 in and out, fc7 out), for the dense and every slim model."""
+    from slimrarts.commands.width import build_from_recipe
+    from slimrarts.metrics import macs_and_params
+    from slimrarts.width import load_slim
+
+    data = json.loads(OUT.read_text())
+    runs, synth_dir = Path(args.runs), Path(args.data)
+    for task in args.tasks:
+        entry = data.get(task, {})
+        if not entry.get("rows"):
+            continue
+        recipe = _recipe(task, synth_dir, [])
+        loaders, dense = build_from_recipe(recipe, torch.device("cpu"))
+        size = (1, *next(iter(loaders.test))[0][0].shape[-3:])  # one test image (a list of images for detection)
+        found = {}
+        for name in ["dense", *entry["rows"]]:
+            model = dense if name == "dense" else load_slim(_folder(runs, task, recipe) / name / "slim.pt",
+                                                            copy.deepcopy(dense))
+            found[name] = {"backbone_macs": macs_and_params(model.backbone, size)[0]}
+            head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+            if head is not None:
+                found[name]["box_head"] = [head.fc6.in_features, head.fc6.out_features, head.fc7.out_features]
+        entry["parts"] = found
+        print(task, found, flush=True)
+    _save(data)
+    return data
+
+
 def table(data: dict) -> str:
     lines = ["| task (model) | dense → slim metric | MACs dense → slim | params dense → slim | cut → recal → "
              "fine-tuned | latency ms, batch 1 (dense → slim) | wall s (search + fine-tune) |",
@@ -207,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time", action="store_true", help="time the finished runs' models (idle machine only)")
     ap.add_argument("--force", action="store_true", help="with --time: time even on a busy machine")
     ap.add_argument("--report", action="store_true", help="print the table from finished runs; run nothing")
+    ap.add_argument("--parts", action="store_true", help="record where each finished cut went (backbone MACs, "
+                    "box-head widths)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every run (e.g. train.epochs=1 for a smoke test)")
     ap.add_argument("--size", type=int, default=160, help="canvas side of the synthetic set")
@@ -227,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     elif args.time:
         data = time_rows(args)
+    elif args.parts:
+        data = parts(args)
     else:
         data = run(args)
     print(table(data))
