@@ -83,13 +83,14 @@ class DataConfig:
     augment: bool = True
     split_seed: int = 0  # seed of the D_t / D_v halves and of subsets
     cutout: int = field(0, check=lambda v: v >= 0, allowed="an integer >= 0 (0: off)")  # side of a zeroed square
-    # imagefolder only: images are stored at `resize` (short side, then centre crop), trained on random-resized
-    # crops of `image_size` with scale `crop_scale`, evaluated on the centre `image_size` crop
+    # imagefolder: images are stored at `resize` (short side, then centre crop), trained on random-resized
+    # crops of `image_size` with scale `crop_scale`, evaluated on the centre `image_size` crop. voc: trained on
+    # random-resized crops of `image_size` (masks follow) with scale `crop_scale`, evaluated resized to it
     image_size: int | None = field(None, check=lambda v: v >= 8, allowed="an integer >= 8 or null")
     resize: int | None = field(None, check=lambda v: v >= 8, allowed="an integer >= 8 or null")
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0],
-                                    check=lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-                                    allowed="[min, max] with 0 < min <= max <= 1")
+    crop_scale: list[float] | None = field(None, check=lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                                           allowed="[min, max] with 0 < min <= max <= 1, or null (the reader's "
+                                                   "default: [0.08, 1] for imagefolder, [0.25, 1] for voc)")
     # imagefolder only: `memory` holds the decoded set on the training device; `stream` reads the image files with
     # a DataLoader's worker processes each epoch (for sets that do not fit); `auto` streams above `memory_gb`
     loader: Literal["auto", "memory", "stream"] = "auto"
@@ -102,8 +103,8 @@ class DataConfig:
                                 allowed="an integer >= 0 or null (null: CPU cores / processes on the node, at most 8)")
 
     def validate(self, where: str) -> None:
-        for key, users in (("image_size", ("imagefolder", "voc")), ("resize", ("imagefolder",)),
-                           ("num_classes", ("voc",))):
+        for key, users in (("image_size", ("imagefolder", "voc")), ("crop_scale", ("imagefolder", "voc")),
+                           ("resize", ("imagefolder",)), ("num_classes", ("voc",))):
             if getattr(self, key) is not None and self.name not in users:
                 raise ConfigError(f"{where}.{key}: only used by data.name={' or '.join(users)}, not {self.name} "
                                   "(CIFAR stays 32x32; COCO images keep their size, the detector resizes them): "

@@ -274,6 +274,15 @@ def test_recipes_name_the_task_sets_and_check_them_before_any_work(tmp_path):
     other = load_recipe({**to_dict(recipe), "task": {"name": "segmentation", "ignore_index": 254}})
     with pytest.raises(DataError, match="holds values \\[255\\].*not the ignore index 254"):
         build_from_recipe(other, torch.device("cpu"))
+    # data.crop_scale reaches the voc reader's crops: a crop of the whole image keeps the masks' ignore row on top,
+    # crops of under a third of it mostly do not
+    for scale, whole in (([1.0, 1.0], True), ([0.2, 0.3], False)):
+        cropped = load_recipe({**to_dict(recipe), "data": {**to_dict(recipe)["data"], "image_size": 24,
+                                                           "crop_scale": scale}})
+        masks = torch.cat([m for _, m in make_loaders(cropped.data).train])
+        assert bool((masks[:, 0] == 255).all()) is whole, scale
+    with pytest.raises(ConfigError, match="data.crop_scale: only used by data.name=imagefolder or voc, not coco"):
+        load_recipe({"data": {"name": "coco", "crop_scale": [0.5, 1.0]}, "task": {"name": "detection"}})
     with pytest.raises(ConfigError, match="data.name=voc holds segmentation data, but task.name=classification"):
         load_recipe({"data": {"name": "voc", "root": str(root)}})
     with pytest.raises(ConfigError, match="data.num_classes: only used by data.name=voc, not coco"):

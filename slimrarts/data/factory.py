@@ -145,7 +145,7 @@ def _imagefolder(cfg) -> tuple[ImageSet, ImageSet, dict, dict]:
     image_size, resize = imagefolder_sizes(cfg.image_size, cfg.resize)
     train_set, test_set = load_imagefolder(cfg.root, resize=resize)
     args = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": "rrc", "image_size": image_size,
-            "crop_scale": tuple(cfg.crop_scale)}
+            "crop_scale": _crop_scale(cfg)}
     return train_set, test_set, args, {"image_size": image_size, "resize": resize}
 
 
@@ -155,8 +155,12 @@ def _stream_kind(cfg) -> tuple:
     train_files, test_files = index_imagefolder(cfg.root)
     workers = cfg.workers if cfg.workers is not None else default_workers()
     args = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": "rrc", "image_size": image_size,
-            "crop_scale": tuple(cfg.crop_scale), "resize": resize, "workers": workers}
+            "crop_scale": _crop_scale(cfg), "resize": resize, "workers": workers}
     return train_files, test_files, args, {"image_size": image_size, "resize": resize}
+
+
+def _crop_scale(cfg) -> tuple[float, float] | None:
+    return None if cfg.crop_scale is None else tuple(cfg.crop_scale)  # None: the loader's default, (0.08, 1)
 
 
 def imagefolder_sizes(image_size: int | None, resize: int | None) -> tuple[int, int]:

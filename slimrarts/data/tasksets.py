@@ -425,8 +425,10 @@ def _task_set(kind):
             raise InputError(f"data.name={kind} shards its loaders by the process group; shard={shard} is another")
         if kind == "voc":
             size = cfg.image_size or 320
+            scale = {} if cfg.crop_scale is None else {"scale": tuple(cfg.crop_scale)}
             sets = [SegmentationFolder(cfg.root, split, num_classes=cfg.num_classes, ignore_index=ignore_index,
-                                       transform=segmentation_transform(split == "train" and cfg.augment, size))
+                                       transform=segmentation_transform(split == "train" and cfg.augment, size,
+                                                                        **scale))
                     for split in ("train", "val")]
         else:
             sets = [CocoDetection(cfg.root, split, transform=detection_transform(split == "train" and cfg.augment),
