@@ -51,7 +51,8 @@ TASKS = {
 }
 # Segmentation's training set is larger: on 2,000 canvases LR-ASPP learned where the objects are (background IoU
 # 0.99) but not which class they are (38% of the object pixels of the test canvases right, 64% of the training
-# canvases'; `--confusion`), so its mIoU stalled under the floor (RESULTS). The test canvases are the same 500 for every size.
+# canvases'; `--confusion`), so its mIoU stalled under the floor (RESULTS). The test canvases are the same 500
+# for every size.
 DEFAULT_CANVASES = 2000  # the set in --data itself; a set of another size is built beside it, in <data>-<n>train
 # The dense model must reach these on the synthetic test canvases before it is pruned (chance is about 1/11 mIoU
 # for segmentation and 0 mAP for detection).
