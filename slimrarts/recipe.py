@@ -501,6 +501,10 @@ RESUME_SAFE = resume_safe_keys(Recipe)
 # keys added after run folders were made with the schema: a resume of a folder whose recipe.yaml lacks one runs with
 # the value here (the behaviour it was made with), not the new default
 ADDED_LATER = {"prune.recalibrate": 0}
+# defaults that changed their spelling, not their behaviour: a folder that ran with the old value resumes under the
+# new one as unchanged (data.crop_scale's default [0.08, 1] became null, the reader's own, when voc began to read it;
+# voc had ignored the field, imagefolder's default is [0.08, 1], the other sets never read it)
+SAME_AS = {"data.crop_scale": ([0.08, 1.0], None)}
 
 
 def _has_key(data: Any, dotted: str) -> bool:
@@ -509,6 +513,14 @@ def _has_key(data: Any, dotted: str) -> bool:
             return False
         data = data[part]
     return True
+
+
+def _get_path(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
 
 
 def _set_attr_path(obj: Any, dotted: str, value: Any) -> None:
@@ -587,7 +599,11 @@ def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tup
     apply_settings(recipe, legacy)
     for key, value in earlier:
         set_by_path(stored, key, value)
-    diffs = _differences(stored, to_dict(recipe))
+    now = to_dict(recipe)
+    for key, (old, new) in SAME_AS.items():
+        if _get_path(stored, key) == old and _get_path(now, key) == new:
+            set_by_path(stored, key, new)
+    diffs = _differences(stored, now)
     safe = resume_safe_keys(type(recipe))
     unsafe = [d for d in diffs if d[0] not in safe]
     if unsafe:

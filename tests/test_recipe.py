@@ -190,3 +190,22 @@ def test_the_divergence_hint_names_only_resume_safe_fields():
     finetune = _Training(None, None, None, None, None, Recipe().finetune, None, 1, 1)
     plain = _divergence("p", 0, {"loss": nan}, [], "finetune", finetune.clips_gradients)
     assert "grad_clip" not in plain.setting  # a width recipe's fine-tuning has no gradient clipping to advise
+
+
+def test_a_run_made_with_crop_scales_old_default_resumes_under_the_new_one(tmp_path):
+    """data.crop_scale's default went from [0.08, 1] to null (the reader's own) with no change of behaviour: a folder
+    made with the old default resumes as unchanged; any other stored value is still a change that is refused."""
+    from slimrarts.recipe import resume_changes
+
+    for scale, refused in (([0.08, 1.0], False), ([0.5, 1.0], True)):
+        folder = tmp_path / str(scale[0])
+        folder.mkdir()
+        dump_recipe(load_recipe({"data": {"name": "imagefolder", "root": "x", "crop_scale": scale}}),
+                    folder / "recipe.yaml")
+        recipe = load_recipe({"data": {"name": "imagefolder", "root": "x"}})
+        assert recipe.data.crop_scale is None
+        if refused:
+            with pytest.raises(ConfigError, match=r"data.crop_scale: \[0.5, 1.0\] → None"):
+                resume_changes(recipe, folder)
+        else:
+            assert resume_changes(recipe, folder) == []
