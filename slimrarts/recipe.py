@@ -575,7 +575,7 @@ def apply_settings(recipe: Any, values: dict[str, Any]) -> None:
 
 
 def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tuple[str, Any]] = (),
-                   finished: bool = False) -> list[tuple[str, Any, Any]]:
+                   finished: bool = False, unread: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """Check `recipe` against the settings the run in `run_dir` last ran with and return the changes as
     `(key, old, new)`; nothing is written.
 
@@ -583,7 +583,9 @@ def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tup
     started holds the last resume's settings) with the `earlier` changes of its resumes applied, in order, as
     `(key, new value)`. A resume under other settings would mix two experiments in one folder, so a difference is
     an error naming the keys, except for the device, logging and the keys of `RESUME_SAFE` (learning rates, λ, β,
-    the cost weight, gradient clipping), which may change, e.g. to continue after a divergence stop. A `finished`
+    the cost weight, gradient clipping), which may change, e.g. to continue after a divergence stop, and the
+    sections `unread` that this kind of run never reads (a dense `slimrarts train` run: search, prune,
+    finetune, baselines); the changes are returned either way, for the run's record. A `finished`
     run (nothing is left to run) refuses those too: nothing would run under them. Keys of `ADDED_LATER` that the
     folder's recipe.yaml lacks are set on `recipe` to the value the run was made with (logged).
     """
@@ -605,12 +607,13 @@ def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tup
             set_by_path(stored, key, new)
     diffs = _differences(stored, now)
     safe = resume_safe_keys(type(recipe))
-    unsafe = [d for d in diffs if d[0] not in safe]
+    unsafe = [d for d in diffs if d[0] not in safe and d[0].split(".")[0] not in unread]
     if unsafe:
         shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in unsafe[:6])
+        also = f", and the sections this run does not read ({', '.join(unread)})" if unread else ""
         raise ConfigError(f"cannot resume {str(run_dir)!r} with other settings than its recipe.yaml: {shown}"
                           f"{' …' if len(unsafe) > 6 else ''}. Resume with the same recipe and --set values (only "
-                          f"{', '.join(safe)} may change), or start a new run")
+                          f"{', '.join(safe)}{also} may change), or start a new run")
     if diffs and finished:
         shown = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in diffs[:6])
         raise ResumeMismatchError(

@@ -92,10 +92,11 @@ def _earlier_changes(rd: RunDir) -> list[tuple[str, Any]]:
 
 
 def open_run(path: str | os.PathLike, recipe: Any, *, resume: bool = False, force: bool = False,
-             model: nn.Module | None = None, loaders: Any = None) -> OpenRun:
+             model: nn.Module | None = None, loaders: Any = None, unread: tuple[str, ...] = ()) -> OpenRun:
     """Check, lock and make (or resume) the run folder `path` for a run of `recipe` starting from `model` (None: a
-    net built from the recipe alone) on `loaders` (see the module docstring). Returns the `OpenRun` whose
-    `close()` frees the folder; on any error nothing is held."""
+    net built from the recipe alone) on `loaders` (see the module docstring); a resume may change the recipe
+    sections `unread` (`recipe.resume_changes`). Returns the `OpenRun` whose `close()` frees the folder; on any
+    error nothing is held."""
     path = Path(path)
     held: list[RunLock] = []
 
@@ -111,7 +112,8 @@ def open_run(path: str | os.PathLike, recipe: Any, *, resume: bool = False, forc
             finished = resume and (path / "report.json").is_file()
             if resume:
                 _check_fingerprint(rd, here)
-                changes = resume_changes(recipe, path, earlier=_earlier_changes(rd), finished=finished)
+                changes = resume_changes(recipe, path, earlier=_earlier_changes(rd), finished=finished,
+                                         unread=unread)
                 legacy = legacy_settings(recipe, path)
             prepare_run_dir(path, resume=resume, force=force, locked=True)
             lock.note_holder()

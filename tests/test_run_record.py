@@ -142,6 +142,33 @@ def test_a_mid_run_resume_records_which_epochs_ran_under_which_values(tmp_path, 
     assert "finetune.optim.lr: 0.02 → 0.05" in capsys.readouterr().err
 
 
+def test_a_dense_train_run_resumes_with_the_sections_it_does_not_read_changed(tmp_path, tiny_archive, monkeypatch,
+                                                                            capsys):
+    """`slimrarts train`, interrupted after its first epoch: a resume with other search and finetune settings (which
+    a dense run never reads) continues and records them; one with another train.epochs is refused."""
+    recipe = write_tiny_recipe(tmp_path, tiny_archive)
+    out = tmp_path / "dense"
+    real = RunDir.save_checkpoint
+
+    def interrupt_after_epoch_0(self, phase, payload):
+        real(self, phase, payload)
+        if payload["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", interrupt_after_epoch_0)
+        assert main(["train", recipe, "--out", str(out), "--no-progress"]) == 130
+    capsys.readouterr()
+    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "train.epochs=3", "--no-progress"]) == 2
+    assert "train.epochs: 2 → 3" in capsys.readouterr().err
+    assert main(["train", recipe, "--out", str(out), "--resume", "--set", "finetune.epochs=1", "--set",
+                 "search.epochs=1", "--no-progress"]) == 0
+    resume = _segments(out)[-1]
+    assert resume["from"] == {"phase": "train", "epoch": 1}
+    assert sorted(c["key"] for c in resume["changes"]) == ["finetune.epochs", "search.epochs"]
+    assert (out / "model.pt").is_file()
+
+
 # ---- 2. a resume checks what it resumes ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("other, message", [

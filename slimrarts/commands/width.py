@@ -83,6 +83,9 @@ def prune_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
     return result.report
 
 
+TRAIN_UNREAD = ("search", "baselines", "prune", "finetune")  # recipe sections a dense `slimrarts train` never reads
+
+
 def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
                  progress: bool = True) -> dict:
     """Train the recipe's model with its `train` section in `run_dir`; writes `model.pt` and `report.json` and
@@ -96,7 +99,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, f
     x = task.example(task.split(next(iter(loaders.test)))[0])[:2].float()
     loaders = check_data(loaders, model_outputs(model, x, task), task)
     rd = RunDir(run_dir)
-    with open_run(run_dir, recipe, resume=resume, force=force, model=model, loaders=loaders):
+    with open_run(run_dir, recipe, resume=resume, force=force, model=model, loaders=loaders, unread=TRAIN_UNREAD):
         return _train(recipe, model, loaders, rd, device, resume=resume, progress=progress, task=task,
                       example=x[:1])
 
