@@ -243,13 +243,17 @@ def confusion(args) -> dict:
     canvases = _canvases(args, task)
     recipe = _recipe(task, _synth_dir(args, task), [])
     loaders, model = build_from_recipe(recipe, torch.device("cpu"))
-    path = Path(args.checkpoint) if args.checkpoint else _folder(Path(args.runs), task, recipe, canvases) / "dense" / \
+    runs = Path(args.runs).resolve()
+    path = Path(args.checkpoint).resolve() if args.checkpoint else _folder(runs, task, recipe, canvases) / "dense" / \
         "model.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state.get("state_dict", state)))
+    state = torch.load(path, map_location="cpu", weights_only=False)  # train.pt: "model"; model.pt: "state_dict"
+    model.load_state_dict(state["state_dict"] if "state_dict" in state else state.get("model", state))
     model.eval()
     n, ignore = loaders.num_classes, recipe.task.ignore_index
-    found = {"checkpoint": str(path), "epochs": state["epoch"] + 1 if "epoch" in state else None,
+    report = path.parent / "report.json"  # a model.pt's epochs are its run's
+    epochs = state["epoch"] + 1 if "epoch" in state else json.loads(report.read_text()).get("epochs") \
+        if report.is_file() else None
+    found = {"checkpoint": str(path), "epochs": epochs,
              "train_canvases": canvases, "date": time.strftime("%Y-%m-%d")}
     for split, limit in (("val", None), ("train", args.train_subset)):
         ds = SegmentationFolder(recipe.data.root, split, ignore_index=ignore, check=False,
@@ -268,12 +272,12 @@ def confusion(args) -> dict:
                                                                                  conf[1:].sum()).item(),
             "object_class_right": (objects.diag().sum() / objects.sum()).item(),
             "class_iou": [round(v, 4) for v in iou.tolist()]}
-    data[f"{path.relative_to(args.runs) if path.is_relative_to(args.runs) else path}"] = found
+    data[str(path.relative_to(runs) if path.is_relative_to(runs) else path)] = found
     print(json.dumps(found, indent=1), flush=True)
     from slimrarts._io import atomic_write
 
     atomic_write(out, json.dumps({**data, "machine": machine(torch.device("cpu"))}, indent=1))
-    return json.loads(OUT.read_text())
+    return json.loads(OUT.read_text()) if OUT.is_file() else {}
 
 
 def table(data: dict) -> str:

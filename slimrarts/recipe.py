@@ -501,10 +501,29 @@ RESUME_SAFE = resume_safe_keys(Recipe)
 # keys added after run folders were made with the schema: a resume of a folder whose recipe.yaml lacks one runs with
 # the value here (the behaviour it was made with), not the new default
 ADDED_LATER = {"prune.recalibrate": 0}
-# defaults that changed their spelling, not their behaviour: a folder that ran with the old value resumes under the
-# new one as unchanged (data.crop_scale's default [0.08, 1] became null, the reader's own, when voc began to read it;
-# voc had ignored the field, imagefolder's default is [0.08, 1], the other sets never read it)
-SAME_AS = {"data.crop_scale": ([0.08, 1.0], None)}
+OLD_CROP_SCALE = [0.08, 1.0]  # data.crop_scale's default until it became null (the reader's own)
+
+
+def _crops_as_read(data: Any, stored: bool) -> Any:
+    """`data` (a recipe's data mapping) with `crop_scale` as the crops it makes: null where it is the reader's
+    default. A run folder's recipe.yaml (`stored`) from before voc read the field holds the old default [0.08, 1]
+    whatever its set, and only imagefolder read it (its default): so there [0.08, 1], and any value on a set that
+    reads no crop_scale, is null. For the recipe given now, [0.08, 1] is null on imagefolder only (voc's is
+    [0.25, 1]), so that a voc folder made before is not resumed with other crops unnoticed."""
+    if not isinstance(data, dict) or data.get("crop_scale") is None:
+        return data
+    name = data.get("name", "cifar10")
+    never_read = stored and name not in ("imagefolder", "voc")
+    old_default = data["crop_scale"] == OLD_CROP_SCALE and (stored or name == "imagefolder")
+    if never_read or old_default:
+        return {**data, "crop_scale": None}
+    return data
+
+
+def read_run_recipe(path: str | os.PathLike, *, schema: type = Recipe) -> Any:
+    """A run folder's recipe.yaml, read as this version reads the settings it ran with (`_crops_as_read`)."""
+    raw = read_recipe_yaml(path)
+    return build(schema, {**raw, "data": _crops_as_read(raw.get("data"), stored=True)} if "data" in raw else raw)
 
 
 def _has_key(data: Any, dotted: str) -> bool:
@@ -513,14 +532,6 @@ def _has_key(data: Any, dotted: str) -> bool:
             return False
         data = data[part]
     return True
-
-
-def _get_path(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
 
 
 def _set_attr_path(obj: Any, dotted: str, value: Any) -> None:
@@ -550,6 +561,8 @@ def _stored_recipe(path: Path, schema: type) -> dict:
                           ) from None
     if not isinstance(stored, dict):
         raise ConfigError(f"{str(path)!r} is not a recipe mapping; restore it, or start again with --force")
+    if "data" in stored:
+        stored = {**stored, "data": _crops_as_read(stored["data"], stored=True)}
     try:  # read through the schema, so defaults added to a section compare equal
         return to_dict(build(schema, stored))
     except ConfigError:
@@ -602,9 +615,8 @@ def resume_changes(recipe: Any, run_dir: str | os.PathLike, *, earlier: list[tup
     for key, value in earlier:
         set_by_path(stored, key, value)
     now = to_dict(recipe)
-    for key, (old, new) in SAME_AS.items():
-        if _get_path(stored, key) == old and _get_path(now, key) == new:
-            set_by_path(stored, key, new)
+    if "data" in now:
+        now["data"] = _crops_as_read(now["data"], stored=False)
     diffs = _differences(stored, now)
     safe = resume_safe_keys(type(recipe))
     unsafe = [d for d in diffs if d[0] not in safe and d[0].split(".")[0] not in unread]

@@ -192,20 +192,33 @@ def test_the_divergence_hint_names_only_resume_safe_fields():
     assert "grad_clip" not in plain.setting  # a width recipe's fine-tuning has no gradient clipping to advise
 
 
-def test_a_run_made_with_crop_scales_old_default_resumes_under_the_new_one(tmp_path):
-    """data.crop_scale's default went from [0.08, 1] to null (the reader's own) with no change of behaviour: a folder
-    made with the old default resumes as unchanged; any other stored value is still a change that is refused."""
-    from slimrarts.recipe import resume_changes
+def test_run_folders_made_with_crop_scales_old_default_resume_and_export_as_they_ran(tmp_path):
+    """data.crop_scale's default went from [0.08, 1] to null (the reader's own). Every folder made before holds
+    [0.08, 1] whatever its set; only imagefolder read it. Such folders resume under the new default and their
+    recipe.yaml still loads (export reads it); a voc folder resumed with an explicit [0.08, 1] — crops it never ran
+    with — and any other changed scale are refused."""
+    from slimrarts.config import to_dict
+    from slimrarts.recipe import read_run_recipe, resume_changes
 
-    for scale, refused in (([0.08, 1.0], False), ([0.5, 1.0], True)):
-        folder = tmp_path / str(scale[0])
-        folder.mkdir()
-        dump_recipe(load_recipe({"data": {"name": "imagefolder", "root": "x", "crop_scale": scale}}),
-                    folder / "recipe.yaml")
-        recipe = load_recipe({"data": {"name": "imagefolder", "root": "x"}})
-        assert recipe.data.crop_scale is None
-        if refused:
-            with pytest.raises(ConfigError, match=r"data.crop_scale: \[0.5, 1.0\] → None"):
-                resume_changes(recipe, folder)
-        else:
-            assert resume_changes(recipe, folder) == []
+    def folder(name: str, scale: list[float], task: str = "classification") -> Path:
+        out = tmp_path / f"{name}-{scale[0]}"
+        out.mkdir()
+        raw = to_dict(load_recipe({"data": {"name": name, "root": "x"}, "task": {"name": task}}))
+        raw["data"]["crop_scale"] = scale  # as the versions before wrote it
+        (out / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        return out
+
+    def now(name: str, task: str = "classification", **data) -> Recipe:
+        return load_recipe({"data": {"name": name, "root": "x", **data}, "task": {"name": task}})
+
+    for name, task in (("cifar10", "classification"), ("coco", "detection"), ("voc", "segmentation"),
+                       ("imagefolder", "classification")):
+        old = folder(name, [0.08, 1.0], task)
+        assert resume_changes(now(name, task), old) == [], name
+        assert read_run_recipe(old / "recipe.yaml").data.crop_scale is None, name
+    assert resume_changes(now("imagefolder", crop_scale=[0.08, 1.0]), tmp_path / "imagefolder-0.08") == []
+    with pytest.raises(ConfigError, match=r"data.crop_scale: None → \[0.08, 1.0\]"):
+        resume_changes(now("voc", "segmentation", crop_scale=[0.08, 1.0]), tmp_path / "voc-0.08")
+    with pytest.raises(ConfigError, match=r"data.crop_scale: \[0.5, 1.0\] → None"):
+        resume_changes(now("imagefolder"), folder("imagefolder", [0.5, 1.0]))
+    assert resume_changes(now("cifar10"), folder("cifar10", [0.5, 1.0])) == []  # never read by cifar

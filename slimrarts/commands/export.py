@@ -26,7 +26,7 @@ from ..deploy import (
 )
 from ..engine.rundir import RunDir
 from ..errors import InputError, MissingFileError, SlimrartsError
-from ..recipe import load_recipe
+from ..recipe import read_run_recipe
 from ..timing import device_timer, time_calls
 from ..width import read_slim_spec
 
@@ -51,7 +51,7 @@ def _run_loaders(run_dir: Path, eval_batch: int, train_batch: int | None = None)
     """The run's loaders as its recipe.yaml makes them (on the CPU, no download), and the data config."""
     report = read_json(run_dir / "report.json", what="the run's report: ") if (run_dir / "report.json").exists() \
         else {}
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = read_run_recipe(run_dir / "recipe.yaml")
     data = report.get("data") or {}
     if data.get("dataset") != recipe.data.name:
         raise InputError("the run was given its own loaders (report.json names no data set of the recipe), so "
