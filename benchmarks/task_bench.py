@@ -11,7 +11,7 @@ CIFAR-10 archive (objects pasted through soft masks onto canvases tiled from oth
 CIFAR's test images only) and writes it in VOC (masks) and COCO (JSON) layout; this script reads those files
 with the library's readers, exactly as a user's recipe would (`data.name: voc` / `coco`).
 
-For each task (`recipes/tasks/synth_segmentation.yaml`: LR-ASPP MobileNetV3-Large, 128-px crops;
+For each task (`recipes/tasks/synth_segmentation.yaml`: LR-ASPP MobileNetV3-Large, 96-px crops;
 `recipes/tasks/synth_detection.yaml`: Faster R-CNN MobileNetV3-Large 320 FPN at 160 px with fewer sampled
 proposals), all from random weights:
 1. the dense model is trained (`slimrarts train`) and must reach the task's stated floor (`FLOORS`) before anything
@@ -22,7 +22,7 @@ proposals), all from random weights:
 3. `--time` measures dense and slim latency (batch 1, the library's timing harness) when nothing else runs.
 Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep[-<n>train]/<row>: a recipe with
 another dense `train.epochs`, or a task with another number of training canvases, starts a new folder, and the JSON
-keeps the earlier figures under `earlier`). Segmentation trains on 8,000 canvases, detection on 2,000 (`TASKS`);
+keeps the earlier figures under `earlier`). Segmentation trains on 16,000 canvases, detection on 2,000 (`TASKS`);
 results in benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
 """
 
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "task_bench.json"
 TASKS = {
     "segmentation": {"recipe": ROOT / "recipes" / "tasks" / "synth_segmentation.yaml", "layout": "voc",
-                     "metric": "miou", "train_canvases": 8000},
+                     "metric": "miou", "train_canvases": 16000},
     "detection": {"recipe": ROOT / "recipes" / "tasks" / "synth_detection.yaml", "layout": "coco",
                   "metric": "map_50", "train_canvases": 2000},
 }
@@ -129,8 +129,9 @@ def run(args) -> dict:
         base = _recipe(task, synth_dir, [])
         folder = _folder(runs, task, base, canvases)
         dense_was = entry.get("dense", {})
-        if dense_was and (dense_was.get("epochs"), dense_was.get("train_canvases", DEFAULT_CANVASES)) != (
-                base.train.epochs, canvases):  # a new dense schedule or training set
+        if dense_was and (dense_was.get("epochs"), dense_was.get("train_canvases", DEFAULT_CANVASES),
+                          dense_was.get("image_size", base.data.image_size)) != (
+                base.train.epochs, canvases, base.data.image_size):  # a new dense schedule, set or size
             earlier = {k: entry.pop(k) for k in ("dense", "rows", "latency_ms", "latency_spread", "latency_load",
                                                  "parts") if k in entry}
             entry.setdefault("earlier", []).append(earlier)
@@ -142,7 +143,8 @@ def run(args) -> dict:
                 f"test_{spec['metric']}")
         entry["dense"] = {"metric": spec["metric"], "value": value, "test_metric": dense["test_metric"],
                           "macs": dense["macs"], "params": dense["params"], "epochs": dense["epochs"],
-                          "train_s": dense["train_s"], "floor": FLOORS[task], "train_canvases": canvases}
+                          "train_s": dense["train_s"], "floor": FLOORS[task], "train_canvases": canvases,
+                          "image_size": base.data.image_size}
         _save(data)
         print(f"== {task}: dense {spec['metric']} {value:.4f} (floor {FLOORS[task]})", flush=True)
         if value < FLOORS[task] and not args.ignore_floor:
