@@ -1,15 +1,18 @@
 """The demo's search, 50 RARTS steps, as a golden file: α, w and y must stay bitwise equal across refactors.
 
-    python tests/golden_search.py --write   # regenerate tests/golden/search50-<cpu vendor>.pt (a deliberate change
-                                            # of the search's defaults only, in a commit of its own that says why)
+    python tests/golden_search.py --write   # regenerate tests/golden/search50-<cpu vendor>-<capability>.pt (a
+                                            # deliberate change of the search's defaults only, in a commit of its
+                                            # own that says why; or a new kind of CPU, from a known-good commit)
 
 `tests/test_golden.py` runs `search_state()` and compares with the file. The run is `recipes/demo.yaml`'s search
 (trained ResNet-20 from the shipped weights, RARTS, its optimizers, channels_last) on conftest's tiny learnable
 images instead of CIFAR-10 (so CI needs no data): 800 + 800 images in batches of 16 = 50 α-steps, one thread.
 
-One file per CPU vendor: oneDNN picks other kernels on AMD and Intel CPUs of the same instruction set, and 50 Adam
-steps on α (whose gradient averages to about zero at a trained optimum) amplify their last-bit differences into
-different α, so a file is compared bitwise only on the kind of CPU that wrote it.
+One file per CPU vendor and instruction set (torch.backends.cpu.get_cpu_capability(): AVX2, AVX512, ...): oneDNN
+and ATen pick other kernels on AMD and Intel CPUs and on AVX2 and AVX512 ones, and 50 Adam steps on α (whose
+gradient averages to about zero at a trained optimum) amplify their last-bit differences into different α (on an
+AVX2 AMD EPYC the AVX512 file's α differ by up to 0.18, the weights by up to 1.2, while the commit that wrote it
+and HEAD agree bitwise there), so a file is compared bitwise only on the kind of CPU, and the torch, that wrote it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ def cpu_vendor() -> str:
     return "unknown"
 
 
-GOLDEN = ROOT / "tests" / "golden" / f"search50-{cpu_vendor()}.pt"
+def cpu_kind() -> str:
+    """`<vendor>-<instruction set>`, e.g. `AuthenticAMD-AVX2`: what decides the search's last bits on a CPU."""
+    return f"{cpu_vendor()}-{torch.backends.cpu.get_cpu_capability()}"
+
+
+GOLDEN = ROOT / "tests" / "golden" / f"search50-{cpu_kind()}.pt"
 sys.path.insert(0, str(ROOT / "tests"))
 
 
