@@ -43,18 +43,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finished_or_resume(run_dir: Path) -> tuple[dict | None, bool]:
+def _finished_or_resume(recipe, run_dir: Path, unread: tuple[str, ...] = ()) -> tuple[dict | None, bool]:
+    """A finished run's report (reused only if `recipe` asks for what it ran: `recipe.resume_changes` refuses other
+    settings, naming them), else whether an unfinished run is there to resume."""
+    from slimrarts.recipe import resume_changes
+
     done = run_dir / "report.json"
     if done.is_file():
+        resume_changes(recipe, run_dir, unread=unread)
         return json.loads(done.read_text()), False
     return None, run_dir.exists() and any(run_dir.iterdir())
 
 
 def run_baseline(recipe, run_dir: Path, progress: bool) -> dict:
     """`slimrarts train` of `recipe` in `run_dir`: the report of a finished run, else a (resumed) run's."""
-    from slimrarts.commands.width import train_recipe
+    from slimrarts.commands.width import TRAIN_UNREAD, train_recipe
 
-    report, resume = _finished_or_resume(run_dir)
+    report, resume = _finished_or_resume(recipe, run_dir, TRAIN_UNREAD)
     if report is not None:
         return report
     return train_recipe(recipe, run_dir, resume=resume, progress=progress)
@@ -64,7 +69,7 @@ def run_prune(recipe, run_dir: Path, progress: bool) -> dict:
     """`slimrarts run` of `recipe` in `run_dir`: the report of a finished run, else a (resumed) run's."""
     from slimrarts.commands.width import prune_recipe
 
-    report, resume = _finished_or_resume(run_dir)
+    report, resume = _finished_or_resume(recipe, run_dir)
     if report is not None:
         return report
     return prune_recipe(recipe, run_dir, resume=resume, progress=progress)

@@ -20,9 +20,10 @@ proposals), all from random weights:
    choice of issue 20's held-out study) and with group-norm, the best criterion of the CPU table, and each slim
    model is fine-tuned with the same epochs;
 3. `--time` measures dense and slim latency (batch 1, the library's timing harness) when nothing else runs.
-Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep[-<n>train]/<row>: a recipe with
-another dense `train.epochs`, or a task with another number of training canvases, starts a new folder, and the JSON
-keeps the earlier figures under `earlier`). Segmentation trains on 16,000 canvases, detection on 2,000 (`TASKS`);
+Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep[-<n>train]-<px>px/<row>: a recipe
+with another dense `train.epochs` or `data.image_size`, or a task with another number of training canvases, starts
+a new folder, and the JSON keeps the earlier figures under `earlier`; a finished run asked for other settings is
+refused, naming them). Segmentation trains on 16,000 canvases, detection on 2,000 (`TASKS`);
 results in benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
 """
 
@@ -110,10 +111,11 @@ def _synth_dir(args, task: str) -> Path:
 
 
 def _folder(runs: Path, task: str, recipe, canvases: int) -> Path:
-    """The runs of one dense schedule: runs/tasks/<task>/<epochs>ep[-<n>train]/{dense,rarts,group-norm} (a longer
-    schedule or another training set is a new folder; a finished run is reused as it is)."""
+    """The runs of one dense schedule: runs/tasks/<task>/<epochs>ep[-<n>train]-<px>px/{dense,rarts,group-norm} (a
+    longer schedule, another training set or another image size is a new folder; a finished run is reused as it is).
+    Folders made before the size was part of the name are `<epochs>ep[-<n>train]`."""
     tail = "" if canvases == DEFAULT_CANVASES else f"-{canvases}train"
-    return runs / task / f"{recipe.train.epochs}ep{tail}"
+    return runs / task / f"{recipe.train.epochs}ep{tail}-{recipe.data.image_size}px"
 
 
 def run(args) -> dict:
