@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "task_bench.json"
 TASKS = {
     "segmentation": {"recipe": ROOT / "recipes" / "tasks" / "synth_segmentation.yaml", "layout": "voc",
-                     "metric": "miou", "train_canvases": 16000},
+                     "metric": "miou", "train_canvases": 16000,
+                     "backbone": ROOT / "recipes" / "tasks" / "synth_segmentation_backbone.yaml"},
     "detection": {"recipe": ROOT / "recipes" / "tasks" / "synth_detection.yaml", "layout": "coco",
                   "metric": "map_50", "train_canvases": 2000},
 }
@@ -65,12 +66,7 @@ def _synth(data: Path, cifar: str | None, size: int = 160, train: int = 2000, te
     """The synthetic set under `data` (built once by synth_tasks.py, then reused)."""
     from synth_tasks import build
 
-    if cifar is None:
-        base = os.environ.get("SLIMRARTS_DATA")
-        if not base:
-            raise SystemExit("task_bench: set SLIMRARTS_DATA to the folder holding cifar10-jpg.tar.gz, or pass --cifar")
-        cifar = str(Path(base) / "cifar10-jpg.tar.gz")
-    build(cifar, data, size=size, train=train, test=test, seed=0)
+    build(_cifar(cifar), data, size=size, train=train, test=test, seed=0)
     return json.loads((data / "synth.json").read_text())
 
 
@@ -110,12 +106,61 @@ def _synth_dir(args, task: str) -> Path:
     return Path(args.data) if n == DEFAULT_CANVASES else Path(f"{args.data}-{n}train")
 
 
+def _backbone_init(args, task: str, runs: Path, recipe) -> Path | None:
+    """The dense model's starting weights when the task pretrains its backbone (`TASKS[task]["backbone"]`): that
+    recipe trains MobileNetV3-Large as a CIFAR-10 classifier (`slimrarts train`, reused once finished) and its
+    `features` become the segmentation model's `backbone` (the same modules, indexed alike); the head keeps the
+    recipe's seeded random initialisation. Written to <folder>/init.pt; None when the task trains from scratch."""
+    from slimrarts._io import atomic_write
+    from slimrarts.commands.width import build_from_recipe
+    from slimrarts.recipe import load_recipe
+
+    spec = TASKS[task].get("backbone")
+    if spec is None:
+        return None
+    pre = load_recipe(spec, [f"data.root={_cifar(args.cifar)}"])
+    folder = runs / task / f"backbone-{pre.train.epochs}ep-{pre.data.image_size}px"
+    report = run_baseline(pre, folder, progress=False)
+    print(f"== {task}: backbone pretrained as a classifier, top-1 {report['test_metric']:.4f}", flush=True)
+    classifier = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
+    classifier = classifier.get("state_dict", classifier)
+    _, model = build_from_recipe(recipe, torch.device("cpu"))
+    state = model.state_dict()
+    copied = {f"backbone.{k[len('features.'):]}": v for k, v in classifier.items() if k.startswith("features.")}
+    missing = [k for k in copied if k not in state or state[k].shape != copied[k].shape]
+    if missing or not any(k.startswith("backbone.") for k in state):
+        raise SystemExit(f"task_bench: the classifier's features do not fit {type(model).__name__}'s backbone "
+                         f"({missing[:3]})")
+    left = [k for k in state if k.startswith("backbone.") and k not in copied]
+    if left:
+        raise SystemExit(f"task_bench: backbone tensors the classifier does not hold: {left[:3]}")
+    state.update(copied)
+    out = _folder(runs, task, recipe, _canvases(args, task)) / "init.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "backbone": str(folder / "model.pt"), "top1": report["test_metric"]}, buf)
+    atomic_write(out, buf.getvalue())
+    return out
+
+
+def _cifar(cifar: str | None) -> str:
+    if cifar is None:
+        base = os.environ.get("SLIMRARTS_DATA")
+        if not base:
+            raise SystemExit("task_bench: set SLIMRARTS_DATA to the folder holding cifar10-jpg.tar.gz, or pass --cifar")
+        cifar = str(Path(base) / "cifar10-jpg.tar.gz")
+    return cifar
+
+
 def _folder(runs: Path, task: str, recipe, canvases: int) -> Path:
     """The runs of one dense schedule: runs/tasks/<task>/<epochs>ep[-<n>train]-<px>px/{dense,rarts,group-norm} (a
     longer schedule, another training set or another image size is a new folder; a finished run is reused as it is).
     Folders made before the size was part of the name are `<epochs>ep[-<n>train]`."""
     tail = "" if canvases == DEFAULT_CANVASES else f"-{canvases}train"
-    return runs / task / f"{recipe.train.epochs}ep{tail}-{recipe.data.image_size}px"
+    pre = "-pretrained" if TASKS[task].get("backbone") else ""
+    return runs / task / f"{recipe.train.epochs}ep{tail}-{recipe.data.image_size}px{pre}"
 
 
 def run(args) -> dict:
@@ -131,13 +176,17 @@ def run(args) -> dict:
         base = _recipe(task, synth_dir, [])
         folder = _folder(runs, task, base, canvases)
         dense_was = entry.get("dense", {})
+        pretrained = bool(spec.get("backbone"))
         if dense_was and (dense_was.get("epochs"), dense_was.get("train_canvases", DEFAULT_CANVASES),
-                          dense_was.get("image_size", base.data.image_size)) != (
-                base.train.epochs, canvases, base.data.image_size):  # a new dense schedule, set or size
+                          dense_was.get("image_size", base.data.image_size), bool(dense_was.get("backbone"))) != (
+                base.train.epochs, canvases, base.data.image_size, pretrained):  # a new schedule, set, size, start
             earlier = {k: entry.pop(k) for k in ("dense", "rows", "latency_ms", "latency_spread", "latency_load",
                                                  "parts") if k in entry}
             entry.setdefault("earlier", []).append(earlier)
             entry["rows"] = {}
+        init = _backbone_init(args, task, runs, base)
+        if init is not None:
+            base = _recipe(task, synth_dir, [f"model.weights={init}"])
         dense = run_baseline(base, folder / "dense", progress=False)
         value = dense["test_metric"] if spec["metric"] == dense["metric"] else None
         if value is None:  # the recipe reports the headline metric; detection's floor reads mAP@.5
@@ -147,6 +196,9 @@ def run(args) -> dict:
                           "macs": dense["macs"], "params": dense["params"], "epochs": dense["epochs"],
                           "train_s": dense["train_s"], "floor": FLOORS[task], "train_canvases": canvases,
                           "image_size": base.data.image_size}
+        if init is not None:
+            saved = torch.load(init, map_location="cpu", weights_only=False)
+            entry["dense"]["backbone"] = {"recipe": str(spec["backbone"].relative_to(ROOT)), "top1": saved["top1"]}
         _save(data)
         print(f"== {task}: dense {spec['metric']} {value:.4f} (floor {FLOORS[task]})", flush=True)
         if value < FLOORS[task] and not args.ignore_floor:
