@@ -94,6 +94,7 @@ def cmd_train(args) -> int:
     from .commands.width import train_recipe
     from .engine import console
     from .metrics import format_count
+    from .report import format_metric, metric_label
 
     recipe = _load(args)
     run_dir = _run_dir(args, recipe, ("train",))
@@ -101,9 +102,12 @@ def cmd_train(args) -> int:
     report = train_recipe(recipe, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     params, macs = report["params"], report["macs"]
     t = Table(title=f"slimrarts train · {recipe.model.name} · {report['data']['dataset']}")
-    for col in ("test acc (final epoch)", "params", "MACs / image", "epochs", "train time", "images/s"):
+    metric = report.get("metric", "acc")
+    for col in (f"{metric_label(metric)} (final epoch)", "params", "MACs / image", "epochs", "train time",
+                "images/s"):
         t.add_column(col, justify="right")
-    t.add_row(f"{100 * report['test_acc']:.2f}%", format_count(params), format_count(macs), str(recipe.train.epochs),
+    t.add_row(format_metric(metric, report["test_metric"]), format_count(params), format_count(macs),
+              str(recipe.train.epochs),
               f"{report['train_s']:.1f} s", f"{report['images_per_s']:.0f}")
     console.print(t)
     return 0

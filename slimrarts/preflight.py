@@ -80,17 +80,27 @@ def model_outputs(model: nn.Module, x: torch.Tensor, task: Task = CLASSIFICATION
                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
     if task.name == "classification":
         return task.outputs(logits_of(out))
-    return task.outputs(out)
+    n = task.outputs(out)
+    classes_of = getattr(task, "classes_of", None)  # a task whose output does not say it (detection) reads the model
+    return classes_of(model) if n is None and callable(classes_of) else n
 
 
 def _label_error(where: str, label: int, num_classes: int, batch: int | None = None,
                  task: Task = CLASSIFICATION) -> ValueError:
     at = f"the {where} loader's batch {batch}: " if batch is not None else f"the {where} loader: "
-    fix = "labels must be >= 0" if label < 0 else f"give the model num_classes={label + 1} or more"
+    low = _min_label(task)
+    fix = f"labels must be >= {low}" if label < low else f"give the model num_classes={label + 1} or more"
+    if label < low and low == 1 and task.name == "detection":
+        fix += " (0 is the background class of torchvision's detection models: number the object classes from 1)"
     ignore = getattr(task, "ignore_index", None)
     also = f" (masks may also hold the ignore index {ignore})" if ignore is not None else ""
-    return InputError(f"{at}label {label} is outside [0, {num_classes}){also} (the model has {num_classes} "
+    return InputError(f"{at}label {label} is outside [{low}, {num_classes}){also} (the model has {num_classes} "
                       f"outputs); {fix}, or fix the labels")
+
+
+def _min_label(task: Task) -> int:
+    """The smallest class index a target may hold (detection: 1, the background being 0)."""
+    return int(getattr(task, "min_label", 0))
 
 
 def _nonfinite_error(where: str, batch: int | None = None) -> DataError:
@@ -115,8 +125,9 @@ class CheckedLoader:
             bounds = self.task.label_bounds(y) if self.num_classes is not None else None
             if bounds is not None:
                 lo, hi = bounds
-                if lo < 0 or hi >= self.num_classes:
-                    raise _label_error(self.where, lo if lo < 0 else hi, self.num_classes, i, self.task)
+                if lo < _min_label(self.task) or hi >= self.num_classes:
+                    raise _label_error(self.where, lo if lo < _min_label(self.task) else hi, self.num_classes, i,
+                                       self.task)
             if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.is_floating_point():
                 if not torch.isfinite(x).all():
                     raise _nonfinite_error(self.where, i)
@@ -195,8 +206,8 @@ def check_data(loaders, num_classes: int | None, task: Task = CLASSIFICATION):
         label_range = getattr(loader, "label_range", None)
         if label_range is not None and num_classes is not None:
             lo, hi = label_range()
-            if lo < 0 or hi >= num_classes:
-                raise _label_error(where, lo if lo < 0 else hi, num_classes)
+            if lo < _min_label(task) or hi >= num_classes:
+                raise _label_error(where, lo if lo < _min_label(task) else hi, num_classes, task=task)
         elif not isinstance(loader, CheckedLoader):
             replaced[where] = CheckedLoader(loader, num_classes, where, task)
     for where, loader in replaced.items():

@@ -109,8 +109,24 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
 
+FRACTIONS = frozenset({"acc", "pixel_acc", "miou", "map", "map_50"})  # built-in metrics in [0, 1], shown in %
+
+
+def format_metric(name: str, v: float | None) -> str:
+    """A task metric as a person reads it: the built-in fractions (accuracy, mIoU, mAP) in %, a user's metric as
+    it is."""
+    if v is None:
+        return "—"
+    return _pct(v) if name in FRACTIONS else f"{v:.4g}"
+
+
+def metric_label(name: str) -> str:
+    """The headline metric's name in tables: `acc` reads "test acc", `miou` "test mIoU", `map_50` "test mAP@.5"."""
+    return "test " + {"miou": "mIoU", "map": "mAP", "map_50": "mAP@.5", "pixel_acc": "pixel acc"}.get(name, name)
+
+
 def summary_table(report: dict) -> Table:
-    """Before/after table of one run: params, MACs, test accuracy, PRC and time."""
+    """Before/after table of one run: params, MACs, the task's headline test metric, PRC and time."""
     t = Table(title=f"slimrarts · {report['method']} ({report['method_note']}) · mode {report['mode']} · "
                     f"scope {'+'.join(report['scope'])}")
     t.add_column("", style="bold")
@@ -122,11 +138,13 @@ def summary_table(report: dict) -> Table:
     t.add_row("MACs / image", format_count(m["before"]), format_count(m["after"]), f"-{_pct(m['reduction'])}")
     gated = report["gated_channels"]
     t.add_row("gated channels", str(gated), str(gated - report["pruned_channels"]), f"PRC {_pct(report['prc'])}")
-    t.add_row("test acc, dense → searched", _pct(a["dense"]), _pct(a["searched"]), "")
+    name = (report.get("task") or {}).get("metric", "acc")
+    label, f = metric_label(name), (lambda v: format_metric(name, v))
+    t.add_row(f"{label}, dense → searched", f(a["dense"]), f(a["searched"]), "")
     if a.get("recalibrated_batches"):
-        t.add_row("test acc, cut → BN recalibrated", _pct(a.get("slim_stale_bn")), _pct(a["slim_before_finetune"]),
+        t.add_row(f"{label}, cut → BN recalibrated", f(a.get("slim_stale_bn")), f(a["slim_before_finetune"]),
                   f"{a['recalibrated_batches']} batches")
-    t.add_row("test acc, slim → fine-tuned", _pct(a["slim_before_finetune"]), _pct(a["slim_after_finetune"]),
+    t.add_row(f"{label}, slim → fine-tuned", f(a["slim_before_finetune"]), f(a["slim_after_finetune"]),
               "final epoch")
     ts = report["time_s"]
     t.add_row("time search / fine-tune", f"{ts['search']:.1f} s", f"{ts['finetune']:.1f} s", "")

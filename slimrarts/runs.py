@@ -7,7 +7,7 @@ from pathlib import Path
 from ._io import read_json
 from .errors import FileProblem, InputError, MissingFileError
 from .metrics import format_count
-from .report import markdown_table
+from .report import FRACTIONS, markdown_table
 
 __all__ = ["read_report", "compare_runs", "plot_run"]
 
@@ -28,8 +28,10 @@ def read_report(run: Path) -> dict:
     return report
 
 
-def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
+def _pct(v, metric: str = "acc") -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.2f}" if metric in FRACTIONS else f"{v:.4g}"
 
 
 def _row(run: Path, r: dict) -> dict:
@@ -42,14 +44,16 @@ def _row(run: Path, r: dict) -> dict:
     if kind == "cell-train":
         return {"run": run.name, "method": "cell eval net (train)", "acc": _pct(r.get("test_acc")),
                 "params": format_count(r["params"]), "macs": "—", "prc": "—", "time": f"{r.get('train_s', 0):.0f}"}
-    if "method" not in r:  # a `slimrarts train` baseline
-        return {"run": run.name, "method": "baseline (train)", "acc": _pct(r.get("test_acc")),
+    if "method" not in r:  # a `slimrarts train` baseline (its task's headline metric, test_acc before tasks)
+        m = r.get("metric", "acc")
+        return {"run": run.name, "method": "baseline (train)", "metric": m,
+                "acc": _pct(r.get("test_metric", r.get("test_acc")), m),
                 "params": format_count(r["params"]), "macs": format_count(r["macs"]), "prc": "—",
                 "time": f"{r.get('train_s', 0):.0f}"}
-    a, t = r["accuracy"], r["time_s"]
-    return {"run": run.name, "method": r["method"], "mode": r["mode"], "prc": _pct(r["prc"]),
-            "acc": _pct(a.get("slim_after_finetune")), "acc0": _pct(a.get("slim_before_finetune")),
-            "dense": _pct(a.get("dense")),
+    a, t, m = r["accuracy"], r["time_s"], (r.get("task") or {}).get("metric", "acc")
+    return {"run": run.name, "method": r["method"], "mode": r["mode"], "prc": _pct(r["prc"]), "metric": m,
+            "acc": _pct(a.get("slim_after_finetune"), m), "acc0": _pct(a.get("slim_before_finetune"), m),
+            "dense": _pct(a.get("dense"), m),
             "params": f"{format_count(r['params']['before'])} → {format_count(r['params']['after'])}",
             "macs": f"{format_count(r['macs']['before'])} → {format_count(r['macs']['after'])}",
             "time": f"{t['search']:.0f} + {t['finetune']:.0f}"}
@@ -70,11 +74,21 @@ def _checked_row(run: Path) -> dict:
 
 
 def compare_runs(runs: list[Path], plot: bool = False) -> str:
-    """A Markdown table comparing runs (test accuracy of the final epoch), and PNGs beside each run with `plot`."""
+    """A Markdown table comparing runs (the test metric of the final epoch: accuracy, or the task's headline metric,
+    named per row), and PNGs beside each run with `plot`."""
     rows = [_checked_row(Path(run)) for run in runs]
-    columns = [("run", "run"), ("method", "method"), ("PRC %", "prc"), ("test acc % (final)", "acc"),
-               ("before fine-tune %", "acc0"), ("params", "params"), ("MACs/image", "macs"),
-               ("search + fine-tune s", "time")]
+    metrics = {r.get("metric", "acc") for r in rows}
+    head = [("run", "run"), ("method", "method"), ("PRC %", "prc"), ("test acc % (final)", "acc")]
+    before = ("before fine-tune %", "acc0")
+    if metrics != {"acc"}:  # segmentation, detection or a user's metric: named in each row, fractions with a %
+        head = [("run", "run"), ("method", "method"), ("PRC %", "prc"), ("test metric", "metric"),
+                ("test value (final)", "acc")]
+        before = ("before fine-tune", "acc0")
+        for r in rows:
+            for k in ("acc", "acc0"):
+                if r.get(k, "—") != "—" and r.get("metric", "acc") in FRACTIONS:
+                    r[k] += "%"
+    columns = [*head, before, ("params", "params"), ("MACs/image", "macs"), ("search + fine-tune s", "time")]
     if plot:
         for run in runs:
             plot_run(Path(run))

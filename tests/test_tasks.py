@@ -16,6 +16,7 @@ from slimrarts.api import finetune, prepare, recalibrate, remove, resolve_task, 
 from slimrarts.engine import evaluate
 from slimrarts.engine.task import Classification, CustomTask, Segmentation, get_task
 from slimrarts.errors import DataError, InputError
+from slimrarts.methods import get_method, list_methods
 from slimrarts.recipe import load_recipe
 
 TINY = {"search": {"epochs": 1, "optim": {"lr": 0.05}, "optim_arch": {"lr": 0.01}},
@@ -214,11 +215,11 @@ class _Squares(torch.utils.data.Dataset):
     """64-px images with one or two bright squares (class = which channel is bright) and their boxes; some
     images have none."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, sizes: tuple[int, ...] = (64,)):
         self.items = []
         g = torch.Generator().manual_seed(seed)
         for i in range(n):
-            img = torch.rand(3, 64, 64, generator=g) * 0.2
+            img = torch.rand(3, sizes[i % len(sizes)], 64, generator=g) * 0.2
             boxes, labels = [], []
             for _ in range(0 if i % 5 == 4 else 1 + i % 2):
                 x0, y0 = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
@@ -280,3 +281,88 @@ def test_detection_end_to_end_through_prune():
     assert set(result.width_spec["max_abs_diff_by_module"]) >= {"rpn.head", "roi_heads.box_predictor"}
     slim_out = result.model([torch.rand(3, 64, 64)])
     assert isinstance(slim_out, list) and {"boxes", "scores", "labels"} <= set(slim_out[0])
+
+
+def test_detection_batches_of_images_of_different_sizes_go_through_prune():
+    """A batch holds images of different heights (a list, as torchvision's detectors take them): search, cut,
+    recalibration, fine-tuning and evaluation read it."""
+    pytest.importorskip("torchmetrics", reason="the detection task's mAP needs the tasks extra")
+    torch.manual_seed(0)
+    train = DataLoader(_Squares(24, 0, sizes=(64, 48, 56)), batch_size=4, shuffle=True, collate_fn=_collate,
+                       generator=torch.Generator().manual_seed(0))
+    test = DataLoader(_Squares(8, 1, sizes=(48, 64)), batch_size=4, collate_fn=_collate)
+    assert len({tuple(img.shape) for img in next(iter(train))[0]}) > 1
+    result = slimrarts.prune(_tiny_detector(), (train, test), 0.3, task="detection", config=TINY, progress=False)
+    assert result.report["macs"]["after"] < result.report["macs"]["before"]
+    assert result.report["accuracy"]["slim_after_finetune"] is not None
+
+
+def _relabel(ds, i: int, labels=None, boxes=None):
+    img, t = ds.items[i]
+    ds.items[i] = (img, {"boxes": t["boxes"] if boxes is None else torch.tensor(boxes, dtype=torch.float32),
+                         "labels": t["labels"] if labels is None else torch.tensor(labels, dtype=torch.int64)})
+    return ds
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"labels": [0]}, InputError, r"label 0 is outside \[1, 3\).*0 is the background class"),
+    ({"labels": [3]}, InputError, r"label 3 is outside \[1, 3\).*num_classes=4 or more"),
+    ({"boxes": [[40.0, 40.0, 80.0, 60.0]]}, DataError, r"target 0 has the box \[40.0, 40.0, 80.0, 60.0\].*outside "
+                                                       r"its 64×64 image"),
+])
+def test_detection_labels_and_boxes_are_checked_against_the_model_and_the_image(change, error, message):
+    """A label the detector has no class for (0 is its background; 3 with num_classes=3) and a box outside its
+    image are named errors, not a device assert or a silently clipped box."""
+    torch.manual_seed(0)
+    train = DataLoader(_relabel(_Squares(24, 0), 0, **change), batch_size=4, collate_fn=_collate)
+    test = DataLoader(_Squares(8, 1), batch_size=4, collate_fn=_collate)
+    with pytest.raises(error, match=message):
+        slimrarts.prune(_tiny_detector(), (train, test), 0.3, task="detection", config=TINY, progress=False)
+
+
+def test_the_detection_task_reads_the_classes_of_torchvisions_detectors():
+    from torchvision.models.detection import retinanet_resnet50_fpn, ssdlite320_mobilenet_v3_large
+
+    task = get_task("detection")
+    assert task.classes_of(_tiny_detector(num_classes=5)) == 5
+    kw = {"weights": None, "weights_backbone": None}
+    assert task.classes_of(retinanet_resnet50_fpn(num_classes=7, **kw)) == 7
+    assert task.classes_of(ssdlite320_mobilenet_v3_large(num_classes=6, **kw)) == 6
+    assert task.classes_of(nn.Conv2d(3, 3, 1)) is None
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_prunes_a_segmentation_model_with_the_users_loss(method):
+    """Each search method and baseline goes through the task: the user's loss is what fine-tunes (and what trains
+    every method that trains), and the report reads mIoU at every stage."""
+    rec = _Recorder()
+    rec.stage = "all"
+    torch.manual_seed(0)
+    result = slimrarts.prune(TinySeg(), _seg_loaders(), 0.3, method=method, task="segmentation", loss_fn=rec,
+                             config=TINY, progress=False)
+    rep = result.report
+    assert rep["task"]["metric"] == "miou" and rep["method"] == method
+    assert rep["macs"]["after"] < rep["macs"]["before"]
+    assert all(rep["accuracy"][k] is not None for k in ("dense", "slim_before_finetune", "slim_after_finetune"))
+    batches = len(_seg_loaders()[0])  # fine-tuning reads the loss once per training batch
+    extra, data = rec.calls["all"] - batches, get_method(method).data
+    if method == "taylor":  # its gradients
+        assert 1 <= extra <= batches
+    elif data == "none":  # a weight criterion reads no loss before fine-tuning
+        assert extra == 0
+    else:  # a search over the two halves reads at least one, a one-net method the whole set
+        assert extra >= (batches // 2 if data == "split" else batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_prunes_a_detector(method):
+    pytest.importorskip("torchmetrics", reason="the detection task's mAP needs the tasks extra")
+    torch.manual_seed(0)
+    train = DataLoader(_Squares(24, 0), batch_size=4, shuffle=True, collate_fn=_collate,
+                       generator=torch.Generator().manual_seed(0))
+    test = DataLoader(_Squares(8, 1), batch_size=4, collate_fn=_collate)
+    result = slimrarts.prune(_tiny_detector(), (train, test), 0.3, method=method, task="detection", config=TINY,
+                             progress=False)
+    assert result.report["task"]["metric"] == "map" and result.report["macs"]["after"] < result.report["macs"]["before"]
+    assert result.report["removal_max_abs_diff"] < 1e-3

@@ -302,3 +302,39 @@ def test_torchvision_task_models_are_named_in_the_registry_and_built_without_dow
     assert is_model("torchvision:lraspp_mobilenet_v3_large") and is_model("torchvision:ssdlite320_mobilenet_v3_large")
     model = create_model("torchvision:lraspp_mobilenet_v3_large", num_classes=5)  # weights_backbone=None: no download
     assert model.classifier.low_classifier.out_channels == 5
+
+
+def test_the_cli_trains_prunes_and_compares_a_segmentation_recipe(tmp_path, capsys, monkeypatch):
+    """`slimrarts train` and `run` on a VOC recipe print the task's metric (mIoU), not a classifier's accuracy,
+    which a segmentation report does not have; `report` names the metric per row."""
+    import yaml
+
+    from slimrarts.cli import main
+    from slimrarts.engine import console
+    from slimrarts.models import registry
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "_INFO", dict(registry._INFO))
+    registry.register_model(name="tiny_seg")(lambda num_classes: _TinySeg(num_classes))
+    monkeypatch.setattr(console, "width", 200)  # the tables' labels on one line
+
+    root = _write_voc(tmp_path / "voc", ids=tuple("abcdef"), size=(32, 32))
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny-seg", "seed": 0, "device": "cpu", "task": {"name": "segmentation"},
+        "data": {"name": "voc", "root": str(root), "image_size": 32, "batch_size": 2, "workers": 0},
+        "model": {"name": "tiny_seg"},
+        "train": {"epochs": 1}, "search": {"epochs": 1}, "finetune": {"epochs": 1},
+        "prune": {"scope": ["internal"], "ratio": 0.2, "recalibrate": 1}, "report": {"latency": False}}))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "base"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "base" / "report.json").read_text())
+    printed = capsys.readouterr().out
+    assert report["metric"] == "miou" and report["test_acc"] is None and "test mIoU (final epoch)" in printed
+    assert f"{100 * report['test_metric']:.2f}%" in printed
+    assert main(["run", str(recipe), "--out", str(tmp_path / "pr"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test mIoU, slim → fine-tuned" in printed and "test acc" not in printed
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "pr"), "--md", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| test metric |" in table and table.count("| miou |") == 2
+    assert f"{100 * report['test_metric']:.2f}%" in table

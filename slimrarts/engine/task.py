@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DataError, InputError, InputTypeError, MissingExtraError
 
@@ -372,6 +373,7 @@ class Detection:
     higher_is_better = True
     train_metric = None
     eval_loss = False
+    min_label = 1  # 0 is the background class
 
     def split(self, batch: Any) -> tuple[Any, Any]:
         return batch[0], batch[1]
@@ -413,6 +415,21 @@ class Detection:
                              "and 'labels'")
         return None
 
+    def classes_of(self, model: nn.Module) -> int | None:
+        """The classes (background included) a torchvision detection model predicts, read from its classifier:
+        Faster / Mask R-CNN's `roi_heads.box_predictor.cls_score`, RetinaNet's and FCOS's
+        `head.classification_head.num_classes`, SSD's `head.classification_head.num_columns`; None for another
+        model (its labels are then not checked against it)."""
+        inner = getattr(model, "module", model)  # DDP, compiled
+        cls_score = getattr(getattr(getattr(inner, "roi_heads", None), "box_predictor", None), "cls_score", None)
+        if isinstance(cls_score, nn.Linear):
+            return cls_score.out_features
+        head = getattr(getattr(inner, "head", None), "classification_head", None)
+        for attr in ("num_classes", "num_columns"):
+            if isinstance(getattr(head, attr, None), int):
+                return getattr(head, attr)
+        return None
+
     def label_bounds(self, target: Any) -> tuple[int, int] | None:
         labels = [t["labels"] for t in target if t["labels"].device.type == "cpu" and t["labels"].numel()]
         if not labels:
@@ -444,6 +461,13 @@ class Detection:
             if b.numel() and bool(((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])).any()):
                 raise DataError(f"{at}'s target {i} has a box of non-positive width or height (boxes are x1, y1, "
                                 "x2, y2 in pixels)")
+            h, w = img.shape[-2:]
+            outside = (b[:, 0] < -1) | (b[:, 1] < -1) | (b[:, 2] > w + 1) | (b[:, 3] > h + 1) if b.numel() else None
+            if outside is not None and bool(outside.any()):
+                box = [round(v, 1) for v in b[outside][0].tolist()]
+                raise DataError(f"{at}'s target {i} has the box {box} (x1, y1, x2, y2) outside its {w}×{h} image: "
+                                "boxes are in the pixels of the image as the transform returns it (a resize must "
+                                "scale the boxes with it; slimrarts.data's detection transforms do)")
 
 
 @dataclasses.dataclass
