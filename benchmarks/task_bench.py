@@ -13,17 +13,22 @@ with the library's readers, exactly as a user's recipe would (`data.name: voc` /
 
 For each task (`recipes/tasks/synth_segmentation.yaml`: LR-ASPP MobileNetV3-Large, 96-px crops;
 `recipes/tasks/synth_detection.yaml`: Faster R-CNN MobileNetV3-Large 320 FPN at 160 px with fewer sampled
-proposals), all from random weights:
+proposals):
 1. the dense model is trained (`slimrarts train`) and must reach the task's stated floor (`FLOORS`) before anything
-   is pruned: below it, a cut would measure noise;
+   is pruned: below it, a cut would measure noise. Detection starts from random weights; segmentation's backbone
+   is first trained as a CIFAR-10 classifier on CIFAR's training images
+   (`recipes/tasks/synth_segmentation_backbone.yaml`, runs/tasks/segmentation/backbone-<epochs>ep-<px>px/) and
+   copied in, since from random weights LR-ASPP found the objects but not their class (RESULTS);
 2. it is cut to half its MACs (scope internal + coupled, BN recalibration) with rarts (`search.score: grad`, the
    choice of issue 20's held-out study) and with group-norm, the best criterion of the CPU table, and each slim
    model is fine-tuned with the same epochs;
 3. `--time` measures dense and slim latency (batch 1, the library's timing harness) when nothing else runs.
-Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep[-<n>train]-<px>px/<row>: a recipe
-with another dense `train.epochs` or `data.image_size`, or a task with another number of training canvases, starts
-a new folder, and the JSON keeps the earlier figures under `earlier`; a finished run asked for other settings is
-refused, naming them). Segmentation trains on 16,000 canvases, detection on 2,000 (`TASKS`);
+Finished runs are reused, interrupted ones resumed (runs/tasks/<task>/<epochs>ep[-<n>train]-<px>px[-backbone<e>ep]/
+<row>: a recipe with another dense `train.epochs` or `data.image_size`, a task with another number of training
+canvases, or a backbone pretrained for another number of epochs starts a new folder (the first pretrained run, 6
+backbone epochs, is `8ep-16000train-96px-pretrained`), and the JSON keeps the earlier figures under `earlier`; a
+finished run asked for other settings is refused, naming them). Segmentation trains on 16,000 canvases, detection
+on 2,000 (`TASKS`);
 results in benchmarks/results/task_bench.json. What such a set can and cannot show: see RESULTS.md.
 """
 
@@ -159,8 +164,17 @@ def _folder(runs: Path, task: str, recipe, canvases: int) -> Path:
     longer schedule, another training set or another image size is a new folder; a finished run is reused as it is).
     Folders made before the size was part of the name are `<epochs>ep[-<n>train]`."""
     tail = "" if canvases == DEFAULT_CANVASES else f"-{canvases}train"
-    pre = "-pretrained" if TASKS[task].get("backbone") else ""
+    epochs = _backbone_epochs(task)
+    pre = "" if epochs is None else f"-backbone{epochs}ep"
     return runs / task / f"{recipe.train.epochs}ep{tail}-{recipe.data.image_size}px{pre}"
+
+
+def _backbone_epochs(task: str) -> int | None:
+    """The pretraining epochs of the task's backbone recipe (None: trained from scratch)."""
+    import yaml
+
+    spec = TASKS[task].get("backbone")
+    return None if spec is None else int(yaml.safe_load(Path(spec).read_text())["train"]["epochs"])
 
 
 def run(args) -> dict:
@@ -176,9 +190,10 @@ def run(args) -> dict:
         base = _recipe(task, synth_dir, [])
         folder = _folder(runs, task, base, canvases)
         dense_was = entry.get("dense", {})
-        pretrained = bool(spec.get("backbone"))
+        pretrained = _backbone_epochs(task)
         if dense_was and (dense_was.get("epochs"), dense_was.get("train_canvases", DEFAULT_CANVASES),
-                          dense_was.get("image_size", base.data.image_size), bool(dense_was.get("backbone"))) != (
+                          dense_was.get("image_size", base.data.image_size),
+                          (dense_was.get("backbone") or {}).get("epochs")) != (
                 base.train.epochs, canvases, base.data.image_size, pretrained):  # a new schedule, set, size, start
             earlier = {k: entry.pop(k) for k in ("dense", "rows", "latency_ms", "latency_spread", "latency_load",
                                                  "parts") if k in entry}
@@ -198,7 +213,8 @@ def run(args) -> dict:
                           "image_size": base.data.image_size}
         if init is not None:
             saved = torch.load(init, map_location="cpu", weights_only=False)
-            entry["dense"]["backbone"] = {"recipe": str(spec["backbone"].relative_to(ROOT)), "top1": saved["top1"]}
+            entry["dense"]["backbone"] = {"recipe": str(spec["backbone"].relative_to(ROOT)), "top1": saved["top1"],
+                                       "epochs": pretrained}
         _save(data)
         print(f"== {task}: dense {spec['metric']} {value:.4f} (floor {FLOORS[task]})", flush=True)
         if value < FLOORS[task] and not args.ignore_floor:
